@@ -1,0 +1,456 @@
+//! The model architecture: input shape, squeeze, couplings, masks, CNN sizes, preprocessing.
+//!
+//! Every size the kernel needs (parameter counts, scratch length, blob length) is a `const fn`
+//! of an [`Arch`], so firmware can size `static` buffers at compile time.
+
+use crate::error::{ArchField, Error};
+
+/// Most couplings an architecture may have.
+pub const MAX_COUPLINGS: usize = 32;
+
+/// Which half of the coupling input is kept (passed through and fed to the CNN).
+///
+/// Channel masks split on the channel index; checkerboard masks on the pixel position
+/// `(row + col) % 2`. The other half is changed by the affine transform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mask {
+    /// Keep channels 0, 2, 4, ...; change the odd channels.
+    ChannelEven = 0,
+    /// Keep channels 1, 3, 5, ...; change the even channels.
+    ChannelOdd = 1,
+    /// Keep pixels with `(row + col)` even, in every channel; change the others.
+    CheckerEven = 2,
+    /// Keep pixels with `(row + col)` odd, in every channel; change the others.
+    CheckerOdd = 3,
+}
+
+impl Mask {
+    /// The mask from its blob code (the `repr(u8)` value).
+    pub const fn from_code(code: u8) -> Option<Mask> {
+        match code {
+            0 => Some(Mask::ChannelEven),
+            1 => Some(Mask::ChannelOdd),
+            2 => Some(Mask::CheckerEven),
+            3 => Some(Mask::CheckerOdd),
+            _ => None,
+        }
+    }
+
+    /// True for the channel-parity masks.
+    pub const fn is_channel(self) -> bool {
+        matches!(self, Mask::ChannelEven | Mask::ChannelOdd)
+    }
+
+    /// The parity (0 or 1) of the kept channels or kept pixels.
+    pub const fn parity(self) -> usize {
+        match self {
+            Mask::ChannelEven | Mask::CheckerEven => 0,
+            Mask::ChannelOdd | Mask::CheckerOdd => 1,
+        }
+    }
+
+    /// The mask of the same kind with the other half kept.
+    pub const fn flipped(self) -> Mask {
+        match self {
+            Mask::ChannelEven => Mask::ChannelOdd,
+            Mask::ChannelOdd => Mask::ChannelEven,
+            Mask::CheckerEven => Mask::CheckerOdd,
+            Mask::CheckerOdd => Mask::CheckerEven,
+        }
+    }
+}
+
+/// A RealNVP architecture. Each coupling's CNN is
+/// `conv(k0, cin -> hidden0) -> ReLU -> conv(k1, hidden0 -> hidden1) -> ReLU ->
+/// conv(k2, hidden1 -> 2 * changed)`; the output's first `changed` channels are `s_raw`, the
+/// last `changed` are `t`. With a channel mask `cin` is the kept channel count; with a
+/// checkerboard mask the CNN sees all channels with the changed pixels zeroed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Arch {
+    /// Image channels (1 grey, 3 colour).
+    pub channels: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Apply one 2x2 squeeze (space-to-depth) before the couplings.
+    pub squeeze: bool,
+    /// Number of couplings used (the first `couplings` entries of `masks`).
+    pub couplings: usize,
+    /// Each coupling's mask, applied in order from image to latent.
+    pub masks: [Mask; MAX_COUPLINGS],
+    /// Kernel sizes of the three convolutions (odd).
+    pub kernels: [usize; 3],
+    /// Widths of the two hidden layers.
+    pub hidden: [usize; 2],
+    /// Pixel bit depth n (pixels are 0..2^n - 1).
+    pub bits: u32,
+    /// The logit constant a in `y = logit(a + (1 - 2a) u)`.
+    pub logit_alpha: f32,
+}
+
+/// Masks that alternate `first`, flipped, `first`, ... over all [`MAX_COUPLINGS`] slots.
+pub const fn alternating_masks(first: Mask) -> [Mask; MAX_COUPLINGS] {
+    let mut masks = [first; MAX_COUPLINGS];
+    let mut i = 1;
+    while i < MAX_COUPLINGS {
+        masks[i] = masks[i - 1].flipped();
+        i += 1;
+    }
+    masks
+}
+
+/// The seed's MNIST model, corrected: 1x28x28 squeezed to 4x14x14, 12 channel-parity
+/// couplings alternating even/odd, convs 5x5 -> 7x7 -> 3x3 with widths 4x and 32x the two
+/// kept channels (8 and 64). 334,440 parameters.
+pub const MNIST: Arch = Arch {
+    channels: 1,
+    height: 28,
+    width: 28,
+    squeeze: true,
+    couplings: 12,
+    masks: alternating_masks(Mask::ChannelEven),
+    kernels: [5, 7, 3],
+    hidden: [8, 64],
+    bits: 8,
+    logit_alpha: 0.05,
+};
+
+/// The seed's colour model, corrected: 3x32x32 squeezed to 12x16x16, 12 channel-parity
+/// couplings, convs 5x5 -> 7x7 -> 3x3 with widths 4x and 32x the six kept channels (24 and
+/// 192). 3,004,344 parameters.
+pub const COLOR: Arch = Arch {
+    channels: 3,
+    height: 32,
+    width: 32,
+    squeeze: true,
+    couplings: 12,
+    masks: alternating_masks(Mask::ChannelEven),
+    kernels: [5, 7, 3],
+    hidden: [24, 192],
+    bits: 8,
+    logit_alpha: 0.05,
+};
+
+/// Largest image (C*H*W) the kernel accepts.
+pub const MAX_DIM: usize = 1 << 22;
+/// Largest parameter count the kernel accepts.
+pub const MAX_PARAMS: usize = 1 << 28;
+
+/// Shape of one parameter tensor, in blob order (see `FORMAT.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorKind {
+    /// Per-changed-channel scale of `tanh(s_raw)`, `[changed]`.
+    Scale,
+    /// Conv weight `[cout][cin][k][k]` of conv `0..3`.
+    ConvWeight(usize),
+    /// Conv bias `[cout]` of conv `0..3`.
+    ConvBias(usize),
+}
+
+/// The tensors of one coupling, in blob order.
+pub const COUPLING_TENSORS: [TensorKind; 7] = [
+    TensorKind::Scale,
+    TensorKind::ConvWeight(0),
+    TensorKind::ConvBias(0),
+    TensorKind::ConvWeight(1),
+    TensorKind::ConvBias(1),
+    TensorKind::ConvWeight(2),
+    TensorKind::ConvBias(2),
+];
+
+impl Arch {
+    /// Pixels per image, `C * H * W`.
+    pub const fn dim(&self) -> usize {
+        self.channels
+            .saturating_mul(self.height)
+            .saturating_mul(self.width)
+    }
+
+    /// `(channels, height, width)` seen by the couplings (after the optional squeeze).
+    pub const fn flow_shape(&self) -> (usize, usize, usize) {
+        if self.squeeze {
+            (
+                self.channels.saturating_mul(4),
+                self.height / 2,
+                self.width / 2,
+            )
+        } else {
+            (self.channels, self.height, self.width)
+        }
+    }
+
+    /// Pixels per channel plane in the flow shape.
+    pub const fn plane(&self) -> usize {
+        let (_, h, w) = self.flow_shape();
+        h.saturating_mul(w)
+    }
+
+    /// Channels kept by a channel mask of this parity (`ceil` for even, `floor` for odd).
+    const fn kept_channels(&self, mask: Mask) -> usize {
+        let (c, _, _) = self.flow_shape();
+        (c + 1 - mask.parity()) / 2
+    }
+
+    /// Input channels of a coupling's CNN: the kept channels (channel mask) or all
+    /// channels (checkerboard).
+    pub const fn cnn_in(&self, mask: Mask) -> usize {
+        let (c, _, _) = self.flow_shape();
+        if mask.is_channel() {
+            self.kept_channels(mask)
+        } else {
+            c
+        }
+    }
+
+    /// Channels whose values a coupling changes (so also the number of `s` and `t` planes).
+    pub const fn changed(&self, mask: Mask) -> usize {
+        let (c, _, _) = self.flow_shape();
+        if mask.is_channel() {
+            c - self.kept_channels(mask)
+        } else {
+            c
+        }
+    }
+
+    /// `(cin, cout, k)` of conv `j` (0, 1, 2) in a coupling with this mask.
+    pub const fn conv_shape(&self, mask: Mask, j: usize) -> (usize, usize, usize) {
+        match j {
+            0 => (self.cnn_in(mask), self.hidden[0], self.kernels[0]),
+            1 => (self.hidden[0], self.hidden[1], self.kernels[1]),
+            _ => (
+                self.hidden[1],
+                self.changed(mask).saturating_mul(2),
+                self.kernels[2],
+            ),
+        }
+    }
+
+    /// Element count of one tensor of a coupling with this mask.
+    pub const fn tensor_len(&self, mask: Mask, kind: TensorKind) -> usize {
+        match kind {
+            TensorKind::Scale => self.changed(mask),
+            TensorKind::ConvWeight(j) => {
+                let (cin, cout, k) = self.conv_shape(mask, j);
+                cout.saturating_mul(cin).saturating_mul(k).saturating_mul(k)
+            }
+            TensorKind::ConvBias(j) => self.conv_shape(mask, j).1,
+        }
+    }
+
+    /// Parameters of one coupling with this mask.
+    pub const fn coupling_params(&self, mask: Mask) -> usize {
+        let mut n = 0usize;
+        let mut i = 0;
+        while i < COUPLING_TENSORS.len() {
+            n = n.saturating_add(self.tensor_len(mask, COUPLING_TENSORS[i]));
+            i += 1;
+        }
+        n
+    }
+
+    /// Total parameter count (the length of the flat parameter vector).
+    pub const fn param_count(&self) -> usize {
+        let mut n = 0usize;
+        let mut i = 0;
+        while i < self.couplings && i < MAX_COUPLINGS {
+            n = n.saturating_add(self.coupling_params(self.masks[i]));
+            i += 1;
+        }
+        n
+    }
+
+    /// Offset of coupling `i`'s first parameter in the flat parameter vector.
+    pub const fn coupling_offset(&self, i: usize) -> usize {
+        let mut n = 0usize;
+        let mut j = 0;
+        while j < i && j < MAX_COUPLINGS {
+            n = n.saturating_add(self.coupling_params(self.masks[j]));
+            j += 1;
+        }
+        n
+    }
+
+    /// The masks in use, `&masks[..couplings]` (empty if `couplings` is out of range).
+    pub fn active_masks(&self) -> &[Mask] {
+        self.masks.get(..self.couplings).unwrap_or(&[])
+    }
+
+    /// Checks every field is in the supported range, so that all sizes fit and no
+    /// operation can overflow.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |f| Err(Error::InvalidArch(f));
+        if !(1..=64).contains(&self.channels) {
+            return bad(ArchField::Channels);
+        }
+        let size_ok = |s: usize| (1..=1024).contains(&s) && (!self.squeeze || s % 2 == 0);
+        if !size_ok(self.height) || !size_ok(self.width) {
+            return bad(ArchField::Size);
+        }
+        if !(1..=MAX_COUPLINGS).contains(&self.couplings) {
+            return bad(ArchField::Couplings);
+        }
+        if self
+            .kernels
+            .iter()
+            .any(|&k| k % 2 == 0 || !(1..=15).contains(&k))
+        {
+            return bad(ArchField::Kernel);
+        }
+        if self.hidden.iter().any(|&h| !(1..=4096).contains(&h)) {
+            return bad(ArchField::Hidden);
+        }
+        if !(1..=8).contains(&self.bits) {
+            return bad(ArchField::Bits);
+        }
+        let a = self.logit_alpha;
+        if !(a.is_finite() && a > 0.0 && a < 0.5) {
+            return bad(ArchField::LogitAlpha);
+        }
+        if self.dim() > MAX_DIM {
+            return bad(ArchField::TooLarge);
+        }
+        let (c, _, _) = self.flow_shape();
+        for &m in self.active_masks() {
+            let ok = if m.is_channel() {
+                c >= 2
+            } else {
+                self.plane() >= 2
+            };
+            if !ok {
+                return bad(ArchField::Mask);
+            }
+        }
+        if self.param_count() > MAX_PARAMS {
+            return bad(ArchField::TooLarge);
+        }
+        Ok(())
+    }
+}
+
+/// Sizes of the scratch regions the model needs, in f32 elements, in layout order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScratchLayout {
+    /// The flow state (one image, flow shape).
+    pub state: usize,
+    /// A second image-sized buffer for squeeze.
+    pub temp: usize,
+    /// The CNN input (kept channels, or masked image).
+    pub cnn_in: usize,
+    /// Region A: first hidden layer, later reused for the `(s_raw, t)` output.
+    pub region_a: usize,
+    /// Region B: second hidden layer.
+    pub region_b: usize,
+}
+
+impl ScratchLayout {
+    /// The layout for an architecture.
+    pub const fn of(arch: &Arch) -> ScratchLayout {
+        let plane = arch.plane();
+        let mut cnn_in = 0usize;
+        let mut st = 0usize;
+        let mut i = 0;
+        while i < arch.couplings && i < MAX_COUPLINGS {
+            let m = arch.masks[i];
+            let a = arch.cnn_in(m).saturating_mul(plane);
+            if a > cnn_in {
+                cnn_in = a;
+            }
+            let b = arch.changed(m).saturating_mul(2).saturating_mul(plane);
+            if b > st {
+                st = b;
+            }
+            i += 1;
+        }
+        let h0 = arch.hidden[0].saturating_mul(plane);
+        ScratchLayout {
+            state: arch.dim(),
+            temp: arch.dim(),
+            cnn_in,
+            region_a: if h0 > st { h0 } else { st },
+            region_b: arch.hidden[1].saturating_mul(plane),
+        }
+    }
+
+    /// Total length.
+    pub const fn total(&self) -> usize {
+        self.state
+            .saturating_add(self.temp)
+            .saturating_add(self.cnn_in)
+            .saturating_add(self.region_a)
+            .saturating_add(self.region_b)
+    }
+}
+
+/// f32 elements of scratch that [`crate::sample`] and [`crate::log_prob`] need for `arch`.
+///
+/// Firmware can write `static mut SCRATCH: [f32; scratch_len(&MNIST)] = [0.0; scratch_len(&MNIST)];`.
+pub const fn scratch_len(arch: &Arch) -> usize {
+    ScratchLayout::of(arch).total()
+}
+
+/// Pixels per image of `arch` (the length of the image buffers).
+pub const fn image_len(arch: &Arch) -> usize {
+    arch.dim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preset_parameter_counts_match_the_seed() {
+        // 12 x (2 scale + 2*8*25+8 + 8*64*49+64 + 64*4*9+4) = 12 x 27,870
+        assert_eq!(MNIST.param_count(), 334_440);
+        // 12 x (6 + 6*24*25+24 + 24*192*49+192 + 192*12*9+12) = 12 x 250,362
+        assert_eq!(COLOR.param_count(), 3_004_344);
+        MNIST.validate().unwrap();
+        COLOR.validate().unwrap();
+    }
+
+    #[test]
+    fn scratch_fits_a_microcontroller_for_mnist() {
+        // 784 + 784 + 2*196 + max(8,4)*196 + 64*196 floats
+        assert_eq!(scratch_len(&MNIST), 784 * 2 + 392 + 1568 + 12_544);
+        assert!(scratch_len(&MNIST) * 4 < 96 * 1024);
+    }
+
+    #[test]
+    fn validate_rejects_each_bad_field() {
+        let cases: [(fn(&mut Arch), ArchField); 8] = [
+            (|a| a.channels = 0, ArchField::Channels),
+            (|a| a.height = 27, ArchField::Size),
+            (|a| a.couplings = 33, ArchField::Couplings),
+            (|a| a.kernels[1] = 4, ArchField::Kernel),
+            (|a| a.hidden[0] = 0, ArchField::Hidden),
+            (|a| a.bits = 9, ArchField::Bits),
+            (|a| a.logit_alpha = f32::NAN, ArchField::LogitAlpha),
+            (
+                |a| {
+                    a.squeeze = false;
+                    a.masks[0] = Mask::ChannelEven;
+                },
+                ArchField::Mask,
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut a = MNIST;
+            mutate(&mut a);
+            assert_eq!(a.validate(), Err(Error::InvalidArch(field)));
+        }
+    }
+
+    #[test]
+    fn odd_channel_counts_split_into_ceil_and_floor() {
+        let mut a = MNIST;
+        a.channels = 3;
+        a.squeeze = false;
+        assert_eq!(a.cnn_in(Mask::ChannelEven), 2);
+        assert_eq!(a.changed(Mask::ChannelEven), 1);
+        assert_eq!(a.cnn_in(Mask::ChannelOdd), 1);
+        assert_eq!(a.changed(Mask::ChannelOdd), 2);
+        assert_eq!(a.cnn_in(Mask::CheckerOdd), 3);
+        assert_eq!(a.changed(Mask::CheckerOdd), 3);
+    }
+}

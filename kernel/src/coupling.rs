@@ -1,0 +1,195 @@
+//! The affine coupling layer, forward (image -> latent) and inverse (latent -> image).
+//!
+//! The mask splits the input into a kept half `x_a` and a changed half `x_b`. The CNN reads
+//! only `x_a` and gives `(s_raw, t)`; with `s = scale * tanh(s_raw)`:
+//!
+//! * forward:  `y_a = x_a`, `y_b = x_b * exp(s) + t`, log-det `+= sum(s)`;
+//! * inverse:  `x_a = y_a`, `x_b = (y_b - t) * exp(-s)`, with the *same* bounded `s`.
+//!
+//! The Jacobian is block triangular (identity on `a`, `diag(exp(s))` on `b`), so its
+//! log-determinant is the sum of `s` over the changed elements only. Because `y_a = x_a`
+//! the inverse recomputes exactly the forward's `(s, t)`.
+
+use crate::arch::{Arch, Mask};
+use crate::conv::{Conv, INTERNAL};
+use crate::error::{Buffer, Error};
+use crate::weights::CouplingWeights;
+
+/// The scratch a coupling's CNN works in (see [`crate::ScratchLayout`]).
+#[derive(Debug)]
+pub struct Work<'s> {
+    /// CNN input: the kept channels, or the image with changed pixels zeroed.
+    pub cnn_in: &'s mut [f32],
+    /// First hidden layer, then the `(s_raw, t)` output.
+    pub region_a: &'s mut [f32],
+    /// Second hidden layer.
+    pub region_b: &'s mut [f32],
+}
+
+/// True when the element at `(row, col)` of the plane is kept by `mask`.
+#[inline]
+fn kept_pixel(mask: Mask, row: usize, col: usize) -> bool {
+    (row + col) % 2 == mask.parity()
+}
+
+/// Index of the channel that changed channel `j` acts on.
+#[inline]
+fn changed_channel(mask: Mask, j: usize) -> usize {
+    if mask.is_channel() {
+        // Keep parity p, change parity 1 - p.
+        2 * j + 1 - mask.parity()
+    } else {
+        j
+    }
+}
+
+/// Runs the coupling's CNN on the kept half of `x` (flow shape) and returns `(s_raw, t)`
+/// planes, `2 * changed` of them, in `work.region_a`.
+fn cnn<'w>(
+    arch: &Arch,
+    cw: &CouplingWeights<'_>,
+    x: &[f32],
+    work: &'w mut Work<'_>,
+) -> Result<&'w [f32], Error> {
+    let (_, h, w) = arch.flow_shape();
+    let plane = h * w;
+    let mask = cw.mask;
+    let cin = arch.cnn_in(mask);
+    let have = work.cnn_in.len();
+    let input = work
+        .cnn_in
+        .get_mut(..cin * plane)
+        .ok_or(Error::BufferSize {
+            buffer: Buffer::Scratch,
+            needed: cin * plane,
+            got: have,
+        })?;
+    if mask.is_channel() {
+        // Gather the kept channels p, p + 2, ... in order.
+        for (dst, src) in input
+            .chunks_exact_mut(plane)
+            .zip(x.chunks_exact(plane).skip(mask.parity()).step_by(2))
+        {
+            dst.copy_from_slice(src);
+        }
+    } else {
+        // All channels, changed pixels zeroed: the CNN must not see what it will change.
+        for (dst, src) in input.chunks_exact_mut(plane).zip(x.chunks_exact(plane)) {
+            for (i, (d, s)) in dst.iter_mut().zip(src).enumerate() {
+                *d = if kept_pixel(mask, i / w, i % w) {
+                    *s
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    let run = |j: usize, input: &[f32], out: &mut [f32], relu: bool| -> Result<(), Error> {
+        let (cin, cout, k) = arch.conv_shape(mask, j);
+        let conv = Conv {
+            cin,
+            cout,
+            height: h,
+            width: w,
+            kernel: k,
+        };
+        let have = out.len();
+        let out = out.get_mut(..cout * plane).ok_or(Error::BufferSize {
+            buffer: Buffer::Scratch,
+            needed: cout * plane,
+            got: have,
+        })?;
+        let (wt, b) = match j {
+            0 => (cw.conv_w[0], cw.conv_b[0]),
+            1 => (cw.conv_w[1], cw.conv_b[1]),
+            _ => (cw.conv_w[2], cw.conv_b[2]),
+        };
+        conv.forward(input, wt, b, relu, out)
+    };
+    let h0 = arch.hidden[0] * plane;
+    let h1 = arch.hidden[1] * plane;
+    run(0, input, work.region_a, true)?;
+    let a = work.region_a.get(..h0).ok_or(INTERNAL)?;
+    run(1, a, work.region_b, true)?;
+    let b = work.region_b.get(..h1).ok_or(INTERNAL)?;
+    run(2, b, work.region_a, false)?;
+    work.region_a
+        .get(..2 * arch.changed(mask) * plane)
+        .ok_or(INTERNAL)
+}
+
+/// Applies the affine map to the changed half of `x` in place; returns the log-det.
+fn apply(
+    arch: &Arch,
+    cw: &CouplingWeights<'_>,
+    st: &[f32],
+    x: &mut [f32],
+    inverse: bool,
+) -> Result<f32, Error> {
+    let (_, h, w) = arch.flow_shape();
+    let plane = h * w;
+    let mask = cw.mask;
+    let changed = arch.changed(mask);
+    let (s_all, t_all) = st.split_at_checked(changed * plane).ok_or(INTERNAL)?;
+    let mut log_det = 0.0f32;
+    for (j, ((s_plane, t_plane), scale)) in s_all
+        .chunks_exact(plane)
+        .zip(t_all.chunks_exact(plane))
+        .zip(cw.scale.iter())
+        .enumerate()
+    {
+        let ch = changed_channel(mask, j);
+        let xp = x.get_mut(ch * plane..(ch + 1) * plane).ok_or(INTERNAL)?;
+        for (i, ((xv, &sr), &t)) in xp.iter_mut().zip(s_plane).zip(t_plane).enumerate() {
+            if !mask.is_channel() && kept_pixel(mask, i / w, i % w) {
+                continue;
+            }
+            // Bounded log-scale: |s| <= |scale|.
+            let s = scale * libm::tanhf(sr);
+            if inverse {
+                *xv = (*xv - t) * libm::expf(-s);
+            } else {
+                *xv = *xv * libm::expf(s) + t;
+                log_det += s;
+            }
+        }
+    }
+    Ok(log_det)
+}
+
+fn check_x(arch: &Arch, x: &[f32]) -> Result<(), Error> {
+    let (c, h, w) = arch.flow_shape();
+    let n = c * h * w;
+    if x.len() != n {
+        return Err(Error::BufferSize {
+            buffer: Buffer::Input,
+            needed: n,
+            got: x.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Forward coupling (image -> latent) on `x` (flow shape) in place; returns `sum(s)`.
+pub fn forward(
+    arch: &Arch,
+    cw: &CouplingWeights<'_>,
+    x: &mut [f32],
+    work: &mut Work<'_>,
+) -> Result<f32, Error> {
+    check_x(arch, x)?;
+    let st = cnn(arch, cw, x, work)?;
+    apply(arch, cw, st, x, false)
+}
+
+/// Inverse coupling (latent -> image) on `y` (flow shape) in place.
+pub fn inverse(
+    arch: &Arch,
+    cw: &CouplingWeights<'_>,
+    y: &mut [f32],
+    work: &mut Work<'_>,
+) -> Result<(), Error> {
+    check_x(arch, y)?;
+    let st = cnn(arch, cw, y, work)?;
+    apply(arch, cw, st, y, true).map(|_| ())
+}

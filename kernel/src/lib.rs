@@ -1,0 +1,39 @@
+//! clayflow's kernel: a `no_std`, heap-free RealNVP normalizing flow for constrained devices.
+//!
+//! It owns the model's math (squeeze, convolution, affine coupling, dequantization and
+//! logit, the standard-normal base) and its weight format (a checked, versioned blob read
+//! zero-copy from `&[u8]`). All buffers are the caller's, sized by `const fn`s of the
+//! architecture, and no public function panics: every failure is an [`Error`].
+//!
+//! ```
+//! use clayflow_kernel::{scratch_len, image_len, MNIST};
+//! // A firmware sizes its buffers at compile time:
+//! static mut SCRATCH: [f32; scratch_len(&MNIST)] = [0.0; scratch_len(&MNIST)];
+//! let pixels = [0u8; image_len(&MNIST)];
+//! # let _ = pixels;
+//! ```
+#![cfg_attr(not(test), no_std)]
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod arch;
+pub mod base;
+pub mod conv;
+pub mod coupling;
+pub mod error;
+pub mod flow;
+pub mod preprocess;
+pub mod squeeze;
+pub mod weights;
+
+#[cfg(test)]
+mod testutil;
+
+pub use arch::{
+    alternating_masks, image_len, scratch_len, Arch, Mask, ScratchLayout, COLOR, MAX_COUPLINGS,
+    MNIST,
+};
+pub use base::{Normal, Pcg32, Rng};
+pub use error::Error;
+pub use flow::{bits_per_dim, forward, inverse, log_prob, log_prob_u, sample, sample_with};
+pub use weights::{blob_len, write_blob, DType, Model};

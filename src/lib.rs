@@ -1,0 +1,1 @@
+//! Root package of the clayflow workspace: owns tests/ and benches/.

@@ -1,0 +1,2 @@
+//! The CPU backend: im2col + matrixmultiply sgemm, rayon across the batch.
+pub mod conv;

@@ -1,0 +1,2 @@
+//! Compute backends. The model code calls the `Backend` trait; `cpu` implements it.
+pub mod cpu;
