@@ -284,7 +284,7 @@ impl Arch {
         if !(1..=64).contains(&self.channels) {
             return bad(ArchField::Channels);
         }
-        let size_ok = |s: usize| (1..=1024).contains(&s) && (!self.squeeze || s % 2 == 0);
+        let size_ok = |s: usize| (1..=1024).contains(&s) && (!self.squeeze || s.is_multiple_of(2));
         if !size_ok(self.height) || !size_ok(self.width) {
             return bad(ArchField::Size);
         }
@@ -418,7 +418,8 @@ mod tests {
 
     #[test]
     fn validate_rejects_each_bad_field() {
-        let cases: [(fn(&mut Arch), ArchField); 8] = [
+        type Case = (fn(&mut Arch), ArchField);
+        let cases: [Case; 8] = [
             (|a| a.channels = 0, ArchField::Channels),
             (|a| a.height = 27, ArchField::Size),
             (|a| a.couplings = 33, ArchField::Couplings),

@@ -78,7 +78,7 @@ impl<R: Rng> Normal<R> {
 
     /// The next N(0, 1) variate. Errors only if the generator gives 64 unusable pairs in a
     /// row (a broken generator; a good one does so with probability ~1e-43).
-    pub fn next(&mut self) -> Result<f32, Error> {
+    pub fn next_normal(&mut self) -> Result<f32, Error> {
         if let Some(v) = self.spare.take() {
             return Ok(v);
         }
@@ -100,7 +100,7 @@ impl<R: Rng> Normal<R> {
     /// Fills `out` with `temperature * N(0, 1)` variates.
     pub fn fill(&mut self, out: &mut [f32], temperature: f32) -> Result<(), Error> {
         for v in out.iter_mut() {
-            *v = temperature * self.next()?;
+            *v = temperature * self.next_normal()?;
         }
         Ok(())
     }
@@ -127,7 +127,7 @@ mod tests {
         let k = 200_000;
         let (mut s1, mut s2) = (0f64, 0f64);
         for _ in 0..k {
-            let v = n.next().unwrap() as f64;
+            let v = n.next_normal().unwrap() as f64;
             s1 += v;
             s2 += v * v;
         }
@@ -146,7 +146,7 @@ mod tests {
                 u32::MAX
             }
         }
-        assert!(Normal::new(Stuck).next().is_err());
+        assert!(Normal::new(Stuck).next_normal().is_err());
     }
 
     #[test]

@@ -39,7 +39,7 @@ fn size(buffer: Buffer, needed: usize, got: usize) -> Result<(), Error> {
 impl Conv {
     /// Checks the buffer lengths against the shape; every later index is then in range.
     fn check(&self, input: usize, weight: usize, bias: usize, out: usize) -> Result<(), Error> {
-        if self.kernel % 2 == 0 {
+        if self.kernel.is_multiple_of(2) {
             return Err(Error::InvalidArgument(
                 "convolution kernel size must be odd",
             ));

@@ -8,7 +8,7 @@ use crate::conv::INTERNAL;
 use crate::error::{Buffer, Error};
 
 fn check(c: usize, h: usize, w: usize, input: usize, out: usize) -> Result<usize, Error> {
-    if h % 2 != 0 || w % 2 != 0 {
+    if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
         return Err(Error::InvalidArgument(
             "squeeze needs even height and width",
         ));

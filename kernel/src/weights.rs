@@ -538,3 +538,982 @@ pub fn round_to_f16(params: &mut [f32]) {
         *v = half::f16::from_f32(*v).to_f32();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::{alternating_masks, COLOR, MNIST};
+    use crate::error::ArchField;
+    use crate::flow::sample;
+    use crate::scratch_len;
+    use crate::testutil::{blob, random_params};
+    use proptest::prelude::*;
+    use std::string::ToString;
+    use std::vec::Vec;
+
+    /// 3x4x4 without squeeze, masks channel-even, checker-odd, channel-odd: the channel
+    /// split is uneven (kept 2 / changed 1, then 1 / 2), hidden widths are odd so f16 tensors
+    /// need padding, and three couplings leave one padding byte in the header (43 -> 44).
+    fn small() -> Arch {
+        let mut masks = [Mask::ChannelEven; MAX_COUPLINGS];
+        masks[1] = Mask::CheckerOdd;
+        masks[2] = Mask::ChannelOdd;
+        Arch {
+            channels: 3,
+            height: 4,
+            width: 4,
+            squeeze: false,
+            couplings: 3,
+            masks,
+            kernels: [3, 1, 5],
+            hidden: [3, 5],
+            bits: 5,
+            logit_alpha: 0.01,
+        }
+    }
+
+    /// 1x4x4 squeezed to 4x2x2, two channel couplings.
+    fn squeezed() -> Arch {
+        Arch {
+            channels: 1,
+            height: 4,
+            width: 4,
+            squeeze: true,
+            couplings: 2,
+            masks: alternating_masks(Mask::ChannelOdd),
+            kernels: [3, 3, 1],
+            hidden: [2, 4],
+            bits: 8,
+            logit_alpha: 0.05,
+        }
+    }
+
+    fn valid(dtype: DType) -> Vec<u8> {
+        blob(&small(), dtype, &random_params(&small(), 7, 1.0))
+    }
+
+    /// Recomputes the trailing CRC-32 over everything before it.
+    fn fix_crc(b: &mut [u8]) {
+        let n = b.len() - 4;
+        let crc = crc32(&b[..n]);
+        b[n..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    fn set_u16(b: &mut [u8], at: usize, v: u16) {
+        b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn set_u32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn err(b: &[u8]) -> Error {
+        Model::from_blob(b).expect_err("blob should be rejected")
+    }
+
+    /// Byte offset of flat parameter `index` in a blob of `arch`, computed from the spec
+    /// (each tensor padded to 4 bytes), not from the parser.
+    fn weight_offset(arch: &Arch, dtype: DType, index: usize) -> usize {
+        let mut at = (40 + arch.couplings).div_ceil(4) * 4;
+        let mut first = 0;
+        for &m in arch.active_masks() {
+            for kind in COUPLING_TENSORS {
+                let len = arch.tensor_len(m, kind);
+                if index < first + len {
+                    return at + (index - first) * dtype.size();
+                }
+                first += len;
+                at += (len * dtype.size()).div_ceil(4) * 4;
+            }
+        }
+        panic!("parameter {index} out of range");
+    }
+
+    /// Every weight of a model in blob order, widened to f32.
+    fn weights(model: &Model<'_>) -> Vec<f32> {
+        let mut out = Vec::new();
+        for i in 0..model.arch().couplings {
+            let c = model.coupling(i).unwrap();
+            assert_eq!(c.mask, model.arch().masks[i]);
+            for t in [
+                c.scale,
+                c.conv_w[0],
+                c.conv_b[0],
+                c.conv_w[1],
+                c.conv_b[1],
+                c.conv_w[2],
+                c.conv_b[2],
+            ] {
+                out.extend(t.iter());
+            }
+        }
+        out
+    }
+
+    /// Arch equality as far as the blob can carry it: the mask slots past `couplings` are
+    /// not stored (the parser fills them with `ChannelEven`), so `==` on `Arch` is too strict.
+    fn assert_same_arch(got: &Arch, want: &Arch) {
+        assert_eq!(got.active_masks(), want.active_masks());
+        let mut norm = *want;
+        norm.masks = [Mask::ChannelEven; MAX_COUPLINGS];
+        norm.masks[..want.couplings].copy_from_slice(want.active_masks());
+        assert_eq!(*got, norm);
+        assert_eq!(got.logit_alpha.to_bits(), want.logit_alpha.to_bits());
+    }
+
+    /// An independent writer that follows FORMAT.md byte by byte.
+    fn spec_blob(arch: &Arch, dtype: DType, params: &[f32]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"CLAYFLOW");
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&[dtype as u8, 0]);
+        for v in [arch.height, arch.width, arch.channels, 0] {
+            b.extend_from_slice(&(v as u16).to_le_bytes());
+        }
+        b.extend_from_slice(&[u8::from(arch.squeeze), arch.couplings as u8]);
+        b.extend_from_slice(&[
+            arch.kernels[0] as u8,
+            arch.kernels[1] as u8,
+            arch.kernels[2] as u8,
+            arch.bits as u8,
+        ]);
+        for v in [arch.hidden[0], arch.hidden[1], 0] {
+            b.extend_from_slice(&(v as u16).to_le_bytes());
+        }
+        b.extend_from_slice(&arch.logit_alpha.to_le_bytes());
+        b.extend_from_slice(&(params.len() as u32).to_le_bytes());
+        assert_eq!(b.len(), 40);
+        b.extend(arch.active_masks().iter().map(|&m| m as u8));
+        let pad = |b: &mut Vec<u8>| b.resize(b.len().div_ceil(4) * 4, 0);
+        pad(&mut b);
+        let mut rest = params;
+        for &m in arch.active_masks() {
+            for kind in COUPLING_TENSORS {
+                let (t, tail) = rest.split_at(arch.tensor_len(m, kind));
+                rest = tail;
+                for &v in t {
+                    match dtype {
+                        DType::F32 => b.extend_from_slice(&v.to_le_bytes()),
+                        DType::F16 => b.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                    }
+                }
+                pad(&mut b);
+            }
+        }
+        assert!(rest.is_empty());
+        let crc = crc32(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn crc32_matches_the_zlib_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+        assert_eq!(crc32(b"a"), 0xE8B7_BE43);
+    }
+
+    #[test]
+    fn preset_blob_sizes() {
+        assert_eq!(header_len(&MNIST), 52);
+        assert_eq!(blob_len(&MNIST, DType::F32), 1_337_816);
+        assert_eq!(blob_len(&MNIST, DType::F16), 668_936);
+        assert_eq!(blob_len(&COLOR, DType::F32), 12_017_432);
+        assert_eq!(blob_len(&COLOR, DType::F16), 6_008_744);
+        // No preset tensor has an odd f16 length, so there is no padding: 52 + n * size + 4.
+        assert_eq!(
+            blob_len(&MNIST, DType::F16),
+            52 + 2 * MNIST.param_count() + 4
+        );
+        assert_eq!(
+            blob_len(&COLOR, DType::F32),
+            52 + 4 * COLOR.param_count() + 4
+        );
+        assert_eq!(header_len(&small()), 44);
+    }
+
+    /// The reference vector printed in FORMAT.md: the MNIST preset with every weight 0.0.
+    #[test]
+    fn zero_weight_mnist_blob_matches_the_documented_vector() {
+        let zeros = std::vec![0.0f32; MNIST.param_count()];
+        let header: [u8; 52] = [
+            0x43, 0x4c, 0x41, 0x59, 0x46, 0x4c, 0x4f, 0x57, 0x01, 0x00, 0x01, 0x00, 0x1c, 0x00,
+            0x1c, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x0c, 0x05, 0x07, 0x03, 0x08, 0x08, 0x00,
+            0x40, 0x00, 0x00, 0x00, 0xcd, 0xcc, 0x4c, 0x3d, 0x68, 0x1a, 0x05, 0x00, 0x00, 0x01,
+            0x00, 0x01, 0x00, 0x01, 0x00, 0x01, 0x00, 0x01, 0x00, 0x01,
+        ];
+        for (dtype, crc) in [(DType::F32, 0x8F5E_E608u32), (DType::F16, 0xEBDE_C171)] {
+            let b = blob(&MNIST, dtype, &zeros);
+            assert_eq!(b.len(), blob_len(&MNIST, dtype));
+            let mut want = header;
+            want[10] = dtype as u8;
+            assert_eq!(b[..52], want);
+            assert!(b[52..b.len() - 4].iter().all(|&v| v == 0));
+            assert_eq!(b[b.len() - 4..], crc.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn writer_matches_the_documented_layout() {
+        for arch in [small(), squeezed(), MNIST] {
+            let params = random_params(&arch, 3, 1.0);
+            for dtype in [DType::F32, DType::F16] {
+                let b = blob(&arch, dtype, &params);
+                assert_eq!(b.len(), blob_len(&arch, dtype));
+                assert!(b == spec_blob(&arch, dtype, &params), "{arch:?} {dtype:?}");
+            }
+        }
+        // Spot checks of the fixed offsets on the small model.
+        let b = valid(DType::F16);
+        assert_eq!(&b[..8], b"CLAYFLOW");
+        assert_eq!(b[8..12], [1, 0, 2, 0]);
+        assert_eq!(b[12..20], [4, 0, 4, 0, 3, 0, 0, 0]); // height, width, channels, reserved
+        assert_eq!(b[20..26], [0, 3, 3, 1, 5, 5]); // squeeze, couplings, k0..k2, bits
+        assert_eq!(b[26..32], [3, 0, 5, 0, 0, 0]); // hidden0, hidden1, reserved
+        assert_eq!(b[32..36], 0.01f32.to_le_bytes());
+        assert_eq!(b[36..40], (small().param_count() as u32).to_le_bytes());
+        assert_eq!(b[40..44], [0, 3, 1, 0]); // mask codes, one padding byte
+        let n = b.len() - 4;
+        assert_eq!(b[n..], crc32(&b[..n]).to_le_bytes());
+    }
+
+    #[test]
+    fn round_trip_f32_is_bit_identical() {
+        for arch in [small(), squeezed(), MNIST] {
+            let params = random_params(&arch, 11, 1.0);
+            let b = blob(&arch, DType::F32, &params);
+            let model = Model::from_blob(&b).unwrap();
+            assert_same_arch(model.arch(), &arch);
+            assert_eq!(model.dtype(), DType::F32);
+            let got = weights(&model);
+            assert_eq!(got.len(), params.len());
+            assert!(got
+                .iter()
+                .zip(&params)
+                .all(|(a, e)| a.to_bits() == e.to_bits()));
+            assert_eq!(
+                model.coupling(arch.couplings).unwrap_err(),
+                Error::InvalidArgument("coupling index out of range")
+            );
+        }
+    }
+
+    #[test]
+    fn round_trip_f16_gives_the_f16_rounded_values() {
+        for arch in [small(), squeezed(), MNIST] {
+            let mut params = random_params(&arch, 12, 1.0);
+            // Values that are not f16-exact, one near the top of its range.
+            params[0] = 0.1;
+            params[1] = 65_519.0;
+            let b = blob(&arch, DType::F16, &params);
+            let model = Model::from_blob(&b).unwrap();
+            assert_same_arch(model.arch(), &arch);
+            assert_eq!(model.dtype(), DType::F16);
+            round_to_f16(&mut params);
+            assert_eq!(params[1], 65_504.0);
+            let got = weights(&model);
+            assert_eq!(got.len(), params.len());
+            assert!(got
+                .iter()
+                .zip(&params)
+                .all(|(a, e)| a.to_bits() == e.to_bits()));
+        }
+    }
+
+    #[test]
+    fn truncated_blobs_are_rejected() {
+        let b = valid(DType::F32);
+        let len = b.len();
+        assert_eq!(err(&[]), Error::Truncated { needed: 40, got: 0 });
+        assert_eq!(
+            err(&[]).to_string(),
+            "weight blob truncated: needs 40 bytes, has 0"
+        );
+        // Inside the fixed header (magic intact).
+        for cut in [1, 7, 8, 12, 21, 39] {
+            assert_eq!(
+                err(&b[..cut]),
+                Error::Truncated {
+                    needed: 40,
+                    got: cut
+                }
+            );
+        }
+        // Inside the mask codes (three couplings: bytes 40..43).
+        for cut in [40, 41, 42] {
+            assert_eq!(
+                err(&b[..cut]),
+                Error::Truncated {
+                    needed: cut + 1,
+                    got: cut
+                }
+            );
+        }
+        // In the header padding, at the first tensor, inside the tensors, inside the CRC.
+        for cut in [43, 44, 45, len / 2, len - 5, len - 4, len - 1] {
+            assert_eq!(
+                err(&b[..cut]),
+                Error::Truncated {
+                    needed: len,
+                    got: cut
+                }
+            );
+        }
+        // Every strict prefix is a truncation, whatever the cut.
+        for cut in 0..len {
+            assert!(matches!(err(&b[..cut]), Error::Truncated { got, .. } if got == cut));
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        let b = valid(DType::F16);
+        for extra in [1, 3, 4, 100] {
+            let mut long = b.clone();
+            long.resize(b.len() + extra, 0);
+            assert_eq!(
+                err(&long),
+                Error::TrailingBytes {
+                    expected: b.len(),
+                    got: b.len() + extra
+                }
+            );
+        }
+        // Even when the extra bytes carry a correct CRC of everything before them.
+        let mut long = b.clone();
+        long.extend_from_slice(&crc32(&b).to_le_bytes());
+        assert!(matches!(err(&long), Error::TrailingBytes { .. }));
+    }
+
+    #[test]
+    fn bad_magic_is_rejected() {
+        let mut b = valid(DType::F32);
+        b[0] = b'c';
+        assert_eq!(err(&b), Error::BadMagic);
+        assert!(err(&b).to_string().contains("magic is not CLAYFLOW"));
+        b[0] = b'C';
+        b[7] ^= 0x20;
+        assert_eq!(err(&b), Error::BadMagic);
+        // A short buffer with a wrong magic reports the magic, not the truncation...
+        assert_eq!(err(b"NOTAFLOW"), Error::BadMagic);
+        assert_eq!(err(&[0u8; 39]), Error::BadMagic);
+        // ...but under 8 bytes the magic cannot be judged.
+        assert_eq!(err(b"PK\x03\x04"), Error::Truncated { needed: 40, got: 4 });
+    }
+
+    #[test]
+    fn unsupported_version_is_rejected() {
+        let mut b = valid(DType::F32);
+        for v in [0u16, 2, 0x0100, u16::MAX] {
+            set_u16(&mut b, 8, v);
+            assert_eq!(err(&b), Error::UnsupportedVersion(v));
+        }
+        set_u16(&mut b, 8, 2);
+        assert_eq!(
+            err(&b).to_string(),
+            "weight blob version 2 is not supported (this kernel reads 1)"
+        );
+    }
+
+    #[test]
+    fn unknown_dtype_is_rejected() {
+        let mut b = valid(DType::F32);
+        for code in [0u8, 3, 4, 0x80, 0xFF] {
+            b[10] = code;
+            assert_eq!(err(&b), Error::UnknownDtype(code));
+        }
+    }
+
+    #[test]
+    fn nonzero_reserved_bytes_are_rejected() {
+        let b = valid(DType::F32);
+        let mut m = b.clone();
+        m[11] = 1;
+        assert_eq!(err(&m), Error::BadHeader("reserved byte 11 is not 0"));
+        for at in [18, 19, 30, 31] {
+            let mut m = b.clone();
+            m[at] = 0x80;
+            assert_eq!(
+                err(&m),
+                Error::BadHeader("reserved bytes 18-19 or 30-31 are not 0"),
+                "byte {at}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_squeeze_flag_is_rejected() {
+        let mut b = valid(DType::F32);
+        for flag in [2u8, 0xFF] {
+            b[20] = flag;
+            assert_eq!(err(&b), Error::BadHeader("squeeze flag is not 0 or 1"));
+        }
+        assert_eq!(
+            err(&b).to_string(),
+            "weight blob header invalid: squeeze flag is not 0 or 1"
+        );
+    }
+
+    #[test]
+    fn coupling_count_out_of_range_is_rejected() {
+        let mut b = valid(DType::F32);
+        for n in [0u8, 33, 0xFF] {
+            b[21] = n;
+            assert_eq!(err(&b), Error::InvalidArch(ArchField::Couplings));
+        }
+    }
+
+    #[test]
+    fn unknown_mask_code_is_rejected() {
+        for at in [40, 41, 42] {
+            for code in [4u8, 0xFF] {
+                let mut b = valid(DType::F32);
+                b[at] = code;
+                assert_eq!(err(&b), Error::BadHeader("unknown mask code"));
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_arch_fields_are_rejected() {
+        let b = valid(DType::F32);
+        type Case = (fn(&mut [u8]), ArchField);
+        let cases: &[Case] = &[
+            (|b| set_u16(b, 16, 0), ArchField::Channels),
+            (|b| set_u16(b, 16, 65), ArchField::Channels),
+            (|b| set_u16(b, 12, 0), ArchField::Size),
+            (|b| set_u16(b, 14, 1025), ArchField::Size),
+            // Squeezing needs even sides.
+            (
+                |b| {
+                    b[20] = 1;
+                    set_u16(b, 12, 5);
+                },
+                ArchField::Size,
+            ),
+            (|b| b[22] = 4, ArchField::Kernel),
+            (|b| b[23] = 0, ArchField::Kernel),
+            (|b| b[24] = 17, ArchField::Kernel),
+            (|b| set_u16(b, 26, 0), ArchField::Hidden),
+            (|b| set_u16(b, 28, 4097), ArchField::Hidden),
+            (|b| b[25] = 0, ArchField::Bits),
+            (|b| b[25] = 9, ArchField::Bits),
+            (|b| set_u32(b, 32, 0.5f32.to_bits()), ArchField::LogitAlpha),
+            (|b| set_u32(b, 32, 0.0f32.to_bits()), ArchField::LogitAlpha),
+            (
+                |b| set_u32(b, 32, (-0.0f32).to_bits()),
+                ArchField::LogitAlpha,
+            ),
+            (
+                |b| set_u32(b, 32, f32::NAN.to_bits()),
+                ArchField::LogitAlpha,
+            ),
+            (
+                |b| set_u32(b, 32, f32::INFINITY.to_bits()),
+                ArchField::LogitAlpha,
+            ),
+            // A channel mask on a single channel has nothing to split.
+            (|b| set_u16(b, 16, 1), ArchField::Mask),
+            // 64 x 1024 x 1024 pixels is over MAX_DIM.
+            (
+                |b| {
+                    set_u16(b, 16, 64);
+                    set_u16(b, 12, 1024);
+                    set_u16(b, 14, 1024);
+                },
+                ArchField::TooLarge,
+            ),
+            // 4096 x 4096 x 15 x 15 conv weights is over MAX_PARAMS.
+            (
+                |b| {
+                    set_u16(b, 26, 4096);
+                    set_u16(b, 28, 4096);
+                    b[23] = 15;
+                },
+                ArchField::TooLarge,
+            ),
+        ];
+        for (i, (mutate, field)) in cases.iter().enumerate() {
+            let mut m = b.clone();
+            mutate(&mut m);
+            assert_eq!(err(&m), Error::InvalidArch(*field), "case {i}");
+        }
+        let mut m = b.clone();
+        m[22] = 4;
+        assert_eq!(
+            err(&m).to_string(),
+            "invalid architecture: kernel sizes must be odd and 1..=15"
+        );
+    }
+
+    #[test]
+    fn wrong_parameter_count_is_rejected() {
+        const WRONG: Error =
+            Error::BadHeader("parameter count does not match the architecture (wrong shapes)");
+        let b = valid(DType::F32);
+        let count = small().param_count() as u32;
+        // The stated count disagrees with the shapes.
+        for stated in [0, count - 1, count + 1, u32::MAX] {
+            let mut m = b.clone();
+            set_u32(&mut m, 36, stated);
+            fix_crc(&mut m);
+            assert_eq!(err(&m), WRONG);
+        }
+        // The shapes change (hidden0 3 -> 4, a valid arch) but the count is the old one.
+        let mut m = b.clone();
+        set_u16(&mut m, 26, 4);
+        fix_crc(&mut m);
+        assert_eq!(err(&m), WRONG);
+        assert!(err(&m).to_string().contains("wrong shapes"));
+        // Shapes and count agree with each other but not with the data: a length error.
+        let mut bigger = small();
+        bigger.hidden[0] = 4;
+        let mut m = b.clone();
+        set_u16(&mut m, 26, 4);
+        set_u32(&mut m, 36, bigger.param_count() as u32);
+        fix_crc(&mut m);
+        assert_eq!(
+            err(&m),
+            Error::Truncated {
+                needed: blob_len(&bigger, DType::F32),
+                got: b.len()
+            }
+        );
+        let mut smaller = small();
+        smaller.hidden[0] = 2;
+        let mut m = b.clone();
+        set_u16(&mut m, 26, 2);
+        set_u32(&mut m, 36, smaller.param_count() as u32);
+        fix_crc(&mut m);
+        assert_eq!(
+            err(&m),
+            Error::TrailingBytes {
+                expected: blob_len(&smaller, DType::F32),
+                got: b.len()
+            }
+        );
+    }
+
+    #[test]
+    fn checksum_mismatch_is_rejected() {
+        let b = valid(DType::F32);
+        let n = b.len() - 4;
+        let stored = u32::from_le_bytes(b[n..].try_into().unwrap());
+        // One bit of one weight, of the header padding byte, of the stored CRC itself.
+        for at in [weight_offset(&small(), DType::F32, 5) + 1, 43, n + 2] {
+            let mut m = b.clone();
+            m[at] ^= 0x04;
+            let stored = u32::from_le_bytes(m[n..].try_into().unwrap());
+            assert_eq!(
+                err(&m),
+                Error::ChecksumMismatch {
+                    stored,
+                    computed: crc32(&m[..n])
+                },
+                "byte {at}"
+            );
+        }
+        let mut m = b.clone();
+        m[n - 1] ^= 0xFF;
+        let e = err(&m);
+        assert!(matches!(e, Error::ChecksumMismatch { stored: s, .. } if s == stored));
+        assert!(e.to_string().starts_with("weight blob checksum mismatch"));
+        // A padding byte inside the f16 tensors (the 1-element scale tensor at 44..48).
+        let b16 = valid(DType::F16);
+        let mut m = b16.clone();
+        m[47] = 1;
+        assert!(matches!(err(&m), Error::ChecksumMismatch { .. }));
+    }
+
+    #[test]
+    fn non_finite_weights_are_rejected_f32() {
+        let arch = small();
+        let last = arch.param_count() - 1;
+        let mid = arch.coupling_offset(1) + 10;
+        let b = valid(DType::F32);
+        for index in [0, mid, last] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut m = b.clone();
+                let at = weight_offset(&arch, DType::F32, index);
+                m[at..at + 4].copy_from_slice(&bad.to_le_bytes());
+                assert!(matches!(err(&m), Error::ChecksumMismatch { .. }));
+                fix_crc(&mut m);
+                assert_eq!(
+                    err(&m),
+                    Error::NonFiniteWeight { index },
+                    "{bad} at {index}"
+                );
+            }
+        }
+        let mut m = b.clone();
+        let at = weight_offset(&arch, DType::F32, mid);
+        m[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        fix_crc(&mut m);
+        assert!(err(&m)
+            .to_string()
+            .starts_with(&std::format!("weight {mid} is not finite")));
+    }
+
+    #[test]
+    fn non_finite_weights_are_rejected_f16() {
+        let arch = small();
+        let last = arch.param_count() - 1;
+        let mid = arch.coupling_offset(2) + 3;
+        let b = valid(DType::F16);
+        // quiet NaN, signalling NaN, +inf, -inf
+        for index in [0, mid, last] {
+            for bits in [0x7E00u16, 0x7C01, 0x7C00, 0xFC00] {
+                let mut m = b.clone();
+                let at = weight_offset(&arch, DType::F16, index);
+                set_u16(&mut m, at, bits);
+                fix_crc(&mut m);
+                assert_eq!(
+                    err(&m),
+                    Error::NonFiniteWeight { index },
+                    "{bits:#x} at {index}"
+                );
+            }
+        }
+        // The largest finite f16 is fine.
+        let mut m = b.clone();
+        set_u16(&mut m, weight_offset(&arch, DType::F16, mid), 0x7BFF);
+        fix_crc(&mut m);
+        let model = Model::from_blob(&m).unwrap();
+        assert_eq!(weights(&model)[mid], 65_504.0);
+    }
+
+    #[test]
+    fn write_blob_errors() {
+        let arch = small();
+        let n = arch.param_count();
+        let params = random_params(&arch, 9, 1.0);
+        let len = blob_len(&arch, DType::F32);
+        let mut out = std::vec![0u8; len];
+        for wrong in [0, n - 1, n + 1] {
+            let p = std::vec![0.0f32; wrong];
+            assert_eq!(
+                write_blob(&arch, DType::F32, &p, &mut out),
+                Err(Error::BufferSize {
+                    buffer: Buffer::Weights,
+                    needed: n,
+                    got: wrong
+                })
+            );
+        }
+        for dtype in [DType::F32, DType::F16] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut p = params.clone();
+                p[n / 2] = bad;
+                assert_eq!(
+                    write_blob(&arch, dtype, &p, &mut out),
+                    Err(Error::NonFiniteWeight { index: n / 2 })
+                );
+            }
+        }
+        // Finite in f32 but beyond f16's range (65504; 65520 rounds up to infinity).
+        for big in [1e6f32, -1e6, 65_520.0] {
+            let mut p = params.clone();
+            p[3] = big;
+            assert_eq!(
+                write_blob(&arch, DType::F16, &p, &mut out),
+                Err(Error::NonFiniteWeight { index: 3 })
+            );
+            assert_eq!(write_blob(&arch, DType::F32, &p, &mut out), Ok(len));
+        }
+        // Output buffer too small, by one byte or entirely.
+        for short in [0, 40, len - 1] {
+            assert_eq!(
+                write_blob(&arch, DType::F32, &params, &mut out[..short]),
+                Err(Error::BufferSize {
+                    buffer: Buffer::Blob,
+                    needed: len,
+                    got: short
+                })
+            );
+        }
+        // An invalid architecture.
+        let mut bad = arch;
+        bad.kernels[0] = 2;
+        assert_eq!(
+            write_blob(&bad, DType::F32, &params, &mut out),
+            Err(Error::InvalidArch(ArchField::Kernel))
+        );
+        // A larger buffer: exactly blob_len bytes are written, the rest is untouched.
+        let mut roomy = std::vec![0xAAu8; len + 10];
+        assert_eq!(write_blob(&arch, DType::F32, &params, &mut roomy), Ok(len));
+        assert!(roomy[len..].iter().all(|&v| v == 0xAA));
+        assert!(Model::from_blob(&roomy[..len]).is_ok());
+        assert!(matches!(
+            Model::from_blob(&roomy),
+            Err(Error::TrailingBytes { .. })
+        ));
+    }
+
+    /// CRC-32 detects every single-byte error, so no one-byte change of a valid blob parses.
+    #[test]
+    fn every_single_byte_change_is_rejected() {
+        for dtype in [DType::F32, DType::F16] {
+            let b = valid(dtype);
+            let mut m = b.clone();
+            for at in 0..b.len() {
+                for x in [0x01u8, 0x80, 0xFF] {
+                    m[at] ^= x;
+                    assert!(Model::from_blob(&m).is_err(), "byte {at} ^ {x:#x}");
+                    m[at] ^= x;
+                }
+            }
+        }
+    }
+
+    /// Parses `bytes`; when that succeeds, samples from the model (unless it is too big to
+    /// be quick), which must not panic either.
+    fn parse_and_sample(bytes: &[u8]) -> Result<(), Error> {
+        let model = Model::from_blob(bytes)?;
+        let arch = *model.arch();
+        let work = arch.param_count().saturating_mul(arch.plane());
+        if scratch_len(&arch) <= 1 << 20 && work <= 1 << 24 {
+            let mut scratch = std::vec![0f32; scratch_len(&arch)];
+            let mut pixels = std::vec![0u8; arch.dim()];
+            let mut values = std::vec![0f32; arch.dim()];
+            let r = sample(&model, 1, 1.0, &mut scratch, &mut pixels, &mut values);
+            let max = ((1u32 << arch.bits) - 1) as u8;
+            if r.is_ok() {
+                assert!(
+                    pixels.iter().all(|&p| p <= max),
+                    "pixel above the bit depth"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Header fields for the structured fuzz: mostly valid small values, sometimes invalid.
+    #[derive(Clone, Debug)]
+    struct Fields {
+        dtype: u8,
+        channels: u16,
+        height: u16,
+        width: u16,
+        squeeze: u8,
+        masks: Vec<u8>,
+        kernels: [u8; 3],
+        bits: u8,
+        hidden: [u16; 2],
+        alpha: f32,
+        count_delta: i8,
+        nan_at: Option<prop::sample::Index>,
+        seed: u64,
+    }
+
+    fn mostly<T: Clone + core::fmt::Debug + 'static>(
+        good: impl Strategy<Value = T> + 'static,
+        bad: std::vec::Vec<T>,
+    ) -> BoxedStrategy<T> {
+        prop_oneof![40 => good, 1 => prop::sample::select(bad)].boxed()
+    }
+
+    fn fields() -> impl Strategy<Value = Fields> {
+        let kernel = || {
+            mostly(
+                prop::sample::select(std::vec![1u8, 3, 5]),
+                std::vec![0, 2, 16, 255],
+            )
+        };
+        let hidden = || mostly(1u16..=6, std::vec![0, 4097, u16::MAX]);
+        let side = || {
+            mostly(
+                prop::sample::select(std::vec![2u16, 4, 6, 8, 1, 3]),
+                std::vec![0, 1025, u16::MAX],
+            )
+        };
+        (
+            (
+                mostly(1u8..=2, std::vec![0, 3, 255]),
+                mostly(1u16..=4, std::vec![0, 65, u16::MAX]),
+                side(),
+                side(),
+                mostly(0u8..=1, std::vec![2, 255]),
+                mostly(
+                    prop::collection::vec(mostly(0u8..=3, std::vec![4, 255]), 1..=4),
+                    std::vec![std::vec![], std::vec![0; 33]],
+                ),
+            ),
+            (
+                [kernel(), kernel(), kernel()],
+                mostly(1u8..=8, std::vec![0, 9, 255]),
+                [hidden(), hidden()],
+                mostly(
+                    prop::sample::select(std::vec![0.05f32, 1e-3, 0.25, 0.4999]),
+                    std::vec![0.0, -0.0, 0.5, -0.1, f32::NAN, f32::INFINITY],
+                ),
+                mostly(Just(0i8), std::vec![-1, 1]),
+                prop::option::weighted(0.1, any::<prop::sample::Index>()),
+                any::<u64>(),
+            ),
+        )
+            .prop_map(
+                |(
+                    (dtype, channels, height, width, squeeze, masks),
+                    (kernels, bits, hidden, alpha, count_delta, nan_at, seed),
+                )| Fields {
+                    dtype,
+                    channels,
+                    height,
+                    width,
+                    squeeze,
+                    masks,
+                    kernels,
+                    bits,
+                    hidden,
+                    alpha,
+                    count_delta,
+                    nan_at,
+                    seed,
+                },
+            )
+    }
+
+    /// Encodes `f` by the spec. Returns the bytes and whether the kernel must accept them.
+    fn encode(f: &Fields) -> (Vec<u8>, bool) {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"CLAYFLOW");
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&[f.dtype, 0]);
+        for v in [f.height, f.width, f.channels, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&[f.squeeze, f.masks.len() as u8]);
+        b.extend_from_slice(&[f.kernels[0], f.kernels[1], f.kernels[2], f.bits]);
+        for v in [f.hidden[0], f.hidden[1], 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&f.alpha.to_le_bytes());
+        let count_at = b.len();
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&f.masks);
+        b.resize(b.len().div_ceil(4) * 4, 0);
+        let dtype = DType::from_code(f.dtype);
+        let masks: Option<Vec<Mask>> = f.masks.iter().map(|&c| Mask::from_code(c)).collect();
+        let arch = match (masks, f.squeeze) {
+            (Some(ms), 0 | 1) if (1..=MAX_COUPLINGS).contains(&ms.len()) => {
+                let mut masks = [Mask::ChannelEven; MAX_COUPLINGS];
+                masks[..ms.len()].copy_from_slice(&ms);
+                Some(Arch {
+                    channels: usize::from(f.channels),
+                    height: usize::from(f.height),
+                    width: usize::from(f.width),
+                    squeeze: f.squeeze == 1,
+                    couplings: ms.len(),
+                    masks,
+                    kernels: f.kernels.map(usize::from),
+                    bits: u32::from(f.bits),
+                    hidden: f.hidden.map(usize::from),
+                    logit_alpha: f.alpha,
+                })
+            }
+            _ => None,
+        };
+        let mut accept = dtype.is_some() && f.count_delta == 0 && f.nan_at.is_none();
+        match (arch.filter(|a| a.validate().is_ok()), dtype) {
+            (Some(arch), Some(dtype)) => {
+                let n = arch.param_count();
+                let count = (n as i64 + i64::from(f.count_delta)) as u32;
+                b[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+                let mut params = random_params(&arch, f.seed, 1.0);
+                if let Some(i) = &f.nan_at {
+                    params[i.index(n)] = f32::NAN;
+                }
+                let mut rest = &params[..];
+                for &m in arch.active_masks() {
+                    for kind in COUPLING_TENSORS {
+                        let (t, tail) = rest.split_at(arch.tensor_len(m, kind));
+                        rest = tail;
+                        for &v in t {
+                            match dtype {
+                                DType::F32 => b.extend_from_slice(&v.to_le_bytes()),
+                                DType::F16 => {
+                                    b.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())
+                                }
+                            }
+                        }
+                        b.resize(b.len().div_ceil(4) * 4, 0);
+                    }
+                }
+            }
+            _ => {
+                // Some invalid field: the body hardly matters, give it a little of everything.
+                accept = false;
+                b.extend((0..(f.seed % 300) as usize).map(|i| (i * 31) as u8));
+            }
+        }
+        let crc = crc32(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        (b, accept)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = parse_and_sample(&bytes);
+        }
+
+        #[test]
+        fn valid_header_with_arbitrary_tail_never_panics(
+            tail in prop::collection::vec(any::<u8>(), 0..600),
+            couplings in 0u8..40,
+        ) {
+            let mut b = valid(DType::F32)[..40].to_vec();
+            b[21] = couplings;
+            b.extend_from_slice(&tail);
+            // The random tail cannot carry a matching CRC (odds 2^-32), so this never parses.
+            prop_assert!(parse_and_sample(&b).is_err());
+        }
+
+        /// Single-byte mutations and truncations of a valid blob; with `fix` the CRC is
+        /// recomputed so that the mutation reaches the later checks (or parses).
+        #[test]
+        fn mutated_blobs_never_panic(
+            f16 in any::<bool>(),
+            at in any::<prop::sample::Index>(),
+            value in any::<u8>(),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+            fix in any::<bool>(),
+        ) {
+            let mut b = valid(if f16 { DType::F16 } else { DType::F32 });
+            let original = b.clone();
+            let i = at.index(b.len() - 4);
+            b[i] = value;
+            if fix {
+                fix_crc(&mut b);
+            }
+            let b = if truncate { &b[..cut.index(b.len())] } else { &b[..] };
+            let r = parse_and_sample(b);
+            if truncate {
+                prop_assert!(r.is_err(), "a strict prefix parsed");
+            } else if b == &original[..] {
+                prop_assert_eq!(r, Ok(()));
+            } else if !fix {
+                prop_assert!(r.is_err());
+            }
+        }
+
+        /// Headers built by the spec from mostly valid, sometimes invalid fields: the kernel
+        /// accepts exactly the valid ones, with the stated architecture, and never panics.
+        #[test]
+        fn structured_headers_are_judged_like_the_spec(f in fields()) {
+            let (b, accept) = encode(&f);
+            match Model::from_blob(&b) {
+                Ok(model) => {
+                    prop_assert!(accept, "accepted an invalid blob: {:?}", f);
+                    prop_assert_eq!(model.arch().couplings, f.masks.len());
+                    prop_assert_eq!(model.arch().hidden, f.hidden.map(usize::from));
+                    prop_assert_eq!(parse_and_sample(&b), Ok(()));
+                }
+                Err(e) => prop_assert!(!accept, "rejected a valid blob: {:?} {:?}", e, f),
+            }
+        }
+    }
+}

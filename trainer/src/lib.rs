@@ -2,4 +2,9 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod checkpoint;
+pub mod config;
 pub mod data;
+pub mod fsutil;
+pub mod model;
+pub mod report;

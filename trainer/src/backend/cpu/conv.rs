@@ -1,1 +1,1884 @@
-//! placeholder, being written
+//! 2-D convolution on the CPU: forward, backward-data and backward-weight.
+//!
+//! All tensors are flat `f32` slices in NCHW row-major order. The convolution
+//! has stride 1, "same" zero padding (`pad = kernel / 2`) and an odd square
+//! kernel; weights are laid out `[cout][cin][k][k]` and the operation is a
+//! cross-correlation, exactly like PyTorch's `Conv2d`.
+//!
+//! # Algorithms
+//!
+//! * **im2col + sgemm** (`matrixmultiply`): used when the GEMM's M dimension (output
+//!   channels of the op) is at least [`DIRECT_MAX_M`]`+1`. Forward is
+//!   `Y[cout, HW] = W[cout, cin·k²] · cols[cin·k², HW]`, several small images per GEMM.
+//!   Backward-data is either a convolution of `dy` with the flipped, channel-transposed
+//!   kernel (when `cin >= cout`), or `dcols = Wᵀ · dy` followed by col2im.
+//!   Backward-weight is `dW[cout, cin·k²] += dy[cout, HW] · colsᵀ` per image.
+//! * **direct** (x86-64 with AVX2+FMA, detected at run time): used when the op has few
+//!   output channels (`cout` for forward/backward-weight, `cin` for backward-data), where
+//!   sgemm's 16-row tiles would be mostly padding and the im2col/packing traffic would
+//!   dominate. It reads the zero-padded image in place ("implicit GEMM": output pixels are
+//!   computed on the padded-width grid, so every kernel tap is a contiguous shifted load).
+//!
+//! Work is split across images with rayon; each worker keeps its scratch in thread-local
+//! buffers that are reused between calls, so the steady state allocates nothing but
+//! matrixmultiply's packing buffers.
+//!
+//! Results are bitwise independent of the number of rayon threads: forward and
+//! backward-data are computed image by image, and backward-weight sums per-chunk partials
+//! whose chunking depends only on the batch size, in a fixed order.
+//!
+//! # Threading and matrixmultiply
+//!
+//! The workspace enables matrixmultiply's `threading` feature. Its pool size comes from
+//! `MATMUL_NUM_THREADS` and **defaults to the number of physical cores**, and a single
+//! large sgemm then forks onto that pool. Since every sgemm here already runs inside a
+//! rayon task, set `MATMUL_NUM_THREADS=1` (before the first sgemm) to avoid
+//! oversubscription.
+
+use std::cell::Cell;
+
+use rayon::prelude::*;
+
+/// Shape of one convolution problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Number of images (N).
+    pub batch: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Image height (same for input and output).
+    pub height: usize,
+    /// Image width (same for input and output).
+    pub width: usize,
+    /// Square kernel size; must be odd.
+    pub kernel: usize,
+}
+
+impl ConvShape {
+    /// Number of `f32`s in the input `x` (and in `dx`): `batch * cin * height * width`.
+    pub fn input_len(&self) -> usize {
+        self.batch * self.cin * self.hw()
+    }
+
+    /// Number of `f32`s in the output `y` (and in `dy`): `batch * cout * height * width`.
+    pub fn output_len(&self) -> usize {
+        self.batch * self.cout * self.hw()
+    }
+
+    /// Number of `f32`s in the weights `w` (and in `dw`): `cout * cin * kernel * kernel`.
+    pub fn weight_len(&self) -> usize {
+        self.cout * self.cin * self.kernel * self.kernel
+    }
+
+    /// Floating-point operations of the forward pass: `2 * batch * cout * cin * k * k * h * w`
+    /// (two per multiply-accumulate, counting the padded taps; bias and ReLU are not counted).
+    /// Backward-data and backward-weight cost the same.
+    pub fn flops(&self) -> u64 {
+        2 * self.batch as u64
+            * self.cout as u64
+            * self.cin as u64
+            * (self.kernel * self.kernel) as u64
+            * self.hw() as u64
+    }
+
+    /// Zero padding on each side: `kernel / 2`.
+    pub fn pad(&self) -> usize {
+        self.kernel / 2
+    }
+
+    fn hw(&self) -> usize {
+        self.height * self.width
+    }
+
+    fn check_kernel(&self, op: &str) {
+        assert!(
+            self.kernel % 2 == 1,
+            "{op}: kernel size must be odd, got {}",
+            self.kernel
+        );
+    }
+}
+
+/// Ops whose GEMM M dimension (output channels of the op) is at most this use the direct
+/// kernel when the CPU supports it.
+pub const DIRECT_MAX_M: usize = 12;
+
+/// Which inner algorithm an op uses (exposed to the tests so both get checked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Algo {
+    /// im2col + matrixmultiply sgemm.
+    Gemm,
+    /// Implicit-GEMM SIMD kernel on the padded image (needs `simd::available()`).
+    Direct,
+}
+
+fn pick_algo(m: usize) -> Algo {
+    if m <= DIRECT_MAX_M && simd::available() {
+        Algo::Direct
+    } else {
+        Algo::Gemm
+    }
+}
+
+/// How backward-data is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DataPlan {
+    /// Convolution of `dy` with the flipped, channel-transposed kernel.
+    Flipped(Algo),
+    /// `dcols = Wᵀ · dy` (sgemm), then col2im.
+    Col2im,
+}
+
+fn pick_data_plan(s: &ConvShape) -> DataPlan {
+    // GEMM-to-columns has M = cin·k², K = cout: efficient when cout is not tiny, and its
+    // column buffer (∝ cin) is the smaller one when cin < cout. Otherwise convolve with
+    // the flipped kernel: a GEMM with M = cin, K = cout·k², or the direct kernel when
+    // cin is small.
+    if s.kernel > 1 && s.cin < s.cout && s.cout >= 16 {
+        DataPlan::Col2im
+    } else {
+        DataPlan::Flipped(pick_algo(s.cin))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Public ops
+// ---------------------------------------------------------------------------
+
+/// `y = conv(x, w) + b`, optionally followed by ReLU (`relu = true`); `y` is overwritten.
+///
+/// `x` is `[batch][cin][h][w]`, `w` is `[cout][cin][k][k]`, `b` is `[cout]`,
+/// `y` is `[batch][cout][h][w]`.
+///
+/// # Panics
+///
+/// If the kernel size is even, or if any slice length differs from what `s` implies
+/// (`input_len`, `weight_len`, `cout`, `output_len`).
+pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], b: &[f32], relu: bool, y: &mut [f32]) {
+    forward_with(s, x, w, b, relu, y, pick_algo(s.cout));
+}
+
+fn forward_with(
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    relu: bool,
+    y: &mut [f32],
+    algo: Algo,
+) {
+    s.check_kernel("conv2d_forward");
+    assert_eq!(x.len(), s.input_len(), "conv2d_forward: x length");
+    assert_eq!(w.len(), s.weight_len(), "conv2d_forward: w length");
+    assert_eq!(b.len(), s.cout, "conv2d_forward: b length");
+    assert_eq!(y.len(), s.output_len(), "conv2d_forward: y length");
+    SameConv::new(s.batch, s.cin, s.cout, s.height, s.width, s.kernel).run(
+        x,
+        w,
+        Some(b),
+        relu,
+        y,
+        algo,
+    );
+}
+
+/// `dx = conv_transpose(dy, w)`: the gradient of `conv2d_forward` (without ReLU) with
+/// respect to `x`, given the output gradient `dy`. `dx` is overwritten.
+///
+/// # Panics
+///
+/// If the kernel size is even, or if any slice length differs from what `s` implies.
+pub fn conv2d_backward_data(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    backward_data_with(s, dy, w, dx, pick_data_plan(s));
+}
+
+fn backward_data_with(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32], plan: DataPlan) {
+    s.check_kernel("conv2d_backward_data");
+    assert_eq!(dy.len(), s.output_len(), "conv2d_backward_data: dy length");
+    assert_eq!(w.len(), s.weight_len(), "conv2d_backward_data: w length");
+    assert_eq!(dx.len(), s.input_len(), "conv2d_backward_data: dx length");
+    let (cin, cout, k) = (s.cin, s.cout, s.kernel);
+    let hw = s.hw();
+    if dx.is_empty() {
+        return;
+    }
+    if cout == 0 {
+        dx.fill(0.0);
+        return;
+    }
+    match plan {
+        DataPlan::Flipped(algo) => {
+            // For stride 1 and symmetric padding, the transposed convolution is itself a
+            // "same" convolution of dy with the spatially flipped, channel-transposed
+            // kernel.
+            let p = SameConv::new(s.batch, cout, cin, s.height, s.width, k);
+            with_call_scratch(w.len(), |wf| {
+                flip_transpose_weights(cout, cin, k, w, wf);
+                p.run(dy, wf, None, false, dx, algo);
+            });
+        }
+        DataPlan::Col2im => {
+            // dcols[cin*k*k, hw] = Wᵀ · dy per image, then scatter-add (col2im).
+            let kc = cin * k * k;
+            dx.par_chunks_mut(cin * hw)
+                .zip(dy.par_chunks(cout * hw))
+                .for_each(|(dxi, dyi)| {
+                    if k == 1 {
+                        gemm(kc, cout, hw, w, 1, kc, dyi, hw, 1, 0.0, dxi, hw, 1);
+                        return;
+                    }
+                    with_worker_scratch(kc * hw, |dcols| {
+                        gemm(kc, cout, hw, w, 1, kc, dyi, hw, 1, 0.0, dcols, hw, 1);
+                        col2im(dcols, cin, s.height, s.width, k, dxi);
+                    });
+                });
+        }
+    }
+}
+
+/// `dw = Σ_batch dy ⋆ x` and `db = Σ dy` (the gradients of `conv2d_forward` without ReLU
+/// with respect to `w` and `b`); both are overwritten.
+///
+/// The batch is split into chunks whose size depends only on `s.batch`; per-chunk partial
+/// sums are added in chunk order, so the result is bitwise reproducible for any number of
+/// rayon threads.
+///
+/// # Panics
+///
+/// If the kernel size is even, or if any slice length differs from what `s` implies.
+pub fn conv2d_backward_weight(
+    s: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    backward_weight_with(s, x, dy, dw, db, pick_algo(s.cout));
+}
+
+fn backward_weight_with(
+    s: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    algo: Algo,
+) {
+    s.check_kernel("conv2d_backward_weight");
+    assert_eq!(x.len(), s.input_len(), "conv2d_backward_weight: x length");
+    assert_eq!(
+        dy.len(),
+        s.output_len(),
+        "conv2d_backward_weight: dy length"
+    );
+    assert_eq!(
+        dw.len(),
+        s.weight_len(),
+        "conv2d_backward_weight: dw length"
+    );
+    assert_eq!(db.len(), s.cout, "conv2d_backward_weight: db length");
+    dw.fill(0.0);
+    db.fill(0.0);
+    let hw = s.hw();
+    if s.batch == 0 || hw == 0 || s.cout == 0 {
+        return;
+    }
+    let (cin, cout, k, h, w) = (s.cin, s.cout, s.kernel, s.height, s.width);
+    let kc = cin * k * k;
+    let in_img = cin * hw;
+    let out_img = cout * hw;
+    let algo = if kc == 0 { Algo::Gemm } else { algo };
+
+    let chunk = s.batch.div_ceil(MAX_WEIGHT_CHUNKS.min(s.batch));
+    let nchunks = s.batch.div_ceil(chunk);
+    let part_len = dw.len() + cout;
+    let geo = PadGeo::new(h, w, k, 8);
+
+    with_call_scratch(nchunks * part_len, |parts| {
+        parts
+            .par_chunks_mut(part_len)
+            .enumerate()
+            .for_each(|(chunk_idx, part)| {
+                let first = chunk_idx * chunk;
+                let imgs = first..(first + chunk).min(s.batch);
+                let (pdw, pdb) = part.split_at_mut(kc * cout);
+                pdb.fill(0.0);
+                for i in imgs.clone() {
+                    let dyi = &dy[i * out_img..(i + 1) * out_img];
+                    for (co, d) in pdb.iter_mut().enumerate() {
+                        *d += sum_f32(&dyi[co * hw..(co + 1) * hw]);
+                    }
+                }
+                match algo {
+                    Algo::Gemm => {
+                        // Columns in transposed, channels-last order: colsT[hw][(ki,kj,ci)],
+                        // so both the im2col copies (k·cin floats) and sgemm's packing of
+                        // B are contiguous. The partial comes out as [cout][ki][kj][ci].
+                        let gt = PadGeo::new(h, w, k, 1);
+                        let xt_len = gt.plane * cin;
+                        with_worker_scratch(xt_len + kc * hw, |buf| {
+                            let (xt, cols) = buf.split_at_mut(xt_len);
+                            for i in imgs.clone() {
+                                let dyi = &dy[i * out_img..(i + 1) * out_img];
+                                let xi = &x[i * in_img..(i + 1) * in_img];
+                                im2col_t(xi, cin, &gt, xt, cols);
+                                let beta = if i == first { 0.0 } else { 1.0 };
+                                // dW'[cout, kc] (+)= dy[cout, hw] · colsT[hw, kc]
+                                gemm(cout, hw, kc, dyi, hw, 1, cols, kc, 1, beta, pdw, kc, 1);
+                            }
+                        });
+                    }
+                    Algo::Direct => {
+                        let xp_len = geo.padded_len(cin);
+                        let dye_len = cout * geo.qpad;
+                        let acc_len = cout * kc * 8;
+                        with_worker_scratch(xp_len + dye_len + acc_len, |buf| {
+                            let (xp, rest) = buf.split_at_mut(xp_len);
+                            let (dye, acc) = rest.split_at_mut(dye_len);
+                            acc.fill(0.0);
+                            for i in imgs.clone() {
+                                pad_image(&x[i * in_img..(i + 1) * in_img], cin, &geo, xp);
+                                // dy on the padded-width grid, zero in the gap columns.
+                                dye.fill(0.0);
+                                let dyi = &dy[i * out_img..(i + 1) * out_img];
+                                for co in 0..cout {
+                                    for oy in 0..h {
+                                        copy_small(
+                                            &mut dye[co * geo.qpad + oy * geo.wp..][..w],
+                                            &dyi[(co * h + oy) * w..][..w],
+                                        );
+                                    }
+                                }
+                                for (co0, mb) in row_blocks(cout) {
+                                    simd::wgrad_rows(
+                                        mb,
+                                        xp,
+                                        geo.taps(cin),
+                                        &dye[co0 * geo.qpad..(co0 + mb) * geo.qpad],
+                                        geo.qpad,
+                                        &mut acc[co0 * kc * 8..(co0 + mb) * kc * 8],
+                                    );
+                                }
+                            }
+                            for (d, lanes) in pdw.iter_mut().zip(acc.chunks_exact(8)) {
+                                *d = hsum8(lanes);
+                            }
+                        });
+                    }
+                }
+            });
+        // Sum the chunk partials in chunk order into the first one.
+        let (first, rest) = parts.split_at_mut(part_len);
+        for part in rest.chunks_exact(part_len) {
+            add_assign(first, part);
+        }
+        let (pdw, pdb) = first.split_at(dw.len());
+        db.copy_from_slice(pdb);
+        match algo {
+            Algo::Direct => dw.copy_from_slice(pdw),
+            Algo::Gemm => {
+                // [cout][ki][kj][ci] -> [cout][ci][ki][kj]
+                let kk = k * k;
+                for co in 0..cout {
+                    for t in 0..kk {
+                        for ci in 0..cin {
+                            dw[(co * cin + ci) * kk + t] = pdw[(co * kk + t) * cin + ci];
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Most chunks the batch is split into by `conv2d_backward_weight` (fixed, so that the
+/// summation order, hence the result, does not depend on the thread count).
+const MAX_WEIGHT_CHUNKS: usize = 16;
+
+/// Sum of a slice with 16 independent accumulators (vectorises; fixed order, so
+/// deterministic).
+fn sum_f32(v: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += x;
+    }
+    let mut n = 16;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            acc[i] += acc[i + n];
+        }
+    }
+    acc[0]
+}
+
+/// Sum of 8 lanes in a fixed pairwise order.
+fn hsum8(v: &[f32]) -> f32 {
+    ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+}
+
+// ---------------------------------------------------------------------------
+// Shared implementation
+// ---------------------------------------------------------------------------
+
+/// A stride-1 "same" convolution problem (also used for backward-data with the
+/// flipped kernel).
+#[derive(Clone, Copy, Debug)]
+struct SameConv {
+    batch: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+}
+
+impl SameConv {
+    fn new(batch: usize, cin: usize, cout: usize, h: usize, w: usize, k: usize) -> Self {
+        SameConv {
+            batch,
+            cin,
+            cout,
+            h,
+            w,
+            k,
+        }
+    }
+
+    /// Images per sgemm. Several images are batched into one GEMM (N = imgs * HW) when
+    /// the per-image problem is small, which amortises sgemm's fixed costs and its
+    /// packing of the weights.
+    fn group(&self) -> usize {
+        let hw = self.h * self.w;
+        let target = 512usize; // columns per GEMM we aim for
+        let g = target.div_ceil(hw.max(1)).max(1);
+        // Keep enough tasks for load balance on small batches.
+        g.min(self.batch.div_ceil(8).max(1))
+    }
+
+    fn run(
+        &self,
+        x: &[f32],
+        wt: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        y: &mut [f32],
+        algo: Algo,
+    ) {
+        let hw = self.h * self.w;
+        if self.batch == 0 || hw == 0 || self.cout == 0 {
+            return;
+        }
+        let in_img = self.cin * hw;
+        let out_img = self.cout * hw;
+        if in_img == 0 {
+            // No input channels: the output is just the bias.
+            y.par_chunks_mut(out_img)
+                .for_each(|yi| fill_bias(yi, hw, bias, relu));
+            return;
+        }
+        match algo {
+            Algo::Gemm => {
+                let g = self.group();
+                y.par_chunks_mut(g * out_img)
+                    .zip(x.par_chunks(g * in_img))
+                    .for_each(|(yg, xg)| self.run_group(xg, wt, bias, relu, yg));
+            }
+            Algo::Direct => self.run_direct(x, wt, bias, relu, y),
+        }
+    }
+
+    fn run_group(&self, x: &[f32], wt: &[f32], bias: Option<&[f32]>, relu: bool, y: &mut [f32]) {
+        let (cin, cout, k) = (self.cin, self.cout, self.k);
+        let hw = self.h * self.w;
+        let kc = cin * k * k;
+        let imgs = x.len() / (cin * hw);
+        let n = imgs * hw;
+        if imgs == 1 {
+            let cols_len = if k == 1 { 0 } else { kc * hw };
+            with_worker_scratch(cols_len, |cols| {
+                let b: &[f32] = if k == 1 {
+                    x
+                } else {
+                    im2col(x, cin, self.h, self.w, k, cols, hw);
+                    cols
+                };
+                let beta = if bias.is_some() {
+                    fill_bias(y, hw, bias, false);
+                    1.0
+                } else {
+                    0.0
+                };
+                gemm(cout, kc, hw, wt, kc, 1, b, hw, 1, beta, y, hw, 1);
+                if relu {
+                    relu_inplace(y);
+                }
+            });
+            return;
+        }
+        with_worker_scratch(kc * n + cout * n, |buf| {
+            let (cols, out) = buf.split_at_mut(kc * n);
+            for i in 0..imgs {
+                let xi = &x[i * cin * hw..(i + 1) * cin * hw];
+                if k == 1 {
+                    for c in 0..cin {
+                        cols[c * n + i * hw..c * n + (i + 1) * hw]
+                            .copy_from_slice(&xi[c * hw..(c + 1) * hw]);
+                    }
+                } else {
+                    im2col(xi, cin, self.h, self.w, k, &mut cols[i * hw..], n);
+                }
+            }
+            gemm(cout, kc, n, wt, kc, 1, cols, n, 1, 0.0, out, n, 1);
+            for i in 0..imgs {
+                for co in 0..cout {
+                    let src = &out[co * n + i * hw..co * n + (i + 1) * hw];
+                    let dst = &mut y[(i * cout + co) * hw..(i * cout + co + 1) * hw];
+                    bias_relu_copy(dst, src, bias.map_or(0.0, |b| b[co]), relu);
+                }
+            }
+        });
+    }
+
+    /// Direct (implicit-GEMM) convolution, one image per rayon task.
+    fn run_direct(&self, x: &[f32], wt: &[f32], bias: Option<&[f32]>, relu: bool, y: &mut [f32]) {
+        let (cin, cout, k, h, w) = (self.cin, self.cout, self.k, self.h, self.w);
+        let hw = h * w;
+        let kc = cin * k * k;
+        let geo = PadGeo::new(h, w, k, 16);
+        let xp_len = geo.padded_len(cin);
+        with_call_scratch(cout * kc, |wpack| {
+            // Per row block, weights as [tap][row] so one tap's rows are adjacent.
+            for (co0, mb) in row_blocks(cout) {
+                let blk = &mut wpack[co0 * kc..(co0 + mb) * kc];
+                for t in 0..kc {
+                    for m in 0..mb {
+                        blk[t * mb + m] = wt[(co0 + m) * kc + t];
+                    }
+                }
+            }
+            let wpack = &*wpack;
+            y.par_chunks_mut(cout * hw)
+                .zip(x.par_chunks(cin * hw))
+                .for_each(|(yi, xi)| {
+                    with_worker_scratch(xp_len + cout * geo.qpad, |buf| {
+                        let (xp, out) = buf.split_at_mut(xp_len);
+                        pad_image(xi, cin, &geo, xp);
+                        for (co0, mb) in row_blocks(cout) {
+                            simd::fwd_rows(
+                                mb,
+                                xp,
+                                geo.taps(cin),
+                                &wpack[co0 * kc..(co0 + mb) * kc],
+                                &mut out[co0 * geo.qpad..(co0 + mb) * geo.qpad],
+                                geo.qpad,
+                            );
+                        }
+                        for co in 0..cout {
+                            let bv = bias.map_or(0.0, |b| b[co]);
+                            for oy in 0..h {
+                                bias_relu_copy(
+                                    &mut yi[(co * h + oy) * w..][..w],
+                                    &out[co * geo.qpad + oy * geo.wp..][..w],
+                                    bv,
+                                    relu,
+                                );
+                            }
+                        }
+                    });
+                });
+        });
+    }
+}
+
+/// Splits `m` rows into blocks of at most [`simd::MAX_ROWS`] rows, as even as possible.
+fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    let nb = m.div_ceil(simd::MAX_ROWS);
+    let (base, extra) = if nb == 0 { (0, 0) } else { (m / nb, m % nb) };
+    (0..nb).map(move |b| {
+        let start = b * base + b.min(extra);
+        (start, base + usize::from(b < extra))
+    })
+}
+
+/// Geometry of a zero-padded image used by the direct kernels and by `im2col`.
+///
+/// The image is stored as `[c][hp][wp]` with `hp = h + 2·pad`, `wp = w + 2·pad`. Output
+/// pixel `(oy, ox)` lives at `q = oy·wp + ox` on the padded-width grid, and kernel tap
+/// `(ci, ki, kj)` of that output reads `xp[ci·plane + ki·wp + kj + q]`. Positions with
+/// `ox >= w` are computed but discarded. `q` runs up to `qpad` (a multiple of the SIMD
+/// block), and the buffer carries `qpad - qlen` zeros of slack so the last block's reads
+/// stay in bounds.
+#[derive(Clone, Copy, Debug)]
+struct PadGeo {
+    h: usize,
+    w: usize,
+    k: usize,
+    pad: usize,
+    wp: usize,
+    plane: usize,
+    /// Last valid output position + 1: `(h-1)·wp + w`.
+    qlen: usize,
+    /// `qlen` rounded up to the SIMD block.
+    qpad: usize,
+}
+
+impl PadGeo {
+    fn new(h: usize, w: usize, k: usize, block: usize) -> Self {
+        let pad = k / 2;
+        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+        let qlen = if h == 0 { 0 } else { (h - 1) * wp + w };
+        PadGeo {
+            h,
+            w,
+            k,
+            pad,
+            wp,
+            plane: hp * wp,
+            qlen,
+            qpad: qlen.div_ceil(block) * block,
+        }
+    }
+
+    /// Length of the padded buffer for `c` channels, including the read slack.
+    fn padded_len(&self, c: usize) -> usize {
+        c * self.plane + (self.qpad - self.qlen)
+    }
+
+    fn taps(&self, cin: usize) -> simd::Taps {
+        simd::Taps {
+            cin,
+            k: self.k,
+            plane: self.plane,
+            wp: self.wp,
+        }
+    }
+}
+
+/// Copies `x` (`[c][h][w]`) into `xp` (`[c][hp][wp]` plus slack), zeroing the border.
+fn pad_image(x: &[f32], c: usize, g: &PadGeo, xp: &mut [f32]) {
+    xp.fill(0.0);
+    for ci in 0..c {
+        for iy in 0..g.h {
+            let dst = ci * g.plane + (iy + g.pad) * g.wp + g.pad;
+            copy_small(&mut xp[dst..dst + g.w], &x[(ci * g.h + iy) * g.w..][..g.w]);
+        }
+    }
+}
+
+/// Writes the bias (or zero) into every row of `y` (`[c][hw]`), with optional ReLU.
+fn fill_bias(y: &mut [f32], hw: usize, bias: Option<&[f32]>, relu: bool) {
+    for (c, row) in y.chunks_exact_mut(hw).enumerate() {
+        let v = bias.map_or(0.0, |b| b[c]);
+        row.fill(if relu { v.max(0.0) } else { v });
+    }
+}
+
+/// `dst = src + b`, then ReLU if `relu`.
+#[inline]
+fn bias_relu_copy(dst: &mut [f32], src: &[f32], b: f32, relu: bool) {
+    if relu {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = (s + b).max(0.0);
+        }
+    } else {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s + b;
+        }
+    }
+}
+
+fn relu_inplace(y: &mut [f32]) {
+    for v in y {
+        *v = v.max(0.0);
+    }
+}
+
+fn add_assign(dst: &mut [f32], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+/// `wf[ci][co][i][j] = w[co][ci][k-1-i][k-1-j]`.
+fn flip_transpose_weights(cout: usize, cin: usize, k: usize, w: &[f32], wf: &mut [f32]) {
+    let kk = k * k;
+    for co in 0..cout {
+        for ci in 0..cin {
+            let src = &w[(co * cin + ci) * kk..(co * cin + ci + 1) * kk];
+            let dst = &mut wf[(ci * cout + co) * kk..(ci * cout + co + 1) * kk];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+/// im2col for a "same", stride-1 convolution of one image `x` (`[c][h][w]`).
+///
+/// Writes row `r = (ci * k + ki) * k + kj` of the column matrix at `cols[r * ld ..]`:
+/// `cols[r * ld + oy * w + ox] = x[ci][oy + ki - pad][ox + kj - pad]` (zero outside).
+///
+/// The image is first copied into a zero-bordered buffer, so that every (row, oy)
+/// segment is a plain copy of `w` floats; the copies are done inline (no libc call
+/// per 14-float segment).
+fn im2col(x: &[f32], c: usize, h: usize, w: usize, k: usize, cols: &mut [f32], ld: usize) {
+    let g = PadGeo::new(h, w, k, 1);
+    let hw = h * w;
+    with_scratch(&PAD_SCRATCH, g.padded_len(c), |xp| {
+        pad_image(x, c, &g, xp);
+        for ci in 0..c {
+            for ki in 0..k {
+                for kj in 0..k {
+                    let r = (ci * k + ki) * k + kj;
+                    let row = &mut cols[r * ld..r * ld + hw];
+                    let src = &xp[ci * g.plane + ki * g.wp + kj..];
+                    for oy in 0..h {
+                        copy_small(
+                            &mut row[oy * w..(oy + 1) * w],
+                            &src[oy * g.wp..oy * g.wp + w],
+                        );
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Transposed, channels-last im2col of one image `x` (`[c][h][w]`), via the zero-padded
+/// channels-last copy `xt` (`[hp][wp][c]`, `g.plane * c` floats):
+/// `cols[(oy·w + ox)·kc + (ki·k + kj)·c + ci] = x[ci][oy + ki - pad][ox + kj - pad]`.
+fn im2col_t(x: &[f32], c: usize, g: &PadGeo, xt: &mut [f32], cols: &mut [f32]) {
+    let (h, w, k, wp) = (g.h, g.w, g.k, g.wp);
+    let kc = c * k * k;
+    xt.fill(0.0);
+    for ci in 0..c {
+        for iy in 0..h {
+            let src = &x[(ci * h + iy) * w..][..w];
+            let base = ((iy + g.pad) * wp + g.pad) * c + ci;
+            for (ix, &v) in src.iter().enumerate() {
+                xt[base + ix * c] = v;
+            }
+        }
+    }
+    let run = k * c;
+    for oy in 0..h {
+        for ox in 0..w {
+            let dst = &mut cols[(oy * w + ox) * kc..][..kc];
+            for ki in 0..k {
+                let src = &xt[((oy + ki) * wp + ox) * c..][..run];
+                copy_small(&mut dst[ki * run..(ki + 1) * run], src);
+            }
+        }
+    }
+}
+
+/// `dst.copy_from_slice(src)` for short slices, as a few fixed-size (inlined) moves.
+#[inline(always)]
+fn copy_small(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    assert_eq!(n, src.len());
+    macro_rules! blk {
+        ($at:expr, $len:literal) => {{
+            let at = $at;
+            let d: &mut [f32; $len] = (&mut dst[at..at + $len]).try_into().unwrap();
+            let s: &[f32; $len] = (&src[at..at + $len]).try_into().unwrap();
+            *d = *s;
+        }};
+    }
+    if n >= 16 {
+        let mut i = 0;
+        while i + 16 <= n {
+            blk!(i, 16);
+            i += 16;
+        }
+        if i < n {
+            blk!(n - 16, 16);
+        }
+    } else if n >= 8 {
+        blk!(0, 8);
+        blk!(n - 8, 8);
+    } else if n >= 4 {
+        blk!(0, 4);
+        blk!(n - 4, 4);
+    } else {
+        for i in 0..n {
+            dst[i] = src[i];
+        }
+    }
+}
+
+/// Adjoint of `im2col` (with `ld = h * w`): `x = 0`, then every column entry is added
+/// back to the input pixel it was read from.
+fn col2im(cols: &[f32], c: usize, h: usize, w: usize, k: usize, x: &mut [f32]) {
+    let pad = k / 2;
+    let hw = h * w;
+    x.fill(0.0);
+    for ci in 0..c {
+        let xc = &mut x[ci * hw..(ci + 1) * hw];
+        for ki in 0..k {
+            let oy0 = pad.saturating_sub(ki).min(h);
+            let oy1 = (h + pad).saturating_sub(ki).min(h).max(oy0);
+            for kj in 0..k {
+                let r = (ci * k + ki) * k + kj;
+                let row = &cols[r * hw..(r + 1) * hw];
+                let ox0 = pad.saturating_sub(kj).min(w);
+                let ox1 = (w + pad).saturating_sub(kj).min(w).max(ox0);
+                if ox0 == ox1 {
+                    continue;
+                }
+                for oy in oy0..oy1 {
+                    let iy = oy + ki - pad;
+                    let src = &row[oy * w + ox0..oy * w + ox1];
+                    let dst = &mut xc[iy * w + ox0 + kj - pad..iy * w + ox1 + kj - pad];
+                    add_assign(dst, src);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Direct SIMD kernels
+// ---------------------------------------------------------------------------
+
+/// AVX2+FMA kernels for the direct path. Safe wrappers: they check bounds and CPU support.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// Most rows (output channels) one kernel call handles.
+    pub(super) const MAX_ROWS: usize = 6;
+
+    /// Tap geometry: tap `t = (ci·k + ki)·k + kj` reads at `ci·plane + ki·wp + kj`.
+    #[derive(Clone, Copy, Debug)]
+    pub(super) struct Taps {
+        pub(super) cin: usize,
+        pub(super) k: usize,
+        pub(super) plane: usize,
+        pub(super) wp: usize,
+    }
+
+    impl Taps {
+        fn count(&self) -> usize {
+            self.cin * self.k * self.k
+        }
+        /// Largest tap offset (requires at least one tap).
+        fn max_offset(&self) -> usize {
+            (self.cin - 1) * self.plane + (self.k - 1) * (self.wp + 1)
+        }
+        fn offset(&self, t: usize) -> usize {
+            let kk = self.k * self.k;
+            let (ci, r) = (t / kk, t % kk);
+            ci * self.plane + (r / self.k) * self.wp + r % self.k
+        }
+    }
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// `out[m·ldo + q] = Σ_t wb[t·mb + m] · xp[offset(t) + q]` for `m < mb`, `q < ldo`
+    /// (`ldo` a multiple of 16).
+    ///
+    /// # Panics
+    ///
+    /// If AVX2/FMA are unavailable, `mb` is not in `1..=MAX_ROWS`, or a slice is too short.
+    pub(super) fn fwd_rows(
+        mb: usize,
+        xp: &[f32],
+        g: Taps,
+        wb: &[f32],
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        assert!(available(), "direct conv kernel needs AVX2 and FMA");
+        let kc = g.count();
+        assert!(kc > 0 && ldo % 16 == 0);
+        assert!(g.max_offset() + ldo <= xp.len(), "fwd_rows: xp too short");
+        assert!(wb.len() >= kc * mb, "fwd_rows: weights too short");
+        assert!(out.len() >= mb * ldo, "fwd_rows: out too short");
+        // SAFETY: AVX2 and FMA are available (checked above). Every load is at
+        // `xp + offset(t) + q + j` with `offset(t) <= max_offset`, `q + j < ldo`, inside
+        // `xp` by the assert; weight reads are `< kc·mb <= wb.len()`; stores are
+        // `< mb·ldo <= out.len()`.
+        unsafe {
+            match mb {
+                1 => fwd_rows_impl::<1>(xp.as_ptr(), g, wb.as_ptr(), out.as_mut_ptr(), ldo),
+                2 => fwd_rows_impl::<2>(xp.as_ptr(), g, wb.as_ptr(), out.as_mut_ptr(), ldo),
+                3 => fwd_rows_impl::<3>(xp.as_ptr(), g, wb.as_ptr(), out.as_mut_ptr(), ldo),
+                4 => fwd_rows_impl::<4>(xp.as_ptr(), g, wb.as_ptr(), out.as_mut_ptr(), ldo),
+                5 => fwd_rows_impl::<5>(xp.as_ptr(), g, wb.as_ptr(), out.as_mut_ptr(), ldo),
+                6 => fwd_rows_impl::<6>(xp.as_ptr(), g, wb.as_ptr(), out.as_mut_ptr(), ldo),
+                _ => panic!("fwd_rows: bad row count {mb}"),
+            }
+        }
+    }
+
+    /// # Safety
+    ///
+    /// See [`fwd_rows`]: AVX2+FMA available and all accesses in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fwd_rows_impl<const MB: usize>(
+        xp: *const f32,
+        g: Taps,
+        wb: *const f32,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        // SAFETY: the caller guarantees the CPU features and the bounds.
+        unsafe {
+            let mut q = 0;
+            while q < ldo {
+                let mut acc = [[_mm256_setzero_ps(); 2]; MB];
+                let mut wt = wb;
+                for ci in 0..g.cin {
+                    for ki in 0..g.k {
+                        let row = xp.add(ci * g.plane + ki * g.wp + q);
+                        for kj in 0..g.k {
+                            let x0 = _mm256_loadu_ps(row.add(kj));
+                            let x1 = _mm256_loadu_ps(row.add(kj + 8));
+                            for (m, a) in acc.iter_mut().enumerate() {
+                                let wv = _mm256_broadcast_ss(&*wt.add(m));
+                                a[0] = _mm256_fmadd_ps(wv, x0, a[0]);
+                                a[1] = _mm256_fmadd_ps(wv, x1, a[1]);
+                            }
+                            wt = wt.add(MB);
+                        }
+                    }
+                }
+                for (m, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(m * ldo + q), a[0]);
+                    _mm256_storeu_ps(out.add(m * ldo + q + 8), a[1]);
+                }
+                q += 16;
+            }
+        }
+    }
+
+    /// Weight-gradient partials: for `m < mb` and every tap `t`,
+    /// `acc[(m·kc + t)·8 + l] += Σ_{q ≡ l mod 8, q < ldd} dye[m·ldd + q] · xp[offset(t) + q]`
+    /// (`ldd` a multiple of 8).
+    ///
+    /// # Panics
+    ///
+    /// If AVX2/FMA are unavailable, `mb` is not in `1..=MAX_ROWS`, or a slice is too short.
+    pub(super) fn wgrad_rows(
+        mb: usize,
+        xp: &[f32],
+        g: Taps,
+        dye: &[f32],
+        ldd: usize,
+        acc: &mut [f32],
+    ) {
+        assert!(available(), "direct conv kernel needs AVX2 and FMA");
+        let kc = g.count();
+        assert!(kc > 0 && ldd % 8 == 0);
+        assert!(g.max_offset() + ldd <= xp.len(), "wgrad_rows: xp too short");
+        assert!(dye.len() >= mb * ldd, "wgrad_rows: dy too short");
+        assert!(acc.len() >= mb * kc * 8, "wgrad_rows: acc too short");
+        // SAFETY: features checked above; loads are at `xp + offset(t) + q + j` with
+        // `offset(t) <= max_offset` and `q + j < ldd`, and `dye + m·ldd + q + j` with
+        // `m < mb`; accumulator accesses are `< mb·kc·8`; all within the asserted lengths.
+        unsafe {
+            match mb {
+                1 => wgrad_rows_impl::<1>(xp.as_ptr(), g, dye.as_ptr(), ldd, acc.as_mut_ptr()),
+                2 => wgrad_rows_impl::<2>(xp.as_ptr(), g, dye.as_ptr(), ldd, acc.as_mut_ptr()),
+                3 => wgrad_rows_impl::<3>(xp.as_ptr(), g, dye.as_ptr(), ldd, acc.as_mut_ptr()),
+                4 => wgrad_rows_impl::<4>(xp.as_ptr(), g, dye.as_ptr(), ldd, acc.as_mut_ptr()),
+                5 => wgrad_rows_impl::<5>(xp.as_ptr(), g, dye.as_ptr(), ldd, acc.as_mut_ptr()),
+                6 => wgrad_rows_impl::<6>(xp.as_ptr(), g, dye.as_ptr(), ldd, acc.as_mut_ptr()),
+                _ => panic!("wgrad_rows: bad row count {mb}"),
+            }
+        }
+    }
+
+    /// # Safety
+    ///
+    /// See [`wgrad_rows`]: AVX2+FMA available and all accesses in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn wgrad_rows_impl<const MB: usize>(
+        xp: *const f32,
+        g: Taps,
+        dye: *const f32,
+        ldd: usize,
+        acc: *mut f32,
+    ) {
+        let kc = g.count();
+        let mut t = 0;
+        // SAFETY: forwarded caller guarantees.
+        unsafe {
+            while t + 2 <= kc {
+                wgrad_tile::<MB, 2>(xp, [g.offset(t), g.offset(t + 1)], dye, ldd, acc, kc, t);
+                t += 2;
+            }
+            if t < kc {
+                wgrad_tile::<MB, 1>(xp, [g.offset(t)], dye, ldd, acc, kc, t);
+            }
+        }
+    }
+
+    /// # Safety
+    ///
+    /// See [`wgrad_rows`].
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn wgrad_tile<const MB: usize, const NT: usize>(
+        xp: *const f32,
+        offs: [usize; NT],
+        dye: *const f32,
+        ldd: usize,
+        acc: *mut f32,
+        kc: usize,
+        t0: usize,
+    ) {
+        // SAFETY: forwarded caller guarantees.
+        unsafe {
+            let mut a = [[_mm256_setzero_ps(); NT]; MB];
+            let mut q = 0;
+            while q < ldd {
+                let mut xv = [_mm256_setzero_ps(); NT];
+                for (j, v) in xv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(xp.add(offs[j] + q));
+                }
+                for (m, am) in a.iter_mut().enumerate() {
+                    let d = _mm256_loadu_ps(dye.add(m * ldd + q));
+                    for (j, v) in am.iter_mut().enumerate() {
+                        *v = _mm256_fmadd_ps(d, xv[j], *v);
+                    }
+                }
+                q += 8;
+            }
+            for (m, am) in a.iter().enumerate() {
+                for (j, v) in am.iter().enumerate() {
+                    let p = acc.add((m * kc + t0 + j) * 8);
+                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *v));
+                }
+            }
+        }
+    }
+}
+
+/// Stub for targets without the x86-64 kernels: the direct path is never selected.
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    pub(super) const MAX_ROWS: usize = 6;
+
+    #[derive(Clone, Copy, Debug)]
+    pub(super) struct Taps {
+        pub(super) cin: usize,
+        pub(super) k: usize,
+        pub(super) plane: usize,
+        pub(super) wp: usize,
+    }
+
+    pub(super) fn available() -> bool {
+        false
+    }
+
+    pub(super) fn fwd_rows(_: usize, _: &[f32], _: Taps, _: &[f32], _: &mut [f32], _: usize) {
+        unreachable!("direct conv kernel is only built for x86-64")
+    }
+
+    pub(super) fn wgrad_rows(_: usize, _: &[f32], _: Taps, _: &[f32], _: usize, _: &mut [f32]) {
+        unreachable!("direct conv kernel is only built for x86-64")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scratch buffers and the sgemm wrapper
+// ---------------------------------------------------------------------------
+
+thread_local! {
+    /// Scratch of the rayon task running on this thread (columns, padded images).
+    static WORKER_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// Per-call scratch of the calling thread (repacked weights, weight-gradient partials).
+    static CALL_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// Zero-padded copy of one image, used inside `im2col`.
+    static PAD_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on a `len`-element scratch slice taken from `key` (contents unspecified).
+///
+/// The buffer is moved out of the thread-local while `f` runs, so a nested use on the
+/// same thread (e.g. rayon work-stealing another convolution while this one waits) just
+/// gets a fresh buffer instead of aliasing this one.
+fn with_scratch<R>(
+    key: &'static std::thread::LocalKey<Cell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut v = key.with(Cell::take);
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    let r = f(&mut v[..len]);
+    key.with(|c| {
+        let other = c.take();
+        c.set(if other.len() > v.len() { other } else { v });
+    });
+    r
+}
+
+fn with_worker_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_scratch(&WORKER_SCRATCH, len, f)
+}
+
+fn with_call_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_scratch(&CALL_SCRATCH, len, f)
+}
+
+/// Highest index touched by a `rows x cols` strided matrix, plus one (0 if empty).
+fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// `C = A · B + beta · C` with non-negative strides, bounds-checked.
+/// `A` is `m x k`, `B` is `k x n`, `C` is `m x n`. When `beta == 0`, `C` is not read.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    rsa: usize,
+    csa: usize,
+    b: &[f32],
+    rsb: usize,
+    csb: usize,
+    beta: f32,
+    c: &mut [f32],
+    rsc: usize,
+    csc: usize,
+) {
+    assert!(span(m, k, rsa, csa) <= a.len(), "gemm: A out of bounds");
+    assert!(span(k, n, rsb, csb) <= b.len(), "gemm: B out of bounds");
+    assert!(span(m, n, rsc, csc) <= c.len(), "gemm: C out of bounds");
+    assert!(m <= 1 || n == 0 || rsc != 0, "gemm: C rows alias");
+    assert!(n <= 1 || m == 0 || csc != 0, "gemm: C columns alias");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above guarantee every element of A, B and C that sgemm
+    // addresses lies inside the corresponding slice; all strides are non-negative and
+    // fit in isize because the slices do; C's rows and columns have non-zero strides (and
+    // every call site passes a dense row- or column-major C, so no two (i, j) alias);
+    // `c` is a unique borrow, so it does not overlap `a` or `b`.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            rsc as isize,
+            csc as isize,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reference implementations
+// ---------------------------------------------------------------------------
+
+/// Plain, slow, obviously-correct `f64` implementations of the three ops, for tests.
+///
+/// Inputs are the same `f32` slices as the fast ops (converted exactly to `f64`); outputs
+/// are `Vec<f64>`. Passing element-wise absolute values of the inputs (and `relu =
+/// false`) yields `Σ |terms|` for each output, the natural scale for error bounds.
+pub mod reference {
+    use super::ConvShape;
+
+    /// Calls `f(n, co, ci, oy, ox, iy, ix, ki, kj)` for every in-bounds tap.
+    fn for_each_tap(s: &ConvShape, mut f: impl FnMut([usize; 9])) {
+        let pad = s.kernel / 2;
+        for n in 0..s.batch {
+            for co in 0..s.cout {
+                for ci in 0..s.cin {
+                    for oy in 0..s.height {
+                        for ox in 0..s.width {
+                            for ki in 0..s.kernel {
+                                for kj in 0..s.kernel {
+                                    let iy = oy + ki;
+                                    let ix = ox + kj;
+                                    if iy < pad || ix < pad {
+                                        continue;
+                                    }
+                                    let (iy, ix) = (iy - pad, ix - pad);
+                                    if iy >= s.height || ix >= s.width {
+                                        continue;
+                                    }
+                                    f([n, co, ci, oy, ox, iy, ix, ki, kj]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn idx4(d: [usize; 4], i: [usize; 4]) -> usize {
+        ((i[0] * d[1] + i[1]) * d[2] + i[2]) * d[3] + i[3]
+    }
+
+    /// Reference of `conv2d_forward`: `y = conv(x, w) + b`, then ReLU if `relu`.
+    pub fn conv2d_forward_ref(
+        s: &ConvShape,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        relu: bool,
+    ) -> Vec<f64> {
+        assert_eq!(x.len(), s.input_len());
+        assert_eq!(w.len(), s.weight_len());
+        assert_eq!(b.len(), s.cout);
+        let (h, wd) = (s.height, s.width);
+        let mut y = vec![0.0f64; s.output_len()];
+        for n in 0..s.batch {
+            for co in 0..s.cout {
+                for p in 0..h * wd {
+                    y[(n * s.cout + co) * h * wd + p] = f64::from(b[co]);
+                }
+            }
+        }
+        for_each_tap(s, |[n, co, ci, oy, ox, iy, ix, ki, kj]| {
+            let wi = idx4([s.cout, s.cin, s.kernel, s.kernel], [co, ci, ki, kj]);
+            let xi = idx4([s.batch, s.cin, h, wd], [n, ci, iy, ix]);
+            let yi = idx4([s.batch, s.cout, h, wd], [n, co, oy, ox]);
+            y[yi] += f64::from(w[wi]) * f64::from(x[xi]);
+        });
+        if relu {
+            for v in &mut y {
+                *v = v.max(0.0);
+            }
+        }
+        y
+    }
+
+    /// Reference of `conv2d_backward_data`: `dx = conv_transpose(dy, w)`.
+    pub fn conv2d_backward_data_ref(s: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f64> {
+        assert_eq!(dy.len(), s.output_len());
+        assert_eq!(w.len(), s.weight_len());
+        let (h, wd) = (s.height, s.width);
+        let mut dx = vec![0.0f64; s.input_len()];
+        for_each_tap(s, |[n, co, ci, oy, ox, iy, ix, ki, kj]| {
+            let wi = idx4([s.cout, s.cin, s.kernel, s.kernel], [co, ci, ki, kj]);
+            let xi = idx4([s.batch, s.cin, h, wd], [n, ci, iy, ix]);
+            let yi = idx4([s.batch, s.cout, h, wd], [n, co, oy, ox]);
+            dx[xi] += f64::from(w[wi]) * f64::from(dy[yi]);
+        });
+        dx
+    }
+
+    /// Reference of `conv2d_backward_weight`: returns `(dw, db)`.
+    pub fn conv2d_backward_weight_ref(
+        s: &ConvShape,
+        x: &[f32],
+        dy: &[f32],
+    ) -> (Vec<f64>, Vec<f64>) {
+        assert_eq!(x.len(), s.input_len());
+        assert_eq!(dy.len(), s.output_len());
+        let (h, wd) = (s.height, s.width);
+        let mut dw = vec![0.0f64; s.weight_len()];
+        let mut db = vec![0.0f64; s.cout];
+        for n in 0..s.batch {
+            for co in 0..s.cout {
+                for p in 0..h * wd {
+                    db[co] += f64::from(dy[(n * s.cout + co) * h * wd + p]);
+                }
+            }
+        }
+        for_each_tap(s, |[n, co, ci, oy, ox, iy, ix, ki, kj]| {
+            let wi = idx4([s.cout, s.cin, s.kernel, s.kernel], [co, ci, ki, kj]);
+            let xi = idx4([s.batch, s.cin, h, wd], [n, ci, iy, ix]);
+            let yi = idx4([s.batch, s.cout, h, wd], [n, co, oy, ox]);
+            dw[wi] += f64::from(x[xi]) * f64::from(dy[yi]);
+        });
+        (dw, db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Unit roundoff of f32.
+    const U: f64 = f32::EPSILON as f64 / 2.0;
+
+    /// Tiny deterministic generator (splitmix64) so tests need no RNG dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        /// Uniform in [-1, 1).
+        fn f(&mut self) -> f32 {
+            ((self.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.f()).collect()
+        }
+    }
+
+    fn abs(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|x| x.abs()).collect()
+    }
+
+    /// Checks `|got - want| <= (terms + 2) * u * mag + tiny` element-wise.
+    ///
+    /// Justification: each output is a sum of `terms` products of exactly representable
+    /// f32 values. Whatever the summation order (GEMM blocking, chunked partial sums) and
+    /// whether products are fused (FMA) or rounded, the f32 result differs from the exact
+    /// value by at most `terms * u * Σ|terms|` to first order (Higham, Thm 3.1/3.5); the
+    /// `+ 2` covers the bias add and the final partial-sum adds. `mag` is `Σ|terms|`,
+    /// computed by the f64 reference on absolute values. The reference's own f64 error
+    /// is ~1e-16 relative, negligible. A real indexing bug drops or adds a whole term,
+    /// an error of order `mag / terms`, far above this bound for the sizes tested.
+    fn assert_close(what: &str, got: &[f32], want: &[f64], mag: &[f64], terms: usize) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let tol_f = (terms as f64 + 2.0) * U;
+        for (i, ((&g, &w), &m)) in got.iter().zip(want).zip(mag).enumerate() {
+            let tol = tol_f * m + 1e-30;
+            assert!(
+                (f64::from(g) - w).abs() <= tol,
+                "{what}[{i}]: got {g}, want {w}, |diff| {} > tol {tol} (mag {m})",
+                (f64::from(g) - w).abs()
+            );
+        }
+    }
+
+    /// Every algorithm this machine can run.
+    fn algos() -> Vec<Algo> {
+        let mut v = vec![Algo::Gemm];
+        if simd::available() {
+            v.push(Algo::Direct);
+        }
+        v
+    }
+
+    /// Every backward-data plan this machine can run.
+    fn data_plans() -> Vec<DataPlan> {
+        let mut v = vec![DataPlan::Col2im];
+        v.extend(algos().into_iter().map(DataPlan::Flipped));
+        v
+    }
+
+    /// Forward with every algorithm (and through the public entry point) vs the reference.
+    fn check_forward(s: &ConvShape, rng: &mut Rng, relu: bool) {
+        let x = rng.vec(s.input_len());
+        let w = rng.vec(s.weight_len());
+        let b = rng.vec(s.cout);
+        let want = conv2d_forward_ref(s, &x, &w, &b, relu);
+        let mag = conv2d_forward_ref(s, &abs(&x), &abs(&w), &abs(&b), false);
+        let terms = s.cin * s.kernel * s.kernel + 1;
+        let mut y = vec![f32::NAN; s.output_len()];
+        conv2d_forward(s, &x, &w, &b, relu, &mut y);
+        assert_close(&format!("forward y {s:?}"), &y, &want, &mag, terms);
+        for algo in algos() {
+            let mut y = vec![f32::NAN; s.output_len()];
+            forward_with(s, &x, &w, &b, relu, &mut y, algo);
+            assert_close(&format!("forward y {algo:?} {s:?}"), &y, &want, &mag, terms);
+        }
+    }
+
+    fn check_backward_data(s: &ConvShape, rng: &mut Rng) {
+        let dy = rng.vec(s.output_len());
+        let w = rng.vec(s.weight_len());
+        let want = conv2d_backward_data_ref(s, &dy, &w);
+        let mag = conv2d_backward_data_ref(s, &abs(&dy), &abs(&w));
+        let terms = s.cout * s.kernel * s.kernel;
+        let mut dx = vec![f32::NAN; s.input_len()];
+        conv2d_backward_data(s, &dy, &w, &mut dx);
+        assert_close(&format!("backward dx {s:?}"), &dx, &want, &mag, terms);
+        for plan in data_plans() {
+            let mut dx = vec![f32::NAN; s.input_len()];
+            backward_data_with(s, &dy, &w, &mut dx, plan);
+            assert_close(
+                &format!("backward dx {plan:?} {s:?}"),
+                &dx,
+                &want,
+                &mag,
+                terms,
+            );
+        }
+    }
+
+    fn check_backward_weight(s: &ConvShape, rng: &mut Rng) {
+        let x = rng.vec(s.input_len());
+        let dy = rng.vec(s.output_len());
+        let (want_w, want_b) = conv2d_backward_weight_ref(s, &x, &dy);
+        let (mag_w, mag_b) = conv2d_backward_weight_ref(s, &abs(&x), &abs(&dy));
+        // The direct kernel also runs over the zero "gap" columns of the padded-width
+        // grid (exact zero products, but they lengthen the summation), so count them.
+        let terms = s.batch * s.height * (s.width + 2 * s.pad()) + 8;
+        let mut dw = vec![f32::NAN; s.weight_len()];
+        let mut db = vec![f32::NAN; s.cout];
+        conv2d_backward_weight(s, &x, &dy, &mut dw, &mut db);
+        assert_close(&format!("dw {s:?}"), &dw, &want_w, &mag_w, terms);
+        assert_close(&format!("db {s:?}"), &db, &want_b, &mag_b, terms);
+        for algo in algos() {
+            let mut dw = vec![f32::NAN; s.weight_len()];
+            let mut db = vec![f32::NAN; s.cout];
+            backward_weight_with(s, &x, &dy, &mut dw, &mut db, algo);
+            assert_close(&format!("dw {algo:?} {s:?}"), &dw, &want_w, &mag_w, terms);
+            assert_close(&format!("db {algo:?} {s:?}"), &db, &want_b, &mag_b, terms);
+        }
+    }
+
+    fn shape_strategy() -> impl Strategy<Value = ConvShape> {
+        (
+            1usize..=3,
+            1usize..=5,
+            1usize..=5,
+            1usize..=9,
+            1usize..=9,
+            0usize..4,
+        )
+            .prop_map(|(batch, cin, cout, height, width, ki)| ConvShape {
+                batch,
+                cin,
+                cout,
+                height,
+                width,
+                kernel: [1, 3, 5, 7][ki],
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        #[test]
+        fn forward_matches_reference(s in shape_strategy(), seed: u64, relu: bool) {
+            check_forward(&s, &mut Rng(seed), relu);
+        }
+
+        #[test]
+        fn backward_data_matches_reference(s in shape_strategy(), seed: u64) {
+            check_backward_data(&s, &mut Rng(seed));
+        }
+
+        #[test]
+        fn backward_weight_matches_reference(s in shape_strategy(), seed: u64) {
+            check_backward_weight(&s, &mut Rng(seed));
+        }
+    }
+
+    /// The model's conv shapes (MNIST 14x14 and colour 16x16 presets), at batch 2.
+    fn preset_shapes(batch: usize) -> Vec<ConvShape> {
+        let mk = |cin, cout, hw, kernel| ConvShape {
+            batch,
+            cin,
+            cout,
+            height: hw,
+            width: hw,
+            kernel,
+        };
+        vec![
+            mk(2, 8, 14, 5),
+            mk(8, 64, 14, 7),
+            mk(64, 4, 14, 3),
+            mk(6, 24, 16, 5),
+            mk(24, 192, 16, 7),
+            mk(192, 12, 16, 3),
+        ]
+    }
+
+    #[test]
+    fn preset_shapes_match_reference() {
+        let mut rng = Rng(7);
+        for s in preset_shapes(2) {
+            check_forward(&s, &mut rng, true);
+            check_backward_data(&s, &mut rng);
+            check_backward_weight(&s, &mut rng);
+        }
+    }
+
+    /// Larger batches exercise the multi-image GEMM grouping and the chunked
+    /// weight-gradient reduction (more images than chunks).
+    #[test]
+    fn grouped_batches_match_reference() {
+        let mut rng = Rng(11);
+        for s in [
+            ConvShape {
+                batch: 37,
+                cin: 3,
+                cout: 5,
+                height: 6,
+                width: 5,
+                kernel: 3,
+            },
+            ConvShape {
+                batch: 40,
+                cin: 4,
+                cout: 2,
+                height: 4,
+                width: 4,
+                kernel: 1,
+            },
+            ConvShape {
+                batch: 19,
+                cin: 2,
+                cout: 3,
+                height: 7,
+                width: 7,
+                kernel: 5,
+            },
+        ] {
+            check_forward(&s, &mut rng, false);
+            check_forward(&s, &mut rng, true);
+            check_backward_data(&s, &mut rng);
+            check_backward_weight(&s, &mut rng);
+        }
+    }
+
+    /// `<dy, conv(x)> == <conv_transpose(dy), x>` and `<dy, conv(x, w)> == <dw(x, dy), w>`
+    /// (bias zero), both sides accumulated in f64.
+    #[test]
+    fn backward_ops_are_adjoints() {
+        let mut rng = Rng(3);
+        let mut shapes = preset_shapes(2);
+        shapes.push(ConvShape {
+            batch: 3,
+            cin: 3,
+            cout: 2,
+            height: 5,
+            width: 8,
+            kernel: 7,
+        });
+        for s in shapes {
+            let x = rng.vec(s.input_len());
+            let w = rng.vec(s.weight_len());
+            let dy = rng.vec(s.output_len());
+            let zero_b = vec![0.0; s.cout];
+            let mut y = vec![0.0; s.output_len()];
+            conv2d_forward(&s, &x, &w, &zero_b, false, &mut y);
+            let mut dx = vec![0.0; s.input_len()];
+            conv2d_backward_data(&s, &dy, &w, &mut dx);
+            let mut dw = vec![0.0; s.weight_len()];
+            let mut db = vec![0.0; s.cout];
+            conv2d_backward_weight(&s, &x, &dy, &mut dw, &mut db);
+
+            let dot = |a: &[f32], b: &[f32]| -> f64 {
+                a.iter()
+                    .zip(b)
+                    .map(|(&p, &q)| f64::from(p) * f64::from(q))
+                    .sum()
+            };
+            let lhs = dot(&dy, &y);
+            // Scale: Σ|dy| * |conv|(|x|, |w|); each f32 value carries relative error
+            // <= (terms + 2) u, so the inner products agree to that times the scale.
+            let mag_y = conv2d_forward_ref(&s, &abs(&x), &abs(&w), &zero_b, false);
+            let scale: f64 = dy
+                .iter()
+                .zip(&mag_y)
+                .map(|(&d, &m)| f64::from(d.abs()) * m)
+                .sum();
+            let terms = (s.cin * s.kernel * s.kernel)
+                .max(s.cout * s.kernel * s.kernel)
+                .max(s.batch * s.height * s.width);
+            let tol = 2.0 * (terms as f64 + 2.0) * U * scale;
+            let rhs_x = dot(&dx, &x);
+            let rhs_w = dot(&dw, &w);
+            assert!(
+                (lhs - rhs_x).abs() <= tol,
+                "{s:?}: <dy,y>={lhs} <dx,x>={rhs_x} tol {tol}"
+            );
+            assert!(
+                (lhs - rhs_w).abs() <= tol,
+                "{s:?}: <dy,y>={lhs} <dw,w>={rhs_w} tol {tol}"
+            );
+            // db is the adjoint of broadcasting the bias.
+            let sum_dy: f64 = dy.iter().map(|&v| f64::from(v)).sum();
+            let db_sum: f64 = db.iter().map(|&v| f64::from(v)).sum();
+            let tol_b = (s.batch * s.height * s.width + 2) as f64
+                * U
+                * dy.iter().map(|v| f64::from(v.abs())).sum::<f64>();
+            assert!((sum_dy - db_sum).abs() <= tol_b);
+        }
+    }
+
+    /// Central finite differences of `L(w, b) = <dy, conv(x, w) + b>` match `dw`, `db`,
+    /// and of `L(x)` match `dx`.
+    #[test]
+    fn finite_difference_gradients() {
+        let s = ConvShape {
+            batch: 2,
+            cin: 2,
+            cout: 3,
+            height: 5,
+            width: 4,
+            kernel: 3,
+        };
+        let mut rng = Rng(5);
+        let x = rng.vec(s.input_len());
+        let w = rng.vec(s.weight_len());
+        let b = rng.vec(s.cout);
+        let dy = rng.vec(s.output_len());
+        let loss = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
+            let mut y = vec![0.0; s.output_len()];
+            conv2d_forward(&s, x, w, b, false, &mut y);
+            y.iter()
+                .zip(&dy)
+                .map(|(&p, &q)| f64::from(p) * f64::from(q))
+                .sum()
+        };
+        let mut dw = vec![0.0; s.weight_len()];
+        let mut db = vec![0.0; s.cout];
+        conv2d_backward_weight(&s, &x, &dy, &mut dw, &mut db);
+        let mut dx = vec![0.0; s.input_len()];
+        conv2d_backward_data(&s, &dy, &w, &mut dx);
+
+        // L is affine in each argument, so the central difference is exact up to the f32
+        // rounding of the forward pass (~1e-6 * |L|); h = 0.5 is exactly representable.
+        let h = 0.5f32;
+        let tol = 1e-3;
+        let fd = |f: &dyn Fn(f32) -> f64| (f(h) - f(-h)) / (2.0 * f64::from(h));
+        for i in 0..w.len() {
+            let g = fd(&|d| {
+                let mut wp = w.clone();
+                wp[i] += d;
+                loss(&x, &wp, &b)
+            });
+            assert!(
+                (g - f64::from(dw[i])).abs() <= tol,
+                "dw[{i}]: fd {g} vs {}",
+                dw[i]
+            );
+        }
+        for i in 0..b.len() {
+            let g = fd(&|d| {
+                let mut bp = b.clone();
+                bp[i] += d;
+                loss(&x, &w, &bp)
+            });
+            assert!(
+                (g - f64::from(db[i])).abs() <= tol,
+                "db[{i}]: fd {g} vs {}",
+                db[i]
+            );
+        }
+        for i in 0..x.len() {
+            let g = fd(&|d| {
+                let mut xp = x.clone();
+                xp[i] += d;
+                loss(&xp, &w, &b)
+            });
+            assert!(
+                (g - f64::from(dx[i])).abs() <= tol,
+                "dx[{i}]: fd {g} vs {}",
+                dx[i]
+            );
+        }
+    }
+
+    #[test]
+    fn relu_is_fused() {
+        let s = ConvShape {
+            batch: 3,
+            cin: 4,
+            cout: 6,
+            height: 7,
+            width: 9,
+            kernel: 3,
+        };
+        let mut rng = Rng(9);
+        let x = rng.vec(s.input_len());
+        let w = rng.vec(s.weight_len());
+        let b = rng.vec(s.cout);
+        let mut y = vec![0.0; s.output_len()];
+        let mut yr = vec![0.0; s.output_len()];
+        conv2d_forward(&s, &x, &w, &b, false, &mut y);
+        conv2d_forward(&s, &x, &w, &b, true, &mut yr);
+        assert!(y.iter().any(|&v| v < 0.0) && y.iter().any(|&v| v > 0.0));
+        for (&a, &r) in y.iter().zip(&yr) {
+            assert_eq!(r, a.max(0.0));
+        }
+    }
+
+    /// Results are bitwise identical across runs and rayon thread counts.
+    #[test]
+    fn deterministic_across_thread_counts() {
+        let s = ConvShape {
+            batch: 21,
+            cin: 8,
+            cout: 16,
+            height: 14,
+            width: 14,
+            kernel: 5,
+        };
+        let mut rng = Rng(13);
+        let x = rng.vec(s.input_len());
+        let w = rng.vec(s.weight_len());
+        let b = rng.vec(s.cout);
+        let dy = rng.vec(s.output_len());
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut y = vec![0.0; s.output_len()];
+                conv2d_forward(&s, &x, &w, &b, true, &mut y);
+                let mut dx = vec![0.0; s.input_len()];
+                conv2d_backward_data(&s, &dy, &w, &mut dx);
+                let mut dw = vec![0.0; s.weight_len()];
+                let mut db = vec![0.0; s.cout];
+                conv2d_backward_weight(&s, &x, &dy, &mut dw, &mut db);
+                (y, dx, dw, db)
+            })
+        };
+        let a = run(1);
+        assert!(a == run(3));
+        assert!(a == run(2));
+    }
+
+    #[test]
+    fn degenerate_shapes() {
+        // Zero batch / zero input channels: outputs are bias-only, gradients are zero.
+        let s = ConvShape {
+            batch: 2,
+            cin: 0,
+            cout: 3,
+            height: 2,
+            width: 3,
+            kernel: 3,
+        };
+        let b = [1.0, -2.0, 3.0];
+        let mut y = vec![f32::NAN; s.output_len()];
+        conv2d_forward(&s, &[], &[], &b, true, &mut y);
+        assert_eq!(&y[..6], &[1.0; 6]);
+        assert_eq!(&y[6..12], &[0.0; 6]);
+        let dy = vec![1.0; s.output_len()];
+        let mut db = [f32::NAN; 3];
+        conv2d_backward_weight(&s, &[], &dy, &mut [], &mut db);
+        assert_eq!(db, [12.0; 3]);
+        conv2d_backward_data(&s, &dy, &[], &mut []);
+        let s0 = ConvShape { batch: 0, ..s };
+        conv2d_forward(&s0, &[], &[], &b, false, &mut []);
+    }
+
+    #[test]
+    #[should_panic(expected = "conv2d_forward: w length")]
+    fn length_mismatch_panics() {
+        let s = ConvShape {
+            batch: 1,
+            cin: 1,
+            cout: 1,
+            height: 2,
+            width: 2,
+            kernel: 3,
+        };
+        conv2d_forward(&s, &[0.0; 4], &[0.0; 8], &[0.0], false, &mut [0.0; 4]);
+    }
+
+    #[test]
+    #[should_panic(expected = "kernel size must be odd")]
+    fn even_kernel_panics() {
+        let s = ConvShape {
+            batch: 1,
+            cin: 1,
+            cout: 1,
+            height: 2,
+            width: 2,
+            kernel: 2,
+        };
+        conv2d_forward(&s, &[0.0; 4], &[0.0; 4], &[0.0], false, &mut [0.0; 4]);
+    }
+
+    /// Throughput of the model's convolutions at batch 64:
+    /// `MATMUL_NUM_THREADS=1 cargo test --release -p clayflow-trainer -- --ignored --nocapture conv_timing`
+    #[test]
+    #[ignore]
+    fn conv_timing() {
+        use std::time::Instant;
+        let batch: usize = std::env::var("CONV_BATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64);
+        let threads_list: Vec<usize> = match std::env::var("CONV_THREADS") {
+            Ok(v) => vec![v.parse().unwrap()],
+            Err(_) => vec![1, 2],
+        };
+        for threads in threads_list {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            println!("--- {threads} rayon thread(s), batch {batch}");
+            pool.install(|| {
+                let mut total = 0.0;
+                let only: Option<usize> = std::env::var("CONV_ONLY").ok().and_then(|v| v.parse().ok());
+                for (si, s) in preset_shapes(batch).into_iter().enumerate() {
+                    if only.is_some_and(|o| o != si) {
+                        continue;
+                    }
+                    let mut rng = Rng(1);
+                    let x = rng.vec(s.input_len());
+                    let w = rng.vec(s.weight_len());
+                    let b = rng.vec(s.cout);
+                    let dy = rng.vec(s.output_len());
+                    let mut y = vec![0.0; s.output_len()];
+                    let mut dx = vec![0.0; s.input_len()];
+                    let mut dw = vec![0.0; s.weight_len()];
+                    let mut db = vec![0.0; s.cout];
+                    let time = |f: &mut dyn FnMut()| {
+                        f();
+                        let mut best = f64::INFINITY;
+                        let t0 = Instant::now();
+                        let mut reps = 0;
+                        while reps < 5 || (t0.elapsed().as_secs_f64() < 0.3 && reps < 200) {
+                            let t = Instant::now();
+                            f();
+                            best = best.min(t.elapsed().as_secs_f64());
+                            reps += 1;
+                        }
+                        best
+                    };
+                    let ops = std::env::var("CONV_OPS").unwrap_or_else(|_| "fdw".into());
+                    let time_if = |c: char, f: &mut dyn FnMut()| if ops.contains(c) { time(f) } else { f64::NAN };
+                    let tf = time_if('f', &mut || conv2d_forward(&s, &x, &w, &b, true, &mut y));
+                    let td = time_if('d', &mut || conv2d_backward_data(&s, &dy, &w, &mut dx));
+                    let tw = time_if('w', &mut || {
+                        conv2d_backward_weight(&s, &x, &dy, &mut dw, &mut db)
+                    });
+                    let gf = s.flops() as f64 * 1e-9;
+                    if s.height == 14 {
+                        total += tf + td + tw;
+                    }
+                    println!(
+                        "{}->{} k{} {}x{}: fwd {:7.3} ms ({:5.1} GF/s)  bwd_data {:7.3} ms ({:5.1})  bwd_w {:7.3} ms ({:5.1})",
+                        s.cin, s.cout, s.kernel, s.height, s.width,
+                        tf * 1e3, gf / tf, td * 1e3, gf / td, tw * 1e3, gf / tw
+                    );
+                }
+                println!("MNIST preset total (3 convs x 3 ops): {:.3} ms", total * 1e3);
+            });
+        }
+    }
+}

@@ -1,2 +1,534 @@
-//! The CPU backend: im2col + matrixmultiply sgemm, rayon across the batch.
+//! The CPU backend: convolutions as im2col + `matrixmultiply` sgemm, everything parallel
+//! across the batch with rayon. Reductions over the batch are summed in a fixed order, so
+//! results do not depend on the thread count.
+
 pub mod conv;
+
+use super::{
+    expect_len, AdamStep, Backend, BackendError, Buffer, ConvShape, Result, Shape4, Storage,
+};
+use clayflow_kernel::Mask;
+use rayon::prelude::*;
+
+/// Elements per rayon task in elementwise ops.
+const CHUNK: usize = 1 << 14;
+
+/// The CPU implementation of [`Backend`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+fn host<'a>(op: &'static str, b: &'a Buffer) -> Result<&'a [f32]> {
+    match &b.storage {
+        Storage::Host(v) => Ok(v),
+        #[allow(unreachable_patterns)]
+        _ => Err(BackendError::WrongDevice { op }),
+    }
+}
+
+fn host_mut<'a>(op: &'static str, b: &'a mut Buffer) -> Result<&'a mut [f32]> {
+    match &mut b.storage {
+        Storage::Host(v) => Ok(v),
+        #[allow(unreachable_patterns)]
+        _ => Err(BackendError::WrongDevice { op }),
+    }
+}
+
+/// Index of the channel that changed channel `j` of `mask` acts on.
+#[inline]
+fn changed_channel(mask: Mask, j: usize) -> usize {
+    if mask.is_channel() {
+        2 * j + 1 - mask.parity()
+    } else {
+        j
+    }
+}
+
+/// Channels a coupling with `mask` changes, and the CNN's input channels.
+fn split_counts(channels: usize, mask: Mask) -> (usize, usize) {
+    if mask.is_channel() {
+        let kept = (channels + 1 - mask.parity()) / 2;
+        (channels - kept, kept)
+    } else {
+        (channels, channels)
+    }
+}
+
+/// True when position `i` of a `width`-wide plane is changed by `mask`.
+#[inline]
+fn is_changed(mask: Mask, i: usize, width: usize) -> bool {
+    mask.is_channel() || (i / width + i % width) % 2 != mask.parity()
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Buffer> {
+        Ok(Buffer {
+            storage: Storage::Host(vec![0.0; len]),
+        })
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Buffer> {
+        Ok(Buffer {
+            storage: Storage::Host(data.to_vec()),
+        })
+    }
+
+    fn download(&self, buf: &Buffer) -> Result<Vec<f32>> {
+        Ok(host("download", buf)?.to_vec())
+    }
+
+    fn copy(&self, src: &Buffer, dst: &mut Buffer) -> Result<()> {
+        expect_len("copy", "dst", dst, src.len())?;
+        host_mut("copy", dst)?.copy_from_slice(host("copy", src)?);
+        Ok(())
+    }
+
+    fn fill(&self, buf: &mut Buffer, value: f32) -> Result<()> {
+        host_mut("fill", buf)?.fill(value);
+        Ok(())
+    }
+
+    fn axpy(&self, a: f32, x: &Buffer, y: &mut Buffer) -> Result<()> {
+        expect_len("axpy", "y", y, x.len())?;
+        let x = host("axpy", x)?;
+        host_mut("axpy", y)?
+            .par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, x) in y.iter_mut().zip(x) {
+                    *y += a * x;
+                }
+            });
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &Buffer) -> Result<f64> {
+        let x = host("sum_squares", x)?;
+        let parts: Vec<f64> = x
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
+            .collect();
+        Ok(parts.iter().sum())
+    }
+
+    fn conv_forward(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        w: &Buffer,
+        b: &Buffer,
+        relu: bool,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        let op = "conv_forward";
+        expect_len(op, "x", x, s.input_len())?;
+        expect_len(op, "w", w, s.weight_len())?;
+        expect_len(op, "b", b, s.cout)?;
+        expect_len(op, "y", y, s.output_len())?;
+        conv::conv2d_forward(
+            s,
+            host(op, x)?,
+            host(op, w)?,
+            host(op, b)?,
+            relu,
+            host_mut(op, y)?,
+        );
+        Ok(())
+    }
+
+    fn conv_backward_data(
+        &self,
+        s: &ConvShape,
+        dy: &Buffer,
+        w: &Buffer,
+        dx: &mut Buffer,
+    ) -> Result<()> {
+        let op = "conv_backward_data";
+        expect_len(op, "dy", dy, s.output_len())?;
+        expect_len(op, "w", w, s.weight_len())?;
+        expect_len(op, "dx", dx, s.input_len())?;
+        conv::conv2d_backward_data(s, host(op, dy)?, host(op, w)?, host_mut(op, dx)?);
+        Ok(())
+    }
+
+    fn conv_backward_weight(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        dy: &Buffer,
+        dw: &mut Buffer,
+        db: &mut Buffer,
+    ) -> Result<()> {
+        let op = "conv_backward_weight";
+        expect_len(op, "x", x, s.input_len())?;
+        expect_len(op, "dy", dy, s.output_len())?;
+        expect_len(op, "dw", dw, s.weight_len())?;
+        expect_len(op, "db", db, s.cout)?;
+        conv::conv2d_backward_weight(
+            s,
+            host(op, x)?,
+            host(op, dy)?,
+            host_mut(op, dw)?,
+            host_mut(op, db)?,
+        );
+        Ok(())
+    }
+
+    fn relu_backward(&self, y: &Buffer, dy: &mut Buffer) -> Result<()> {
+        expect_len("relu_backward", "dy", dy, y.len())?;
+        let y = host("relu_backward", y)?;
+        host_mut("relu_backward", dy)?
+            .par_chunks_mut(CHUNK)
+            .zip(y.par_chunks(CHUNK))
+            .for_each(|(d, y)| {
+                for (d, &y) in d.iter_mut().zip(y) {
+                    if y <= 0.0 {
+                        *d = 0.0;
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn logit_forward(
+        &self,
+        shape: Shape4,
+        alpha: f32,
+        x: &mut Buffer,
+        log_det: &mut Buffer,
+    ) -> Result<()> {
+        let op = "logit_forward";
+        expect_len(op, "x", x, shape.len())?;
+        expect_len(op, "log_det", log_det, shape.batch)?;
+        let n = shape.image_len().max(1);
+        let span = 1.0 - 2.0 * alpha;
+        let log_span = span.ln();
+        host_mut(op, x)?
+            .par_chunks_mut(n)
+            .zip(host_mut(op, log_det)?.par_iter_mut())
+            .for_each(|(img, ld)| {
+                let mut acc = 0.0f64;
+                for v in img.iter_mut() {
+                    let s = alpha + span * *v;
+                    let (ls, l1s) = (s.ln(), (1.0 - s).ln());
+                    *v = ls - l1s;
+                    acc += f64::from(log_span - ls - l1s);
+                }
+                *ld = acc as f32;
+            });
+        Ok(())
+    }
+
+    fn logit_inverse(&self, alpha: f32, x: &mut Buffer) -> Result<()> {
+        let span = 1.0 - 2.0 * alpha;
+        host_mut("logit_inverse", x)?
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| {
+                for v in c {
+                    let s = 1.0 / (1.0 + (-*v).exp());
+                    *v = (s - alpha) / span;
+                }
+            });
+        Ok(())
+    }
+
+    fn squeeze(&self, shape: Shape4, inverse: bool, x: &Buffer, y: &mut Buffer) -> Result<()> {
+        let op = "squeeze";
+        expect_len(op, "x", x, shape.len())?;
+        expect_len(op, "y", y, shape.len())?;
+        let n = shape.image_len().max(1);
+        let (c, h, w) = (shape.channels, shape.height, shape.width);
+        let x = host(op, x)?;
+        let failed = host_mut(op, y)?
+            .par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .map(|(y, x)| {
+                if inverse {
+                    clayflow_kernel::squeeze::unsqueeze(c, h, w, x, y)
+                } else {
+                    clayflow_kernel::squeeze::squeeze(c, h, w, x, y)
+                }
+            })
+            .find_any(|r| r.is_err());
+        match failed {
+            Some(Err(e)) => Err(BackendError::Device(format!("squeeze: {e}"))),
+            _ => Ok(()),
+        }
+    }
+
+    fn mask_gather(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        x: &Buffer,
+        cnn_in: &mut Buffer,
+    ) -> Result<()> {
+        let op = "mask_gather";
+        let (_, cin) = split_counts(shape.channels, mask);
+        let p = shape.plane();
+        expect_len(op, "x", x, shape.len())?;
+        expect_len(op, "cnn_in", cnn_in, shape.batch * cin * p)?;
+        let x = host(op, x)?;
+        host_mut(op, cnn_in)?
+            .par_chunks_mut((cin * p).max(1))
+            .zip(x.par_chunks(shape.image_len().max(1)))
+            .for_each(|(dst, src)| {
+                if mask.is_channel() {
+                    for (d, s) in dst
+                        .chunks_exact_mut(p)
+                        .zip(src.chunks_exact(p).skip(mask.parity()).step_by(2))
+                    {
+                        d.copy_from_slice(s);
+                    }
+                } else {
+                    for (d, s) in dst.chunks_exact_mut(p).zip(src.chunks_exact(p)) {
+                        for (i, (d, &s)) in d.iter_mut().zip(s).enumerate() {
+                            *d = if is_changed(mask, i, shape.width) {
+                                0.0
+                            } else {
+                                s
+                            };
+                        }
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn mask_scatter_add(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        d_cnn_in: &Buffer,
+        dx: &mut Buffer,
+    ) -> Result<()> {
+        let op = "mask_scatter_add";
+        let (_, cin) = split_counts(shape.channels, mask);
+        let p = shape.plane();
+        expect_len(op, "d_cnn_in", d_cnn_in, shape.batch * cin * p)?;
+        expect_len(op, "dx", dx, shape.len())?;
+        let d = host(op, d_cnn_in)?;
+        host_mut(op, dx)?
+            .par_chunks_mut(shape.image_len().max(1))
+            .zip(d.par_chunks((cin * p).max(1)))
+            .for_each(|(dx, d)| {
+                if mask.is_channel() {
+                    for (dx, d) in dx
+                        .chunks_exact_mut(p)
+                        .skip(mask.parity())
+                        .step_by(2)
+                        .zip(d.chunks_exact(p))
+                    {
+                        for (a, b) in dx.iter_mut().zip(d) {
+                            *a += b;
+                        }
+                    }
+                } else {
+                    for (dx, d) in dx.chunks_exact_mut(p).zip(d.chunks_exact(p)) {
+                        for (i, (a, b)) in dx.iter_mut().zip(d).enumerate() {
+                            if !is_changed(mask, i, shape.width) {
+                                *a += b;
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn coupling_forward(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        st: &Buffer,
+        scale: &Buffer,
+        x: &mut Buffer,
+        log_det: &mut Buffer,
+    ) -> Result<()> {
+        let op = "coupling_forward";
+        let (cc, _) = split_counts(shape.channels, mask);
+        let p = shape.plane();
+        expect_len(op, "x", x, shape.len())?;
+        expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
+        expect_len(op, "scale", scale, cc)?;
+        expect_len(op, "log_det", log_det, shape.batch)?;
+        let (st, scale) = (host(op, st)?, host(op, scale)?);
+        host_mut(op, x)?
+            .par_chunks_mut(shape.image_len().max(1))
+            .zip(st.par_chunks((2 * cc * p).max(1)))
+            .zip(host_mut(op, log_det)?.par_iter_mut())
+            .for_each(|((x, st), ld)| {
+                let (s_all, t_all) = st.split_at(cc * p);
+                let mut acc = 0.0f64;
+                for j in 0..cc {
+                    let ch = changed_channel(mask, j);
+                    let xs = &mut x[ch * p..(ch + 1) * p];
+                    let (sr, t) = (&s_all[j * p..(j + 1) * p], &t_all[j * p..(j + 1) * p]);
+                    for i in 0..p {
+                        if !is_changed(mask, i, shape.width) {
+                            continue;
+                        }
+                        let s = scale[j] * sr[i].tanh();
+                        xs[i] = xs[i] * s.exp() + t[i];
+                        acc += f64::from(s);
+                    }
+                }
+                *ld += acc as f32;
+            });
+        Ok(())
+    }
+
+    fn coupling_inverse(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        st: &Buffer,
+        scale: &Buffer,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        let op = "coupling_inverse";
+        let (cc, _) = split_counts(shape.channels, mask);
+        let p = shape.plane();
+        expect_len(op, "y", y, shape.len())?;
+        expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
+        expect_len(op, "scale", scale, cc)?;
+        let (st, scale) = (host(op, st)?, host(op, scale)?);
+        host_mut(op, y)?
+            .par_chunks_mut(shape.image_len().max(1))
+            .zip(st.par_chunks((2 * cc * p).max(1)))
+            .for_each(|(y, st)| {
+                let (s_all, t_all) = st.split_at(cc * p);
+                for j in 0..cc {
+                    let ch = changed_channel(mask, j);
+                    let ys = &mut y[ch * p..(ch + 1) * p];
+                    let (sr, t) = (&s_all[j * p..(j + 1) * p], &t_all[j * p..(j + 1) * p]);
+                    for i in 0..p {
+                        if is_changed(mask, i, shape.width) {
+                            let s = scale[j] * sr[i].tanh();
+                            ys[i] = (ys[i] - t[i]) * (-s).exp();
+                        }
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn coupling_backward(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        x: &Buffer,
+        st: &Buffer,
+        scale: &Buffer,
+        g_log_det: f32,
+        dy: &mut Buffer,
+        d_st: &mut Buffer,
+        d_scale: &mut Buffer,
+    ) -> Result<()> {
+        let op = "coupling_backward";
+        let (cc, _) = split_counts(shape.channels, mask);
+        let p = shape.plane();
+        expect_len(op, "x", x, shape.len())?;
+        expect_len(op, "dy", dy, shape.len())?;
+        expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
+        expect_len(op, "d_st", d_st, shape.batch * 2 * cc * p)?;
+        expect_len(op, "scale", scale, cc)?;
+        expect_len(op, "d_scale", d_scale, cc)?;
+        let (x, st, scale) = (host(op, x)?, host(op, st)?, host(op, scale)?);
+        let n = shape.image_len().max(1);
+        let m = (2 * cc * p).max(1);
+        // Per-image partial d_scale, summed in image order afterwards (deterministic).
+        let partials: Vec<Vec<f64>> = host_mut(op, dy)?
+            .par_chunks_mut(n)
+            .zip(host_mut(op, d_st)?.par_chunks_mut(m))
+            .zip(x.par_chunks(n).zip(st.par_chunks(m)))
+            .map(|((dy, dst), (x, st))| {
+                let (s_all, t_all) = st.split_at(cc * p);
+                let (ds_all, dt_all) = dst.split_at_mut(cc * p);
+                let mut dscale = vec![0.0f64; cc];
+                for j in 0..cc {
+                    let ch = changed_channel(mask, j);
+                    let (xs, dys) = (&x[ch * p..(ch + 1) * p], &mut dy[ch * p..(ch + 1) * p]);
+                    let sr = &s_all[j * p..(j + 1) * p];
+                    let _ = t_all;
+                    let (dsr, dt) = (
+                        &mut ds_all[j * p..(j + 1) * p],
+                        &mut dt_all[j * p..(j + 1) * p],
+                    );
+                    let mut acc = 0.0f64;
+                    for i in 0..p {
+                        if !is_changed(mask, i, shape.width) {
+                            // Kept pixel: identity, and (s, t) here are unused.
+                            dsr[i] = 0.0;
+                            dt[i] = 0.0;
+                            continue;
+                        }
+                        let th = sr[i].tanh();
+                        let e = (scale[j] * th).exp();
+                        let g = dys[i];
+                        // y = x e^s + t:  dL/ds = g x e^s + dL/dlogdet (log-det += s).
+                        let ds = g * xs[i] * e + g_log_det;
+                        dsr[i] = ds * scale[j] * (1.0 - th * th);
+                        dt[i] = g;
+                        acc += f64::from(ds * th);
+                        dys[i] = g * e;
+                    }
+                    dscale[j] = acc;
+                }
+                dscale
+            })
+            .collect();
+        let ds = host_mut(op, d_scale)?;
+        for part in &partials {
+            for (d, v) in ds.iter_mut().zip(part) {
+                *d += *v as f32;
+            }
+        }
+        Ok(())
+    }
+
+    fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer) -> Result<Vec<f64>> {
+        expect_len("per_image_sum_squares", "z", z, shape.len())?;
+        Ok(host("per_image_sum_squares", z)?
+            .par_chunks(shape.image_len().max(1))
+            .map(|img| img.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
+            .collect())
+    }
+
+    fn adam(
+        &self,
+        hp: &AdamStep,
+        param: &mut Buffer,
+        grad: &Buffer,
+        m: &mut Buffer,
+        v: &mut Buffer,
+    ) -> Result<()> {
+        let op = "adam";
+        let n = param.len();
+        expect_len(op, "grad", grad, n)?;
+        expect_len(op, "m", m, n)?;
+        expect_len(op, "v", v, n)?;
+        let t = hp.step.max(1) as i32;
+        let bc1 = 1.0 - hp.beta1.powi(t);
+        let bc2 = 1.0 - hp.beta2.powi(t);
+        let step = hp.lr / bc1;
+        let g = host(op, grad)?;
+        host_mut(op, param)?
+            .par_chunks_mut(CHUNK)
+            .zip(host_mut(op, m)?.par_chunks_mut(CHUNK))
+            .zip(host_mut(op, v)?.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    let gi = g[i] * hp.grad_scale;
+                    m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * gi;
+                    v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * gi * gi;
+                    p[i] -= step * m[i] / ((v[i] / bc2).sqrt() + hp.eps);
+                }
+            });
+        Ok(())
+    }
+}
