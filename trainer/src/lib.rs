@@ -5,6 +5,8 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod export;
 pub mod fsutil;
 pub mod model;
 pub mod report;
+pub mod train;

@@ -1,1 +1,511 @@
-fn main() {}
+//! `clayflow`: train, evaluate, sample from and export RealNVP normalizing flows.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use clayflow_kernel::DType;
+use clayflow_trainer::backend::{cpu::CpuBackend, Backend};
+use clayflow_trainer::config::ModelConfig;
+use clayflow_trainer::data::{self, Crop, Dataset};
+use clayflow_trainer::export::{self, Source};
+use clayflow_trainer::report;
+use clayflow_trainer::train::{self, Progress, TrainConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "clayflow",
+    version,
+    about = "RealNVP normalizing flows: train on images, score them, sample them, export to the no_std kernel"
+)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a flow (with no arguments: the MNIST preset on the bundled 8,000 digits).
+    Train(TrainArgs),
+    /// Bits/dim of a run, checkpoint or exported blob on a data set.
+    Eval(EvalArgs),
+    /// Draw a PNG grid of samples from a run, checkpoint or exported blob.
+    Sample(SampleArgs),
+    /// Export a checkpoint to the kernel's weight blob, verified before it is written.
+    Export(ExportArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Preset {
+    Mnist,
+    Color,
+}
+
+#[derive(clap::Args, Debug)]
+struct DataArgs {
+    /// Data: an IDX file (gz or raw), a CIFAR-10 folder or .bin file, or a folder of PNG/JPEG
+    /// images. Default: the bundled MNIST digits, or the bundled photos for colour models.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Random crops per picture when the data is an image folder (0: one centre crop each).
+    #[arg(long, default_value_t = 500)]
+    crops_per_image: usize,
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Model preset.
+    #[arg(long, value_enum, default_value_t = Preset::Mnist)]
+    preset: Preset,
+    /// Model configuration file (JSON, the `model` object of a run's train.json); overrides --preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override the number of couplings (masks keep alternating).
+    #[arg(long)]
+    couplings: Option<usize>,
+    /// Override the two hidden widths, e.g. 16,128.
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    hidden: Option<Vec<usize>>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Images held out (the last ones) for validation.
+    #[arg(long, default_value_t = 1000)]
+    val_split: usize,
+    /// Use only the first N training images (quick runs).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Stop after this many epochs.
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Stop after this many minutes of training (default 10 when no other limit is given).
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Stop after this many steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Peak learning rate (Adam).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 100)]
+    warmup: u64,
+    /// Gradient-norm clipping threshold.
+    #[arg(long, default_value_t = 100.0)]
+    clip: f32,
+    /// Seed (initialisation, shuffling, noise): the same seed gives the same run.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run folder (checkpoints, metrics.jsonl, samples.png, loss.svg).
+    #[arg(long, default_value = "runs/mnist")]
+    out: PathBuf,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Seconds between checkpoints.
+    #[arg(long, default_value_t = 60.0)]
+    checkpoint_secs: f64,
+    /// Also checkpoint every N steps.
+    #[arg(long)]
+    checkpoint_steps: Option<u64>,
+    /// Validate every N steps (besides every epoch end).
+    #[arg(long)]
+    eval_steps: Option<u64>,
+    /// Samples in the final grid.
+    #[arg(long, default_value_t = 64)]
+    samples: usize,
+    /// Sampling temperature of the final grid.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// No progress bar (log lines only).
+    #[arg(long)]
+    quiet: bool,
+    /// Testing hook: poison the batch at these steps with a NaN.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    inject_nan_at: Vec<u64>,
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// A run folder, a checkpoint folder, or an exported blob.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Score only the last N images (the validation split used in training); 0 = all.
+    #[arg(long, default_value_t = 1000)]
+    last: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+}
+
+#[derive(clap::Args, Debug)]
+struct SampleArgs {
+    /// A run folder, a checkpoint folder, or an exported blob (sampled with the kernel).
+    #[arg(long)]
+    model: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 64)]
+    n: usize,
+    /// Temperature (standard deviation of the latent).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Seed of the latents.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output PNG.
+    #[arg(long, default_value = "samples.png")]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Dtype {
+    F16,
+    F32,
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    /// A run folder (its latest checkpoint) or a checkpoint folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output blob.
+    #[arg(long)]
+    out: PathBuf,
+    /// Weight storage type.
+    #[arg(long, value_enum, default_value_t = Dtype::F16)]
+    dtype: Dtype,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+fn data_dir() -> PathBuf {
+    let local = PathBuf::from("data");
+    if local.join("mnist8k-train-images-idx3-ubyte.gz").exists() {
+        local
+    } else {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../data"))
+    }
+}
+
+/// Loads the data a model of shape `(c, h, w)` trains on.
+fn load_data(args: &DataArgs, c: usize, h: usize, w: usize) -> Result<(Dataset, String)> {
+    let path = match &args.data {
+        Some(p) => p.clone(),
+        None if c == 1 && h == 28 && w == 28 => {
+            data_dir().join("mnist8k-train-images-idx3-ubyte.gz")
+        }
+        None if c == 3 => data_dir().join("photos"),
+        None => bail!("no bundled data fits a {c}x{h}x{w} model; pass --data"),
+    };
+    let crop = if args.crops_per_image == 0 {
+        Crop::Center
+    } else {
+        Crop::Random {
+            per_image: args.crops_per_image,
+            scale_to: (2 * h.max(w)).max(64) as u32,
+            seed: 7,
+        }
+    };
+    let ds = data::load_auto(&path, c, h, w, &crop)?;
+    let desc = format!(
+        "{} ({} images of {}x{}x{})",
+        path.display(),
+        ds.len(),
+        c,
+        h,
+        w
+    );
+    Ok((ds, desc))
+}
+
+struct Bar {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress for Bar {
+    fn step(
+        &mut self,
+        state: &clayflow_trainer::checkpoint::TrainState,
+        running_bpd: f64,
+        ips: f64,
+        frac: f64,
+    ) {
+        if let Some(b) = &self.bar {
+            b.set_position((frac * 1000.0) as u64);
+            b.set_message(format!(
+                "step {} epoch {} | train {:.3} bits/dim | {:.0} img/s",
+                state.step,
+                state.epoch + 1,
+                running_bpd,
+                ips
+            ));
+        }
+    }
+
+    fn note(&mut self, line: &str) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+fn backend() -> Arc<dyn Backend> {
+    Arc::new(CpuBackend)
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    let (cfg, run_dir, resume) = if let Some(run) = &a.resume {
+        let mut cfg = train::read_config(run)?;
+        // Budget flags given on resume replace the saved ones.
+        if a.epochs.is_some() || a.minutes.is_some() || a.steps.is_some() {
+            cfg.epochs = a.epochs;
+            cfg.minutes = a.minutes;
+            cfg.max_steps = a.steps;
+        }
+        (cfg, run.clone(), true)
+    } else {
+        let mut model = match &a.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                serde_json::from_str::<ModelConfig>(&text)
+                    .with_context(|| format!("{}: not a model configuration", p.display()))?
+            }
+            None => ModelConfig::preset(match a.preset {
+                Preset::Mnist => "mnist",
+                Preset::Color => "color",
+            })?,
+        };
+        if let Some(n) = a.couplings {
+            let first = *model.masks.first().context("model has no couplings")?;
+            let arch_first: clayflow_kernel::Mask = first.into();
+            model.masks = clayflow_kernel::alternating_masks(arch_first)
+                .iter()
+                .take(n)
+                .map(|&m| m.into())
+                .collect();
+        }
+        if let Some(h) = &a.hidden {
+            model.hidden = [h[0], h[1]];
+        }
+        model.to_arch()?;
+        let mut cfg = TrainConfig::new(model, String::new());
+        cfg.batch_size = a.batch_size;
+        cfg.lr = a.lr;
+        cfg.warmup_steps = a.warmup;
+        cfg.clip_norm = a.clip;
+        cfg.seed = a.seed;
+        cfg.epochs = a.epochs;
+        cfg.max_steps = a.steps;
+        cfg.minutes = a.minutes.or(if a.epochs.is_none() && a.steps.is_none() {
+            Some(10.0)
+        } else {
+            None
+        });
+        cfg.checkpoint_secs = a.checkpoint_secs;
+        cfg.checkpoint_steps = a.checkpoint_steps;
+        cfg.eval_steps = a.eval_steps;
+        cfg.samples = a.samples;
+        cfg.temperature = a.temperature;
+        cfg.inject_nan_at = a.inject_nan_at.clone();
+        (cfg, a.out.clone(), false)
+    };
+    let arch = cfg.model.to_arch()?;
+    let (ds, desc) = load_data(&a.data, arch.channels, arch.height, arch.width)?;
+    let val_n = if ds.len() > a.val_split {
+        a.val_split
+    } else {
+        ds.len() / 10
+    };
+    let (mut train_set, val_set) = ds.split_last(val_n)?;
+    if let Some(n) = a.limit {
+        train_set.truncate(n);
+    }
+    let mut cfg = cfg;
+    if !resume {
+        cfg.dataset = desc;
+    }
+    let be = backend();
+    eprintln!(
+        "clayflow: {} parameters, {} training / {} validation images, batch {}, on {}",
+        arch.param_count(),
+        train_set.len(),
+        val_set.len(),
+        cfg.batch_size,
+        be.name()
+    );
+    eprintln!("run folder: {}", run_dir.display());
+    let bar = if a.quiet || !console_is_tty() {
+        None
+    } else {
+        let b = ProgressBar::new(1000);
+        b.set_style(
+            ProgressStyle::with_template(
+                "[{elapsed_precise}] {bar:30} {percent:>3}% ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(Duration::from_millis(500));
+        Some(b)
+    };
+    let mut progress = Bar { bar };
+    let outcome = train::train(
+        be,
+        &cfg,
+        &train_set,
+        &val_set,
+        &run_dir,
+        resume,
+        &mut progress,
+    )?;
+    if let Some(b) = &progress.bar {
+        b.finish_and_clear();
+    }
+    println!(
+        "trained {} steps in {:.1} min ({:.0} images/s); validation {:.4} bits/dim on {} held-out images",
+        outcome.steps,
+        outcome.elapsed_secs / 60.0,
+        outcome.images_per_sec,
+        outcome.val_bpd,
+        outcome.val_images
+    );
+    if outcome.nonfinite_skips > 0 {
+        println!(
+            "{} non-finite steps were skipped (see metrics.jsonl)",
+            outcome.nonfinite_skips
+        );
+    }
+    println!("samples: {}", outcome.samples_png.display());
+    println!("loss curve: {}", run_dir.join("loss.svg").display());
+    println!("checkpoints: {}", run_dir.join("checkpoints").display());
+    Ok(())
+}
+
+fn console_is_tty() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let src = Source::open(&a.model)?;
+    let arch = src.arch()?;
+    let (ds, desc) = load_data(&a.data, arch.channels, arch.height, arch.width)?;
+    let ds = if a.last > 0 && a.last < ds.len() {
+        ds.split_last(a.last)?.1
+    } else {
+        ds
+    };
+    let v = src.evaluate(backend(), &ds, a.batch_size.max(1))?;
+    let kind = match src {
+        Source::Checkpoint(_) => "checkpoint (trainer)",
+        Source::Blob(_) => "blob (kernel)",
+    };
+    println!(
+        "{v:.4} bits/dim on {} images of {desc} [{kind}; fixed uniform dequantization noise]",
+        ds.len()
+    );
+    Ok(())
+}
+
+fn cmd_sample(a: SampleArgs) -> Result<()> {
+    let src = Source::open(&a.model)?;
+    let arch = src.arch()?;
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let pixels = src.sample(backend(), a.n, a.temperature, a.seed)?;
+    let cols = (a.n as f64).sqrt().ceil() as usize;
+    let upscale = if arch.height <= 32 { 3 } else { 1 };
+    report::write_png_grid(
+        &a.out,
+        &pixels,
+        a.n,
+        arch.channels,
+        arch.height,
+        arch.width,
+        cols,
+        2,
+        upscale,
+    )?;
+    println!(
+        "wrote {} samples (temperature {}, seed {}) to {}",
+        a.n,
+        a.temperature,
+        a.seed,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn cmd_export(a: ExportArgs) -> Result<()> {
+    let dtype = match a.dtype {
+        Dtype::F16 => DType::F16,
+        Dtype::F32 => DType::F32,
+    };
+    let src = Source::open(&a.model)?;
+    let arch = src.arch()?;
+    let (ds, _) = load_data(&a.data, arch.channels, arch.height, arch.width)?;
+    let k = 64.min(ds.len());
+    let check = ds.split_last(k)?.1;
+    let ag = export::export(backend(), &a.model, &a.out, dtype, &check)?;
+    let size = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({} bytes, {:?} weights); kernel vs trainer on {} images: max |bits/dim diff| {:.2e}, max |sample diff| {:.2e} ({} of {} sample pixels differ); kernel bits/dim {:.4}",
+        a.out.display(),
+        size,
+        dtype,
+        ag.images,
+        ag.max_bpd_diff,
+        ag.max_sample_diff,
+        ag.pixels_differing,
+        16.min(ag.images) * arch.dim(),
+        ag.kernel_bpd
+    );
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+        // rayon parallelises across the batch; matrixmultiply's own threads would fight it.
+        std::env::set_var("MATMUL_NUM_THREADS", "1");
+    }
+    if let Some(t) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+        {
+            eprintln!("error: cannot set up {t} threads: {e}");
+            std::process::exit(2);
+        }
+    }
+    let result = match cli.command {
+        Some(Command::Train(a)) => cmd_train(a),
+        Some(Command::Eval(a)) => cmd_eval(a),
+        Some(Command::Sample(a)) => cmd_sample(a),
+        Some(Command::Export(a)) => cmd_export(a),
+        None => match Cli::try_parse_from(["clayflow", "train"]) {
+            Ok(Cli {
+                command: Some(Command::Train(a)),
+                ..
+            }) => cmd_train(a),
+            _ => Err(anyhow::anyhow!(
+                "internal: default train arguments do not parse"
+            )),
+        },
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

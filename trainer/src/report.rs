@@ -165,7 +165,7 @@ fn write_atomic(
 // ---------------------------------------------------------------------------
 
 /// Colour of the border between and around the images in a grid.
-pub const GRID_PAD_COLOUR: [u8; 3] = [48, 48, 48];
+pub const GRID_PAD_COLOUR: [u8; 3] = [64, 64, 64];
 
 /// Lays out `n` images stored `N x C x H x W` (channel-planar `u8`) in a grid.
 ///
@@ -570,14 +570,14 @@ fn last_nonblank_line(bytes: &[u8]) -> Option<(usize, &[u8])> {
     }
 }
 
-/// Parses a metrics log held in memory: `(1-based line number, raw line,
-/// record)` for each record. An unparsable last non-blank line is taken to be
+/// Parses a metrics log held in memory: `(raw line, record)` for each
+/// record. An unparsable last non-blank line is taken to be
 /// a write cut off by a crash and ignored; any other unparsable line is an
 /// error. Blank lines are skipped.
 fn parse_log<'a>(
     path: &Path,
     bytes: &'a [u8],
-) -> Result<Vec<(usize, &'a [u8], MetricRecord)>, ReportError> {
+) -> Result<Vec<(&'a [u8], MetricRecord)>, ReportError> {
     let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
     let last = lines.iter().rposition(|l| !is_blank(l));
     let mut out = Vec::new();
@@ -586,7 +586,7 @@ fn parse_log<'a>(
             continue;
         }
         match serde_json::from_slice::<MetricRecord>(line) {
-            Ok(r) => out.push((i + 1, *line, r)),
+            Ok(r) => out.push((*line, r)),
             Err(_) if Some(i) == last => {}
             Err(source) => {
                 return Err(ReportError::Corrupt {
@@ -610,7 +610,7 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Vec<MetricRecord>, ReportE
     let bytes = fs::read(path).map_err(io_err(path))?;
     Ok(parse_log(path, &bytes)?
         .into_iter()
-        .map(|(_, _, r)| r)
+        .map(|(_, r)| r)
         .collect())
 }
 
@@ -632,8 +632,8 @@ pub fn truncate_after_step(path: impl AsRef<Path>, step: u64) -> Result<usize, R
     };
     let kept: Vec<&[u8]> = parse_log(path, &bytes)?
         .into_iter()
-        .filter(|(_, _, r)| r.step <= step)
-        .map(|(_, line, _)| line)
+        .filter(|(_, r)| r.step <= step)
+        .map(|(line, _)| line)
         .collect();
     write_atomic(path, |w| {
         for line in &kept {
@@ -682,8 +682,8 @@ fn xml_escape(s: &str) -> String {
 }
 
 /// About `target` "nice" tick values (1, 2 or 5 times a power of ten apart)
-/// within `[lo, hi]`.
-fn nice_ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, f64) {
+/// within `[lo, hi]`, and their spacing, which is at least `min_step`.
+fn nice_ticks(lo: f64, hi: f64, target: usize, min_step: f64) -> (Vec<f64>, f64) {
     if !(lo.is_finite() && hi.is_finite()) || hi <= lo {
         return (vec![lo], 1.0);
     }
@@ -701,6 +701,7 @@ fn nice_ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, f64) {
         } else {
             10.0
         };
+    let step = step.max(min_step);
     let first = (lo / step - 1e-9).ceil();
     let mut ticks = Vec::new();
     for i in 0..100 {
@@ -734,23 +735,29 @@ fn format_step_tick(v: f64, step: f64, max: f64) -> String {
     format!("{:.*}{suffix}", decimals_for(step / div), v / div)
 }
 
-/// Exponential moving average over a series' values, started at the first
-/// value. The span adapts to the series length (about 1/40 of the points), so
-/// the smoothed curve looks similar for short and long runs.
+/// Smallest number of training points that get a smoothed curve.
+const EMA_MIN_POINTS: usize = 10;
+
+/// Zero-phase exponential moving average of a series' values: an EMA run
+/// forward, then backward over the result, so the smoothed curve does not lag
+/// behind the fast initial drop of the loss. Each pass starts at its first
+/// value. The span adapts to the series length (about 1/60 of the points, at
+/// least 3), so the curve looks similar for short and long runs.
 fn ema(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
-    let span = (points.len() as f64 / 40.0).max(1.0);
+    let span = (points.len() as f64 / 60.0).max(3.0);
     let alpha = 2.0 / (span + 1.0);
-    let mut out = Vec::with_capacity(points.len());
-    let mut acc = None;
-    for &(x, y) in points {
-        let v = match acc {
-            None => y,
-            Some(a) => a + alpha * (y - a),
-        };
-        acc = Some(v);
-        out.push((x, v));
-    }
-    out
+    let pass = |ys: &mut dyn Iterator<Item = &mut f64>| {
+        let mut acc: Option<f64> = None;
+        for y in ys {
+            let v = acc.map_or(*y, |a| a + alpha * (*y - a));
+            acc = Some(v);
+            *y = v;
+        }
+    };
+    let mut ys: Vec<f64> = points.iter().map(|p| p.1).collect();
+    pass(&mut ys.iter_mut());
+    pass(&mut ys.iter_mut().rev());
+    points.iter().zip(ys).map(|(p, y)| (p.0, y)).collect()
 }
 
 /// Keeps, per pixel column, the first, lowest, highest and last points (in
@@ -832,10 +839,10 @@ fn x_range(train: &[(f64, f64)], val: &[(f64, f64)]) -> (f64, f64) {
     }
 }
 
-fn polyline(out: &mut String, points: &[(f64, f64)], colour: &str, width: f64, extra: &str) {
+fn polyline(out: &mut String, points: &[(f64, f64)], colour: &str, width: f64) {
     let _ = write!(
         out,
-        r#"<polyline fill="none" stroke="{colour}" stroke-width="{width}" stroke-linejoin="round" stroke-linecap="round"{extra} points=""#
+        r#"<polyline fill="none" stroke="{colour}" stroke-width="{width}" stroke-linejoin="round" stroke-linecap="round" points=""#
     );
     for (i, (x, y)) in points.iter().enumerate() {
         if i > 0 {
@@ -853,8 +860,11 @@ fn polyline(out: &mut String, points: &[(f64, f64)], colour: &str, width: f64, e
 /// validation series as a line with markers; nice axis ticks (1/2/5 x 10^k),
 /// axis titles, a legend, `title` (XML-escaped) and, in the top-right corner,
 /// the final (and best) validation bits/dim. The y range is robust to the
-/// huge losses at initialisation (see the module source: the first 2% of the
-/// training points and the top 2% of values may be clipped).
+/// huge losses at initialisation: it spans the minimum to the 98th percentile
+/// of the values (leaving out the first 2% of the training points), extended
+/// to include the latest values, so early points may run off the top. The
+/// smoothed curve is computed from values capped just above that range, so a
+/// single spike shows in the raw line without bending the trend.
 ///
 /// Non-finite values are skipped, records are ordered by step, and with no
 /// finite point at all the SVG is a frame saying "no data yet". Event records
@@ -921,8 +931,8 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
     );
 
     // Grid lines and tick labels.
-    let (xticks, xstep) = nice_ticks(x0, x1, 6);
-    let (yticks, ystep) = nice_ticks(y0, y1, 5);
+    let (xticks, xstep) = nice_ticks(x0, x1, 6, 1.0);
+    let (yticks, ystep) = nice_ticks(y0, y1, 5, 0.0);
     let ydec = decimals_for(ystep);
     s.push_str("<g>\n");
     for &t in &xticks {
@@ -963,41 +973,54 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
         top + ph / 2.0
     );
 
-    // Series, clipped to the plot area.
+    // Series lines, clipped to the plot area. Markers are drawn afterwards,
+    // unclipped (so a point on the plot's edge shows whole) but only when
+    // their centre lies inside the plot.
     let many = |n: usize| n as f64 > 2.0 * pw;
     let _ = writeln!(s, r#"<g clip-path="url(#clayflow-plot-area)">"#);
     let mut legend: Vec<(&str, &str, f64, bool)> = Vec::new();
+    let mut markers = String::new();
+    let inside = |&(x, y): &(f64, f64)| {
+        (left - 0.5..=left + pw + 0.5).contains(&x) && (top - 0.5..=bottom + 0.5).contains(&y)
+    };
     if !train.is_empty() {
         let raw = to_px(&train);
         let raw = if many(raw.len()) { decimate(&raw) } else { raw };
-        polyline(&mut s, &raw, COLOUR_TRAIN_RAW, 1.0, "");
-        if train.len() == 1 {
-            let (x, y) = raw[0];
-            let _ = writeln!(
-                s,
-                r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{COLOUR_TRAIN_EMA}"/>"#
-            );
-        }
-        legend.push(("train", COLOUR_TRAIN_RAW, 1.5, false));
-        if train.len() >= 3 {
-            let smooth = to_px(&ema(&train));
+        if train.len() >= EMA_MIN_POINTS {
+            polyline(&mut s, &raw, COLOUR_TRAIN_RAW, 1.0);
+            legend.push(("train", COLOUR_TRAIN_RAW, 1.5, false));
+            // Smooth values capped a little above the visible range, so one
+            // huge spike (shown by the raw line) does not bend the trend.
+            let cap = y1 + 0.25 * (y1 - y0);
+            let capped: Vec<(f64, f64)> = train.iter().map(|&(x, y)| (x, y.min(cap))).collect();
+            let smooth = to_px(&ema(&capped));
             let smooth = if many(smooth.len()) {
                 decimate(&smooth)
             } else {
                 smooth
             };
-            polyline(&mut s, &smooth, COLOUR_TRAIN_EMA, 2.2, "");
+            polyline(&mut s, &smooth, COLOUR_TRAIN_EMA, 2.2);
             legend.push(("train (EMA)", COLOUR_TRAIN_EMA, 2.5, false));
+        } else {
+            // Too few points to smooth: draw them plainly, with markers.
+            polyline(&mut s, &raw, COLOUR_TRAIN_EMA, 1.8);
+            for (x, y) in raw.iter().filter(|p| inside(p)) {
+                let _ = writeln!(
+                    markers,
+                    r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{COLOUR_TRAIN_EMA}"/>"#
+                );
+            }
+            legend.push(("train", COLOUR_TRAIN_EMA, 1.8, true));
         }
     }
     if !val.is_empty() {
         let pts = to_px(&val);
         let pts = if many(pts.len()) { decimate(&pts) } else { pts };
-        polyline(&mut s, &pts, COLOUR_VAL, 1.8, "");
+        polyline(&mut s, &pts, COLOUR_VAL, 1.8);
         if pts.len() <= 150 {
-            for (x, y) in &pts {
+            for (x, y) in pts.iter().filter(|p| inside(p)) {
                 let _ = writeln!(
-                    s,
+                    markers,
                     r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.2" fill="white" stroke="{COLOUR_VAL}" stroke-width="1.8"/>"#
                 );
             }
@@ -1005,6 +1028,7 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
         legend.push(("validation", COLOUR_VAL, 1.8, true));
     }
     s.push_str("</g>\n");
+    s.push_str(&markers);
 
     // Event marks under the x axis.
     for r in &sorted {
@@ -1042,9 +1066,14 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
             lx + 38.0
         );
         if *marker {
+            let fill = if *colour == COLOUR_VAL {
+                "white"
+            } else {
+                colour
+            };
             let _ = writeln!(
                 s,
-                r#"<circle cx="{:.1}" cy="{y:.1}" r="3.2" fill="white" stroke="{colour}" stroke-width="1.8"/>"#,
+                r#"<circle cx="{:.1}" cy="{y:.1}" r="3.2" fill="{fill}" stroke="{colour}" stroke-width="1.8"/>"#,
                 lx + 24.0
             );
         }
@@ -1600,10 +1629,10 @@ mod tests {
 
     #[test]
     fn nice_ticks_are_nice() {
-        let (t, step) = nice_ticks(0.0, 10_000.0, 6);
+        let (t, step) = nice_ticks(0.0, 10_000.0, 6, 1.0);
         assert_eq!(step, 2000.0);
         assert_eq!(t, vec![0.0, 2000.0, 4000.0, 6000.0, 8000.0, 10_000.0]);
-        let (t, step) = nice_ticks(1.213, 1.287, 5);
+        let (t, step) = nice_ticks(1.213, 1.287, 5, 0.0);
         assert!((step - 0.02).abs() < 1e-12, "{step}");
         assert_eq!(t.len(), 4);
         assert!(t.iter().all(|v| (1.213..=1.287).contains(v)));
@@ -1615,9 +1644,28 @@ mod tests {
         assert_eq!(format_step_tick(2_500_000.0, 500_000.0, 1e7), "2.5M");
         assert_eq!(format_step_tick(150.0, 50.0, 300.0), "150");
         for (lo, hi) in [(-3.0, 7.0), (0.001, 0.0013), (5.0, 5e6)] {
-            let (t, _) = nice_ticks(lo, hi, 5);
+            let (t, _) = nice_ticks(lo, hi, 5, 0.0);
             assert!((3..=11).contains(&t.len()), "{lo}..{hi}: {t:?}");
         }
+        // Steps are whole numbers.
+        assert_eq!(nice_ticks(0.0, 1.0, 6, 1.0), (vec![0.0, 1.0], 1.0));
+    }
+
+    #[test]
+    fn ema_smooths_without_lag() {
+        let flat: Vec<(f64, f64)> = (0..100).map(|i| (i as f64, 2.5)).collect();
+        assert!(ema(&flat).iter().all(|p| (p.1 - 2.5).abs() < 1e-12));
+        // A straight line stays (nearly) on itself away from the ends.
+        let line: Vec<(f64, f64)> = (0..600).map(|i| (i as f64, 0.01 * i as f64)).collect();
+        let sm = ema(&line);
+        for i in 100..500 {
+            assert!((sm[i].1 - line[i].1).abs() < 1e-6, "{i}: {:?}", sm[i]);
+            assert_eq!(sm[i].0, line[i].0);
+        }
+        // Alternating noise is damped.
+        let zig: Vec<(f64, f64)> = (0..600).map(|i| (i as f64, (i % 2) as f64)).collect();
+        let sm = ema(&zig);
+        assert!(sm[100..500].iter().all(|p| (p.1 - 0.5).abs() < 0.2));
     }
 
     #[test]
@@ -1642,8 +1690,34 @@ mod tests {
         .unwrap();
         write_loss_svg("/tmp/loss_short.svg", &synthetic(30), "short run").unwrap();
         write_loss_svg("/tmp/loss_one.svg", &synthetic(1), "one point").unwrap();
+        let mut long = synthetic(50_000);
+        long[30_000].train_bpd = Some(f64::NAN);
+        long[30_001].train_bpd = Some(40.0);
+        write_loss_svg("/tmp/loss_long.svg", &long, "long run with a spike").unwrap();
         write_loss_svg("/tmp/loss_empty.svg", &[], "empty").unwrap();
-        let pixels: Vec<u8> = (0..16 * 28 * 28).map(|i| ((i * 7) % 256) as u8).collect();
-        write_png_grid("/tmp/grid.png", &pixels, 16, 1, 28, 28, 4, 2, 3).unwrap();
+        // Rings of growing radius on black, like digits: grey, then RGB.
+        let ring = |k: usize, y: usize, x: usize| {
+            let d = ((y as f64 - 13.5).powi(2) + (x as f64 - 13.5).powi(2)).sqrt();
+            if (d - (3.0 + k as f64 * 0.6)).abs() < 1.5 {
+                255
+            } else {
+                0
+            }
+        };
+        let grey: Vec<u8> = (0..10 * 28 * 28)
+            .map(|i| ring(i / 784, (i % 784) / 28, i % 28))
+            .collect();
+        write_png_grid("/tmp/grid.png", &grey, 10, 1, 28, 28, 4, 2, 3).unwrap();
+        let rgb: Vec<u8> = (0..6 * 3 * 28 * 28)
+            .map(|i| {
+                let (k, c, p) = (i / (3 * 784), (i / 784) % 3, i % 784);
+                if c == k % 3 {
+                    ring(k, p / 28, p % 28)
+                } else {
+                    0
+                }
+            })
+            .collect();
+        write_png_grid("/tmp/grid_rgb.png", &rgb, 6, 3, 28, 28, 3, 2, 3).unwrap();
     }
 }

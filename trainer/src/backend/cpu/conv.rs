@@ -143,6 +143,36 @@ fn pick_data_plan(s: &ConvShape) -> DataPlan {
     }
 }
 
+/// Defines `fn $name` that runs its body compiled with AVX2+FMA enabled when the CPU has
+/// them (so the copy/add loops get 256-bit vectors; the crate's baseline is SSE2), and the
+/// baseline build of the same body otherwise. Results are bitwise identical either way:
+/// the bodies only copy, add element-wise, or sum in a fixed explicit order.
+macro_rules! avx2_multiversion {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if simd::available() {
+                    // SAFETY: `fast` only adds the AVX2/FMA target features, which the CPU
+                    // supports (checked just above); its body is safe code.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------
 // Public ops
 // ---------------------------------------------------------------------------
@@ -397,27 +427,29 @@ fn backward_weight_with(
 /// summation order, hence the result, does not depend on the thread count).
 const MAX_WEIGHT_CHUNKS: usize = 16;
 
-/// Sum of a slice with 16 independent accumulators (vectorises; fixed order, so
-/// deterministic).
-fn sum_f32(v: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let mut chunks = v.chunks_exact(16);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
+avx2_multiversion! {
+    /// Sum of a slice with 16 independent accumulators (vectorises; fixed order, so
+    /// deterministic).
+    fn sum_f32(v: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 16];
+        let mut chunks = v.chunks_exact(16);
+        for c in &mut chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += x;
+            }
+        }
+        for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
             *a += x;
         }
-    }
-    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
-        *a += x;
-    }
-    let mut n = 16;
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            acc[i] += acc[i + n];
+        let mut n = 16;
+        while n > 1 {
+            n /= 2;
+            for i in 0..n {
+                acc[i] += acc[i + n];
+            }
         }
+        acc[0]
     }
-    acc[0]
 }
 
 /// Sum of 8 lanes in a fixed pairwise order.
@@ -459,6 +491,10 @@ impl SameConv {
     fn group(&self) -> usize {
         let hw = self.h * self.w;
         let target = 512usize; // columns per GEMM we aim for
+        let target: usize = std::env::var("CONV_GTARGET")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(target);
         let g = target.div_ceil(hw.max(1)).max(1);
         // Keep enough tasks for load balance on small batches.
         g.min(self.batch.div_ceil(8).max(1))
@@ -542,7 +578,8 @@ impl SameConv {
                 for co in 0..cout {
                     let src = &out[co * n + i * hw..co * n + (i + 1) * hw];
                     let dst = &mut y[(i * cout + co) * hw..(i * cout + co + 1) * hw];
-                    bias_relu_copy(dst, src, bias.map_or(0.0, |b| b[co]), relu);
+                    let b = bias.map_or(0.0, |b| b[co]);
+                    bias_relu_rows(dst, hw, src, hw, 1, hw, b, relu);
                 }
             }
         });
@@ -584,14 +621,16 @@ impl SameConv {
                         }
                         for co in 0..cout {
                             let bv = bias.map_or(0.0, |b| b[co]);
-                            for oy in 0..h {
-                                bias_relu_copy(
-                                    &mut yi[(co * h + oy) * w..][..w],
-                                    &out[co * geo.qpad + oy * geo.wp..][..w],
-                                    bv,
-                                    relu,
-                                );
-                            }
+                            bias_relu_rows(
+                                &mut yi[co * hw..(co + 1) * hw],
+                                w,
+                                &out[co * geo.qpad..(co + 1) * geo.qpad],
+                                geo.wp,
+                                h,
+                                w,
+                                bv,
+                                relu,
+                            );
                         }
                     });
                 });
@@ -663,8 +702,15 @@ impl PadGeo {
     }
 }
 
-/// Copies `x` (`[c][h][w]`) into `xp` (`[c][hp][wp]` plus slack), zeroing the border.
-fn pad_image(x: &[f32], c: usize, g: &PadGeo, xp: &mut [f32]) {
+avx2_multiversion! {
+    /// Copies `x` (`[c][h][w]`) into `xp` (`[c][hp][wp]` plus slack), zeroing the border.
+    fn pad_image(x: &[f32], c: usize, g: &PadGeo, xp: &mut [f32]) {
+        pad_image_inline(x, c, g, xp)
+    }
+}
+
+#[inline(always)]
+fn pad_image_inline(x: &[f32], c: usize, g: &PadGeo, xp: &mut [f32]) {
     xp.fill(0.0);
     for ci in 0..c {
         for iy in 0..g.h {
@@ -682,16 +728,31 @@ fn fill_bias(y: &mut [f32], hw: usize, bias: Option<&[f32]>, relu: bool) {
     }
 }
 
-/// `dst = src + b`, then ReLU if `relu`.
-#[inline]
-fn bias_relu_copy(dst: &mut [f32], src: &[f32], b: f32, relu: bool) {
-    if relu {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = (s + b).max(0.0);
-        }
-    } else {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = s + b;
+avx2_multiversion! {
+    /// `dst[r·dst_rs + j] = src[r·src_rs + j] + b` (then ReLU if `relu`) for `r < rows`,
+    /// `j < len`.
+    fn bias_relu_rows(
+        dst: &mut [f32],
+        dst_rs: usize,
+        src: &[f32],
+        src_rs: usize,
+        rows: usize,
+        len: usize,
+        b: f32,
+        relu: bool,
+    ) {
+        for r in 0..rows {
+            let d = &mut dst[r * dst_rs..][..len];
+            let s = &src[r * src_rs..][..len];
+            if relu {
+                for (d, &s) in d.iter_mut().zip(s) {
+                    *d = (s + b).max(0.0);
+                }
+            } else {
+                for (d, &s) in d.iter_mut().zip(s) {
+                    *d = s + b;
+                }
+            }
         }
     }
 }
@@ -702,6 +763,7 @@ fn relu_inplace(y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn add_assign(dst: &mut [f32], src: &[f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d += s;
@@ -732,9 +794,17 @@ fn flip_transpose_weights(cout: usize, cin: usize, k: usize, w: &[f32], wf: &mut
 /// per 14-float segment).
 fn im2col(x: &[f32], c: usize, h: usize, w: usize, k: usize, cols: &mut [f32], ld: usize) {
     let g = PadGeo::new(h, w, k, 1);
-    let hw = h * w;
     with_scratch(&PAD_SCRATCH, g.padded_len(c), |xp| {
-        pad_image(x, c, &g, xp);
+        im2col_padded(x, c, &g, xp, cols, ld)
+    });
+}
+
+avx2_multiversion! {
+    /// `im2col` given the padded-image scratch `xp`.
+    fn im2col_padded(x: &[f32], c: usize, g: &PadGeo, xp: &mut [f32], cols: &mut [f32], ld: usize) {
+        let (h, w, k) = (g.h, g.w, g.k);
+        let hw = h * w;
+        pad_image_inline(x, c, g, xp);
         for ci in 0..c {
             for ki in 0..k {
                 for kj in 0..k {
@@ -750,9 +820,10 @@ fn im2col(x: &[f32], c: usize, h: usize, w: usize, k: usize, cols: &mut [f32], l
                 }
             }
         }
-    });
+    }
 }
 
+avx2_multiversion! {
 /// Transposed, channels-last im2col of one image `x` (`[c][h][w]`), via the zero-padded
 /// channels-last copy `xt` (`[hp][wp][c]`, `g.plane * c` floats):
 /// `cols[(oy·w + ox)·kc + (ki·k + kj)·c + ci] = x[ci][oy + ki - pad][ox + kj - pad]`.
@@ -779,6 +850,7 @@ fn im2col_t(x: &[f32], c: usize, g: &PadGeo, xt: &mut [f32], cols: &mut [f32]) {
             }
         }
     }
+}
 }
 
 /// `dst.copy_from_slice(src)` for short slices, as a few fixed-size (inlined) moves.
@@ -816,6 +888,7 @@ fn copy_small(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+avx2_multiversion! {
 /// Adjoint of `im2col` (with `ld = h * w`): `x = 0`, then every column entry is added
 /// back to the input pixel it was read from.
 fn col2im(cols: &[f32], c: usize, h: usize, w: usize, k: usize, x: &mut [f32]) {
@@ -844,6 +917,7 @@ fn col2im(cols: &[f32], c: usize, h: usize, w: usize, k: usize, x: &mut [f32]) {
             }
         }
     }
+}
 }
 
 // ---------------------------------------------------------------------------
@@ -1847,12 +1921,16 @@ mod tests {
                     let mut dx = vec![0.0; s.input_len()];
                     let mut dw = vec![0.0; s.weight_len()];
                     let mut db = vec![0.0; s.cout];
+                    let secs: f64 = std::env::var("CONV_SECS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0.3);
                     let time = |f: &mut dyn FnMut()| {
                         f();
                         let mut best = f64::INFINITY;
                         let t0 = Instant::now();
                         let mut reps = 0;
-                        while reps < 5 || (t0.elapsed().as_secs_f64() < 0.3 && reps < 200) {
+                        while reps < 5 || (t0.elapsed().as_secs_f64() < secs && reps < 1000) {
                             let t = Instant::now();
                             f();
                             best = best.min(t.elapsed().as_secs_f64());

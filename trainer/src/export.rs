@@ -1,0 +1,264 @@
+//! Export: checkpoint -> kernel weight blob, verified against the trainer before it is
+//! written; and loading any model source (run folder, checkpoint, or blob) for eval/sample.
+
+use crate::backend::Backend;
+use crate::checkpoint::{self, Checkpoint};
+use crate::data::Dataset;
+use crate::fsutil;
+use crate::model::{bpd, Flow};
+use crate::train::{eval_u, sample_pixels};
+use anyhow::{bail, Context, Result};
+use clayflow_kernel::{
+    blob_len, weights::round_to_f16, write_blob, Arch, DType, Model, Normal, Pcg32,
+};
+use rayon::prelude::*;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Agreement between the kernel (reading the blob) and the trainer on a check batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Agreement {
+    /// Images scored.
+    pub images: usize,
+    /// Largest |bits/dim difference| between kernel and trainer.
+    pub max_bpd_diff: f64,
+    /// Largest |u difference| of samples drawn from the same latents.
+    pub max_sample_diff: f32,
+    /// Sample pixels that differ (quantisation boundary cases).
+    pub pixels_differing: usize,
+    /// Mean bits/dim of the check batch according to the kernel.
+    pub kernel_bpd: f64,
+}
+
+/// Largest bits/dim disagreement accepted (f32 math in two summation orders agrees to
+/// ~1e-5 bits/dim; a misplaced tensor is off by whole bits).
+pub const MAX_BPD_DIFF: f64 = 1e-3;
+/// Largest sample disagreement accepted, in `u` units (one pixel level is 1/256).
+pub const MAX_SAMPLE_DIFF: f32 = 1e-3;
+
+/// Encodes `ckpt` as a blob of `dtype`.
+pub fn encode(ckpt: &Checkpoint, dtype: DType) -> Result<(Arch, Vec<u8>)> {
+    let arch = ckpt.model.to_arch()?;
+    let mut blob = vec![0u8; blob_len(&arch, dtype)];
+    write_blob(&arch, dtype, &ckpt.flat_params(), &mut blob)
+        .map_err(|e| anyhow::anyhow!("cannot encode the weights: {e}"))?;
+    Ok((arch, blob))
+}
+
+/// Checks that the kernel reading `blob` and the trainer holding `params` (rounded to f16
+/// when the blob is f16) agree on log-densities of `check` images and on samples.
+pub fn verify(
+    backend: Arc<dyn Backend>,
+    blob: &[u8],
+    params: &[Vec<f32>],
+    check: &Dataset,
+    n: usize,
+) -> Result<Agreement> {
+    let model =
+        Model::from_blob(blob).map_err(|e| anyhow::anyhow!("the blob does not parse: {e}"))?;
+    let arch = *model.arch();
+    let mut p = params.to_vec();
+    if model.dtype() == DType::F16 {
+        for t in &mut p {
+            round_to_f16(t);
+        }
+    }
+    let mut flow = Flow::new(backend, arch, &p)?;
+    let n = n.min(check.len()).max(1);
+    let d = arch.dim();
+    let mut u = vec![0.0f32; n * d];
+    for i in 0..n {
+        eval_u(check, i, arch.bits, &mut u[i * d..(i + 1) * d])?;
+    }
+    let stats = flow.forward(&u, n)?;
+    let kernel: Vec<f64> = kernel_bpd_of(&model, &u)?;
+    let mut max_bpd_diff = 0.0f64;
+    for (k, t) in kernel.iter().zip(&stats.log_prob) {
+        max_bpd_diff = max_bpd_diff.max((k - bpd(&arch, *t)).abs());
+    }
+    // Samples from the same latents.
+    let s = n.min(16);
+    let seed = 0xc0ffee;
+    let pixels_trainer = sample_pixels(&mut flow, s, 0.8, seed)?;
+    let mut scratch = vec![0.0f32; clayflow_kernel::scratch_len(&arch)];
+    let mut max_sample_diff = 0.0f32;
+    let mut pixels_differing = 0;
+    let mut z = vec![0.0f32; d];
+    for i in 0..s {
+        Normal::new(Pcg32::with_stream(seed, i as u64))
+            .fill(&mut z, 0.8)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ut = flow.inverse(&z, 1)?;
+        clayflow_kernel::inverse(&model, &mut z, &mut scratch)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (a, b) in z.iter().zip(&ut) {
+            max_sample_diff = max_sample_diff.max((a - b).abs());
+        }
+        let mut pk = vec![0u8; d];
+        clayflow_kernel::preprocess::quantize(&z, arch.bits, &mut pk)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        pixels_differing += pk
+            .iter()
+            .zip(&pixels_trainer[i * d..(i + 1) * d])
+            .filter(|(a, b)| a != b)
+            .count();
+    }
+    Ok(Agreement {
+        images: n,
+        max_bpd_diff,
+        max_sample_diff,
+        pixels_differing,
+        kernel_bpd: kernel.iter().sum::<f64>() / n as f64,
+    })
+}
+
+/// Per-image bits/dim of dequantized images `u` (concatenated) through the kernel, in
+/// parallel (one scratch buffer per worker).
+pub fn kernel_bpd_of(model: &Model<'_>, u: &[f32]) -> Result<Vec<f64>> {
+    let arch = *model.arch();
+    let d = arch.dim();
+    u.par_chunks(d)
+        .map_init(
+            || vec![0.0f32; clayflow_kernel::scratch_len(&arch)],
+            |scratch, img| {
+                let lp = clayflow_kernel::log_prob_u(model, img, scratch)
+                    .map_err(|e| anyhow::anyhow!("kernel: {e}"))?;
+                Ok(f64::from(clayflow_kernel::bits_per_dim(&arch, lp)))
+            },
+        )
+        .collect()
+}
+
+/// Exports the checkpoint at `from` (run folder or checkpoint folder) to `out` as `dtype`,
+/// after verifying kernel/trainer agreement on `check`. Refuses to write a blob that
+/// disagrees.
+pub fn export(
+    backend: Arc<dyn Backend>,
+    from: &Path,
+    out: &Path,
+    dtype: DType,
+    check: &Dataset,
+) -> Result<Agreement> {
+    let (ckpt, dir) = checkpoint::load(from)?;
+    let (_, blob) = encode(&ckpt, dtype)?;
+    let agreement = verify(backend, &blob, &ckpt.params, check, 64)
+        .with_context(|| format!("verifying the export of {}", dir.display()))?;
+    if !(agreement.max_bpd_diff <= MAX_BPD_DIFF && agreement.max_sample_diff <= MAX_SAMPLE_DIFF) {
+        bail!(
+            "refusing to write {}: kernel and trainer disagree (bits/dim by {:.3e}, limit {MAX_BPD_DIFF:e}; samples by {:.3e}, limit {MAX_SAMPLE_DIFF:e})",
+            out.display(),
+            agreement.max_bpd_diff,
+            agreement.max_sample_diff
+        );
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    fsutil::atomic_write(out, &blob).with_context(|| format!("writing {}", out.display()))?;
+    Ok(agreement)
+}
+
+/// A model to evaluate or sample from: trainer parameters, or a kernel blob.
+#[derive(Debug)]
+pub enum Source {
+    /// A checkpoint (from a run folder or a checkpoint folder).
+    Checkpoint(Box<Checkpoint>),
+    /// An exported kernel blob (the deployed path).
+    Blob(Vec<u8>),
+}
+
+impl Source {
+    /// Opens `path`: a directory is a run or checkpoint; a file is a kernel blob.
+    pub fn open(path: &Path) -> Result<Source> {
+        if path.is_dir() {
+            let (c, _) = checkpoint::load(path)?;
+            Ok(Source::Checkpoint(Box::new(c)))
+        } else {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Model::from_blob(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            Ok(Source::Blob(bytes))
+        }
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> Result<Arch> {
+        match self {
+            Source::Checkpoint(c) => Ok(c.model.to_arch()?),
+            Source::Blob(b) => Ok(*Model::from_blob(b)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .arch()),
+        }
+    }
+
+    /// Mean bits/dim over `ds` with the fixed evaluation noise.
+    pub fn evaluate(&self, backend: Arc<dyn Backend>, ds: &Dataset, batch: usize) -> Result<f64> {
+        match self {
+            Source::Checkpoint(c) => {
+                let mut flow = Flow::new(backend, c.model.to_arch()?, &c.params)?;
+                crate::train::evaluate(&mut flow, ds, batch)
+            }
+            Source::Blob(b) => {
+                let model = Model::from_blob(b).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let arch = *model.arch();
+                let d = arch.dim();
+                let mut total = 0.0;
+                let mut u = vec![0.0f32; batch * d];
+                let mut start = 0;
+                while start < ds.len() {
+                    let n = batch.min(ds.len() - start);
+                    for k in 0..n {
+                        eval_u(ds, start + k, arch.bits, &mut u[k * d..(k + 1) * d])?;
+                    }
+                    total += kernel_bpd_of(&model, &u[..n * d])?.iter().sum::<f64>();
+                    start += n;
+                }
+                Ok(total / ds.len().max(1) as f64)
+            }
+        }
+    }
+
+    /// `n` samples (quantised pixels) at `temperature`, image `i` from latent stream
+    /// `(seed, i)`: the same images from a checkpoint and from its blob.
+    pub fn sample(
+        &self,
+        backend: Arc<dyn Backend>,
+        n: usize,
+        temperature: f32,
+        seed: u64,
+    ) -> Result<Vec<u8>> {
+        match self {
+            Source::Checkpoint(c) => {
+                let mut flow = Flow::new(backend, c.model.to_arch()?, &c.params)?;
+                sample_pixels(&mut flow, n, temperature, seed)
+            }
+            Source::Blob(b) => {
+                let model = Model::from_blob(b).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let arch = *model.arch();
+                let d = arch.dim();
+                let mut pixels = vec![0u8; n * d];
+                pixels.par_chunks_mut(d).enumerate().try_for_each_init(
+                    || {
+                        (
+                            vec![0.0f32; clayflow_kernel::scratch_len(&arch)],
+                            vec![0.0f32; d],
+                        )
+                    },
+                    |(scratch, values), (i, px)| {
+                        clayflow_kernel::sample_with(
+                            &model,
+                            Pcg32::with_stream(seed, i as u64),
+                            temperature,
+                            scratch,
+                            px,
+                            values,
+                        )
+                        .map_err(|e| anyhow::anyhow!("kernel sampling: {e}"))
+                    },
+                )?;
+                Ok(pixels)
+            }
+        }
+    }
+}
