@@ -66,7 +66,7 @@ impl Mask {
 /// conv(k2, hidden1 -> 2 * changed)`; the output's first `changed` channels are `s_raw`, the
 /// last `changed` are `t`. With a channel mask `cin` is the kept channel count; with a
 /// checkerboard mask the CNN sees all channels with the changed pixels zeroed.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 pub struct Arch {
     /// Image channels (1 grey, 3 colour).
     pub channels: usize,
@@ -88,6 +88,23 @@ pub struct Arch {
     pub bits: u32,
     /// The logit constant a in `y = logit(a + (1 - 2a) u)`.
     pub logit_alpha: f32,
+}
+
+/// Two architectures are equal when every field and the *active* masks agree (the unused
+/// mask slots past `couplings` are ignored).
+impl PartialEq for Arch {
+    fn eq(&self, o: &Arch) -> bool {
+        self.channels == o.channels
+            && self.height == o.height
+            && self.width == o.width
+            && self.squeeze == o.squeeze
+            && self.couplings == o.couplings
+            && self.active_masks() == o.active_masks()
+            && self.kernels == o.kernels
+            && self.hidden == o.hidden
+            && self.bits == o.bits
+            && self.logit_alpha.to_bits() == o.logit_alpha.to_bits()
+    }
 }
 
 /// Masks that alternate `first`, flipped, `first`, ... over all [`MAX_COUPLINGS`] slots.

@@ -1,5 +1,5 @@
 //! The weight blob: one versioned little-endian binary holding the architecture and every
-//! parameter, f32 or f16, checked by CRC-32. `FORMAT.md` beside this file specifies it.
+//! parameter, f32 or f16, checked by CRC-32. `kernel/FORMAT.md` specifies it.
 //!
 //! Parsing is zero-copy: a [`Model`] borrows the blob and decodes weights as it reads them.
 
@@ -337,7 +337,8 @@ impl<'a> Model<'a> {
             dtype,
             tensors,
         };
-        // Every weight finite: then no weight can turn a finite input into NaN by itself.
+        // Every weight finite: a corrupt blob cannot smuggle NaN/inf weights in. (Finite but
+        // huge weights can still overflow f32 downstream; outputs are then inf/NaN, never a panic.)
         let mut index = 0usize;
         for i in 0..couplings {
             let c = model.coupling(i)?;

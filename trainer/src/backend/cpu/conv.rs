@@ -1282,27 +1282,32 @@ fn gemm(
 pub mod reference {
     use super::ConvShape;
 
-    /// Calls `f(n, co, ci, oy, ox, iy, ix, ki, kj)` for every in-bounds tap.
-    fn for_each_tap(s: &ConvShape, mut f: impl FnMut([usize; 9])) {
-        let pad = s.kernel / 2;
+    /// Output positions `o` (in `0..len`) whose input position `o + t - pad` is in `0..len`.
+    fn valid(len: usize, t: usize, pad: usize) -> std::ops::Range<usize> {
+        let lo = pad.saturating_sub(t).min(len);
+        let hi = (len + pad).saturating_sub(t).min(len).max(lo);
+        lo..hi
+    }
+
+    /// Enumerates every multiply-accumulate of the convolution
+    /// `y[n][co][oy][ox] += w[co][ci][ki][kj] * x[n][ci][oy + ki - pad][ox + kj - pad]`
+    /// (in-bounds taps only) as runs along `ox`: `f(yi, xi, len, wi)` stands for the MACs
+    /// between `y[yi + j]` and `x[xi + j]` for `j < len`, with weight `w[wi]` (flat indices).
+    fn for_each_mac_run(s: &ConvShape, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let (h, wd, k, pad) = (s.height, s.width, s.kernel, s.kernel / 2);
         for n in 0..s.batch {
             for co in 0..s.cout {
                 for ci in 0..s.cin {
-                    for oy in 0..s.height {
-                        for ox in 0..s.width {
-                            for ki in 0..s.kernel {
-                                for kj in 0..s.kernel {
-                                    let iy = oy + ki;
-                                    let ix = ox + kj;
-                                    if iy < pad || ix < pad {
-                                        continue;
-                                    }
-                                    let (iy, ix) = (iy - pad, ix - pad);
-                                    if iy >= s.height || ix >= s.width {
-                                        continue;
-                                    }
-                                    f([n, co, ci, oy, ox, iy, ix, ki, kj]);
-                                }
+                    for ki in 0..k {
+                        for kj in 0..k {
+                            let wi = ((co * s.cin + ci) * k + ki) * k + kj;
+                            let oxs = valid(wd, kj, pad);
+                            for oy in valid(h, ki, pad) {
+                                let iy = oy + ki - pad;
+                                let ix0 = oxs.start + kj - pad;
+                                let yi = ((n * s.cout + co) * h + oy) * wd + oxs.start;
+                                let xi = ((n * s.cin + ci) * h + iy) * wd + ix0;
+                                f(yi, xi, oxs.len(), wi);
                             }
                         }
                     }
@@ -1311,8 +1316,17 @@ pub mod reference {
         }
     }
 
-    fn idx4(d: [usize; 4], i: [usize; 4]) -> usize {
-        ((i[0] * d[1] + i[1]) * d[2] + i[2]) * d[3] + i[3]
+    /// `acc[a0 + j] += c * v[v0 + j]` for `j < len`, in f64.
+    fn axpy(acc: &mut [f64], a0: usize, c: f64, v: &[f32], v0: usize, len: usize) {
+        for (a, &x) in acc[a0..a0 + len].iter_mut().zip(&v[v0..v0 + len]) {
+            *a += c * f64::from(x);
+        }
+    }
+
+    /// `Σ_j a[a0 + j] * b[b0 + j]` for `j < len`, in f64.
+    fn dot(a: &[f32], a0: usize, b: &[f32], b0: usize, len: usize) -> f64 {
+        let pairs = a[a0..a0 + len].iter().zip(&b[b0..b0 + len]);
+        pairs.map(|(&p, &q)| f64::from(p) * f64::from(q)).sum()
     }
 
     /// Reference of `conv2d_forward`: `y = conv(x, w) + b`, then ReLU if `relu`.
@@ -1326,20 +1340,12 @@ pub mod reference {
         assert_eq!(x.len(), s.input_len());
         assert_eq!(w.len(), s.weight_len());
         assert_eq!(b.len(), s.cout);
-        let (h, wd) = (s.height, s.width);
-        let mut y = vec![0.0f64; s.output_len()];
-        for n in 0..s.batch {
-            for co in 0..s.cout {
-                for p in 0..h * wd {
-                    y[(n * s.cout + co) * h * wd + p] = f64::from(b[co]);
-                }
-            }
-        }
-        for_each_tap(s, |[n, co, ci, oy, ox, iy, ix, ki, kj]| {
-            let wi = idx4([s.cout, s.cin, s.kernel, s.kernel], [co, ci, ki, kj]);
-            let xi = idx4([s.batch, s.cin, h, wd], [n, ci, iy, ix]);
-            let yi = idx4([s.batch, s.cout, h, wd], [n, co, oy, ox]);
-            y[yi] += f64::from(w[wi]) * f64::from(x[xi]);
+        let hw = s.height * s.width;
+        let mut y: Vec<f64> = (0..s.output_len())
+            .map(|i| f64::from(b[(i / hw) % s.cout]))
+            .collect();
+        for_each_mac_run(s, |yi, xi, len, wi| {
+            axpy(&mut y, yi, f64::from(w[wi]), x, xi, len)
         });
         if relu {
             for v in &mut y {
@@ -1353,13 +1359,9 @@ pub mod reference {
     pub fn conv2d_backward_data_ref(s: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f64> {
         assert_eq!(dy.len(), s.output_len());
         assert_eq!(w.len(), s.weight_len());
-        let (h, wd) = (s.height, s.width);
         let mut dx = vec![0.0f64; s.input_len()];
-        for_each_tap(s, |[n, co, ci, oy, ox, iy, ix, ki, kj]| {
-            let wi = idx4([s.cout, s.cin, s.kernel, s.kernel], [co, ci, ki, kj]);
-            let xi = idx4([s.batch, s.cin, h, wd], [n, ci, iy, ix]);
-            let yi = idx4([s.batch, s.cout, h, wd], [n, co, oy, ox]);
-            dx[xi] += f64::from(w[wi]) * f64::from(dy[yi]);
+        for_each_mac_run(s, |yi, xi, len, wi| {
+            axpy(&mut dx, xi, f64::from(w[wi]), dy, yi, len)
         });
         dx
     }
@@ -1372,22 +1374,13 @@ pub mod reference {
     ) -> (Vec<f64>, Vec<f64>) {
         assert_eq!(x.len(), s.input_len());
         assert_eq!(dy.len(), s.output_len());
-        let (h, wd) = (s.height, s.width);
+        let hw = s.height * s.width;
         let mut dw = vec![0.0f64; s.weight_len()];
         let mut db = vec![0.0f64; s.cout];
-        for n in 0..s.batch {
-            for co in 0..s.cout {
-                for p in 0..h * wd {
-                    db[co] += f64::from(dy[(n * s.cout + co) * h * wd + p]);
-                }
-            }
+        for (i, &v) in dy.iter().enumerate() {
+            db[(i / hw) % s.cout] += f64::from(v);
         }
-        for_each_tap(s, |[n, co, ci, oy, ox, iy, ix, ki, kj]| {
-            let wi = idx4([s.cout, s.cin, s.kernel, s.kernel], [co, ci, ki, kj]);
-            let xi = idx4([s.batch, s.cin, h, wd], [n, ci, iy, ix]);
-            let yi = idx4([s.batch, s.cout, h, wd], [n, co, oy, ox]);
-            dw[wi] += f64::from(x[xi]) * f64::from(dy[yi]);
-        });
+        for_each_mac_run(s, |yi, xi, len, wi| dw[wi] += dot(x, xi, dy, yi, len));
         (dw, db)
     }
 }
