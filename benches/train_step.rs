@@ -20,7 +20,9 @@ fn train_step(c: &mut Criterion) {
     let mut grads = flow.zeros_like_params().unwrap();
     let mut m = flow.zeros_like_params().unwrap();
     let mut v = flow.zeros_like_params().unwrap();
-    let u: Vec<f32> = (0..batch * arch.dim()).map(|i| ((i * 7919) % 256) as f32 / 256.0 + 0.001).collect();
+    let u: Vec<f32> = (0..batch * arch.dim())
+        .map(|i| ((i * 7919) % 256) as f32 / 256.0 + 0.001)
+        .collect();
     let mut g = c.benchmark_group("trainer");
     g.sample_size(10);
     g.throughput(Throughput::Elements(batch as u64));
@@ -30,7 +32,14 @@ fn train_step(c: &mut Criterion) {
             flow.forward(&u, batch).unwrap();
             flow.backward(&mut grads).unwrap();
             step += 1;
-            let hp = AdamStep { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, step, grad_scale: 1.0 };
+            let hp = AdamStep {
+                lr: 1e-5,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                step,
+                grad_scale: 1.0,
+            };
             for (((p, g), m), v) in flow.params.iter_mut().zip(&grads).zip(&mut m).zip(&mut v) {
                 backend.adam(&hp, p, g, m, v).unwrap();
             }
@@ -60,7 +69,8 @@ fn kernel(c: &mut Criterion) {
         g.bench_function(format!("mnist_sample_{dtype:?}"), |b| {
             b.iter(|| {
                 seed += 1;
-                clayflow_kernel::sample(&model, seed, 0.8, &mut scratch, &mut px, &mut vals).unwrap();
+                clayflow_kernel::sample(&model, seed, 0.8, &mut scratch, &mut px, &mut vals)
+                    .unwrap();
             })
         });
         g.bench_function(format!("mnist_log_prob_{dtype:?}"), |b| {

@@ -13,14 +13,12 @@
 //! `2e-3` in the latent (logit) domain and `1e-4` in `u` (the sigmoid's slope is <= 1/4 and
 //! dividing by `1 - 2a = 0.9` keeps it so).
 
-mod common;
-
 use clayflow_kernel::arch::{alternating_masks, Mask, MNIST};
 use clayflow_kernel::coupling::{self, Work};
 use clayflow_kernel::preprocess::{logit_forward, logit_inverse};
 use clayflow_kernel::squeeze::{squeeze, unsqueeze};
 use clayflow_kernel::{forward, inverse, scratch_len, Arch, DType, Model, ScratchLayout};
-use common::{blob, max_abs_diff, random_params};
+use clayflow_suite::{blob, max_abs_diff, random_params};
 use proptest::prelude::*;
 
 const LATENT_TOL: f32 = 2e-3;

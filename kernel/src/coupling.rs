@@ -158,6 +158,8 @@ fn apply(
 }
 
 fn check_x(arch: &Arch, x: &[f32]) -> Result<(), Error> {
+    // A validated arch keeps every size product far from overflow.
+    arch.validate()?;
     let (c, h, w) = arch.flow_shape();
     let n = c * h * w;
     if x.len() != n {

@@ -273,6 +273,61 @@ mod tests {
         }
     }
 
+    /// Central-difference Jacobian of an elementwise or permuting map `f` at `x` (f64).
+    fn jacobian(x: &[f32], eps: f32, f: impl Fn(&mut [f32])) -> Vec<f64> {
+        let n = x.len();
+        let mut jac = std::vec![0f64; n * n];
+        for j in 0..n {
+            let (mut p, mut m) = (x.to_vec(), x.to_vec());
+            p[j] += eps;
+            m[j] -= eps;
+            f(&mut p);
+            f(&mut m);
+            for i in 0..n {
+                jac[i * n + j] = (f64::from(p[i]) - f64::from(m[i])) / (2.0 * f64::from(eps));
+            }
+        }
+        jac
+    }
+
+    /// The logit's log-det alone equals log|det J|.
+    #[test]
+    fn logit_log_det_equals_brute_force_jacobian() {
+        let u: Vec<f32> = (0..12).map(|i| 0.03 + 0.08 * i as f32).collect();
+        for alpha in [0.05f32, 0.2] {
+            let mut y = u.clone();
+            let ld = crate::preprocess::logit_forward(&mut y, alpha).unwrap();
+            let jac = jacobian(&u, 1e-3, |v| {
+                crate::preprocess::logit_forward(v, alpha).unwrap();
+            });
+            let brute = log_abs_det(jac, u.len());
+            // Diagonal entries ~1..30 with relative FD error ~1e-4 each.
+            assert!(
+                (brute - f64::from(ld)).abs() < 5e-3,
+                "alpha {alpha}: {brute} vs {ld}"
+            );
+        }
+    }
+
+    /// Squeeze is a permutation: its Jacobian is a 0/1 matrix with one 1 per row and column,
+    /// so log|det J| = 0.
+    #[test]
+    fn squeeze_jacobian_is_a_permutation() {
+        let x: Vec<f32> = (0..2 * 4 * 6).map(|i| i as f32).collect();
+        let jac = jacobian(&x, 0.5, |v| {
+            let mut out = std::vec![0f32; v.len()];
+            crate::squeeze::squeeze(2, 4, 6, v, &mut out).unwrap();
+            v.copy_from_slice(&out);
+        });
+        let n = x.len();
+        for i in 0..n {
+            let row = &jac[i * n..(i + 1) * n];
+            assert_eq!(row.iter().filter(|&&v| v == 1.0).count(), 1);
+            assert_eq!(row.iter().filter(|&&v| v == 0.0).count(), n - 1);
+        }
+        assert!(log_abs_det(jac, n).abs() < 1e-12);
+    }
+
     /// Coupling log-dets are not all dropped (the seed's `(1 - mask_type)` bug): with the
     /// logit excluded, the couplings' total matches sum(s) of *every* coupling.
     #[test]

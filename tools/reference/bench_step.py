@@ -35,6 +35,7 @@ import time
 import numpy as np
 import torch
 
+sys.dont_write_bytecode = True  # leave no __pycache__ in the work tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flow import RealNVP, resolve_checkpoint  # noqa: E402
 
@@ -154,25 +155,37 @@ def bench(args, pixels: np.ndarray) -> dict:
         gen = torch.Generator().manual_seed(args.seed)
         order = torch.randperm(len(train_px), generator=gen)
         state = dict(step=0)
+        phases = []  # (data, forward, backward, optimiser) seconds per step
         bs = args.batch
 
         def train_step():
+            t0 = time.perf_counter()
             k = state["step"]
             start = (k * bs) % (len(order) - bs + 1)
             x = train_px[order[start : start + bs]]
             u = (x + torch.rand(x.shape, generator=gen)) / levels
+            t1 = time.perf_counter()
             loss = model.loss(u)
+            t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            t3 = time.perf_counter()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
             for g in opt.param_groups:
                 g["lr"] = 1e-3 * min(1.0, (k + 1) / 100.0)
             opt.step()
-            state["step"] = k + 1
             state["loss"] = loss.item()
+            t4 = time.perf_counter()
+            state["step"] = k + 1
+            phases.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
 
         t_train = _median_time(train_step, args.warmup, args.steps)
         final_loss = state["loss"]
+        timed = phases[-args.steps :]
+        phase_ms = {
+            name: statistics.median(p[i] for p in timed) * 1e3
+            for i, name in enumerate(("data", "forward", "backward", "optimiser"))
+        }
 
         model.eval()
         ev_u = (val_px[: args.eval_batch] + 0.5) / levels
@@ -199,6 +212,7 @@ def bench(args, pixels: np.ndarray) -> dict:
             dict(
                 threads=threads,
                 train_step=dict(tr, batch=bs, images_per_s=bs / tr["median_s"],
+                                phase_median_ms=phase_ms,
                                 loss_after_bpd=final_loss, steps_taken=state["step"]),
                 eval=dict(ev, batch=args.eval_batch,
                           images_per_s=args.eval_batch / ev["median_s"]),
@@ -244,6 +258,10 @@ def print_table(rep: dict) -> None:
             f"{s1['median_s'] * 1e3:>12.2f} | "
             f"{s64['median_s'] * 1e3:>13.1f} {s64['images_per_s']:>7.0f}"
         )
+    print("train step phases, median ms (data = noise + batch gather; optimiser = clip + Adam):")
+    for r in rep["results"]:
+        ph = r["train_step"]["phase_median_ms"]
+        print(f"  threads {r['threads']}: " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
 
 
 # ---------------------------------------------------------------------- --check

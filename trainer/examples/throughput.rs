@@ -23,7 +23,9 @@ fn main() -> anyhow::Result<()> {
     let mut grads = flow.zeros_like_params()?;
     let mut m = flow.zeros_like_params()?;
     let mut v = flow.zeros_like_params()?;
-    let u: Vec<f32> = (0..batch * arch.dim()).map(|i| ((i * 7919) % 256) as f32 / 256.0 + 0.001).collect();
+    let u: Vec<f32> = (0..batch * arch.dim())
+        .map(|i| ((i * 7919) % 256) as f32 / 256.0 + 0.001)
+        .collect();
     let (mut tf, mut tb, mut to) = (Vec::new(), Vec::new(), Vec::new());
     for step in 0..steps + 2 {
         let t0 = Instant::now();
@@ -31,7 +33,14 @@ fn main() -> anyhow::Result<()> {
         let t1 = Instant::now();
         flow.backward(&mut grads)?;
         let t2 = Instant::now();
-        let hp = AdamStep { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: step as u64 + 1, grad_scale: 1.0 };
+        let hp = AdamStep {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: step as u64 + 1,
+            grad_scale: 1.0,
+        };
         let mut sq = 0.0;
         for g in &grads {
             sq += backend.sum_squares(g)?;
@@ -52,13 +61,50 @@ fn main() -> anyhow::Result<()> {
         v[v.len() / 2]
     };
     let (f, b, o) = (med(&mut tf), med(&mut tb), med(&mut to));
-    let fl = 2.0 * arch.plane() as f64 * arch.active_masks().iter().map(|&mk| (0..3).map(|j| { let (ci, co, k) = arch.conv_shape(mk, j); (ci * co * k * k) as f64 }).sum::<f64>()).sum::<f64>();
-    println!("{preset} preset, batch {batch}, {} threads, median of {steps} steps", rayon::current_num_threads());
-    println!("{:<10} {:>9} {:>10} {:>9}", "phase", "ms", "images/s", "GFLOP/s");
-    println!("{:<10} {:>9.1} {:>10.0} {:>9.1}", "forward", f * 1e3, batch as f64 / f, fl * batch as f64 / f / 1e9);
-    println!("{:<10} {:>9.1} {:>10.0} {:>9.1}", "backward", b * 1e3, batch as f64 / b, 2.0 * fl * batch as f64 / b / 1e9);
+    let fl = 2.0
+        * arch.plane() as f64
+        * arch
+            .active_masks()
+            .iter()
+            .map(|&mk| {
+                (0..3)
+                    .map(|j| {
+                        let (ci, co, k) = arch.conv_shape(mk, j);
+                        (ci * co * k * k) as f64
+                    })
+                    .sum::<f64>()
+            })
+            .sum::<f64>();
+    println!(
+        "{preset} preset, batch {batch}, {} threads, median of {steps} steps",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<10} {:>9} {:>10} {:>9}",
+        "phase", "ms", "images/s", "GFLOP/s"
+    );
+    println!(
+        "{:<10} {:>9.1} {:>10.0} {:>9.1}",
+        "forward",
+        f * 1e3,
+        batch as f64 / f,
+        fl * batch as f64 / f / 1e9
+    );
+    println!(
+        "{:<10} {:>9.1} {:>10.0} {:>9.1}",
+        "backward",
+        b * 1e3,
+        batch as f64 / b,
+        2.0 * fl * batch as f64 / b / 1e9
+    );
     println!("{:<10} {:>9.1}", "optimiser", o * 1e3);
     let s = f + b + o;
-    println!("{:<10} {:>9.1} {:>10.0} {:>9.1}", "step", s * 1e3, batch as f64 / s, 3.0 * fl * batch as f64 / s / 1e9);
+    println!(
+        "{:<10} {:>9.1} {:>10.0} {:>9.1}",
+        "step",
+        s * 1e3,
+        batch as f64 / s,
+        3.0 * fl * batch as f64 / s / 1e9
+    );
     Ok(())
 }

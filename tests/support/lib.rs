@@ -1,5 +1,5 @@
-//! Shared helpers for the cross-crate tests: random models through the real blob writer.
-#![allow(dead_code)]
+//! Shared support for the cross-crate tests in `tests/`: random models written through the
+//! real blob writer.
 
 use clayflow_kernel::arch::{TensorKind, COUPLING_TENSORS};
 use clayflow_kernel::{blob_len, write_blob, Arch, DType, Pcg32, Rng};

@@ -1,1 +1,0 @@
-//! Root package of the clayflow workspace: owns tests/ and benches/.
