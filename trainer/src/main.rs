@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a flow (with no arguments: the MNIST preset on the bundled 8,000 digits).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Bits/dim of a run, checkpoint or exported blob on a data set.
     Eval(EvalArgs),
     /// Draw a PNG grid of samples from a run, checkpoint or exported blob.
@@ -490,7 +490,7 @@ fn main() {
         }
     }
     let result = match cli.command {
-        Some(Command::Train(a)) => cmd_train(a),
+        Some(Command::Train(a)) => cmd_train(*a),
         Some(Command::Eval(a)) => cmd_eval(a),
         Some(Command::Sample(a)) => cmd_sample(a),
         Some(Command::Export(a)) => cmd_export(a),
@@ -498,7 +498,7 @@ fn main() {
             Ok(Cli {
                 command: Some(Command::Train(a)),
                 ..
-            }) => cmd_train(a),
+            }) => cmd_train(*a),
             _ => Err(anyhow::anyhow!(
                 "internal: default train arguments do not parse"
             )),

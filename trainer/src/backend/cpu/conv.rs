@@ -7,15 +7,18 @@
 //!
 //! # Algorithms
 //!
-//! * **im2col + sgemm** (`matrixmultiply`): used when the GEMM's M dimension (output
-//!   channels of the op) is at least [`DIRECT_MAX_M`]`+1`. Forward is
-//!   `Y[cout, HW] = W[cout, cin·k²] · cols[cin·k², HW]`, several small images per GEMM.
-//!   Backward-data is either a convolution of `dy` with the flipped, channel-transposed
-//!   kernel (when `cin >= cout`), or `dcols = Wᵀ · dy` followed by col2im.
-//!   Backward-weight is `dW[cout, cin·k²] += dy[cout, HW] · colsᵀ` per image.
-//! * **direct** (x86-64 with AVX2+FMA, detected at run time): used when the op has few
-//!   output channels (`cout` for forward/backward-weight, `cin` for backward-data), where
-//!   sgemm's 16-row tiles would be mostly padding and the im2col/packing traffic would
+//! * **im2col + sgemm** (`matrixmultiply`), for ops with many output channels:
+//!   - forward: `Y[cout, HW] = W[cout, cin·k²] · cols[cin·k², HW]` (small images are
+//!     batched, several per GEMM);
+//!   - backward-data: a "same" convolution of `dy` with the flipped, channel-transposed
+//!     kernel, or, when `cin < cout` and `cout >= 16`, `dcols = Wᵀ · dy` and col2im;
+//!   - backward-weight: `dW[cout, k²·cin] += dy[cout, HW] · colsᵀ[HW, k²·cin]` per image,
+//!     with channels-last transposed columns so the copies and sgemm's packing are
+//!     contiguous.
+//! * **direct** (x86-64 with AVX2+FMA, detected at run time; only in builds without
+//!   `debug_assertions`, as it is very slow unoptimised), for ops with at most 12 output
+//!   channels (`cout` for forward/backward-weight, `cin` for backward-data): sgemm's
+//!   16-row tiles would be mostly padding there, and im2col/packing traffic would
 //!   dominate. It reads the zero-padded image in place ("implicit GEMM": output pixels are
 //!   computed on the padded-width grid, so every kernel tap is a contiguous shifted load).
 //!
@@ -25,7 +28,8 @@
 //!
 //! Results are bitwise independent of the number of rayon threads: forward and
 //! backward-data are computed image by image, and backward-weight sums per-chunk partials
-//! whose chunking depends only on the batch size, in a fixed order.
+//! whose chunking depends only on the batch size, in a fixed order. (They can differ in
+//! the last bits between builds or CPUs that pick a different algorithm.)
 //!
 //! # Threading and matrixmultiply
 //!
@@ -103,9 +107,9 @@ impl ConvShape {
 
 /// Ops whose GEMM M dimension (output channels of the op) is at most this use the direct
 /// kernel when the CPU supports it.
-pub const DIRECT_MAX_M: usize = 12;
+const DIRECT_MAX_M: usize = 12;
 
-/// Which inner algorithm an op uses (exposed to the tests so both get checked).
+/// Which inner algorithm an op uses (the tests run every one the machine supports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Algo {
     /// im2col + matrixmultiply sgemm.
@@ -115,7 +119,10 @@ enum Algo {
 }
 
 fn pick_algo(m: usize) -> Algo {
-    if m <= DIRECT_MAX_M && simd::available() {
+    // Unoptimised (debug) builds do not inline the SIMD intrinsics, which makes the direct
+    // kernels ~100x slower there, far behind the (always optimised) matrixmultiply path;
+    // `debug_assertions` is the available proxy. The unit tests exercise both paths.
+    if m <= DIRECT_MAX_M && !cfg!(debug_assertions) && simd::available() {
         Algo::Direct
     } else {
         Algo::Gemm
@@ -244,7 +251,7 @@ fn backward_data_with(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32], plan
             // "same" convolution of dy with the spatially flipped, channel-transposed
             // kernel.
             let p = SameConv::new(s.batch, cout, cin, s.height, s.width, k);
-            with_call_scratch(w.len(), |wf| {
+            with_scratch(&FLIP_SCRATCH, w.len(), |wf| {
                 flip_transpose_weights(cout, cin, k, w, wf);
                 p.run(dy, wf, None, false, dx, algo);
             });
@@ -399,26 +406,37 @@ fn backward_weight_with(
                     }
                 }
             });
-        // Sum the chunk partials in chunk order into the first one.
+        // Sum the chunk partials into the first one: in parallel over element ranges, each
+        // element in chunk order (so the result does not depend on the thread count).
         let (first, rest) = parts.split_at_mut(part_len);
-        for part in rest.chunks_exact(part_len) {
-            add_assign(first, part);
-        }
+        let rest = &*rest;
+        const RANGE: usize = 1 << 14;
+        first
+            .par_chunks_mut(RANGE)
+            .enumerate()
+            .for_each(|(r, dst)| {
+                for part in rest.chunks_exact(part_len) {
+                    add_assign(dst, &part[r * RANGE..r * RANGE + dst.len()]);
+                }
+            });
         let (pdw, pdb) = first.split_at(dw.len());
         db.copy_from_slice(pdb);
         match algo {
             Algo::Direct => dw.copy_from_slice(pdw),
-            Algo::Gemm => {
+            Algo::Gemm if kc > 0 => {
                 // [cout][ki][kj][ci] -> [cout][ci][ki][kj]
                 let kk = k * k;
-                for co in 0..cout {
-                    for t in 0..kk {
-                        for ci in 0..cin {
-                            dw[(co * cin + ci) * kk + t] = pdw[(co * kk + t) * cin + ci];
+                dw.par_chunks_mut(kc)
+                    .zip(pdw.par_chunks(kc))
+                    .for_each(|(d, p)| {
+                        for t in 0..kk {
+                            for ci in 0..cin {
+                                d[ci * kk + t] = p[t * cin + ci];
+                            }
                         }
-                    }
-                }
+                    });
             }
+            Algo::Gemm => {}
         }
     });
 }
@@ -637,7 +655,7 @@ impl SameConv {
 /// Splits `m` rows into blocks of at most [`simd::MAX_ROWS`] rows, as even as possible.
 fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
     let nb = m.div_ceil(simd::MAX_ROWS);
-    let (base, extra) = if nb == 0 { (0, 0) } else { (m / nb, m % nb) };
+    let (base, extra) = m.checked_div(nb).map_or((0, 0), |b| (b, m - b * nb));
     (0..nb).map(move |b| {
         let start = b * base + b.min(extra);
         (start, base + usize::from(b < extra))
@@ -707,12 +725,25 @@ avx2_multiversion! {
 
 #[inline(always)]
 fn pad_image_inline(x: &[f32], c: usize, g: &PadGeo, xp: &mut [f32]) {
-    xp.fill(0.0);
-    for ci in 0..c {
-        for iy in 0..g.h {
-            let dst = ci * g.plane + (iy + g.pad) * g.wp + g.pad;
-            copy_small(&mut xp[dst..dst + g.w], &x[(ci * g.h + iy) * g.w..][..g.w]);
+    let (h, w, pad, wp) = (g.h, g.w, g.pad, g.wp);
+    let (planes, slack) = xp.split_at_mut(c * g.plane);
+    slack.fill(0.0);
+    if h == 0 || w == 0 {
+        planes.fill(0.0);
+        return;
+    }
+    // Every element is written exactly once: zero runs for the border, copies inside.
+    for (ci, p) in planes.chunks_exact_mut(g.plane).enumerate() {
+        p[..pad * wp + pad].fill(0.0);
+        for iy in 0..h {
+            let a = (iy + pad) * wp + pad;
+            copy_small(&mut p[a..a + w], &x[(ci * h + iy) * w..][..w]);
+            if iy + 1 < h {
+                // right border of this row + left border of the next one
+                zero_small(&mut p[a + w..a + w + 2 * pad]);
+            }
         }
+        p[(h - 1 + pad) * wp + pad + w..].fill(0.0);
     }
 }
 
@@ -849,6 +880,14 @@ fn im2col_t(x: &[f32], c: usize, g: &PadGeo, xt: &mut [f32], cols: &mut [f32]) {
 }
 }
 
+/// `dst.fill(0.0)` for slices of at most 16 elements, without a libc call.
+#[inline(always)]
+fn zero_small(dst: &mut [f32]) {
+    const ZEROS: [f32; 16] = [0.0; 16];
+    let n = dst.len();
+    copy_small(dst, &ZEROS[..n]);
+}
+
 /// `dst.copy_from_slice(src)` for short slices, as a few fixed-size (inlined) moves.
 #[inline(always)]
 fn copy_small(dst: &mut [f32], src: &[f32]) {
@@ -878,8 +917,15 @@ fn copy_small(dst: &mut [f32], src: &[f32]) {
         blk!(0, 4);
         blk!(n - 4, 4);
     } else {
-        for i in 0..n {
-            dst[i] = src[i];
+        // Explicit stores: a 0..n loop could be turned back into a memcpy call.
+        if n > 0 {
+            dst[0] = src[0];
+        }
+        if n > 1 {
+            dst[1] = src[1];
+        }
+        if n > 2 {
+            dst[2] = src[2];
         }
     }
 }
@@ -972,7 +1018,7 @@ mod simd {
     ) {
         assert!(available(), "direct conv kernel needs AVX2 and FMA");
         let kc = g.count();
-        assert!(kc > 0 && ldo % 16 == 0);
+        assert!(kc > 0 && ldo & 15 == 0, "fwd_rows: bad ldo");
         assert!(g.max_offset() + ldo <= xp.len(), "fwd_rows: xp too short");
         assert!(wb.len() >= kc * mb, "fwd_rows: weights too short");
         assert!(out.len() >= mb * ldo, "fwd_rows: out too short");
@@ -1051,7 +1097,7 @@ mod simd {
     ) {
         assert!(available(), "direct conv kernel needs AVX2 and FMA");
         let kc = g.count();
-        assert!(kc > 0 && ldd % 8 == 0);
+        assert!(kc > 0 && ldd & 7 == 0, "wgrad_rows: bad ldd");
         assert!(g.max_offset() + ldd <= xp.len(), "wgrad_rows: xp too short");
         assert!(dye.len() >= mb * ldd, "wgrad_rows: dy too short");
         assert!(acc.len() >= mb * kc * 8, "wgrad_rows: acc too short");
@@ -1086,6 +1132,14 @@ mod simd {
         let mut t = 0;
         // SAFETY: forwarded caller guarantees.
         unsafe {
+            // Register budget (16 ymm): MB·NT accumulators + NT x vectors + 1 dy vector.
+            if MB <= 4 {
+                while t + 3 <= kc {
+                    let offs = [g.offset(t), g.offset(t + 1), g.offset(t + 2)];
+                    wgrad_tile::<MB, 3>(xp, offs, dye, ldd, acc, kc, t);
+                    t += 3;
+                }
+            }
             while t + 2 <= kc {
                 wgrad_tile::<MB, 2>(xp, [g.offset(t), g.offset(t + 1)], dye, ldd, acc, kc, t);
                 t += 2;
@@ -1143,6 +1197,7 @@ mod simd {
     pub(super) const MAX_ROWS: usize = 6;
 
     #[derive(Clone, Copy, Debug)]
+    #[allow(dead_code)]
     pub(super) struct Taps {
         pub(super) cin: usize,
         pub(super) k: usize,
@@ -1172,6 +1227,8 @@ thread_local! {
     static WORKER_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// Per-call scratch of the calling thread (repacked weights, weight-gradient partials).
     static CALL_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// Flipped, channel-transposed weights of backward-data (calling thread).
+    static FLIP_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// Zero-padded copy of one image, used inside `im2col`.
     static PAD_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
@@ -1787,7 +1844,8 @@ mod tests {
         }
     }
 
-    /// Results are bitwise identical across runs and rayon thread counts.
+    /// Results are bitwise identical across runs and rayon thread counts (batch 21 is
+    /// split into 11 weight-gradient chunks of 2 images).
     #[test]
     fn deterministic_across_thread_counts() {
         let s = ConvShape {
@@ -1803,25 +1861,31 @@ mod tests {
         let w = rng.vec(s.weight_len());
         let b = rng.vec(s.cout);
         let dy = rng.vec(s.output_len());
-        let run = |threads: usize| {
+        let run = |threads: usize, algo: Algo, plan: DataPlan| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
             pool.install(|| {
                 let mut y = vec![0.0; s.output_len()];
-                conv2d_forward(&s, &x, &w, &b, true, &mut y);
+                forward_with(&s, &x, &w, &b, true, &mut y, algo);
                 let mut dx = vec![0.0; s.input_len()];
-                conv2d_backward_data(&s, &dy, &w, &mut dx);
+                backward_data_with(&s, &dy, &w, &mut dx, plan);
                 let mut dw = vec![0.0; s.weight_len()];
                 let mut db = vec![0.0; s.cout];
-                conv2d_backward_weight(&s, &x, &dy, &mut dw, &mut db);
+                backward_weight_with(&s, &x, &dy, &mut dw, &mut db, algo);
                 (y, dx, dw, db)
             })
         };
-        let a = run(1);
-        assert!(a == run(3));
-        assert!(a == run(2));
+        // Every data plan, and every algorithm, at least once.
+        let algos = algos();
+        for (i, plan) in data_plans().into_iter().enumerate() {
+            let algo = algos[i % algos.len()];
+            let a = run(1, algo, plan);
+            assert!(a == run(3, algo, plan), "{algo:?} {plan:?}");
+            assert!(a == run(2, algo, plan), "{algo:?} {plan:?}");
+            assert!(a == run(2, algo, plan), "{algo:?} {plan:?}");
+        }
     }
 
     #[test]

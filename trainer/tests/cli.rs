@@ -1,0 +1,908 @@
+//! End-to-end tests of the `clayflow` binary: `train`, `eval`, `sample` and `export` on tiny
+//! models (2 couplings, hidden widths 4 and 8) and a few hundred of the bundled MNIST digits,
+//! so every run takes a fraction of a second.
+//!
+//! Every child process runs in its own temporary folder under a wall-clock limit, so a hang
+//! (a training loop that never ends) fails the test instead of stalling the suite.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clayflow_kernel::{DType, Model};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_clayflow");
+const DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data");
+
+/// Longest any single command may take before it counts as hung.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The tiny model and data every training run here uses (the hidden widths are given as two
+/// values, see `hidden_accepts_the_documented_comma_form`).
+const TINY: &[&str] = &[
+    "--couplings",
+    "2",
+    "--hidden",
+    "4",
+    "8",
+    "--limit",
+    "256",
+    "--val-split",
+    "64",
+    "--batch-size",
+    "16",
+    "--quiet",
+];
+
+fn mnist() -> PathBuf {
+    Path::new(DATA_DIR).join("mnist8k-train-images-idx3-ubyte.gz")
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    secs: f64,
+}
+
+impl Out {
+    fn ok(self) -> Out {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "command failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    fn failed(self) -> Out {
+        assert!(
+            matches!(self.code, Some(c) if c != 0),
+            "command should have failed with an error (got {:?})\nstdout:\n{}\nstderr:\n{}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        assert!(
+            self.stderr.contains("error"),
+            "no error message on stderr: {}",
+            self.stderr
+        );
+        self
+    }
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+/// Runs `clayflow ARGS` in `cwd`, killing it after `limit`.
+fn run_in(cwd: &Path, args: &[&str], limit: Duration) -> Out {
+    let start = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start clayflow");
+    let out = drain(child.stdout.take().expect("stdout"));
+    let err = drain(child.stderr.take().expect("stderr"));
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for clayflow") {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            let tail: String = {
+                let lines: Vec<&str> = stderr.lines().collect();
+                lines[lines.len().saturating_sub(10)..].join("\n")
+            };
+            panic!(
+                "clayflow {} did not finish within {limit:?}; last stderr lines:\n{tail}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Out {
+        code: status.code(),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+        secs: start.elapsed().as_secs_f64(),
+    }
+}
+
+fn run(cwd: &Path, args: &[&str]) -> Out {
+    run_in(cwd, args, LIMIT)
+}
+
+/// `clayflow train` with the tiny model plus `extra`, into `out`.
+fn train(cwd: &Path, out: &str, extra: &[&str]) -> Out {
+    let mut args = vec!["train", "--out", out];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(extra);
+    run(cwd, &args)
+}
+
+/// The metrics log of a run, one JSON object per line.
+fn metrics(run_dir: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl");
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
+fn step_of(rec: &Value) -> u64 {
+    rec["step"].as_u64().expect("step")
+}
+
+/// The checkpoint folder `LATEST` names (asserting it exists).
+fn latest(run_dir: &Path) -> PathBuf {
+    let ck = run_dir.join("checkpoints");
+    let name = std::fs::read_to_string(ck.join("LATEST")).expect("LATEST");
+    let dir = ck.join(name.trim());
+    assert!(dir.is_dir(), "LATEST names {name:?}, which is not a folder");
+    dir
+}
+
+/// Name, dtype, shape and raw bytes of every tensor in a safetensors file, sorted by name.
+type Tensors = Vec<(String, String, Vec<usize>, Vec<u8>)>;
+
+fn tensors(path: &Path) -> Tensors {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+    let mut v: Tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            (
+                name,
+                format!("{:?}", t.dtype()),
+                t.shape().to_vec(),
+                t.data().to_vec(),
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(!v.is_empty(), "{} holds no tensors", path.display());
+    v
+}
+
+/// All f32 values of a safetensors file.
+fn f32_values(path: &Path) -> Vec<f32> {
+    tensors(path)
+        .into_iter()
+        .flat_map(|(name, dtype, _, data)| {
+            assert_eq!(dtype, "F32", "tensor {name}");
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn final_model(run_dir: &Path) -> PathBuf {
+    latest(run_dir).join("model.safetensors")
+}
+
+/// The number right before `unit` in `text` (e.g. `10.7535 bits/dim` -> 10.7535).
+fn number_before(text: &str, unit: &str) -> f64 {
+    let at = text
+        .find(unit)
+        .unwrap_or_else(|| panic!("no {unit:?} in {text:?}"));
+    let word = text[..at]
+        .split_whitespace()
+        .last()
+        .unwrap_or_else(|| panic!("nothing before {unit:?} in {text:?}"));
+    word.parse()
+        .unwrap_or_else(|e| panic!("{word:?} before {unit:?} is not a number: {e}"))
+}
+
+/// The number right after `label` in `text` (e.g. `diff| 1.2e-5,` -> 1.2e-5).
+fn number_after(text: &str, label: &str) -> f64 {
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {text:?}"))
+        + label.len();
+    let word: String = text[at..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
+        .collect();
+    word.parse()
+        .unwrap_or_else(|e| panic!("{word:?} after {label:?} is not a number: {e}"))
+}
+
+fn rgb(path: &Path) -> image::RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+#[test]
+fn train_writes_a_complete_run_folder() {
+    let tmp = TempDir::new().unwrap();
+    let out = train(
+        tmp.path(),
+        "run",
+        &[
+            "--steps",
+            "24",
+            "--checkpoint-steps",
+            "4",
+            "--eval-steps",
+            "4",
+            "--samples",
+            "6",
+        ],
+    )
+    .ok();
+    let run = tmp.path().join("run");
+
+    // The summary line: steps, and the final validation score.
+    assert!(out.stdout.contains("trained 24 steps"), "{}", out.stdout);
+    assert!(out.stdout.contains("validation"), "{}", out.stdout);
+    let printed_val = number_before(&out.stdout, "bits/dim");
+    assert!(
+        printed_val.is_finite() && printed_val > 0.5 && printed_val < 16.0,
+        "validation {printed_val} bits/dim is not plausible for 8-bit pixels"
+    );
+    assert!(
+        out.stdout.contains("on 64 held-out images"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("256 training / 64 validation images"),
+        "{}",
+        out.stderr
+    );
+
+    // train.json holds the settings resume needs.
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("train.json")).unwrap()).unwrap();
+    assert_eq!(cfg["batch_size"], 16);
+    assert_eq!(cfg["max_steps"], 24);
+    assert_eq!(cfg["seed"], 0);
+    assert_eq!(cfg["model"]["hidden"], serde_json::json!([4, 8]));
+    assert_eq!(cfg["model"]["masks"].as_array().unwrap().len(), 2);
+    assert!(
+        cfg["dataset"].as_str().unwrap().contains("mnist8k"),
+        "{}",
+        cfg["dataset"]
+    );
+
+    // metrics.jsonl: steps never go back; validation every 4 steps; a final record.
+    let recs = metrics(&run);
+    let steps: Vec<u64> = recs.iter().map(step_of).collect();
+    assert!(
+        steps.windows(2).all(|w| w[0] <= w[1]),
+        "steps go backwards: {steps:?}"
+    );
+    let val_steps: Vec<u64> = recs
+        .iter()
+        .filter(|r| r["val_bpd"].is_f64() && r["event"].is_null())
+        .map(step_of)
+        .collect();
+    assert_eq!(val_steps, vec![4, 8, 12, 16, 20, 24]);
+    assert!(
+        recs.iter()
+            .any(|r| step_of(r) == 20 && r["train_bpd"].as_f64().is_some_and(f64::is_finite)),
+        "no training loss record at step 20: {recs:?}"
+    );
+    let last = recs.last().unwrap();
+    assert_eq!(step_of(last), 24);
+    assert_eq!(last["event"], "finished");
+    let final_val = last["val_bpd"].as_f64().expect("final val_bpd");
+    assert!(
+        (final_val - printed_val).abs() < 6e-5,
+        "printed {printed_val}, logged {final_val}"
+    );
+
+    // samples.png: 6 samples -> 3 columns x 2 rows of 28x28 upscaled 3x, 2-pixel padding.
+    let img = rgb(&run.join("samples.png"));
+    let cell = 28 * 3 + 2;
+    assert_eq!(
+        (img.width(), img.height()),
+        (3 * cell + 2, 2 * cell + 2),
+        "grid size"
+    );
+    let first = img.get_pixel(2 + 14 * 3, 2 + 14 * 3);
+    assert!(
+        img.pixels().any(|p| p != first),
+        "the sample grid is a single colour"
+    );
+
+    // loss.svg is an SVG document.
+    let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+    assert!(svg.trim_end().ends_with("</svg>"));
+
+    // Checkpoints: LATEST names the final one, which holds the final state; old ones pruned.
+    let dir = latest(&run);
+    assert_eq!(dir.file_name().unwrap(), "step-00000024");
+    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        assert!(dir.join(f).is_file(), "{} missing", f);
+    }
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["state"]["step"], 24);
+    assert_eq!(state["state"]["last_val_bpd"].as_f64(), Some(final_val));
+    let kept: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert!(
+        (1..=3).contains(&kept.len()),
+        "expected at most 3 checkpoints kept, found {kept:?}"
+    );
+    let model = tensors(&dir.join("model.safetensors"));
+    assert_eq!(model.len(), 2 * 7, "7 tensors per coupling");
+    assert!(f32_values(&dir.join("model.safetensors"))
+        .iter()
+        .all(|v| v.is_finite()));
+}
+
+#[test]
+fn same_seed_same_weights_and_resume_continues_exactly() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let train_12 = |out: &str, seed: &str| {
+        train(
+            t,
+            out,
+            &[
+                "--checkpoint-steps",
+                "4",
+                "--eval-steps",
+                "4",
+                "--samples",
+                "4",
+                "--steps",
+                "12",
+                "--seed",
+                seed,
+            ],
+        )
+        .ok()
+    };
+    train_12("a", "0");
+    train_12("a_again", "0");
+    train_12("seed1", "1");
+    let b = [
+        "--checkpoint-steps",
+        "4",
+        "--eval-steps",
+        "4",
+        "--samples",
+        "4",
+        "--steps",
+        "8",
+    ];
+    let first = train(t, "b", &b).ok();
+    assert!(first.stdout.contains("trained 8 steps"), "{}", first.stdout);
+    let resumed = run(
+        t,
+        &[
+            "train",
+            "--resume",
+            "b",
+            "--steps",
+            "12",
+            "--limit",
+            "256",
+            "--val-split",
+            "64",
+            "--quiet",
+        ],
+    )
+    .ok();
+    assert!(
+        resumed.stderr.contains("resuming from") && resumed.stderr.contains("(step 8)"),
+        "{}",
+        resumed.stderr
+    );
+    assert!(
+        resumed.stdout.contains("trained 12 steps"),
+        "{}",
+        resumed.stdout
+    );
+
+    let (ra, rb) = (t.join("a"), t.join("b"));
+    assert_eq!(latest(&ra).file_name().unwrap(), "step-00000012");
+    assert_eq!(latest(&rb).file_name().unwrap(), "step-00000012");
+    let wa = tensors(&final_model(&ra));
+    assert_eq!(
+        wa,
+        tensors(&final_model(&rb)),
+        "8 steps + resume to 12 differs from 12 straight steps"
+    );
+    // The optimiser state continues exactly as well.
+    let opt = |r: &Path| tensors(&latest(r).join("optimizer.safetensors"));
+    assert_eq!(opt(&ra), opt(&rb), "Adam moments differ after resume");
+    assert_eq!(
+        wa,
+        tensors(&final_model(&t.join("a_again"))),
+        "the same seed gave different weights"
+    );
+    let ws = tensors(&final_model(&t.join("seed1")));
+    assert_eq!(ws.len(), wa.len());
+    assert!(
+        wa.iter().zip(&ws).all(|(x, y)| x.0 == y.0 && x.2 == y.2),
+        "same names and shapes"
+    );
+    assert_ne!(wa, ws, "a different seed gave identical weights");
+
+    // B's metrics: the first session up to step 8, then the resumed one from 8 to 12,
+    // ending on the same validation score as the uninterrupted run.
+    let mb = metrics(&rb);
+    let steps: Vec<u64> = mb.iter().map(step_of).collect();
+    assert!(
+        steps.windows(2).all(|w| w[0] <= w[1]),
+        "steps go backwards after resume: {steps:?}"
+    );
+    let finished: Vec<u64> = mb
+        .iter()
+        .filter(|r| r["event"] == "finished")
+        .map(step_of)
+        .collect();
+    assert_eq!(finished, vec![8, 12], "{mb:?}");
+    let after: Vec<u64> = steps.iter().copied().filter(|&s| s > 8).collect();
+    assert!(
+        !after.is_empty() && after.iter().all(|&s| s <= 12),
+        "{steps:?}"
+    );
+    let ma = metrics(&ra);
+    assert_eq!(
+        ma.last().unwrap()["val_bpd"],
+        mb.last().unwrap()["val_bpd"],
+        "final validation differs between the straight and the resumed run"
+    );
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    train(t, "two", &["--steps", "6", "--samples", "1"]).ok();
+    let mut args = vec!["--threads", "1", "train", "--out", "one"];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(&["--steps", "6", "--samples", "1"]);
+    run(t, &args).ok();
+    assert_eq!(
+        tensors(&final_model(&t.join("one"))),
+        tensors(&final_model(&t.join("two")))
+    );
+}
+
+#[test]
+fn export_f32_and_f16_agree_with_the_run() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    train(t, "run", &["--steps", "12", "--samples", "4"]).ok();
+
+    let mut sizes = Vec::new();
+    for (dtype, want) in [("f32", DType::F32), ("f16", DType::F16)] {
+        let blob = format!("out/model-{dtype}.blob");
+        let out = run(
+            t,
+            &["export", "--model", "run", "--out", &blob, "--dtype", dtype],
+        )
+        .ok();
+        let bpd_diff = number_after(&out.stdout, "max |bits/dim diff|");
+        let sample_diff = number_after(&out.stdout, "max |sample diff|");
+        assert!(bpd_diff < 1e-3, "{dtype}: bits/dim diff {bpd_diff}");
+        assert!(sample_diff < 1e-3, "{dtype}: sample diff {sample_diff}");
+        let bytes = std::fs::read(t.join(&blob)).unwrap();
+        let model = Model::from_blob(&bytes).unwrap_or_else(|e| panic!("{dtype} blob: {e}"));
+        assert_eq!(model.dtype(), want);
+        let arch = model.arch();
+        assert_eq!(
+            (arch.channels, arch.height, arch.width, arch.couplings),
+            (1, 28, 28, 2)
+        );
+        assert_eq!(arch.hidden, [4, 8]);
+        assert!(
+            out.stdout.contains(&format!("{} bytes", bytes.len())),
+            "{}",
+            out.stdout
+        );
+        sizes.push(bytes.len());
+    }
+    assert!(
+        sizes[1] < sizes[0] * 6 / 10,
+        "f16 blob not about half the f32 blob: {sizes:?}"
+    );
+
+    // eval: the blob (kernel) and the run (trainer) score the same images alike.
+    let score = |model: &str| -> f64 {
+        let out = run(t, &["eval", "--model", model, "--last", "64"]).ok();
+        assert!(out.stdout.contains("on 64 images"), "{}", out.stdout);
+        number_before(&out.stdout, "bits/dim")
+    };
+    let (s_run, s32, s16) = (
+        score("run"),
+        score("out/model-f32.blob"),
+        score("out/model-f16.blob"),
+    );
+    assert!(s_run.is_finite() && s_run > 0.5, "{s_run}");
+    assert!((s_run - s32).abs() < 1e-3, "run {s_run} vs f32 blob {s32}");
+    assert!((s_run - s16).abs() < 2e-2, "run {s_run} vs f16 blob {s16}");
+
+    // sample: the same seed gives (nearly) the same pictures from the blob and the run.
+    let sample = |model: &str, seed: &str, png: &str| -> image::RgbImage {
+        let out = run(
+            t,
+            &[
+                "sample", "--model", model, "--n", "4", "--seed", seed, "--out", png,
+            ],
+        )
+        .ok();
+        assert!(out.stdout.contains("wrote 4 samples"), "{}", out.stdout);
+        rgb(&t.join(png))
+    };
+    let from_run = sample("run", "5", "run.png");
+    let from_blob = sample("out/model-f32.blob", "5", "blob.png");
+    assert_eq!(from_run.dimensions(), (2 * 86 + 2, 2 * 86 + 2));
+    assert_eq!(from_run.dimensions(), from_blob.dimensions());
+    let differing = from_run
+        .pixels()
+        .zip(from_blob.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    // Upscaled 3x: one differing sample pixel is 9 picture pixels; allow a few boundary cases.
+    assert!(
+        differing <= 9 * 8,
+        "{differing} pixels differ between run and blob samples"
+    );
+    // A different seed gives different pictures (the comparison above is not vacuous).
+    let other = sample("run", "6", "other.png");
+    assert!(
+        from_run
+            .pixels()
+            .zip(other.pixels())
+            .filter(|(a, b)| a != b)
+            .count()
+            > 100,
+        "seed 5 and seed 6 gave (almost) the same samples"
+    );
+}
+
+#[test]
+fn bad_data_files_are_named_in_the_error() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let gz = std::fs::read(mnist()).unwrap();
+    std::fs::write(t.join("truncated.gz"), &gz[..gz.len() / 3]).unwrap();
+    // Deterministic junk (not a gzip, IDX or CIFAR file).
+    let junk: Vec<u8> = (0u32..5000)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(t.join("random.idx"), &junk).unwrap();
+    std::fs::write(t.join("random.bin"), &junk).unwrap();
+    for (file, what) in [
+        ("truncated.gz", "truncated"),
+        ("random.idx", "IDX"),
+        ("random.bin", "CIFAR"),
+    ] {
+        let out = train(t, "run", &["--data", file, "--steps", "1000000"]).failed();
+        assert!(out.stderr.contains(file), "{file}: {}", out.stderr);
+        assert!(out.stderr.contains(what), "{file}: {}", out.stderr);
+        assert!(
+            !t.join("run").join("checkpoints").exists(),
+            "{file}: a run was started"
+        );
+    }
+}
+
+#[test]
+fn unwritable_out_fails_before_training() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    std::fs::write(t.join("file.txt"), b"a regular file").unwrap();
+    // A budget that would take minutes: the failure must come first.
+    let out = train(t, "file.txt/run", &["--steps", "1000000"]).failed();
+    assert!(out.stderr.contains("not writable"), "{}", out.stderr);
+    assert!(out.stderr.contains("file.txt/run"), "{}", out.stderr);
+    assert!(!out.stdout.contains("trained"), "{}", out.stdout);
+    assert!(out.secs < 20.0, "took {:.1} s to fail", out.secs);
+    assert_eq!(
+        std::fs::read(t.join("file.txt")).unwrap(),
+        b"a regular file"
+    );
+}
+
+#[test]
+fn corrupted_blob_is_rejected_with_a_checksum_error() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    train(t, "run", &["--steps", "2", "--samples", "1"]).ok();
+    run(
+        t,
+        &[
+            "export", "--model", "run", "--out", "m.blob", "--dtype", "f32",
+        ],
+    )
+    .ok();
+    let mut bytes = std::fs::read(t.join("m.blob")).unwrap();
+    Model::from_blob(&bytes).expect("the exported blob parses");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(t.join("bad.blob"), &bytes).unwrap();
+    for cmd in [
+        &["eval", "--model", "bad.blob", "--last", "16"][..],
+        &[
+            "sample", "--model", "bad.blob", "--n", "1", "--out", "s.png",
+        ][..],
+    ] {
+        let out = run(t, cmd).failed();
+        assert!(out.stderr.contains("checksum"), "{cmd:?}: {}", out.stderr);
+        assert!(out.stderr.contains("bad.blob"), "{cmd:?}: {}", out.stderr);
+    }
+    assert!(!t.join("s.png").exists());
+}
+
+#[test]
+fn export_from_a_folder_that_is_not_a_run_fails_clearly() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    std::fs::create_dir(t.join("notarun")).unwrap();
+    std::fs::write(t.join("notarun").join("notes.txt"), b"hello").unwrap();
+    let out = run(t, &["export", "--model", "notarun", "--out", "m.blob"]).failed();
+    assert!(out.stderr.contains("notarun"), "{}", out.stderr);
+    assert!(out.stderr.contains("no checkpoint"), "{}", out.stderr);
+    assert!(!t.join("m.blob").exists(), "a blob was written");
+    let out = run(t, &["export", "--model", "missing", "--out", "m.blob"]).failed();
+    assert!(out.stderr.contains("missing"), "{}", out.stderr);
+    assert!(!t.join("m.blob").exists(), "a blob was written");
+}
+
+#[test]
+fn resume_without_checkpoints_fails_clearly() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    // An empty folder: not a run at all.
+    std::fs::create_dir(t.join("empty")).unwrap();
+    let out = run(t, &["train", "--resume", "empty", "--steps", "4"]).failed();
+    assert!(out.stderr.contains("empty"), "{}", out.stderr);
+    assert!(out.stderr.contains("train.json"), "{}", out.stderr);
+    // A run whose settings were written but that never saved a checkpoint.
+    train(t, "done", &["--steps", "2", "--samples", "1"]).ok();
+    std::fs::create_dir_all(t.join("fresh").join("checkpoints")).unwrap();
+    std::fs::copy(t.join("done/train.json"), t.join("fresh/train.json")).unwrap();
+    let mut args = vec!["train", "--resume", "fresh", "--steps", "4"];
+    args.extend_from_slice(TINY);
+    let out = run(t, &args).failed();
+    assert!(out.stderr.contains("fresh"), "{}", out.stderr);
+    assert!(out.stderr.contains("no checkpoint"), "{}", out.stderr);
+    assert!(!t.join("fresh/metrics.jsonl").exists());
+}
+
+#[test]
+fn training_into_an_existing_run_requires_resume() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    train(t, "run", &["--steps", "4", "--samples", "1"]).ok();
+    let cfg_before = std::fs::read(t.join("run/train.json")).unwrap();
+    let metrics_before = std::fs::read(t.join("run/metrics.jsonl")).unwrap();
+    let latest_before = latest(&t.join("run"));
+    let out = train(t, "run", &["--steps", "8", "--seed", "3"]).failed();
+    assert!(out.stderr.contains("--resume"), "{}", out.stderr);
+    assert!(out.stderr.contains("already holds a run"), "{}", out.stderr);
+    assert_eq!(
+        std::fs::read(t.join("run/train.json")).unwrap(),
+        cfg_before,
+        "train.json was overwritten"
+    );
+    assert_eq!(
+        std::fs::read(t.join("run/metrics.jsonl")).unwrap(),
+        metrics_before,
+        "metrics.jsonl was touched"
+    );
+    assert_eq!(latest(&t.join("run")), latest_before);
+}
+
+#[test]
+fn colour_model_on_mnist_names_the_shape_mismatch() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let mut model =
+        serde_json::to_value(clayflow_trainer::config::ModelConfig::preset("color").unwrap())
+            .unwrap();
+    model["masks"] = serde_json::json!(["checker-even", "checker-odd"]);
+    model["hidden"] = serde_json::json!([4, 8]);
+    std::fs::write(t.join("colour.json"), model.to_string()).unwrap();
+    let mnist = mnist();
+    let out = run(
+        t,
+        &[
+            "train",
+            "--config",
+            "colour.json",
+            "--data",
+            mnist.to_str().unwrap(),
+            "--steps",
+            "1000000",
+            "--out",
+            "run",
+            "--quiet",
+        ],
+    )
+    .failed();
+    assert!(out.stderr.contains("wrong shape"), "{}", out.stderr);
+    assert!(out.stderr.contains("1x28x28"), "{}", out.stderr);
+    assert!(out.stderr.contains("3x32x32"), "{}", out.stderr);
+    assert!(out.stderr.contains("mnist8k"), "{}", out.stderr);
+    assert!(!t.join("run").exists(), "a run folder was created");
+}
+
+#[test]
+fn non_finite_steps_below_the_limit_are_skipped() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let out = train(
+        t,
+        "run",
+        &["--steps", "10", "--inject-nan-at", "3,4", "--samples", "1"],
+    )
+    .ok();
+    assert!(out.stdout.contains("trained 10 steps"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("2 non-finite steps were skipped"),
+        "{}",
+        out.stdout
+    );
+    let events: Vec<(u64, String)> = metrics(&t.join("run"))
+        .iter()
+        .filter_map(|r| Some((step_of(r), r["event"].as_str()?.to_string())))
+        .filter(|(_, e)| e.contains("non-finite"))
+        .collect();
+    assert_eq!(
+        events.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![3, 4],
+        "{events:?}"
+    );
+    let model = final_model(&t.join("run"));
+    assert!(f32_values(&model).iter().all(|v| v.is_finite()));
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(latest(&t.join("run")).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["state"]["nonfinite_skips"], 2);
+    assert_eq!(state["state"]["restores"], 0);
+}
+
+/// Three bad steps in a row restore the last checkpoint and halve the learning rate; the run
+/// then finishes its budget.
+///
+/// BUG (trainer/src/train.rs): `--inject-nan-at` poisons a step every time the loop reaches
+/// it, and a restore always rewinds to a step before the bad streak, so the same three steps
+/// fail again, forever (the learning rate halves down to 0 and metrics.jsonl grows without
+/// bound). The `--minutes` safety net below lets this test end (and fail) instead of hanging.
+#[test]
+#[ignore = "known bug: NaN injection replays after every restore, so the run never ends"]
+fn three_non_finite_steps_restore_the_last_checkpoint() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let out = train(
+        t,
+        "run",
+        &[
+            "--steps",
+            "10",
+            "--inject-nan-at",
+            "3,4,5",
+            "--checkpoint-steps",
+            "2",
+            "--samples",
+            "1",
+            "--minutes",
+            "0.1",
+        ],
+    )
+    .ok();
+    assert!(out.stdout.contains("trained 10 steps"), "{}", out.stdout);
+    let recs = metrics(&t.join("run"));
+    let events: Vec<&str> = recs.iter().filter_map(|r| r["event"].as_str()).collect();
+    assert_eq!(
+        events.iter().filter(|e| e.contains("non-finite")).count(),
+        4,
+        "3 skipped steps and the restore: {events:?}"
+    );
+    let restores: Vec<&&str> = events.iter().filter(|e| e.contains("restored")).collect();
+    assert_eq!(restores.len(), 1, "{events:?}");
+    assert!(restores[0].contains("step-00000002"), "{}", restores[0]);
+    assert!(restores[0].contains("x0.5"), "{}", restores[0]);
+    assert_eq!(step_of(recs.last().unwrap()), 10);
+    assert!(f32_values(&final_model(&t.join("run")))
+        .iter()
+        .all(|v| v.is_finite()));
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(latest(&t.join("run")).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["state"]["restores"], 1);
+    assert_eq!(state["state"]["lr_scale"], 0.5);
+}
+
+/// `--hidden` is documented as `e.g. 16,128`.
+///
+/// BUG (trainer/src/main.rs): `#[arg(long, value_delimiter = ',', num_args = 2)]` makes clap
+/// demand two separate values, so the documented `--hidden 4,8` fails with "2 values
+/// required for '--hidden <HIDDEN> <HIDDEN>' but 1 was provided"; only `--hidden 4 8` works.
+#[test]
+#[ignore = "known bug: --hidden rejects the documented comma form"]
+fn hidden_accepts_the_documented_comma_form() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let out = run(
+        t,
+        &[
+            "train",
+            "--couplings",
+            "2",
+            "--hidden",
+            "4,8",
+            "--limit",
+            "64",
+            "--val-split",
+            "16",
+            "--batch-size",
+            "16",
+            "--steps",
+            "1",
+            "--samples",
+            "1",
+            "--out",
+            "run",
+            "--quiet",
+        ],
+    )
+    .ok();
+    assert!(out.stdout.contains("trained 1 steps"), "{}", out.stdout);
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("run/train.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model"]["hidden"], serde_json::json!([4, 8]));
+}
+
+/// Resuming needs only the run folder and a budget.
+///
+/// BUG (trainer/src/main.rs): `--data`, `--limit`, `--val-split` and `--crops-per-image` are
+/// not saved in train.json, so `train --resume RUN --steps N` silently continues on the
+/// default data (here 7,000 training / 1,000 validation images instead of 256 / 64) and the
+/// result differs from the uninterrupted run.
+#[test]
+#[ignore = "known bug: resume forgets --data/--limit/--val-split"]
+fn resume_reuses_the_data_settings_of_the_run() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    train(t, "a", &["--steps", "6", "--samples", "1"]).ok();
+    train(t, "b", &["--steps", "3", "--samples", "1"]).ok();
+    let out = run(t, &["train", "--resume", "b", "--steps", "6", "--quiet"]).ok();
+    assert!(
+        out.stderr.contains("256 training / 64 validation images"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        tensors(&final_model(&t.join("a"))),
+        tensors(&final_model(&t.join("b")))
+    );
+}
