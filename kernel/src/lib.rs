@@ -15,9 +15,11 @@
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod arch;
 pub mod base;
+pub mod buffers;
 pub mod conv;
 pub mod coupling;
 pub mod error;
@@ -34,6 +36,7 @@ pub use arch::{
     MNIST,
 };
 pub use base::{Normal, Pcg32, Rng};
+pub use buffers::Buffers;
 pub use error::Error;
 pub use flow::{bits_per_dim, forward, inverse, log_prob, log_prob_u, sample, sample_with};
 pub use weights::{blob_len, write_blob, DType, Model};
