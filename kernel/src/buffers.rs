@@ -87,7 +87,7 @@ mod tests {
         let b = blob(&MNIST, DType::F16, &random_params(&MNIST, 2, 1.0));
         let model = Model::from_blob(&b).unwrap();
         let mut bufs: std::boxed::Box<Buffers<{ scratch_len(&MNIST) }, { image_len(&MNIST) }>> =
-            std::boxed::Box::new(Buffers::new());
+            std::boxed::Box::default();
         let (px, vals) = bufs.sample(&model, 9, 0.7).unwrap();
         let (px, vals) = (*px, *vals);
         let mut scratch = std::vec![0.0; scratch_len(&MNIST)];
