@@ -52,9 +52,10 @@ struct DataArgs {
     /// images. Default: the bundled MNIST digits, or the bundled photos for colour models.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Random crops per picture when the data is an image folder (0: one centre crop each).
-    #[arg(long, default_value_t = 500)]
-    crops_per_image: usize,
+    /// Random crops per picture when the data is an image folder (0: one centre crop each;
+    /// default 500, or the run's setting on --resume).
+    #[arg(long)]
+    crops_per_image: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,14 +69,15 @@ struct TrainArgs {
     /// Override the number of couplings (masks keep alternating).
     #[arg(long)]
     couplings: Option<usize>,
-    /// Override the two hidden widths, e.g. 16,128.
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    /// Override the two hidden widths, e.g. 16,128 (or 16 128).
+    #[arg(long, value_delimiter = ',', num_args = 1..=2)]
     hidden: Option<Vec<usize>>,
     #[command(flatten)]
     data: DataArgs,
-    /// Images held out (the last ones) for validation.
-    #[arg(long, default_value_t = 1000)]
-    val_split: usize,
+    /// Images held out (the last ones) for validation (default 1000, or the run's setting on
+    /// --resume).
+    #[arg(long)]
+    val_split: Option<usize>,
     /// Use only the first N training images (quick runs).
     #[arg(long)]
     limit: Option<usize>,
@@ -206,11 +208,12 @@ fn load_data(args: &DataArgs, c: usize, h: usize, w: usize) -> Result<(Dataset, 
         None if c == 3 => data_dir().join("photos"),
         None => bail!("no bundled data fits a {c}x{h}x{w} model; pass --data"),
     };
-    let crop = if args.crops_per_image == 0 {
+    let crops_per_image = args.crops_per_image.unwrap_or(500);
+    let crop = if crops_per_image == 0 {
         Crop::Center
     } else {
         Crop::Random {
-            per_image: args.crops_per_image,
+            per_image: crops_per_image,
             scale_to: (2 * h.max(w)).max(64) as u32,
             seed: 7,
         }
@@ -272,6 +275,19 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             cfg.minutes = a.minutes;
             cfg.max_steps = a.steps;
         }
+        // So are data flags; without them the run continues on its own data.
+        if a.data.data.is_some() {
+            cfg.data = a.data.data.clone();
+        }
+        if a.limit.is_some() {
+            cfg.limit = a.limit;
+        }
+        if let Some(v) = a.val_split {
+            cfg.val_split = v;
+        }
+        if let Some(c) = a.data.crops_per_image {
+            cfg.crops_per_image = c;
+        }
         (cfg, run.clone(), true)
     } else {
         let mut model = match &a.config {
@@ -296,7 +312,10 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
                 .collect();
         }
         if let Some(h) = &a.hidden {
-            model.hidden = [h[0], h[1]];
+            let &[h0, h1] = h.as_slice() else {
+                bail!("--hidden takes two widths, e.g. --hidden 16,128 (got {h:?})");
+            };
+            model.hidden = [h0, h1];
         }
         model.to_arch()?;
         let mut cfg = TrainConfig::new(model, String::new());
@@ -318,17 +337,30 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         cfg.samples = a.samples;
         cfg.temperature = a.temperature;
         cfg.inject_nan_at = a.inject_nan_at.clone();
+        // An absolute path, so that resuming from another folder finds the same data.
+        cfg.data = a
+            .data
+            .data
+            .as_ref()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+        cfg.limit = a.limit;
+        cfg.val_split = a.val_split.unwrap_or(1000);
+        cfg.crops_per_image = a.data.crops_per_image.unwrap_or(500);
         (cfg, a.out.clone(), false)
     };
     let arch = cfg.model.to_arch()?;
-    let (ds, desc) = load_data(&a.data, arch.channels, arch.height, arch.width)?;
-    let val_n = if ds.len() > a.val_split {
-        a.val_split
+    let data_args = DataArgs {
+        data: cfg.data.clone(),
+        crops_per_image: Some(cfg.crops_per_image),
+    };
+    let (ds, desc) = load_data(&data_args, arch.channels, arch.height, arch.width)?;
+    let val_n = if ds.len() > cfg.val_split {
+        cfg.val_split
     } else {
         ds.len() / 10
     };
     let (mut train_set, val_set) = ds.split_last(val_n)?;
-    if let Some(n) = a.limit {
+    if let Some(n) = cfg.limit {
         train_set.truncate(n);
     }
     let mut cfg = cfg;

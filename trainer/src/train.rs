@@ -23,6 +23,10 @@ use std::time::Instant;
 /// scores are comparable across runs, checkpoints, and the kernel.
 pub const EVAL_NOISE_SEED: u64 = 0x5eed_e7a1;
 
+/// Restores of the last checkpoint in a row (no new checkpoint in between) before training
+/// gives up: each halves the learning rate, so the last ran at 1/32 of the original.
+pub const MAX_RESTORES_IN_A_ROW: u32 = 5;
+
 /// How to train: model, data handling, optimiser, budget and outputs. Saved as
 /// `RUN/train.json` so `--resume` continues with the same settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -70,6 +74,27 @@ pub struct TrainConfig {
     /// Testing hook: poison the batch with a NaN at these steps (exercises recovery).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inject_nan_at: Vec<u64>,
+    /// The data the run trains on (`None`: the bundled data for the model's shape). Saved
+    /// so that `--resume` continues on the same images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<PathBuf>,
+    /// Only the first this many training images are used (if set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Images held out (the last ones) for validation.
+    #[serde(default = "default_val_split")]
+    pub val_split: usize,
+    /// Random crops per picture when the data is an image folder (0: one centre crop each).
+    #[serde(default = "default_crops_per_image")]
+    pub crops_per_image: usize,
+}
+
+fn default_val_split() -> usize {
+    1000
+}
+
+fn default_crops_per_image() -> usize {
+    500
 }
 
 impl TrainConfig {
@@ -97,6 +122,10 @@ impl TrainConfig {
             temperature: 0.8,
             max_bad_steps: 3,
             inject_nan_at: Vec::new(),
+            data: None,
+            limit: None,
+            val_split: default_val_split(),
+            crops_per_image: default_crops_per_image(),
         }
     }
 }
@@ -309,6 +338,9 @@ pub fn train(
             );
         }
     }
+    if cfg.epochs.is_none() && cfg.minutes.is_none() && cfg.max_steps.is_none() {
+        bail!("no stopping rule: give epochs, minutes or max steps");
+    }
     // Fail now, not after an hour, if the run folder cannot be written.
     fsutil::check_writable_dir(run_dir)?;
     let metrics_path = run_dir.join("metrics.jsonl");
@@ -381,9 +413,6 @@ pub fn train(
         .flatten()
         .min();
     let budget_secs = cfg.minutes.map(|m| m * 60.0);
-    if total_steps.is_none() && budget_secs.is_none() {
-        bail!("no stopping rule: give epochs, minutes or max steps");
-    }
     let session_start = Instant::now();
     let elapsed_before = state.elapsed_secs;
     let start_step = state.step;
@@ -396,6 +425,11 @@ pub fn train(
     let mut order_epoch = u64::MAX;
     let mut order = Vec::new();
     let d = arch.dim();
+    // Each injected NaN fires once: a restore replays the steps after its checkpoint.
+    let mut nan_pending = cfg.inject_nan_at.clone();
+    // Restores since the last checkpoint saved after good steps; give up when replaying
+    // from the same point keeps diverging even at a much lower learning rate.
+    let mut restores_in_a_row = 0u32;
 
     loop {
         let elapsed = elapsed_before + session_start.elapsed().as_secs_f64();
@@ -415,7 +449,8 @@ pub fn train(
         let mut noise = Pcg32::with_stream(cfg.seed ^ 0xd1ce, state.step);
         dequantize_batch(train_set, idx, arch.bits, &mut noise, &mut u)?;
         debug_assert_eq!(u.len(), bs * d);
-        if cfg.inject_nan_at.contains(&state.step) {
+        if let Some(k) = nan_pending.iter().position(|&s| s == state.step) {
+            nan_pending.swap_remove(k);
             u[0] = f32::NAN;
         }
         let stats = flow.forward(&u, bs)?;
@@ -451,6 +486,14 @@ pub fn train(
             rec.event = Some(msg);
             metrics.append(&rec)?;
             if bad_in_a_row >= cfg.max_bad_steps {
+                restores_in_a_row += 1;
+                if restores_in_a_row > MAX_RESTORES_IN_A_ROW {
+                    bail!(
+                        "training keeps diverging: {MAX_RESTORES_IN_A_ROW} restores of the last checkpoint with ever lower learning rates did not help (last at step {}); see {}",
+                        state.step,
+                        metrics_path.display()
+                    );
+                }
                 let (c, dir) = checkpoint::load(run_dir)?;
                 flow.set_params(&c.params)?;
                 adam.m = upload_all(backend.as_ref(), &c.adam_m)?;
@@ -562,6 +605,7 @@ pub fn train(
             state.elapsed_secs = elapsed_before + session_start.elapsed().as_secs_f64();
             save(&flow, &adam, &state)?;
             last_ckpt = Instant::now();
+            restores_in_a_row = 0;
         }
     }
 

@@ -797,7 +797,6 @@ fn non_finite_steps_below_the_limit_are_skipped() {
 /// fail again, forever (the learning rate halves down to 0 and metrics.jsonl grows without
 /// bound). The `--minutes` safety net below lets this test end (and fail) instead of hanging.
 #[test]
-#[ignore = "known bug: NaN injection replays after every restore, so the run never ends"]
 fn three_non_finite_steps_restore_the_last_checkpoint() {
     let tmp = TempDir::new().unwrap();
     let t = tmp.path();
@@ -848,7 +847,6 @@ fn three_non_finite_steps_restore_the_last_checkpoint() {
 /// demand two separate values, so the documented `--hidden 4,8` fails with "2 values
 /// required for '--hidden <HIDDEN> <HIDDEN>' but 1 was provided"; only `--hidden 4 8` works.
 #[test]
-#[ignore = "known bug: --hidden rejects the documented comma form"]
 fn hidden_accepts_the_documented_comma_form() {
     let tmp = TempDir::new().unwrap();
     let t = tmp.path();
@@ -889,7 +887,6 @@ fn hidden_accepts_the_documented_comma_form() {
 /// default data (here 7,000 training / 1,000 validation images instead of 256 / 64) and the
 /// result differs from the uninterrupted run.
 #[test]
-#[ignore = "known bug: resume forgets --data/--limit/--val-split"]
 fn resume_reuses_the_data_settings_of_the_run() {
     let tmp = TempDir::new().unwrap();
     let t = tmp.path();
