@@ -22,6 +22,19 @@
 //!   dominate. It reads the zero-padded image in place ("implicit GEMM": output pixels are
 //!   computed on the padded-width grid, so every kernel tap is a contiguous shifted load).
 //!
+//! * **direct, AVX-512** (x86-64 with AVX-512F, detected at run time; release builds; images
+//!   at most 16 pixels wide, kernels up to 7): one image row is one zmm vector, so there
+//!   are no gap columns to waste; lanes past the width read neighbouring padded pixels and
+//!   are discarded (forward) or multiplied by zero (weight gradient). Forward and
+//!   backward-data (the flipped-kernel convolution) block 8 output channels x 3 rows (24
+//!   accumulators), reading each input row once per tap and broadcasting the weights;
+//!   backward-weight blocks 3 output channels x one kernel row of taps, reducing over the
+//!   rows of all images of a chunk in registers, from 64-byte-aligned copies of the
+//!   shifted input rows. For backward-weight with more than 32 output channels it instead
+//!   vectorises over output channels: `dWᵀ[tap][cout]` accumulates, per pixel, dy
+//!   transposed to `[pixel][cout]` (4 zmm) times 6 broadcast input taps (24
+//!   accumulators). The AVX-512 paths are used for every op they can take.
+//!
 //! Work is split across images with rayon; each worker keeps its scratch in thread-local
 //! buffers that are reused between calls, so the steady state allocates nothing but
 //! matrixmultiply's packing buffers.
@@ -116,6 +129,49 @@ enum Algo {
     Gemm,
     /// Implicit-GEMM SIMD kernel on the padded image (needs `simd::available()`).
     Direct,
+    /// AVX-512 implicit-GEMM kernel with one image row per vector (needs
+    /// `simd512::available()`; images at most 16 wide, kernels at most 7).
+    Direct512,
+    /// As `Direct512`, but backward-weight vectorises over output channels instead of
+    /// pixels (for wide ops); the other ops run `Direct512`.
+    Direct512Co,
+}
+
+/// Whether the AVX-512 row kernels handle images `w` wide with kernel size `k`.
+fn fits512(w: usize, k: usize) -> bool {
+    w <= simd512::L && k <= simd512::MAX_K
+}
+
+/// `algo`, or the best supported substitute when the AVX-512 kernels cannot take the shape.
+fn usable(algo: Algo, m: usize, w: usize, k: usize) -> Algo {
+    let is512 = matches!(algo, Algo::Direct512 | Algo::Direct512Co);
+    if is512 && !(fits512(w, k) && simd512::available()) {
+        if m <= DIRECT_MAX_M && simd::available() {
+            Algo::Direct
+        } else {
+            Algo::Gemm
+        }
+    } else {
+        algo
+    }
+}
+
+/// Algorithm for an op with `m` output rows (channels) on images `w` wide with kernel
+/// size `k`; `wgrad` for backward-weight.
+///
+/// The AVX-512 kernels beat the alternatives on every preset shape they can take
+/// (measured); backward-weight with more than 32 output channels vectorises over the
+/// channels (`Direct512Co`), which beats both sgemm and the pixel-vectorised kernel there.
+fn pick_algo_for(m: usize, w: usize, k: usize, wgrad: bool) -> Algo {
+    if !cfg!(debug_assertions) && fits512(w, k) && simd512::available() {
+        if wgrad && m > 32 {
+            Algo::Direct512Co
+        } else {
+            Algo::Direct512
+        }
+    } else {
+        pick_algo(m)
+    }
 }
 
 fn pick_algo(m: usize) -> Algo {
@@ -143,10 +199,13 @@ fn pick_data_plan(s: &ConvShape) -> DataPlan {
     // column buffer (∝ cin) is the smaller one when cin < cout. Otherwise convolve with
     // the flipped kernel: a GEMM with M = cin, K = cout·k², or the direct kernel when
     // cin is small.
-    if s.kernel > 1 && s.cin < s.cout && s.cout >= 16 {
+    let a512 = pick_algo_for(s.cin, s.width, s.kernel, false);
+    if a512 == Algo::Direct512 {
+        DataPlan::Flipped(a512)
+    } else if s.kernel > 1 && s.cin < s.cout && s.cout >= 16 {
         DataPlan::Col2im
     } else {
-        DataPlan::Flipped(pick_algo(s.cin))
+        DataPlan::Flipped(pick_algo_for(s.cin, s.width, s.kernel, false))
     }
 }
 
@@ -194,7 +253,15 @@ macro_rules! avx2_multiversion {
 /// If the kernel size is even, or if any slice length differs from what `s` implies
 /// (`input_len`, `weight_len`, `cout`, `output_len`).
 pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], b: &[f32], relu: bool, y: &mut [f32]) {
-    forward_with(s, x, w, b, relu, y, pick_algo(s.cout));
+    forward_with(
+        s,
+        x,
+        w,
+        b,
+        relu,
+        y,
+        pick_algo_for(s.cout, s.width, s.kernel, false),
+    );
 }
 
 fn forward_with(
@@ -292,7 +359,14 @@ pub fn conv2d_backward_weight(
     dw: &mut [f32],
     db: &mut [f32],
 ) {
-    backward_weight_with(s, x, dy, dw, db, pick_algo(s.cout));
+    backward_weight_with(
+        s,
+        x,
+        dy,
+        dw,
+        db,
+        pick_algo_for(s.cout, s.width, s.kernel, true),
+    );
 }
 
 fn backward_weight_with(
@@ -326,7 +400,11 @@ fn backward_weight_with(
     let kc = cin * k * k;
     let in_img = cin * hw;
     let out_img = cout * hw;
-    let algo = if kc == 0 { Algo::Gemm } else { algo };
+    let algo = if kc == 0 {
+        Algo::Gemm
+    } else {
+        usable(algo, cout, w, k)
+    };
 
     let chunk = s.batch.div_ceil(MAX_WEIGHT_CHUNKS.min(s.batch));
     let nchunks = s.batch.div_ceil(chunk);
@@ -364,6 +442,74 @@ fn backward_weight_with(
                                 let beta = if i == first { 0.0 } else { 1.0 };
                                 // dW'[cout, kc] (+)= dy[cout, hw] · colsT[hw, kc]
                                 gemm(cout, hw, kc, dyi, hw, 1, cols, kc, 1, beta, pdw, kc, 1);
+                            }
+                        });
+                    }
+                    Algo::Direct512Co => {
+                        // dW^T[tap][channel] accumulated image by image, from dy transposed
+                        // to [pixel][channel] (channels padded to 16 with zeros).
+                        let g1 = PadGeo::new(h, w, k, 1);
+                        let xp_len = cin * g1.plane + simd512::SLACK;
+                        let ldo = cout.div_ceil(simd512::L) * simd512::L;
+                        let len = xp_len + hw * ldo + kc * ldo;
+                        with_worker_scratch(len, |buf| {
+                            let (xp, rest) = buf.split_at_mut(xp_len);
+                            let (dyt, dwt) = rest.split_at_mut(hw * ldo);
+                            let dwt = &mut dwt[..kc * ldo];
+                            dyt.fill(0.0);
+                            dwt.fill(0.0);
+                            for i in imgs.clone() {
+                                pad_image(&x[i * in_img..(i + 1) * in_img], cin, &g1, xp);
+                                let dyi = &dy[i * out_img..(i + 1) * out_img];
+                                transpose_dy(dyi, cout, hw, dyt, ldo);
+                                simd512::wgrad_cols(xp, g1.taps(cin), h, w, dyt, ldo, dwt);
+                            }
+                            for (co, row) in pdw.chunks_exact_mut(kc).enumerate() {
+                                for (t, d) in row.iter_mut().enumerate() {
+                                    *d = dwt[t * ldo + co];
+                                }
+                            }
+                        });
+                    }
+                    Algo::Direct512 => {
+                        // All images of the chunk padded (and dy rows widened to 16 lanes,
+                        // zero beyond the width) first, so the kernel keeps its
+                        // accumulators in registers across the whole chunk.
+                        let g1 = PadGeo::new(h, w, k, 1);
+                        let lanes = simd512::L;
+                        let xp_len = cin * g1.plane + simd512::SLACK;
+                        let xs = cin * (h + k - 1) * k * lanes;
+                        let ds = cout * h * lanes;
+                        let nimg = imgs.len();
+                        // + `lanes` to align the start of `xsh` to 64 bytes.
+                        let len = xp_len + nimg * (xs + ds) + lanes;
+                        with_worker_scratch(len, |buf| {
+                            let (xp, rest) = buf.split_at_mut(xp_len);
+                            let al = rest.as_ptr().align_offset(64).min(lanes);
+                            let (xsh, dyr) = rest[al..].split_at_mut(nimg * xs);
+                            let dyr = &mut dyr[..nimg * ds];
+                            dyr.fill(0.0);
+                            for (n, i) in imgs.clone().enumerate() {
+                                pad_image(&x[i * in_img..(i + 1) * in_img], cin, &g1, xp);
+                                shifted_rows(xp, cin, &g1, &mut xsh[n * xs..(n + 1) * xs]);
+                                let dyi = &dy[i * out_img..(i + 1) * out_img];
+                                let dyn_ = &mut dyr[n * ds..(n + 1) * ds];
+                                for (r, row) in dyn_.chunks_exact_mut(lanes).enumerate() {
+                                    copy_small(&mut row[..w], &dyi[r * w..(r + 1) * w]);
+                                }
+                            }
+                            for (co0, mb) in blocks(cout, simd512::WG_ROWS) {
+                                simd512::wgrad_rows(
+                                    mb,
+                                    nimg,
+                                    xsh,
+                                    xs,
+                                    g1.taps(cin),
+                                    h,
+                                    &dyr[co0 * h * lanes..],
+                                    ds,
+                                    &mut pdw[co0 * kc..(co0 + mb) * kc],
+                                );
                             }
                         });
                     }
@@ -422,7 +568,7 @@ fn backward_weight_with(
         let (pdw, pdb) = first.split_at(dw.len());
         db.copy_from_slice(pdb);
         match algo {
-            Algo::Direct => dw.copy_from_slice(pdw),
+            Algo::Direct | Algo::Direct512 | Algo::Direct512Co => dw.copy_from_slice(pdw),
             Algo::Gemm if kc > 0 => {
                 // [cout][ki][kj][ci] -> [cout][ci][ki][kj]
                 let kk = k * k;
@@ -529,6 +675,7 @@ impl SameConv {
         }
         let in_img = self.cin * hw;
         let out_img = self.cout * hw;
+        let algo = usable(algo, self.cout, self.w, self.k);
         if in_img == 0 {
             // No input channels: the output is just the bias.
             y.par_chunks_mut(out_img)
@@ -543,6 +690,7 @@ impl SameConv {
                     .for_each(|(yg, xg)| self.run_group(xg, wt, bias, relu, yg));
             }
             Algo::Direct => self.run_direct(x, wt, bias, relu, y),
+            Algo::Direct512 | Algo::Direct512Co => self.run_direct512(x, wt, bias, relu, y),
         }
     }
 
@@ -596,6 +744,66 @@ impl SameConv {
                     bias_relu_rows(dst, hw, src, hw, 1, hw, b, relu);
                 }
             }
+        });
+    }
+
+    /// AVX-512 direct convolution (one image row per vector), one image per rayon task.
+    fn run_direct512(
+        &self,
+        x: &[f32],
+        wt: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        y: &mut [f32],
+    ) {
+        let (cin, cout, k, h, w) = (self.cin, self.cout, self.k, self.h, self.w);
+        let hw = h * w;
+        let kc = cin * k * k;
+        let geo = PadGeo::new(h, w, k, 1);
+        let xp_len = cin * geo.plane + simd512::SLACK;
+        let lanes = simd512::L;
+        with_call_scratch(cout * kc, |wpack| {
+            // Per row block, weights as [tap][row] so one tap's rows are adjacent.
+            for (co0, mb) in blocks(cout, simd512::FWD_ROWS) {
+                let blk = &mut wpack[co0 * kc..(co0 + mb) * kc];
+                for t in 0..kc {
+                    for m in 0..mb {
+                        blk[t * mb + m] = wt[(co0 + m) * kc + t];
+                    }
+                }
+            }
+            let wpack = &*wpack;
+            y.par_chunks_mut(cout * hw)
+                .zip(x.par_chunks(cin * hw))
+                .for_each(|(yi, xi)| {
+                    with_worker_scratch(xp_len + cout * h * lanes, |buf| {
+                        let (xp, out) = buf.split_at_mut(xp_len);
+                        pad_image(xi, cin, &geo, xp);
+                        for (co0, mb) in blocks(cout, simd512::FWD_ROWS) {
+                            simd512::fwd_rows(
+                                mb,
+                                xp,
+                                geo.taps(cin),
+                                h,
+                                &wpack[co0 * kc..(co0 + mb) * kc],
+                                &mut out[co0 * h * lanes..(co0 + mb) * h * lanes],
+                            );
+                        }
+                        for co in 0..cout {
+                            let bv = bias.map_or(0.0, |b| b[co]);
+                            bias_relu_rows(
+                                &mut yi[co * hw..(co + 1) * hw],
+                                w,
+                                &out[co * h * lanes..(co + 1) * h * lanes],
+                                lanes,
+                                h,
+                                w,
+                                bv,
+                                relu,
+                            );
+                        }
+                    });
+                });
         });
     }
 
@@ -654,7 +862,12 @@ impl SameConv {
 
 /// Splits `m` rows into blocks of at most [`simd::MAX_ROWS`] rows, as even as possible.
 fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
-    let nb = m.div_ceil(simd::MAX_ROWS);
+    blocks(m, simd::MAX_ROWS)
+}
+
+/// Splits `m` rows into blocks of at most `max` rows, as even as possible.
+fn blocks(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    let nb = m.div_ceil(max);
     let (base, extra) = m.checked_div(nb).map_or((0, 0), |b| (b, m - b * nb));
     (0..nb).map(move |b| {
         let start = b * base + b.min(extra);
@@ -744,6 +957,52 @@ fn pad_image_inline(x: &[f32], c: usize, g: &PadGeo, xp: &mut [f32]) {
             }
         }
         p[(h - 1 + pad) * wp + pad + w..].fill(0.0);
+    }
+}
+
+avx2_multiversion! {
+    /// For the AVX-512 weight-gradient kernel: `xsh[((ci·hp + r)·k + kj)·16 + l] =
+    /// xp[ci·plane + r·wp + kj + l]` for every padded row `r < hp`, kernel column `kj < k`
+    /// and lane `l < 16` (`xp` is a padded image with at least 16 floats of slack).
+    fn shifted_rows(xp: &[f32], cin: usize, g: &PadGeo, xsh: &mut [f32]) {
+        let (k, wp) = (g.k, g.wp);
+        let hp = g.plane / wp.max(1);
+        let mut dst = xsh.chunks_exact_mut(16);
+        for ci in 0..cin {
+            for r in 0..hp {
+                let src = &xp[ci * g.plane + r * wp..];
+                for kj in 0..k {
+                    let d: &mut [f32; 16] = dst.next().unwrap().try_into().unwrap();
+                    let s: &[f32; 16] = src[kj..kj + 16].try_into().unwrap();
+                    *d = *s;
+                }
+            }
+        }
+    }
+}
+
+avx2_multiversion! {
+    /// `dyt[p·ldo + c] = dy[c·hw + p]` for `c < cout`, `p < hw`, in 8 x 8 tiles (contiguous
+    /// 8-float reads and writes).
+    fn transpose_dy(dy: &[f32], cout: usize, hw: usize, dyt: &mut [f32], ldo: usize) {
+        const B: usize = 8;
+        for c0 in (0..cout).step_by(B) {
+            let cn = (cout - c0).min(B);
+            for p0 in (0..hw).step_by(B) {
+                let pn = (hw - p0).min(B);
+                let mut tile = [[0.0f32; B]; B];
+                for (c, t) in tile.iter_mut().enumerate().take(cn) {
+                    let src = &dy[(c0 + c) * hw + p0..][..pn];
+                    t[..pn].copy_from_slice(src);
+                }
+                for p in 0..pn {
+                    let dst = &mut dyt[(p0 + p) * ldo + c0..][..cn];
+                    for (c, d) in dst.iter_mut().enumerate() {
+                        *d = tile[c][p];
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -988,10 +1247,10 @@ mod simd {
             self.cin * self.k * self.k
         }
         /// Largest tap offset (requires at least one tap).
-        fn max_offset(&self) -> usize {
+        pub(super) fn max_offset(&self) -> usize {
             (self.cin - 1) * self.plane + (self.k - 1) * (self.wp + 1)
         }
-        fn offset(&self, t: usize) -> usize {
+        pub(super) fn offset(&self, t: usize) -> usize {
             let kk = self.k * self.k;
             let (ci, r) = (t / kk, t % kk);
             ci * self.plane + (r / self.k) * self.wp + r % self.k
@@ -1215,6 +1474,464 @@ mod simd {
 
     pub(super) fn wgrad_rows(_: usize, _: &[f32], _: Taps, _: &[f32], _: usize, _: &mut [f32]) {
         unreachable!("direct conv kernel is only built for x86-64")
+    }
+}
+
+/// AVX-512F kernels for the direct path on images at most 16 pixels wide: one output row
+/// is one zmm (lanes `>= w` are computed on neighbouring padded pixels and discarded), so
+/// no padded-width gap columns are wasted. Safe wrappers check bounds and CPU support.
+#[cfg(target_arch = "x86_64")]
+mod simd512 {
+    use super::simd::Taps;
+    use std::arch::x86_64::*;
+
+    /// Lanes per row.
+    pub(super) const L: usize = 16;
+    /// Most output channels one forward kernel call handles.
+    pub(super) const FWD_ROWS: usize = 8;
+    /// Most output channels one weight-gradient kernel call handles.
+    pub(super) const WG_ROWS: usize = 3;
+    /// Largest kernel size the weight-gradient kernel handles.
+    pub(super) const MAX_K: usize = 7;
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    /// Reads of the kernels reach `xp[max_offset + (h-1)·wp + 15]`; the padded buffer
+    /// (`cin·plane` floats) needs this much zero slack after it.
+    pub(super) const SLACK: usize = L;
+
+    fn needed(g: &Taps, h: usize) -> usize {
+        (g.cin - 1) * g.plane + (h - 1 + g.k - 1) * g.wp + (g.k - 1) + L
+    }
+
+    /// `out[(m·h + oy)·16 + l] = Σ_{ci,ki,kj} wb[t·mb + m] · xp[ci·plane + (oy+ki)·wp + kj + l]`
+    /// with `t = (ci·k + ki)·k + kj`, for `m < mb`, `oy < h`, `l < 16`.
+    ///
+    /// # Panics
+    ///
+    /// If AVX-512F is unavailable, `mb` is not in `1..=FWD_ROWS`, or a slice is too short.
+    pub(super) fn fwd_rows(mb: usize, xp: &[f32], g: Taps, h: usize, wb: &[f32], out: &mut [f32]) {
+        assert!(available(), "direct conv kernel needs AVX-512F");
+        let kc = g.cin * g.k * g.k;
+        assert!(kc > 0 && h > 0, "fwd_rows: empty");
+        assert!(needed(&g, h) <= xp.len(), "fwd_rows: xp too short");
+        assert!(wb.len() >= kc * mb, "fwd_rows: weights too short");
+        assert!(out.len() >= mb * h * L, "fwd_rows: out too short");
+        macro_rules! go {
+            ($mb:literal, $nr:literal) => {{
+                let mut oy = 0;
+                while oy + $nr <= h {
+                    // SAFETY: AVX-512F is available (asserted); loads are at
+                    // `xp + ci·plane + (oy+r+ki)·wp + kj + l` with `oy + r < h`, at most
+                    // `needed - 1 < xp.len()`; weight reads `< kc·mb`; stores
+                    // `< mb·h·16 <= out.len()`.
+                    unsafe {
+                        fwd_impl::<$mb, $nr>(xp.as_ptr(), g, h, oy, wb.as_ptr(), out.as_mut_ptr())
+                    };
+                    oy += $nr;
+                }
+                while oy < h {
+                    // SAFETY: as above, with one row.
+                    unsafe {
+                        fwd_impl::<$mb, 1>(xp.as_ptr(), g, h, oy, wb.as_ptr(), out.as_mut_ptr())
+                    };
+                    oy += 1;
+                }
+            }};
+        }
+        match mb {
+            1 => go!(1, 6),
+            2 => go!(2, 6),
+            3 => go!(3, 6),
+            4 => go!(4, 5),
+            5 => go!(5, 4),
+            6 => go!(6, 3),
+            7 => go!(7, 3),
+            8 => go!(8, 3),
+            _ => panic!("fwd_rows: bad row count {mb}"),
+        }
+    }
+
+    /// # Safety
+    ///
+    /// See [`fwd_rows`]: AVX-512F available, `oy0 + NR <= h`, and all accesses in bounds.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fwd_impl<const MB: usize, const NR: usize>(
+        xp: *const f32,
+        g: Taps,
+        h: usize,
+        oy0: usize,
+        wb: *const f32,
+        out: *mut f32,
+    ) {
+        // SAFETY: the caller guarantees the CPU features and the bounds.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NR]; MB];
+            let mut wt = wb;
+            for ci in 0..g.cin {
+                for ki in 0..g.k {
+                    let row = xp.add(ci * g.plane + (oy0 + ki) * g.wp);
+                    for kj in 0..g.k {
+                        let mut xv = [_mm512_setzero_ps(); NR];
+                        for (r, v) in xv.iter_mut().enumerate() {
+                            *v = _mm512_loadu_ps(row.add(r * g.wp + kj));
+                        }
+                        for (m, a) in acc.iter_mut().enumerate() {
+                            let wv = _mm512_set1_ps(*wt.add(m));
+                            for (r, v) in a.iter_mut().enumerate() {
+                                *v = _mm512_fmadd_ps(wv, xv[r], *v);
+                            }
+                        }
+                        wt = wt.add(MB);
+                    }
+                }
+            }
+            for (m, a) in acc.iter().enumerate() {
+                for (r, v) in a.iter().enumerate() {
+                    _mm512_storeu_ps(out.add((m * h + oy0 + r) * L), *v);
+                }
+            }
+        }
+    }
+
+    /// Weight gradient of `imgs` images: for `m < mb` and every tap `t = (ci·k + ki)·k + kj`,
+    /// `dw[m·kc + t] = Σ_{n < imgs, oy < h, l < 16} dyr[n·ds + (m·h + oy)·16 + l] ·
+    /// xsh[n·xs + ((ci·hp + oy + ki)·k + kj)·16 + l]` (`dw` is overwritten, `hp = h + k - 1`),
+    /// where `xsh` holds, for every padded row and kernel column, the 16 floats that tap
+    /// reads (see `shifted_rows`; aligned copies avoid cache-line-split loads). Each lane
+    /// sums over images then rows, and the 16 lanes are added in a fixed order.
+    ///
+    /// # Panics
+    ///
+    /// If AVX-512F is unavailable, `mb` is not in `1..=WG_ROWS`, `k` is not one of
+    /// 1, 3, 5, 7, or a slice is too short.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn wgrad_rows(
+        mb: usize,
+        imgs: usize,
+        xp: &[f32],
+        xs: usize,
+        g: Taps,
+        h: usize,
+        dyr: &[f32],
+        ds: usize,
+        dw: &mut [f32],
+    ) {
+        assert!(available(), "direct conv kernel needs AVX-512F");
+        let kc = g.cin * g.k * g.k;
+        assert!(kc > 0 && h > 0 && imgs > 0, "wgrad_rows: empty");
+        let hp = h + g.k - 1;
+        assert!(
+            (imgs - 1) * xs + g.cin * hp * g.k * L <= xp.len(),
+            "wgrad_rows: xp too short"
+        );
+        assert!(
+            (imgs - 1) * ds + mb * h * L <= dyr.len(),
+            "wgrad_rows: dy too short"
+        );
+        assert!(dw.len() >= mb * kc, "wgrad_rows: dw too short");
+        let p = Wg {
+            imgs,
+            xs,
+            ds,
+            h,
+            hp,
+            cin: g.cin,
+        };
+        macro_rules! go {
+            ($mb:literal, $nt:literal) => {
+                // SAFETY: AVX-512F is available (asserted); x loads are at
+                // `xp + n·xs + ((ci·hp + oy + ki)·k + kj)·16 + l` (`n < imgs`, `oy < h`,
+                // `ci < cin`), below `(imgs-1)·xs + cin·hp·k·16`; dy loads are `< (imgs-1)·ds + mb·h·16`;
+                // stores `< mb·kc <= dw.len()`.
+                unsafe { wgrad_impl::<$mb, $nt>(xp.as_ptr(), dyr.as_ptr(), p, dw.as_mut_ptr()) }
+            };
+        }
+        match (mb, g.k) {
+            (1, 1) => go!(1, 1),
+            (2, 1) => go!(2, 1),
+            (3, 1) => go!(3, 1),
+            (1, 3) => go!(1, 3),
+            (2, 3) => go!(2, 3),
+            (3, 3) => go!(3, 3),
+            (1, 5) => go!(1, 5),
+            (2, 5) => go!(2, 5),
+            (3, 5) => go!(3, 5),
+            (1, 7) => go!(1, 7),
+            (2, 7) => go!(2, 7),
+            (3, 7) => go!(3, 7),
+            _ => panic!("wgrad_rows: bad rows {mb} / kernel {}", g.k),
+        }
+    }
+
+    /// Loop geometry of [`wgrad_impl`].
+    #[derive(Clone, Copy)]
+    struct Wg {
+        imgs: usize,
+        xs: usize,
+        ds: usize,
+        h: usize,
+        hp: usize,
+        cin: usize,
+    }
+
+    /// Sum of the 16 lanes in a fixed pairwise order: halves added lane-wise (16 -> 8 ->
+    /// 4 -> 2 -> 1).
+    ///
+    /// # Safety
+    ///
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn hsum16(v: __m512) -> f32 {
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+        let s8 = _mm256_add_ps(lo, hi);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        _mm_cvtss_f32(s1)
+    }
+
+    /// # Safety
+    ///
+    /// See [`wgrad_rows`]: AVX-512F available, `p.g.k == K`, and all accesses in bounds.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn wgrad_impl<const MB: usize, const K: usize>(
+        xp: *const f32,
+        dyr: *const f32,
+        p: Wg,
+        dw: *mut f32,
+    ) {
+        let kc = p.cin * K * K;
+        // SAFETY: the caller guarantees the CPU features and the bounds.
+        unsafe {
+            for ci in 0..p.cin {
+                for ki in 0..K {
+                    let t0 = (ci * K + ki) * K;
+                    let mut a = [[_mm512_setzero_ps(); K]; MB];
+                    for n in 0..p.imgs {
+                        let base = xp.add(n * p.xs + (ci * p.hp + ki) * K * L);
+                        let dn = dyr.add(n * p.ds);
+                        for oy in 0..p.h {
+                            let row = base.add(oy * K * L);
+                            let mut d = [_mm512_setzero_ps(); MB];
+                            for (m, dv) in d.iter_mut().enumerate() {
+                                *dv = _mm512_loadu_ps(dn.add((m * p.h + oy) * L));
+                            }
+                            for j in 0..K {
+                                let xv = _mm512_loadu_ps(row.add(j * L));
+                                for (m, am) in a.iter_mut().enumerate() {
+                                    am[j] = _mm512_fmadd_ps(d[m], xv, am[j]);
+                                }
+                            }
+                        }
+                    }
+                    for (m, am) in a.iter().enumerate() {
+                        for (j, v) in am.iter().enumerate() {
+                            *dw.add(m * kc + t0 + j) = hsum16(*v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    /// Weight gradient vectorised over output channels (for wide ops): for every tap `t`
+    /// and channel `c < ldo`,
+    /// `dwt[t·ldo + c] += Σ_{oy < h, ox < w} xp[offset(t) + oy·wp + ox] · dyt[(oy·w + ox)·ldo + c]`
+    /// (`ldo` a multiple of 16; `dyt` is dy transposed to `[pixel][channel]`).
+    ///
+    /// # Panics
+    ///
+    /// If AVX-512F is unavailable or a slice is too short.
+    pub(super) fn wgrad_cols(
+        xp: &[f32],
+        g: Taps,
+        h: usize,
+        w: usize,
+        dyt: &[f32],
+        ldo: usize,
+        dwt: &mut [f32],
+    ) {
+        assert!(available(), "direct conv kernel needs AVX-512F");
+        let kc = g.cin * g.k * g.k;
+        assert!(
+            kc > 0 && h > 0 && w > 0 && ldo.is_multiple_of(L),
+            "wgrad_cols: bad shape"
+        );
+        assert!(w + g.k - 1 <= g.wp, "wgrad_cols: bad row pitch");
+        assert!(
+            g.max_offset() + (h - 1) * g.wp + w <= xp.len(),
+            "wgrad_cols: xp too short"
+        );
+        assert!(dyt.len() >= h * w * ldo, "wgrad_cols: dy too short");
+        assert!(dwt.len() >= kc * ldo, "wgrad_cols: dw too short");
+        let p = Wc {
+            h,
+            w,
+            wp: g.wp,
+            ldo,
+        };
+        let cvs = ldo / L;
+        let mut t0 = 0;
+        while t0 < kc {
+            let nt = (kc - t0).min(6);
+            let mut offs = [0usize; 6];
+            for (j, o) in offs.iter_mut().enumerate().take(nt) {
+                *o = g.offset(t0 + j);
+            }
+            let mut cb = 0;
+            while cb < cvs {
+                let cv = (cvs - cb).min(4);
+                macro_rules! go {
+                    ($cv:literal, $nt:literal) => {{
+                        let o: [usize; $nt] = offs[..$nt].try_into().unwrap();
+                        // SAFETY: AVX-512F is available (asserted); x reads are at
+                        // `offset(t) + oy·wp + ox <= max_offset + (h-1)·wp + w - 1`;
+                        // dy reads `< h·w·ldo`; accumulator accesses are at
+                        // `(t0 + j)·ldo + (cb + v)·16 + l < kc·ldo`.
+                        unsafe {
+                            wgrad_cols_impl::<$cv, $nt>(
+                                xp.as_ptr(),
+                                o,
+                                p,
+                                dyt.as_ptr().add(cb * L),
+                                dwt.as_mut_ptr().add(t0 * ldo + cb * L),
+                            )
+                        }
+                    }};
+                }
+                match (cv, nt) {
+                    (1, 1) => go!(1, 1),
+                    (1, 2) => go!(1, 2),
+                    (1, 3) => go!(1, 3),
+                    (1, 4) => go!(1, 4),
+                    (1, 5) => go!(1, 5),
+                    (1, 6) => go!(1, 6),
+                    (2, 1) => go!(2, 1),
+                    (2, 2) => go!(2, 2),
+                    (2, 3) => go!(2, 3),
+                    (2, 4) => go!(2, 4),
+                    (2, 5) => go!(2, 5),
+                    (2, 6) => go!(2, 6),
+                    (3, 1) => go!(3, 1),
+                    (3, 2) => go!(3, 2),
+                    (3, 3) => go!(3, 3),
+                    (3, 4) => go!(3, 4),
+                    (3, 5) => go!(3, 5),
+                    (3, 6) => go!(3, 6),
+                    (4, 1) => go!(4, 1),
+                    (4, 2) => go!(4, 2),
+                    (4, 3) => go!(4, 3),
+                    (4, 4) => go!(4, 4),
+                    (4, 5) => go!(4, 5),
+                    _ => go!(4, 6),
+                }
+                cb += cv;
+            }
+            t0 += nt;
+        }
+    }
+
+    /// Loop geometry of [`wgrad_cols_impl`].
+    #[derive(Clone, Copy)]
+    struct Wc {
+        h: usize,
+        w: usize,
+        wp: usize,
+        ldo: usize,
+    }
+
+    /// # Safety
+    ///
+    /// See [`wgrad_cols`]: AVX-512F available; `dyt` and `dwt` point at the first channel
+    /// of this block, and all accesses are in bounds.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn wgrad_cols_impl<const CV: usize, const NT: usize>(
+        xp: *const f32,
+        offs: [usize; NT],
+        p: Wc,
+        dyt: *const f32,
+        dwt: *mut f32,
+    ) {
+        // SAFETY: the caller guarantees the CPU features and the bounds.
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); CV]; NT];
+            for (j, aj) in a.iter_mut().enumerate() {
+                for (v, av) in aj.iter_mut().enumerate() {
+                    *av = _mm512_loadu_ps(dwt.add(j * p.ldo + v * L));
+                }
+            }
+            for oy in 0..p.h {
+                let xrow = xp.add(oy * p.wp);
+                let drow = dyt.add(oy * p.w * p.ldo);
+                for ox in 0..p.w {
+                    let mut d = [_mm512_setzero_ps(); CV];
+                    for (v, dv) in d.iter_mut().enumerate() {
+                        *dv = _mm512_loadu_ps(drow.add(ox * p.ldo + v * L));
+                    }
+                    for (j, aj) in a.iter_mut().enumerate() {
+                        let xb = _mm512_set1_ps(*xrow.add(offs[j] + ox));
+                        for (v, av) in aj.iter_mut().enumerate() {
+                            *av = _mm512_fmadd_ps(xb, d[v], *av);
+                        }
+                    }
+                }
+            }
+            for (j, aj) in a.iter().enumerate() {
+                for (v, av) in aj.iter().enumerate() {
+                    _mm512_storeu_ps(dwt.add(j * p.ldo + v * L), *av);
+                }
+            }
+        }
+    }
+}
+
+/// Stub for targets without the x86-64 kernels: the AVX-512 path is never selected.
+#[cfg(not(target_arch = "x86_64"))]
+mod simd512 {
+    use super::simd::Taps;
+    pub(super) const L: usize = 16;
+    pub(super) const FWD_ROWS: usize = 8;
+    pub(super) const WG_ROWS: usize = 3;
+    pub(super) const MAX_K: usize = 7;
+    pub(super) const SLACK: usize = L;
+
+    pub(super) fn available() -> bool {
+        false
+    }
+
+    pub(super) fn fwd_rows(_: usize, _: &[f32], _: Taps, _: usize, _: &[f32], _: &mut [f32]) {
+        unreachable!("AVX-512 conv kernel is only built for x86-64")
+    }
+
+    pub(super) fn wgrad_cols(
+        _: &[f32],
+        _: Taps,
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: usize,
+        _: &mut [f32],
+    ) {
+        unreachable!("AVX-512 conv kernel is only built for x86-64")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn wgrad_rows(
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: usize,
+        _: Taps,
+        _: usize,
+        _: &[f32],
+        _: usize,
+        _: &mut [f32],
+    ) {
+        unreachable!("AVX-512 conv kernel is only built for x86-64")
     }
 }
 
@@ -1501,6 +2218,10 @@ mod tests {
         let mut v = vec![Algo::Gemm];
         if simd::available() {
             v.push(Algo::Direct);
+        }
+        if simd512::available() {
+            v.push(Algo::Direct512);
+            v.push(Algo::Direct512Co);
         }
         v
     }
@@ -2001,19 +2722,23 @@ mod tests {
                     let algo = match std::env::var("CONV_ALGO").as_deref() {
                         Ok("gemm") => Some(Algo::Gemm),
                         Ok("direct") => Some(Algo::Direct),
+                        Ok("direct512") => Some(Algo::Direct512),
+                        Ok("direct512co") => Some(Algo::Direct512Co),
                         _ => None,
                     };
                     let plan = match std::env::var("CONV_DPLAN").as_deref() {
                         Ok("col2im") => DataPlan::Col2im,
                         Ok("flip_gemm") => DataPlan::Flipped(Algo::Gemm),
                         Ok("flip_direct") => DataPlan::Flipped(Algo::Direct),
+                        Ok("flip_direct512") => DataPlan::Flipped(Algo::Direct512),
                         _ => pick_data_plan(&s),
                     };
-                    let fa = algo.unwrap_or(pick_algo(s.cout));
+                    let fa = algo.unwrap_or(pick_algo_for(s.cout, s.width, s.kernel, false));
+                    let wa = algo.unwrap_or(pick_algo_for(s.cout, s.width, s.kernel, true));
                     let tf = time_if('f', &mut || forward_with(&s, &x, &w, &b, true, &mut y, fa));
                     let td = time_if('d', &mut || backward_data_with(&s, &dy, &w, &mut dx, plan));
                     let tw = time_if('w', &mut || {
-                        backward_weight_with(&s, &x, &dy, &mut dw, &mut db, fa)
+                        backward_weight_with(&s, &x, &dy, &mut dw, &mut db, wa)
                     });
                     let gf = s.flops() as f64 * 1e-9;
                     if s.height == 14 {
