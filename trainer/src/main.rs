@@ -126,6 +126,9 @@ struct TrainArgs {
     /// Sampling temperature of the final grid.
     #[arg(long, default_value_t = 0.8)]
     temperature: f32,
+    /// Keep the learning rate constant after warm-up (default: cosine decay to 5% by the end).
+    #[arg(long)]
+    constant_lr: bool,
     /// No progress bar (log lines only).
     #[arg(long)]
     quiet: bool,
@@ -337,6 +340,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         cfg.samples = a.samples;
         cfg.temperature = a.temperature;
         cfg.inject_nan_at = a.inject_nan_at.clone();
+        cfg.cosine_decay = !a.constant_lr;
         // An absolute path, so that resuming from another folder finds the same data.
         cfg.data = a
             .data

@@ -71,6 +71,11 @@ pub struct TrainConfig {
     pub temperature: f32,
     /// Consecutive non-finite steps tolerated before restoring the last checkpoint.
     pub max_bad_steps: u32,
+    /// Decay the learning rate after warm-up along a cosine to 5% of its peak at the end of
+    /// the run (the end is the step limit, or the time budget: then the schedule follows
+    /// wall-clock time and a resumed run is no longer bit-identical to an uninterrupted one).
+    #[serde(default)]
+    pub cosine_decay: bool,
     /// Testing hook: poison the batch with a NaN at these steps (exercises recovery).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inject_nan_at: Vec<u64>,
@@ -122,6 +127,7 @@ impl TrainConfig {
             temperature: 0.8,
             max_bad_steps: 3,
             inject_nan_at: Vec::new(),
+            cosine_decay: true,
             data: None,
             limit: None,
             val_split: default_val_split(),
@@ -288,6 +294,22 @@ fn state_of(cfg: &TrainConfig) -> TrainState {
         dataset: cfg.dataset.clone(),
         nonfinite_skips: 0,
         restores: 0,
+    }
+}
+
+/// How far through the run we are, 0..1: the larger of the step and the time fractions.
+fn run_fraction(
+    step: u64,
+    elapsed: f64,
+    total_steps: Option<u64>,
+    budget_secs: Option<f64>,
+) -> f64 {
+    let by_steps = total_steps.map(|t| step as f64 / t.max(1) as f64);
+    let by_time = budget_secs.map(|b| elapsed / b.max(1e-9));
+    match (by_steps, by_time) {
+        (Some(a), Some(b)) => a.max(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => 0.0,
     }
 }
 
@@ -528,7 +550,13 @@ pub fn train(
         } else {
             ((state.step + 1) as f32 / cfg.warmup_steps as f32).min(1.0)
         };
-        let lr = cfg.lr * state.lr_scale * warm;
+        let decay = if cfg.cosine_decay {
+            let f = run_fraction(state.step, elapsed, total_steps, budget_secs).min(1.0);
+            (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * f).cos())) as f32
+        } else {
+            1.0
+        };
+        let lr = cfg.lr * state.lr_scale * warm * decay;
         let hp = AdamStep {
             lr,
             beta1: cfg.beta1,
@@ -555,12 +583,7 @@ pub fn train(
         running.1 += 1;
         window_images += bs as u64;
         let ips = window_images as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
-        let frac = match (total_steps, budget_secs) {
-            (Some(t), Some(bu)) => (state.step as f64 / t as f64).max(elapsed / bu),
-            (Some(t), None) => state.step as f64 / t as f64,
-            (None, Some(bu)) => elapsed / bu,
-            (None, None) => 0.0,
-        };
+        let frac = run_fraction(state.step, elapsed, total_steps, budget_secs);
         progress.step(
             &state,
             running.0 / running.1.max(1) as f64,

@@ -34,6 +34,9 @@ const TINY: &[&str] = &[
     "64",
     "--batch-size",
     "16",
+    // The tests extend runs on resume (--steps 8, then 12); a cosine schedule would plan for
+    // the first budget and differ from the uninterrupted 12-step run by design.
+    "--constant-lr",
     "--quiet",
 ];
 
@@ -792,10 +795,9 @@ fn non_finite_steps_below_the_limit_are_skipped() {
 /// Three bad steps in a row restore the last checkpoint and halve the learning rate; the run
 /// then finishes its budget.
 ///
-/// BUG (trainer/src/train.rs): `--inject-nan-at` poisons a step every time the loop reaches
-/// it, and a restore always rewinds to a step before the bad streak, so the same three steps
-/// fail again, forever (the learning rate halves down to 0 and metrics.jsonl grows without
-/// bound). The `--minutes` safety net below lets this test end (and fail) instead of hanging.
+/// Three non-finite steps in a row restore the last checkpoint and halve the learning rate.
+/// Regression: injected NaNs used to fire again after every restore, so the run never ended;
+/// the `--minutes` safety net makes such a regression fail instead of hang.
 #[test]
 fn three_non_finite_steps_restore_the_last_checkpoint() {
     let tmp = TempDir::new().unwrap();
@@ -843,9 +845,8 @@ fn three_non_finite_steps_restore_the_last_checkpoint() {
 
 /// `--hidden` is documented as `e.g. 16,128`.
 ///
-/// BUG (trainer/src/main.rs): `#[arg(long, value_delimiter = ',', num_args = 2)]` makes clap
-/// demand two separate values, so the documented `--hidden 4,8` fails with "2 values
-/// required for '--hidden <HIDDEN> <HIDDEN>' but 1 was provided"; only `--hidden 4 8` works.
+/// `--hidden 4,8` (the documented comma form) and `--hidden 4 8` both work. Regression: clap's
+/// `num_args = 2` used to reject the comma form.
 #[test]
 fn hidden_accepts_the_documented_comma_form() {
     let tmp = TempDir::new().unwrap();
@@ -882,10 +883,8 @@ fn hidden_accepts_the_documented_comma_form() {
 
 /// Resuming needs only the run folder and a budget.
 ///
-/// BUG (trainer/src/main.rs): `--data`, `--limit`, `--val-split` and `--crops-per-image` are
-/// not saved in train.json, so `train --resume RUN --steps N` silently continues on the
-/// default data (here 7,000 training / 1,000 validation images instead of 256 / 64) and the
-/// result differs from the uninterrupted run.
+/// `--resume` continues on the run's own data settings (saved in train.json), so the result
+/// equals the uninterrupted run. Regression: they used to fall back to the defaults.
 #[test]
 fn resume_reuses_the_data_settings_of_the_run() {
     let tmp = TempDir::new().unwrap();
