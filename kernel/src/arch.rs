@@ -50,6 +50,35 @@ impl Mask {
         }
     }
 
+    /// `(changed, cnn_in)` for an input of `channels` channels: the channels a coupling
+    /// changes, and its CNN's input channels. A channel mask keeps `ceil(C/2)` channels for
+    /// even parity and `floor(C/2)` for odd; a checkerboard keeps half of every channel, so
+    /// all channels are both changed and (masked) CNN input.
+    pub const fn split_channels(self, channels: usize) -> (usize, usize) {
+        if self.is_channel() {
+            let kept = (channels + 1 - self.parity()) / 2;
+            (channels - kept, kept)
+        } else {
+            (channels, channels)
+        }
+    }
+
+    /// The channel that changed channel `j` (the `j`-th `s`/`t` plane) acts on.
+    pub const fn changed_channel(self, j: usize) -> usize {
+        if self.is_channel() {
+            // Keep parity p, change parity 1 - p.
+            2 * j + 1 - self.parity()
+        } else {
+            j
+        }
+    }
+
+    /// True when the coupling changes pixel `(row, col)` of a changed channel (always for
+    /// channel masks; the other colour of the board for checkerboards).
+    pub const fn changes_pixel(self, row: usize, col: usize) -> bool {
+        self.is_channel() || (row + col) % 2 != self.parity()
+    }
+
     /// The mask of the same kind with the other half kept.
     pub const fn flipped(self) -> Mask {
         match self {
@@ -204,31 +233,15 @@ impl Arch {
         h.saturating_mul(w)
     }
 
-    /// Channels kept by a channel mask of this parity (`ceil` for even, `floor` for odd).
-    const fn kept_channels(&self, mask: Mask) -> usize {
-        let (c, _, _) = self.flow_shape();
-        (c + 1 - mask.parity()) / 2
-    }
-
     /// Input channels of a coupling's CNN: the kept channels (channel mask) or all
     /// channels (checkerboard).
     pub const fn cnn_in(&self, mask: Mask) -> usize {
-        let (c, _, _) = self.flow_shape();
-        if mask.is_channel() {
-            self.kept_channels(mask)
-        } else {
-            c
-        }
+        mask.split_channels(self.flow_shape().0).1
     }
 
     /// Channels whose values a coupling changes (so also the number of `s` and `t` planes).
     pub const fn changed(&self, mask: Mask) -> usize {
-        let (c, _, _) = self.flow_shape();
-        if mask.is_channel() {
-            c - self.kept_channels(mask)
-        } else {
-            c
-        }
+        mask.split_channels(self.flow_shape().0).0
     }
 
     /// `(cin, cout, k)` of conv `j` (0, 1, 2) in a coupling with this mask.

@@ -10,7 +10,7 @@
 //! log-determinant is the sum of `s` over the changed elements only. Because `y_a = x_a`
 //! the inverse recomputes exactly the forward's `(s, t)`.
 
-use crate::arch::{Arch, Mask};
+use crate::arch::Arch;
 use crate::conv::{Conv, INTERNAL};
 use crate::error::{Buffer, Error};
 use crate::weights::CouplingWeights;
@@ -24,23 +24,6 @@ pub struct Work<'s> {
     pub region_a: &'s mut [f32],
     /// Second hidden layer.
     pub region_b: &'s mut [f32],
-}
-
-/// True when the element at `(row, col)` of the plane is kept by `mask`.
-#[inline]
-fn kept_pixel(mask: Mask, row: usize, col: usize) -> bool {
-    (row + col) % 2 == mask.parity()
-}
-
-/// Index of the channel that changed channel `j` acts on.
-#[inline]
-fn changed_channel(mask: Mask, j: usize) -> usize {
-    if mask.is_channel() {
-        // Keep parity p, change parity 1 - p.
-        2 * j + 1 - mask.parity()
-    } else {
-        j
-    }
 }
 
 /// Runs the coupling's CNN on the kept half of `x` (flow shape) and returns `(s_raw, t)`
@@ -76,10 +59,10 @@ fn cnn<'w>(
         // All channels, changed pixels zeroed: the CNN must not see what it will change.
         for (dst, src) in input.chunks_exact_mut(plane).zip(x.chunks_exact(plane)) {
             for (i, (d, s)) in dst.iter_mut().zip(src).enumerate() {
-                *d = if kept_pixel(mask, i / w, i % w) {
-                    *s
-                } else {
+                *d = if mask.changes_pixel(i / w, i % w) {
                     0.0
+                } else {
+                    *s
                 };
             }
         }
@@ -138,10 +121,10 @@ fn apply(
         .zip(cw.scale.iter())
         .enumerate()
     {
-        let ch = changed_channel(mask, j);
+        let ch = mask.changed_channel(j);
         let xp = x.get_mut(ch * plane..(ch + 1) * plane).ok_or(INTERNAL)?;
         for (i, ((xv, &sr), &t)) in xp.iter_mut().zip(s_plane).zip(t_plane).enumerate() {
-            if !mask.is_channel() && kept_pixel(mask, i / w, i % w) {
+            if !mask.changes_pixel(i / w, i % w) {
                 continue;
             }
             // Bounded log-scale: |s| <= |scale|.

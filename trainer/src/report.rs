@@ -18,9 +18,8 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -120,44 +119,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReportError + '_ {
 // Atomic writes
 // ---------------------------------------------------------------------------
 
-/// A fresh temporary name next to `path`: `.NAME.PID-COUNTER.tmp`.
-fn temp_path(path: &Path) -> Result<PathBuf, ReportError> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path.file_name().ok_or_else(|| ReportError::Io {
-        path: path.to_path_buf(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
-    })?;
-    let mut tmp = std::ffi::OsString::from(".");
-    tmp.push(name);
-    tmp.push(format!(
-        ".{}-{}.tmp",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    Ok(path.with_file_name(tmp))
-}
-
 /// Writes `path` by calling `write` on a temporary file next to it, syncing it
 /// and renaming it over `path`. On any error the temporary file is removed and
 /// `path` is untouched. Errors name `path`, not the temporary name.
 fn write_atomic(
     path: &Path,
-    write: impl FnOnce(&mut BufWriter<File>) -> Result<(), ReportError>,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), ReportError>,
 ) -> Result<(), ReportError> {
-    let tmp = temp_path(path)?;
-    let result = (|| {
-        let file = File::create(&tmp).map_err(io_err(path))?;
-        let mut w = BufWriter::new(file);
-        write(&mut w)?;
-        let file = w.into_inner().map_err(|e| io_err(path)(e.into_error()))?;
-        file.sync_all().map_err(io_err(path))?;
-        drop(file);
-        fs::rename(&tmp, path).map_err(io_err(path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    let mut bytes = Vec::new();
+    write(&mut bytes)?;
+    crate::fsutil::atomic_write(path, &bytes).map_err(io_err(path))
 }
 
 // ---------------------------------------------------------------------------

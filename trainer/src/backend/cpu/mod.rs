@@ -33,30 +33,10 @@ fn host_mut<'a>(op: &'static str, b: &'a mut Buffer) -> Result<&'a mut [f32]> {
     }
 }
 
-/// Index of the channel that changed channel `j` of `mask` acts on.
-#[inline]
-fn changed_channel(mask: Mask, j: usize) -> usize {
-    if mask.is_channel() {
-        2 * j + 1 - mask.parity()
-    } else {
-        j
-    }
-}
-
-/// Channels a coupling with `mask` changes, and the CNN's input channels.
-fn split_counts(channels: usize, mask: Mask) -> (usize, usize) {
-    if mask.is_channel() {
-        let kept = (channels + 1 - mask.parity()) / 2;
-        (channels - kept, kept)
-    } else {
-        (channels, channels)
-    }
-}
-
 /// True when position `i` of a `width`-wide plane is changed by `mask`.
 #[inline]
 fn is_changed(mask: Mask, i: usize, width: usize) -> bool {
-    mask.is_channel() || (i / width + i % width) % 2 != mask.parity()
+    mask.changes_pixel(i / width, i % width)
 }
 
 impl Backend for CpuBackend {
@@ -267,7 +247,7 @@ impl Backend for CpuBackend {
         cnn_in: &mut Buffer,
     ) -> Result<()> {
         let op = "mask_gather";
-        let (_, cin) = split_counts(shape.channels, mask);
+        let (_, cin) = mask.split_channels(shape.channels);
         let p = shape.plane();
         expect_len(op, "x", x, shape.len())?;
         expect_len(op, "cnn_in", cnn_in, shape.batch * cin * p)?;
@@ -306,7 +286,7 @@ impl Backend for CpuBackend {
         dx: &mut Buffer,
     ) -> Result<()> {
         let op = "mask_scatter_add";
-        let (_, cin) = split_counts(shape.channels, mask);
+        let (_, cin) = mask.split_channels(shape.channels);
         let p = shape.plane();
         expect_len(op, "d_cnn_in", d_cnn_in, shape.batch * cin * p)?;
         expect_len(op, "dx", dx, shape.len())?;
@@ -349,7 +329,7 @@ impl Backend for CpuBackend {
         log_det: &mut Buffer,
     ) -> Result<()> {
         let op = "coupling_forward";
-        let (cc, _) = split_counts(shape.channels, mask);
+        let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
         expect_len(op, "x", x, shape.len())?;
         expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
@@ -364,7 +344,7 @@ impl Backend for CpuBackend {
                 let (s_all, t_all) = st.split_at(cc * p);
                 let mut acc = 0.0f64;
                 for j in 0..cc {
-                    let ch = changed_channel(mask, j);
+                    let ch = mask.changed_channel(j);
                     let xs = &mut x[ch * p..(ch + 1) * p];
                     let (sr, t) = (&s_all[j * p..(j + 1) * p], &t_all[j * p..(j + 1) * p]);
                     for i in 0..p {
@@ -390,7 +370,7 @@ impl Backend for CpuBackend {
         y: &mut Buffer,
     ) -> Result<()> {
         let op = "coupling_inverse";
-        let (cc, _) = split_counts(shape.channels, mask);
+        let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
         expect_len(op, "y", y, shape.len())?;
         expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
@@ -402,7 +382,7 @@ impl Backend for CpuBackend {
             .for_each(|(y, st)| {
                 let (s_all, t_all) = st.split_at(cc * p);
                 for j in 0..cc {
-                    let ch = changed_channel(mask, j);
+                    let ch = mask.changed_channel(j);
                     let ys = &mut y[ch * p..(ch + 1) * p];
                     let (sr, t) = (&s_all[j * p..(j + 1) * p], &t_all[j * p..(j + 1) * p]);
                     for i in 0..p {
@@ -429,7 +409,7 @@ impl Backend for CpuBackend {
         d_scale: &mut Buffer,
     ) -> Result<()> {
         let op = "coupling_backward";
-        let (cc, _) = split_counts(shape.channels, mask);
+        let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
         expect_len(op, "x", x, shape.len())?;
         expect_len(op, "dy", dy, shape.len())?;
@@ -450,7 +430,7 @@ impl Backend for CpuBackend {
                 let (ds_all, dt_all) = dst.split_at_mut(cc * p);
                 let mut dscale = vec![0.0f64; cc];
                 for j in 0..cc {
-                    let ch = changed_channel(mask, j);
+                    let ch = mask.changed_channel(j);
                     let (xs, dys) = (&x[ch * p..(ch + 1) * p], &mut dy[ch * p..(ch + 1) * p]);
                     let sr = &s_all[j * p..(j + 1) * p];
                     let _ = t_all;
