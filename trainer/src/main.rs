@@ -74,8 +74,8 @@ struct TrainArgs {
     hidden: Option<Vec<usize>>,
     #[command(flatten)]
     data: DataArgs,
-    /// Images held out (the last ones) for validation (default 1000, or the run's setting on
-    /// --resume).
+    /// Images held out (the last ones) for validation (default 1000, at most a fifth of the
+    /// data; on --resume the run's setting).
     #[arg(long)]
     val_split: Option<usize>,
     /// Use only the first N training images (quick runs).
@@ -144,7 +144,8 @@ struct EvalArgs {
     model: PathBuf,
     #[command(flatten)]
     data: DataArgs,
-    /// Score only the last N images (the validation split used in training); 0 = all.
+    /// Score only the last N images, at most a fifth of the data (the validation split used
+    /// in training); 0 = all.
     #[arg(long, default_value_t = 1000)]
     last: usize,
     /// Images per batch.
@@ -358,11 +359,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         crops_per_image: Some(cfg.crops_per_image),
     };
     let (ds, desc) = load_data(&data_args, arch.channels, arch.height, arch.width)?;
-    let val_n = if ds.len() > cfg.val_split {
-        cfg.val_split
-    } else {
-        ds.len() / 10
-    };
+    // Hold out the last `val_split` images, but never more than a fifth of a small set.
+    let val_n = cfg.val_split.min(ds.len() / 5).max(1);
     let (mut train_set, val_set) = ds.split_last(val_n)?;
     if let Some(n) = cfg.limit {
         train_set.truncate(n);
@@ -436,8 +434,10 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let src = Source::open(&a.model)?;
     let arch = src.arch()?;
     let (ds, desc) = load_data(&a.data, arch.channels, arch.height, arch.width)?;
-    let ds = if a.last > 0 && a.last < ds.len() {
-        ds.split_last(a.last)?.1
+    // The same held-out rule as `train`: the last N images, at most a fifth of the data.
+    let ds = if a.last > 0 {
+        let k = a.last.min(ds.len() / 5).max(1);
+        ds.split_last(k)?.1
     } else {
         ds
     };
