@@ -76,32 +76,32 @@ pub fn verify(
     for (k, t) in kernel.iter().zip(&stats.log_prob) {
         max_bpd_diff = max_bpd_diff.max((k - bpd(&arch, *t)).abs());
     }
-    // Samples from the same latents.
+    // Samples from the same latents: the trainer's batched inverse against the kernel's.
     let s = n.min(16);
     let seed = 0xc0ffee;
-    let pixels_trainer = sample_pixels(&mut flow, s, 0.8, seed)?;
+    let mut z = vec![0.0f32; s * d];
+    for (i, zi) in z.chunks_mut(d).enumerate() {
+        Normal::new(Pcg32::with_stream(seed, i as u64))
+            .fill(zi, 0.8)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let u_trainer = flow.inverse(&z, s)?;
     let mut scratch = vec![0.0f32; clayflow_kernel::scratch_len(&arch)];
     let mut max_sample_diff = 0.0f32;
     let mut pixels_differing = 0;
-    let mut z = vec![0.0f32; d];
-    for i in 0..s {
-        Normal::new(Pcg32::with_stream(seed, i as u64))
-            .fill(&mut z, 0.8)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let ut = flow.inverse(&z, 1)?;
-        clayflow_kernel::inverse(&model, &mut z, &mut scratch)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        for (a, b) in z.iter().zip(&ut) {
+    let (mut pk, mut pt) = (vec![0u8; d], vec![0u8; d]);
+    for (zi, ut) in z.chunks_mut(d).zip(u_trainer.chunks(d)) {
+        clayflow_kernel::inverse(&model, zi, &mut scratch).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (a, b) in zi.iter().zip(ut) {
             max_sample_diff = max_sample_diff.max((a - b).abs());
         }
-        let mut pk = vec![0u8; d];
-        clayflow_kernel::preprocess::quantize(&z, arch.bits, &mut pk)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        pixels_differing += pk
-            .iter()
-            .zip(&pixels_trainer[i * d..(i + 1) * d])
-            .filter(|(a, b)| a != b)
-            .count();
+        let q = |u: &[f32], out: &mut [u8]| {
+            clayflow_kernel::preprocess::quantize(u, arch.bits, out)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        };
+        q(zi, &mut pk)?;
+        q(ut, &mut pt)?;
+        pixels_differing += pk.iter().zip(&pt).filter(|(a, b)| a != b).count();
     }
     Ok(Agreement {
         images: n,
