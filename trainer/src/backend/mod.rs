@@ -8,6 +8,7 @@
 //! backward, logit, reductions and a fused Adam step.
 
 pub mod cpu;
+pub mod cuda;
 
 pub use cpu::conv::ConvShape;
 
