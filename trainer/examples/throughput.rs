@@ -1,9 +1,14 @@
 //! Prints the training throughput of a preset on this machine: one row per phase of a step
 //! (forward, backward, optimiser) and the whole step, in ms and images/s.
 //!
-//! `cargo run --release -p clayflow-trainer --example throughput -- [mnist|color] [batch] [steps]`
+//! `cargo run --release -p clayflow-trainer --example throughput -- [mnist|color] [batch] [steps] [device]`
+//!
+//! `device` is `cpu` (default), `cuda`, `cuda:N` or `auto`. On a GPU, work is queued
+//! asynchronously: each phase ends with a small download, which waits for the queued work,
+//! so the phase times are real (the download of one small tensor is included).
 
-use clayflow_trainer::backend::{cpu::CpuBackend, AdamStep, Backend};
+use clayflow_trainer::backend::select::{self, DeviceChoice};
+use clayflow_trainer::backend::{AdamStep, Backend, Buffer};
 use clayflow_trainer::config::ModelConfig;
 use clayflow_trainer::model::{init_params, Flow};
 use std::sync::Arc;
@@ -17,8 +22,13 @@ fn main() -> anyhow::Result<()> {
     let preset = args.get(1).map_or("mnist", String::as_str);
     let batch: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);
     let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let device: DeviceChoice = args.get(4).map_or(Ok(DeviceChoice::Cpu), |s| s.parse())?;
     let arch = ModelConfig::preset(preset)?.to_arch()?;
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend);
+    let opened = select::open(device)?;
+    if let Some(n) = &opened.notice {
+        eprintln!("{n}");
+    }
+    let backend: Arc<dyn Backend> = opened.backend;
     let mut flow = Flow::new(backend.clone(), arch, &init_params(&arch, 1))?;
     let mut grads = flow.zeros_like_params()?;
     let mut m = flow.zeros_like_params()?;
@@ -26,12 +36,23 @@ fn main() -> anyhow::Result<()> {
     let u: Vec<f32> = (0..batch * arch.dim())
         .map(|i| ((i * 7919) % 256) as f32 / 256.0 + 0.001)
         .collect();
+    // Waits for the device's queued work: downloads the smallest gradient tensor.
+    let smallest = (0..grads.len())
+        .min_by_key(|&i| grads[i].len())
+        .unwrap_or(0);
+    let sync = |bufs: &[Buffer]| -> anyhow::Result<()> {
+        if let Some(b) = bufs.get(smallest) {
+            backend.download(b)?;
+        }
+        Ok(())
+    };
     let (mut tf, mut tb, mut to) = (Vec::new(), Vec::new(), Vec::new());
     for step in 0..steps + 2 {
         let t0 = Instant::now();
         flow.forward(&u, batch)?;
         let t1 = Instant::now();
         flow.backward(&mut grads)?;
+        sync(&grads)?;
         let t2 = Instant::now();
         let hp = AdamStep {
             lr: 1e-4,
@@ -49,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         for (((p, g), m), v) in flow.params.iter_mut().zip(&grads).zip(&mut m).zip(&mut v) {
             backend.adam(&hp, p, g, m, v)?;
         }
+        sync(&m)?;
         let t3 = Instant::now();
         if step >= 2 {
             tf.push((t1 - t0).as_secs_f64());
@@ -76,8 +98,8 @@ fn main() -> anyhow::Result<()> {
             })
             .sum::<f64>();
     println!(
-        "{preset} preset, batch {batch}, {} threads, median of {steps} steps",
-        rayon::current_num_threads()
+        "{preset} preset, batch {batch}, on {}, median of {steps} steps",
+        backend.name()
     );
     println!(
         "{:<10} {:>9} {:>10} {:>9}",

@@ -3,7 +3,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use clayflow_kernel::DType;
-use clayflow_trainer::backend::{cpu::CpuBackend, Backend};
+use clayflow_trainer::backend::select::{self, DeviceChoice};
+use clayflow_trainer::backend::Backend;
 use clayflow_trainer::config::ModelConfig;
 use clayflow_trainer::data::{self, Crop, Dataset};
 use clayflow_trainer::export::{self, Source};
@@ -24,6 +25,9 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Compute device: auto (the GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, global = true, default_value = "auto")]
+    device: DeviceChoice,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -266,11 +270,16 @@ impl Progress for Bar {
     }
 }
 
-fn backend() -> Arc<dyn Backend> {
-    Arc::new(CpuBackend)
+/// The backend for `--device`; prints the one-line notice when `auto` falls back to the CPU.
+fn backend(device: DeviceChoice) -> Result<Arc<dyn Backend>> {
+    let opened = select::open(device)?;
+    if let Some(n) = &opened.notice {
+        eprintln!("{n}");
+    }
+    Ok(opened.backend)
 }
 
-fn cmd_train(a: TrainArgs) -> Result<()> {
+fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
     let (cfg, run_dir, resume) = if let Some(run) = &a.resume {
         let mut cfg = train::read_config(run)?;
         // Budget flags given on resume replace the saved ones.
@@ -358,6 +367,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         data: cfg.data.clone(),
         crops_per_image: Some(cfg.crops_per_image),
     };
+    // The device first: a missing GPU fails before the data is loaded.
+    let be = backend(device)?;
     let (ds, desc) = load_data(&data_args, arch.channels, arch.height, arch.width)?;
     // Hold out the last `val_split` images, but never more than a fifth of a small set.
     let val_n = cfg.val_split.min(ds.len() / 5).max(1);
@@ -369,7 +380,6 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     if !resume {
         cfg.dataset = desc;
     }
-    let be = backend();
     eprintln!(
         "clayflow: {} parameters, {} training / {} validation images, batch {}, on {}",
         arch.param_count(),
@@ -430,7 +440,7 @@ fn console_is_tty() -> bool {
     std::io::stderr().is_terminal()
 }
 
-fn cmd_eval(a: EvalArgs) -> Result<()> {
+fn cmd_eval(a: EvalArgs, device: DeviceChoice) -> Result<()> {
     let src = Source::open(&a.model)?;
     let arch = src.arch()?;
     let (ds, desc) = load_data(&a.data, arch.channels, arch.height, arch.width)?;
@@ -441,7 +451,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     } else {
         ds
     };
-    let v = src.evaluate(backend(), &ds, a.batch_size.max(1))?;
+    let v = src.evaluate(backend(device)?, &ds, a.batch_size.max(1))?;
     let kind = match src {
         Source::Checkpoint(_) => "checkpoint (trainer)",
         Source::Blob(_) => "blob (kernel)",
@@ -453,13 +463,13 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_sample(a: SampleArgs) -> Result<()> {
+fn cmd_sample(a: SampleArgs, device: DeviceChoice) -> Result<()> {
     let src = Source::open(&a.model)?;
     let arch = src.arch()?;
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
-    let pixels = src.sample(backend(), a.n, a.temperature, a.seed)?;
+    let pixels = src.sample(backend(device)?, a.n, a.temperature, a.seed)?;
     let cols = (a.n as f64).sqrt().ceil() as usize;
     let upscale = if arch.height <= 32 { 3 } else { 1 };
     report::write_png_grid(
@@ -483,7 +493,7 @@ fn cmd_sample(a: SampleArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_export(a: ExportArgs) -> Result<()> {
+fn cmd_export(a: ExportArgs, device: DeviceChoice) -> Result<()> {
     let dtype = match a.dtype {
         Dtype::F16 => DType::F16,
         Dtype::F32 => DType::F32,
@@ -493,7 +503,7 @@ fn cmd_export(a: ExportArgs) -> Result<()> {
     let (ds, _) = load_data(&a.data, arch.channels, arch.height, arch.width)?;
     let k = 64.min(ds.len());
     let check = ds.split_last(k)?.1;
-    let ag = export::export(backend(), &a.model, &a.out, dtype, &check)?;
+    let ag = export::export(backend(device)?, &a.model, &a.out, dtype, &check)?;
     let size = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
     println!(
         "wrote {} ({} bytes, {:?} weights); kernel vs trainer on {} images: max |bits/dim diff| {:.2e}, max |sample diff| {:.2e} ({} of {} sample pixels differ); kernel bits/dim {:.4}",
@@ -525,16 +535,17 @@ fn main() {
             std::process::exit(2);
         }
     }
+    let device = cli.device;
     let result = match cli.command {
-        Some(Command::Train(a)) => cmd_train(*a),
-        Some(Command::Eval(a)) => cmd_eval(a),
-        Some(Command::Sample(a)) => cmd_sample(a),
-        Some(Command::Export(a)) => cmd_export(a),
+        Some(Command::Train(a)) => cmd_train(*a, device),
+        Some(Command::Eval(a)) => cmd_eval(a, device),
+        Some(Command::Sample(a)) => cmd_sample(a, device),
+        Some(Command::Export(a)) => cmd_export(a, device),
         None => match Cli::try_parse_from(["clayflow", "train"]) {
             Ok(Cli {
                 command: Some(Command::Train(a)),
                 ..
-            }) => cmd_train(*a),
+            }) => cmd_train(*a, device),
             _ => Err(anyhow::anyhow!(
                 "internal: default train arguments do not parse"
             )),

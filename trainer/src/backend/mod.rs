@@ -1,6 +1,7 @@
 //! Compute backends. The model and the training loop call the [`Backend`] trait on opaque
-//! [`Buffer`]s and never name an implementation; [`cpu::CpuBackend`] is the one here (the
-//! CUDA backend implements the same trait).
+//! [`Buffer`]s and never name an implementation: [`cpu::CpuBackend`], or
+//! [`cuda::CudaBackend`] on a GPU (or on the host simulator in tests); [`select`] picks one
+//! for `--device`.
 //!
 //! Tensors are flat f32 buffers in NCHW order. The ops are the flow's: batched convolution
 //! (forward, backward-data, backward-weight), ReLU's backward, squeeze, the mask gather and
@@ -9,6 +10,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod select;
 
 pub use cpu::conv::ConvShape;
 
@@ -45,14 +47,17 @@ pub enum BackendError {
 pub type Result<T> = std::result::Result<T, BackendError>;
 
 /// Storage of a [`Buffer`]. Each backend reads only its own variant.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum Storage {
-    /// Host memory (the CPU backend).
+    /// Host memory (the CPU backend, and the CUDA backend on the host simulator).
     Host(Vec<f32>),
+    /// GPU memory (the CUDA backend on a real GPU).
+    Cuda(cuda::gpu::CudaMem),
 }
 
-/// An f32 tensor owned by a backend.
-#[derive(Clone, Debug)]
+/// An f32 tensor owned by a backend. Not `Clone`: copies go through [`Backend::copy`], on the
+/// buffer's own device.
+#[derive(Debug)]
 pub struct Buffer {
     /// The storage.
     pub storage: Storage,
@@ -63,6 +68,7 @@ impl Buffer {
     pub fn len(&self) -> usize {
         match &self.storage {
             Storage::Host(v) => v.len(),
+            Storage::Cuda(m) => m.len(),
         }
     }
 

@@ -20,7 +20,6 @@ pub struct CpuBackend;
 fn host<'a>(op: &'static str, b: &'a Buffer) -> Result<&'a [f32]> {
     match &b.storage {
         Storage::Host(v) => Ok(v),
-        #[allow(unreachable_patterns)]
         _ => Err(BackendError::WrongDevice { op }),
     }
 }
@@ -28,7 +27,6 @@ fn host<'a>(op: &'static str, b: &'a Buffer) -> Result<&'a [f32]> {
 fn host_mut<'a>(op: &'static str, b: &'a mut Buffer) -> Result<&'a mut [f32]> {
     match &mut b.storage {
         Storage::Host(v) => Ok(v),
-        #[allow(unreachable_patterns)]
         _ => Err(BackendError::WrongDevice { op }),
     }
 }
