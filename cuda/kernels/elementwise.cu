@@ -1,0 +1,153 @@
+// Elementwise kernels: one grid-stride loop each. Launch (see cuda/KERNELS.md, "EW launch"):
+// block 256, grid min(ceil(n / 256), 4096). Indices are unsigned so that `i + stride` cannot
+// overflow for n < 2^31.
+
+#define CF_GRID_STRIDE(i, n)                                                                 \
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(n);              \
+         i += gridDim.x * blockDim.x)
+
+// True when pixel (row, col) of a changed channel is changed by `mask` (channel masks change
+// every pixel; checkerboards change the colour whose (row + col) parity differs from the
+// mask's parity). Mask codes: 0 ChannelEven, 1 ChannelOdd, 2 CheckerEven, 3 CheckerOdd.
+static __device__ __forceinline__ bool cf_changes_pixel(int mask, int row, int col) {
+    return mask < 2 || ((row + col) & 1) != (mask & 1);
+}
+
+extern "C" __global__ void __launch_bounds__(256) cf_fill(int n, float value, float* dst) {
+    CF_GRID_STRIDE(i, n) { dst[i] = value; }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    cf_copy(int n, const float* __restrict__ src, float* __restrict__ dst) {
+    CF_GRID_STRIDE(i, n) { dst[i] = src[i]; }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    cf_axpy(int n, float a, const float* __restrict__ x, float* __restrict__ y) {
+    CF_GRID_STRIDE(i, n) { y[i] += a * x[i]; }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    cf_relu_backward(int n, const float* __restrict__ y, float* __restrict__ dy) {
+    CF_GRID_STRIDE(i, n) {
+        if (y[i] <= 0.0f) dy[i] = 0.0f;
+    }
+}
+
+// Inverse of the dequantisation logit: x -> (sigmoid(x) - alpha) / (1 - 2 alpha).
+extern "C" __global__ void __launch_bounds__(256) cf_logit_inverse(int n, float alpha, float* x) {
+    const float span = 1.0f - 2.0f * alpha;
+    CF_GRID_STRIDE(i, n) {
+        float s = 1.0f / (1.0f + expf(-x[i]));
+        x[i] = (s - alpha) / span;
+    }
+}
+
+// Space-to-depth 2x2 (PyTorch's pixel_unshuffle(x, 2)): output channel 4c + 2dy + dx holds
+// input pixel (c, 2i + dy, 2j + dx) at (i, j). (c, h, w) is the unsqueezed shape; one thread
+// per element of the squeezed tensor, which is `y` forward and `x` for the inverse.
+extern "C" __global__ void __launch_bounds__(256)
+    cf_squeeze(int batch, int c, int h, int w, int inverse, const float* __restrict__ x,
+               float* __restrict__ y) {
+    const int h2 = h / 2, w2 = w / 2;
+    const int plane2 = h2 * w2;
+    const int img = c * h * w;
+    CF_GRID_STRIDE(e, batch * img) {
+        // e indexes the squeezed layout [n][4c][h2][w2].
+        int n = (int)(e / (unsigned)img);
+        int r = (int)(e - (unsigned)n * (unsigned)img);
+        int oc = r / plane2;
+        int q = r - oc * plane2;
+        int i = q / w2, j = q - (q / w2) * w2;
+        int ch = oc >> 2, dy = (oc >> 1) & 1, dx = oc & 1;
+        unsigned u = (unsigned)n * (unsigned)img + (unsigned)((ch * h + 2 * i + dy) * w + 2 * j + dx);
+        if (inverse) {
+            y[u] = x[e];
+        } else {
+            y[e] = x[u];
+        }
+    }
+}
+
+// The coupling CNN's input: the kept channels (channel masks) or every channel with the
+// changed pixels zeroed (checkerboards). One thread per element of `cnn_in`
+// ([batch][cin_m][h][w]).
+extern "C" __global__ void __launch_bounds__(256)
+    cf_mask_gather(int batch, int c, int h, int w, int mask, const float* __restrict__ x,
+                   float* __restrict__ cnn_in) {
+    const int p = h * w;
+    const int cin = mask < 2 ? (c + 1 - (mask & 1)) / 2 : c;
+    const int per = cin * p;
+    CF_GRID_STRIDE(e, batch * per) {
+        int n = (int)(e / (unsigned)per);
+        int r = (int)(e - (unsigned)n * (unsigned)per);
+        int j = r / p, i = r - (r / p) * p;
+        if (mask < 2) {
+            // Kept channel j is channel 2j + parity.
+            cnn_in[e] = x[(unsigned)n * (unsigned)(c * p) + (unsigned)((2 * j + (mask & 1)) * p + i)];
+        } else {
+            int row = i / w, col = i - (i / w) * w;
+            cnn_in[e] = cf_changes_pixel(mask, row, col) ? 0.0f : x[(unsigned)n * (unsigned)(c * p) + (unsigned)r];
+        }
+    }
+}
+
+// dx[kept] += d_cnn_in: the transpose of cf_mask_gather. Each dx element has at most one
+// writer, so no atomics.
+extern "C" __global__ void __launch_bounds__(256)
+    cf_mask_scatter_add(int batch, int c, int h, int w, int mask,
+                        const float* __restrict__ d_cnn_in, float* __restrict__ dx) {
+    const int p = h * w;
+    const int cin = mask < 2 ? (c + 1 - (mask & 1)) / 2 : c;
+    const int per = cin * p;
+    CF_GRID_STRIDE(e, batch * per) {
+        int n = (int)(e / (unsigned)per);
+        int r = (int)(e - (unsigned)n * (unsigned)per);
+        int j = r / p, i = r - (r / p) * p;
+        if (mask < 2) {
+            dx[(unsigned)n * (unsigned)(c * p) + (unsigned)((2 * j + (mask & 1)) * p + i)] += d_cnn_in[e];
+        } else {
+            int row = i / w, col = i - (i / w) * w;
+            if (!cf_changes_pixel(mask, row, col)) dx[(unsigned)n * (unsigned)(c * p) + (unsigned)r] += d_cnn_in[e];
+        }
+    }
+}
+
+// Inverse affine coupling in place on the changed half: y_b = (y_b - t) exp(-s) with
+// s = scale * tanh(s_raw), (s_raw, t) = st[n] ([2cc][h][w]). One thread per (n, j, i).
+extern "C" __global__ void __launch_bounds__(256)
+    cf_coupling_inverse(int batch, int c, int h, int w, int mask, const float* __restrict__ st,
+                        const float* __restrict__ scale, float* __restrict__ y) {
+    const int p = h * w;
+    const int cc = mask < 2 ? c - (c + 1 - (mask & 1)) / 2 : c;
+    const int per = cc * p;
+    CF_GRID_STRIDE(e, batch * per) {
+        int n = (int)(e / (unsigned)per);
+        int r = (int)(e - (unsigned)n * (unsigned)per);
+        int j = r / p, i = r - (r / p) * p;
+        int row = i / w, col = i - (i / w) * w;
+        if (!cf_changes_pixel(mask, row, col)) continue;
+        int ch = mask < 2 ? 2 * j + 1 - (mask & 1) : j;
+        const float* stn = st + (unsigned)n * (unsigned)(2 * per);
+        float s = scale[j] * tanhf(stn[r]);
+        float t = stn[per + r];
+        unsigned yi = (unsigned)n * (unsigned)(c * p) + (unsigned)(ch * p + i);
+        y[yi] = (y[yi] - t) * expf(-s);
+    }
+}
+
+// Fused Adam step (the host precomputes step = lr / (1 - beta1^t) and bc2 = 1 - beta2^t in
+// f32 like the CPU backend).
+extern "C" __global__ void __launch_bounds__(256)
+    cf_adam(int n, float step, float beta1, float beta2, float eps, float bc2, float grad_scale,
+            float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ m,
+            float* __restrict__ v) {
+    CF_GRID_STRIDE(i, n) {
+        float g = grad[i] * grad_scale;
+        float mi = beta1 * m[i] + (1.0f - beta1) * g;
+        float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        param[i] -= step * mi / (sqrtf(vi / bc2) + eps);
+    }
+}
