@@ -92,9 +92,15 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
 
 /// Runs `clayflow ARGS` in `cwd`, killing it after `limit`.
 fn run_in(cwd: &Path, args: &[&str], limit: Duration) -> Out {
+    run_env(cwd, args, limit, &[])
+}
+
+/// [`run_in`] with extra environment variables.
+fn run_env(cwd: &Path, args: &[&str], limit: Duration, env: &[(&str, &str)]) -> Out {
     let start = Instant::now();
     let mut child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -901,4 +907,101 @@ fn resume_reuses_the_data_settings_of_the_run() {
         tensors(&final_model(&t.join("a"))),
         tensors(&final_model(&t.join("b")))
     );
+}
+
+/// No GPU for the child, on any machine: without libcuda (CI) the driver is not found; with
+/// one, `CUDA_VISIBLE_DEVICES=""` hides every device and `cuInit` reports none. Either way the
+/// real detection path runs.
+const NO_GPU: &[(&str, &str)] = &[("CUDA_VISIBLE_DEVICES", "")];
+
+#[test]
+fn device_cuda_without_a_gpu_is_a_clear_error() {
+    let tmp = TempDir::new().unwrap();
+    for (dev, shown) in [
+        ("cuda", "cuda:0"),
+        ("cuda:0", "cuda:0"),
+        ("cuda:3", "cuda:3"),
+    ] {
+        let mut args = vec!["train", "--device", dev, "--out", "run"];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(&["--steps", "1"]);
+        let out = run_env(tmp.path(), &args, LIMIT, NO_GPU).failed();
+        assert_eq!(out.code, Some(1), "{dev}: {}", out.stderr);
+        let want = format!("error: --device {shown}: cannot use the GPU: ");
+        assert!(out.stderr.contains(&want), "{dev}: {}", out.stderr);
+        assert!(out.stderr.contains("--device cpu"), "{dev}: {}", out.stderr);
+        assert!(!out.stderr.contains("panicked"), "{dev}: {}", out.stderr);
+        assert!(
+            !tmp.path().join("run").exists(),
+            "{dev}: a run folder was created"
+        );
+    }
+    // The same for scoring a model.
+    let out = run_env(
+        tmp.path(),
+        &["eval", "--device", "cuda", "--model", "nothing-here"],
+        LIMIT,
+        NO_GPU,
+    )
+    .failed();
+    assert!(out.stderr.contains("nothing-here"), "{}", out.stderr);
+}
+
+#[test]
+fn device_auto_trains_on_the_cpu_and_says_so_once() {
+    let tmp = TempDir::new().unwrap();
+    let mut args = vec!["train", "--device", "auto", "--out", "run"];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(&["--steps", "2", "--samples", "1"]);
+    let out = run_env(tmp.path(), &args, LIMIT, NO_GPU).ok();
+    assert!(out.stdout.contains("trained 2 steps"), "{}", out.stdout);
+    let notices: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("running on the CPU"))
+        .collect();
+    assert_eq!(notices.len(), 1, "{}", out.stderr);
+    assert!(
+        notices[0].starts_with("no CUDA device (") && notices[0].ends_with("); running on the CPU"),
+        "{}",
+        notices[0]
+    );
+    assert!(out.stderr.contains("batch 16, on cpu ("), "{}", out.stderr);
+    // auto is the default, and --device cpu says nothing about GPUs.
+    let out = run_env(
+        tmp.path(),
+        &["eval", "--model", "run", "--last", "16"],
+        LIMIT,
+        NO_GPU,
+    )
+    .ok();
+    assert_eq!(
+        out.stderr.matches("running on the CPU").count(),
+        1,
+        "{}",
+        out.stderr
+    );
+    let out = run_env(
+        tmp.path(),
+        &["eval", "--device", "cpu", "--model", "run", "--last", "16"],
+        LIMIT,
+        NO_GPU,
+    )
+    .ok();
+    assert!(!out.stderr.contains("CUDA"), "{}", out.stderr);
+}
+
+#[test]
+fn bad_device_names_are_usage_errors() {
+    let tmp = TempDir::new().unwrap();
+    for bad in ["cuda:x", "cuda:", "gpu", "cuda:-1"] {
+        let out = run(tmp.path(), &["train", "--device", bad, "--steps", "1"]).failed();
+        assert_eq!(out.code, Some(2), "{bad}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!("`{bad}` is not a device"))
+                && out.stderr.contains("cuda:N"),
+            "{bad}: {}",
+            out.stderr
+        );
+    }
 }

@@ -100,8 +100,11 @@ pub fn nvrtc_present() -> bool {
     unsafe { nsys::is_culib_present() }
 }
 
-/// NVRTC's version as `"major.minor"` (NVRTC must be present).
+/// NVRTC's version as `"major.minor"`, or "(not found)".
 pub fn nvrtc_version() -> String {
+    if !nvrtc_present() {
+        return "(not found)".into();
+    }
     let (mut major, mut minor) = (0i32, 0i32);
     // SAFETY: both pointers point at live i32s.
     let r = unsafe { nsys::nvrtcVersion(&mut major, &mut minor) };
@@ -112,8 +115,12 @@ pub fn nvrtc_version() -> String {
     }
 }
 
-/// The architectures NVRTC can compile for, as compute capabilities times 10 (`90` for sm_90).
+/// The architectures NVRTC can compile for, as compute capabilities times 10 (`90` for sm_90);
+/// empty when NVRTC is missing.
 pub fn nvrtc_supported_archs() -> Vec<i32> {
+    if !nvrtc_present() {
+        return Vec::new();
+    }
     let mut n = 0i32;
     // SAFETY: `n` is a live i32.
     if unsafe { nsys::nvrtcGetNumSupportedArchs(&mut n) } != nsys::nvrtcResult::NVRTC_SUCCESS {

@@ -94,7 +94,7 @@ fn sum_hi_lo(pairs: &[f32]) -> f64 {
 
 /// Checks a conv shape against the kernels' limits.
 fn check_conv(op: &'static str, s: &ConvShape) -> Result<()> {
-    if s.kernel % 2 == 0 || !(1..=15).contains(&s.kernel) {
+    if s.kernel.is_multiple_of(2) || !(1..=15).contains(&s.kernel) {
         return Err(BackendError::Device(format!(
             "{op}: kernel size {} is not supported by the CUDA kernels (odd sizes 1..=15)",
             s.kernel
@@ -458,7 +458,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         let op = "squeeze";
         expect_len(op, "x", x, shape.len())?;
         expect_len(op, "y", y, shape.len())?;
-        if shape.height % 2 != 0 || shape.width % 2 != 0 {
+        if !shape.height.is_multiple_of(2) || !shape.width.is_multiple_of(2) {
             return Err(BackendError::Device(format!(
                 "squeeze: a {}x{} image cannot be squeezed (height and width must be even)",
                 shape.height, shape.width
