@@ -137,3 +137,35 @@ fn a_run_moves_between_the_cuda_and_cpu_backends() {
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// The gradient norm of a training step: several buffers' sums of squares in one download
+/// equal the per-buffer sums added in order (the CPU backend's loop), bit for bit, including
+/// empty buffers and sizes that span 1 and 1024 blocks.
+#[test]
+fn sum_squares_all_equals_the_per_buffer_sums() {
+    let be = CudaBackend::new(SimDevice::new());
+    let mut rng = clayflow_kernel::Pcg32::with_stream(3, 4);
+    let bufs: Vec<_> = [0usize, 1, 300, 4097, 70_000]
+        .iter()
+        .map(|&n| {
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    use clayflow_kernel::Rng;
+                    (rng.next_u32() >> 8) as f32 / 8_388_608.0 - 1.0
+                })
+                .collect();
+            be.upload(&v).unwrap()
+        })
+        .collect();
+    let mut want = 0.0;
+    let mut cpu = 0.0;
+    for b in &bufs {
+        want += be.sum_squares(b).unwrap();
+        cpu += CpuBackend
+            .sum_squares(&CpuBackend.upload(&be.download(b).unwrap()).unwrap())
+            .unwrap();
+    }
+    assert_eq!(be.sum_squares_all(&bufs).unwrap(), want);
+    assert!(((want - cpu) / cpu).abs() < 1e-12, "{want} vs CPU {cpu}");
+    assert_eq!(be.sum_squares_all(&[]).unwrap(), 0.0);
+}

@@ -62,10 +62,7 @@ fn main() -> anyhow::Result<()> {
             step: step as u64 + 1,
             grad_scale: 1.0,
         };
-        let mut sq = 0.0;
-        for g in &grads {
-            sq += backend.sum_squares(g)?;
-        }
+        let sq = backend.sum_squares_all(&grads)?;
         assert!(sq.is_finite());
         for (((p, g), m), v) in flow.params.iter_mut().zip(&grads).zip(&mut m).zip(&mut v) {
             backend.adam(&hp, p, g, m, v)?;

@@ -480,11 +480,7 @@ pub fn train(
         let mut norm = f64::NAN;
         if ok {
             flow.backward(&mut grads)?;
-            let mut sq = 0.0;
-            for g in &grads {
-                sq += backend.sum_squares(g)?;
-            }
-            norm = sq.sqrt();
+            norm = backend.sum_squares_all(&grads)?.sqrt();
             ok = norm.is_finite();
         }
         state.epoch = epoch;

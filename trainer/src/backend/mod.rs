@@ -150,6 +150,15 @@ pub trait Backend: Send + Sync + Debug {
     fn axpy(&self, a: f32, x: &Buffer, y: &mut Buffer) -> Result<()>;
     /// `sum(x^2)`, accumulated in f64.
     fn sum_squares(&self, x: &Buffer) -> Result<f64>;
+    /// `sum(x^2)` over several buffers (the squared gradient norm): the per-buffer
+    /// [`Backend::sum_squares`] added in order. A device may do it with one synchronisation.
+    fn sum_squares_all(&self, xs: &[Buffer]) -> Result<f64> {
+        let mut total = 0.0;
+        for x in xs {
+            total += self.sum_squares(x)?;
+        }
+        Ok(total)
+    }
 
     /// `y = conv(x, w) + b`, then ReLU if `relu` (see [`ConvShape`]).
     fn conv_forward(

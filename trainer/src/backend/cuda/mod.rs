@@ -215,28 +215,59 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
     }
 
     fn sum_squares(&self, x: &Buffer) -> Result<f64> {
+        self.sum_squares_all(std::slice::from_ref(x))
+    }
+
+    fn sum_squares_all(&self, xs: &[Buffer]) -> Result<f64> {
         let op = "sum_squares";
-        let n = x.len();
-        if n == 0 {
+        // Block counts G = clamp(ceil(n / 4096), 1, 1024) per buffer; every block writes the
+        // (hi, lo) pair of its f64 sum. All buffers' pairs go to one scratch buffer (each
+        // launch gets the address of its own slice), so one download serves them all.
+        let blocks: Vec<usize> = xs
+            .iter()
+            .map(|x| match x.len() {
+                0 => 0,
+                n => n.div_ceil(4096).clamp(1, 1024),
+            })
+            .collect();
+        let total: usize = blocks.iter().sum();
+        if total == 0 {
             return Ok(0.0);
         }
-        // G = clamp(ceil(n / 4096), 1, 1024) blocks, each writing (hi, lo) of its f64 sum.
-        let g = n.div_ceil(4096).clamp(1, 1024);
-        let mut part = self.take_scratch("sum_squares", 2 * g)?;
-        let p = [
-            int(op, "length", n)?,
-            Param::Ptr(self.dev.ptr(x)?),
-            Param::Ptr(self.dev.ptr_mut(&mut part)?),
-        ];
-        let cfg = LaunchCfg {
-            grid: (g as u32, 1, 1),
-            block: (BLOCK, 1, 1),
-            shared_bytes: 0,
-        };
-        self.dev.launch("cf_sum_squares_partial", cfg, &p)?;
-        let host = self.dev.download(&part)?;
+        let mut part = self.take_scratch("sum_squares", 2 * total)?;
+        let r = (|| {
+            let base = self.dev.ptr_mut(&mut part)?;
+            let mut offset = 0u64;
+            for (x, &g) in xs.iter().zip(&blocks) {
+                if g == 0 {
+                    continue;
+                }
+                let p = [
+                    int(op, "length", x.len())?,
+                    Param::Ptr(self.dev.ptr(x)?),
+                    // 4 bytes per float: the pairs of this buffer's blocks.
+                    Param::Ptr(base + offset * 4),
+                ];
+                let cfg = LaunchCfg {
+                    grid: (g as u32, 1, 1),
+                    block: (BLOCK, 1, 1),
+                    shared_bytes: 0,
+                };
+                self.dev.launch("cf_sum_squares_partial", cfg, &p)?;
+                offset += 2 * g as u64;
+            }
+            self.dev.download(&part)
+        })();
         self.put_scratch("sum_squares", part);
-        Ok(sum_hi_lo(&host))
+        let host = r?;
+        // Per buffer in order, then added in order: what the per-buffer calls would give.
+        let mut total = 0.0;
+        let mut at = 0;
+        for g in blocks {
+            total += sum_hi_lo(&host[at..at + 2 * g]);
+            at += 2 * g;
+        }
+        Ok(total)
     }
 
     fn conv_forward(
