@@ -140,7 +140,7 @@ fn a_run_moves_between_the_cuda_and_cpu_backends() {
 
 /// The gradient norm of a training step: several buffers' sums of squares in one download
 /// equal the per-buffer sums added in order (the CPU backend's loop), bit for bit, including
-/// empty buffers and sizes that span 1 and 1024 blocks.
+/// empty buffers and sizes of 1 to 18 blocks.
 #[test]
 fn sum_squares_all_equals_the_per_buffer_sums() {
     let be = CudaBackend::new(SimDevice::new());
