@@ -85,7 +85,7 @@ log "CUDA vs CPU parity (ops, and loss + every gradient of a training step)"
 cargo test --release $CARGO_FLAGS -p clayflow-trainer --test gpu -- --ignored gpu_ \
     --test-threads 1 --nocapture 2>&1 | tee "$WORK/parity.log"
 grep -q "test result: ok" "$WORK/parity.log" || die "parity tests failed (see above)"
-grep -E "worst relative error|loss GPU" "$WORK/parity.log" | while read -r l; do note "parity: $l"; done
+while read -r l; do note "parity: $l"; done < <(grep -E "worst relative error|loss GPU" "$WORK/parity.log")
 note "parity: $(grep -E '^test result' "$WORK/parity.log" | tail -1)"
 
 # --- 3. train MNIST on the GPU, score on both, resume on the CPU -----------------------------

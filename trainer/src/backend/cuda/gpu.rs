@@ -271,7 +271,8 @@ pub fn compiled_modules(cc: (i32, i32)) -> std::result::Result<Arc<Vec<Compiled>
     Ok(out)
 }
 
-fn driver_err(what: &str, e: dres::DriverError) -> BackendError {
+/// `NAME (description)` of a driver error.
+fn driver_text(e: &dres::DriverError) -> String {
     let name = e
         .error_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -280,6 +281,10 @@ fn driver_err(what: &str, e: dres::DriverError) -> BackendError {
         .error_string()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    format!("{name} ({text})")
+}
+
+fn driver_err(what: &str, e: dres::DriverError) -> BackendError {
     let hint = match e.0 {
         dsys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => "; lower --batch-size or free GPU memory",
         dsys::cudaError_enum::CUDA_ERROR_NO_DEVICE
@@ -297,7 +302,7 @@ fn driver_err(what: &str, e: dres::DriverError) -> BackendError {
         }
         _ => "; use --device cpu to train on the CPU",
     };
-    BackendError::Device(format!("CUDA {what}: {name} ({text}){hint}"))
+    BackendError::Device(format!("CUDA {what}: {}{hint}", driver_text(&e)))
 }
 
 /// Finds why no GPU can be used, without panicking: `Ok(count)` when the driver loads and
@@ -310,7 +315,10 @@ pub fn device_count() -> std::result::Result<usize, String> {
     }
     match std::panic::catch_unwind(CudaContext::device_count) {
         Ok(Ok(n)) => Ok(n.max(0) as usize),
-        Ok(Err(e)) => Err(driver_err("initialisation", e).to_string()),
+        Ok(Err(e)) => Err(format!(
+            "the CUDA driver reports no usable device: {}",
+            driver_text(&e)
+        )),
         Err(_) => Err("the CUDA driver library could not be used (it panicked on load)".into()),
     }
 }
