@@ -51,9 +51,9 @@ fn parse_kernels(file: &Path, src: &str) -> Vec<KernelDecl> {
         rest = rest
             .strip_prefix('(')
             .unwrap_or_else(|| panic!("{}: kernel {name}: expected '('", file.display()));
-        let end = rest
-            .find(')')
-            .unwrap_or_else(|| panic!("{}: kernel {name}: unterminated parameters", file.display()));
+        let end = rest.find(')').unwrap_or_else(|| {
+            panic!("{}: kernel {name}: unterminated parameters", file.display())
+        });
         let params = rest[..end]
             .replace("__restrict__", "")
             .split_whitespace()

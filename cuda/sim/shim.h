@@ -3,9 +3,10 @@
 //
 // Model of execution (see sim.cpp):
 // - blocks of a grid run one after another;
-// - the threads of a block are real OS threads that meet at __syncthreads(); by default they
-//   take turns in a freshly shuffled order between barriers, so a missing barrier makes a
-//   thread read shared memory that another has not written yet (or has already overwritten);
+// - the threads of a block either take turns as fibers (ucontext) on one OS thread, each
+//   phase between two barriers in a freshly shuffled order (default: deterministic, and a
+//   missing barrier makes a thread read shared memory that another has not written yet or
+//   has already overwritten), or run as real OS threads meeting at a barrier (concurrent);
 // - dynamic shared memory (CF_DYNAMIC_SHARED) is poisoned with NaN before every block and
 //   fenced by canaries that are checked after it;
 // - static __shared__ arrays are function-level statics: one instance, which is correct

@@ -3,7 +3,9 @@
 //! `build.rs` compiles the very `.cu` sources the GPU runs (`cuda/kernels/*.cu`) with the
 //! host C++ compiler and a small shim (`cuda/sim/shim.h`), plus a grid runner
 //! (`cuda/sim/sim.cpp`) that executes a launch with CUDA's model: blocks one after another, the
-//! threads of a block as real OS threads meeting at `__syncthreads`. [`SimDevice`] implements
+//! threads of a block as independent execution contexts meeting at `__syncthreads` — fibers
+//! taking turns in a shuffled order ([`Schedule::Shuffled`], the default) or real OS threads
+//! running concurrently ([`Schedule::Concurrent`]). [`SimDevice`] implements
 //! the trainer's [`KernelDevice`], so `CudaBackend<SimDevice>` runs the GPU backend's Rust
 //! orchestration and kernel code on the CPU, and the parity tests compare it with the CPU
 //! backend on every CI run.
@@ -65,13 +67,15 @@ extern "C" {
 /// How the threads of a block are scheduled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schedule {
-    /// One thread at a time, in a fresh pseudo-random order (from `seed` and the launch count)
-    /// between barriers: deterministic, and it exposes missing barriers.
+    /// The block's threads are fibers on the calling OS thread, run one at a time in a fresh
+    /// pseudo-random order (from `seed` and the launch count) between barriers: deterministic,
+    /// fast, and it exposes missing barriers.
     Shuffled {
         /// Seed of the orders.
         seed: u64,
     },
-    /// All threads of a block run concurrently (the OS schedules them).
+    /// The block's threads are OS threads running concurrently and meeting at a barrier (the
+    /// OS schedules them; slower, for a different interleaving).
     Concurrent,
 }
 
@@ -352,7 +356,15 @@ mod tests {
                 .upload(&(0..2 * n).map(|v| v as f32).collect::<Vec<_>>())
                 .unwrap();
             let mut y = dev.alloc_zeros(2 * n).unwrap();
-            let out = run(&dev, "cf_simtest_reverse", cfg(2, 64, 256), &[1], &x, &mut y).unwrap();
+            let out = run(
+                &dev,
+                "cf_simtest_reverse",
+                cfg(2, 64, 256),
+                &[1],
+                &x,
+                &mut y,
+            )
+            .unwrap();
             for b in 0..2 {
                 for t in 0..n {
                     assert_eq!(out[b * n + t], (b * n + n - 1 - t) as f32);
@@ -378,15 +390,21 @@ mod tests {
             .upload(&(0..2 * n).map(|v| v as f32).collect::<Vec<_>>())
             .unwrap();
         let mut y = dev.alloc_zeros(2 * n).unwrap();
-        let out = run(&dev, "cf_simtest_reverse", cfg(1, 64, 256), &[0], &x, &mut y).unwrap();
+        let out = run(
+            &dev,
+            "cf_simtest_reverse",
+            cfg(1, 64, 256),
+            &[0],
+            &x,
+            &mut y,
+        )
+        .unwrap();
         assert!(
             out[..n].iter().any(|v| v.is_nan()),
             "missing barrier went unnoticed"
         );
         let out = run(&dev, "cf_simtest_rounds", cfg(1, 64, 256), &[0], &x, &mut y).unwrap();
-        let wrong = (0..n)
-            .filter(|&t| out[t] != ((t + 1) % n) as f32)
-            .count();
+        let wrong = (0..n).filter(|&t| out[t] != ((t + 1) % n) as f32).count();
         assert!(wrong > 0, "write-after-read race went unnoticed");
     }
 
