@@ -29,9 +29,10 @@ namespace {
 // Unwinds a kernel thread out of __syncthreads when the launch has failed.
 struct Abort {};
 
-// Canary bytes on both sides of the dynamic shared memory.
+// Canary bytes on both sides of the dynamic shared memory: any write there is detected after
+// the block, and a read gives NaN, which poisons the result.
 constexpr std::size_t kGuard = 256;
-constexpr unsigned char kCanary = 0xA5;
+constexpr unsigned char kCanary = 0xFF;  // reads of it are NaN (like the poison)
 // Limits of every CUDA device since sm_20 (and the default dynamic shared memory limit,
 // which needs no cudaFuncSetAttribute opt-in).
 constexpr unsigned kMaxThreads = 1024;
