@@ -84,7 +84,12 @@ fn compare() -> Result<(), String> {
         .zip(&b.values)
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
-    let px_diff = a.pixels.iter().zip(&b.pixels).filter(|(x, y)| x != y).count();
+    let px_diff = a
+        .pixels
+        .iter()
+        .zip(&b.pixels)
+        .filter(|(x, y)| x != y)
+        .count();
     let max_dp = a
         .pixels
         .iter()
@@ -92,7 +97,9 @@ fn compare() -> Result<(), String> {
         .map(|(&x, &y)| x.abs_diff(y))
         .max()
         .unwrap_or(0);
-    println!("| weights | blob bytes | sample checksum | bits/dim of held-out image {DIGIT_INDEX} |");
+    println!(
+        "| weights | blob bytes | sample checksum | bits/dim of held-out image {DIGIT_INDEX} |"
+    );
     println!("|---|---:|---|---:|");
     for (name, blob, r) in [("f16", BLOB_F16, &a), ("f32", BLOB_F32, &b)] {
         println!(
@@ -160,13 +167,20 @@ fn timing(n: usize) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         [] => print_results("f16"),
         ["--dtype", d] => print_results(d),
         ["--compare"] => compare(),
         ["--time", n] => match n.parse::<usize>() {
             Ok(n) if n > 0 => timing(n),
-            _ => Err(format!("--time {n}: expected a positive number of runs\n{USAGE}")),
+            _ => Err(format!(
+                "--time {n}: expected a positive number of runs\n{USAGE}"
+            )),
         },
         _ => Err(USAGE.to_string()),
     };

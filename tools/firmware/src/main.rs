@@ -12,6 +12,7 @@
 
 mod shared;
 
+use clayflow_kernel::conv::Conv;
 use clayflow_kernel::{bits_per_dim, image_len, scratch_len, Buffers, Error, Model, MNIST};
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -100,6 +101,17 @@ fn run() -> Result<(), Failure> {
     // touches BUFFERS, so this is the only reference to it.
     let bufs: &'static mut Bufs = unsafe { &mut *core::ptr::addr_of_mut!(BUFFERS) };
 
+    if cfg!(feature = "profile") {
+        // Profiling build: only the convolution breakdown, so that a QEMU `-d exec` log
+        // holds little else.
+        let convs = conv_breakdown(&clock, &model, &mut bufs.scratch)?;
+        writeln!(
+            out,
+            "profile: conv ticks {convs:?}, parse {parse}, {per_tick} insn/tick"
+        )?;
+        return Ok(());
+    }
+
     let t = clock.ticks();
     let (pixels, values) = bufs.sample(&model, SEED, TEMPERATURE)?;
     let sample = clock.ticks() - t;
@@ -133,7 +145,16 @@ fn run() -> Result<(), Failure> {
         out,
         "icount: {per_tick:.3} instructions per SysTick tick (calibrated on a known loop)"
     )?;
+    let convs = conv_breakdown(&clock, &model, &mut bufs.scratch)?;
     writeln!(out, "instructions: parse {}", insn(parse))?;
+    for (j, ticks) in convs.iter().enumerate() {
+        let (cin, cout, k) = MNIST.conv_shape(MNIST.masks[0], j);
+        writeln!(
+            out,
+            "instructions: conv{j} of one coupling ({cin}->{cout}, {k}x{k}) {}",
+            insn(*ticks)
+        )?;
+    }
     writeln!(out, "instructions: sample {}", insn(sample))?;
     writeln!(out, "instructions: log_prob {}", insn(score))?;
     let peak = stack::peak();
@@ -148,6 +169,44 @@ fn run() -> Result<(), Failure> {
         return Err(Failure::Host("the stack overran its region"));
     }
     Ok(())
+}
+
+/// Ticks of each of coupling 0's three convolutions, run alone on its real weights (the
+/// input is whatever the scratch holds: the count does not depend on the values).
+fn conv_breakdown(
+    clock: &icount::Clock,
+    model: &Model<'_>,
+    scratch: &mut [f32],
+) -> Result<[u64; 3], Failure> {
+    let cw = model.coupling(0)?;
+    let (_, h, w) = model.arch().flow_shape();
+    let plane = h * w;
+    let mut ticks = [0u64; 3];
+    for (j, t) in ticks.iter_mut().enumerate() {
+        let (cin, cout, k) = model.arch().conv_shape(cw.mask, j);
+        let conv = Conv {
+            cin,
+            cout,
+            height: h,
+            width: w,
+            kernel: k,
+        };
+        let (input, rest) = scratch
+            .split_at_mut_checked(cin * plane)
+            .ok_or(Failure::Host("scratch too small for the breakdown"))?;
+        let output = rest
+            .get_mut(..cout * plane)
+            .ok_or(Failure::Host("scratch too small for the breakdown"))?;
+        let (wt, b) = cw
+            .conv_w
+            .get(j)
+            .zip(cw.conv_b.get(j))
+            .ok_or(Failure::Host("no such convolution"))?;
+        let start = clock.ticks();
+        conv.forward(input, *wt, *b, j < 2, output)?;
+        *t = clock.ticks() - start;
+    }
+    Ok(ticks)
 }
 
 /// Writes the sample as a binary PGM file in QEMU's working directory.
