@@ -597,6 +597,7 @@ impl Region {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // tests index their own fixtures
 mod tests {
     use super::*;
 
