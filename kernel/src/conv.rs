@@ -172,8 +172,8 @@ impl Conv {
         let p = k / 2;
         // Tile width: its window row (tile + k - 1) fits WIN_COLS; at least 18 since k <= 15.
         let tw_max = WIN_COLS.saturating_sub(k - 1).max(1);
-        let mut window = [0f32; WIN];
-        let mut wbuf = [[0f32; OC]; MAX_K * MAX_K];
+        let mut window = [0f32; WIN_GROUP];
+        let mut wbuf = [[0f32; OC]; WB];
         let mut bbuf = [0f32; OC];
         for tx0 in (0..w).step_by(tw_max) {
             let tw = (w - tx0).min(tw_max);
@@ -182,8 +182,11 @@ impl Conv {
             let th_max = (WIN / ws).saturating_sub(k - 1).max(1);
             for ty0 in (0..h).step_by(th_max) {
                 let th = (h - ty0).min(th_max);
-                let win = window.get_mut(..(th + k - 1) * ws).ok_or(INTERNAL)?;
-                win.fill(0.0);
+                // One input channel's window; a group of them side by side.
+                let wlen = (th + k - 1) * ws;
+                let group = (WIN_GROUP / wlen).min(WB / kk).clamp(1, cin);
+                let wins = window.get_mut(..group * wlen).ok_or(INTERNAL)?;
+                wins.fill(0.0);
                 let region = Region::of(ws, w, h, tx0, ty0, th, p);
                 let tile = Tile {
                     ws,
@@ -196,20 +199,27 @@ impl Conv {
                     tw,
                     th,
                 };
-                for (ic, in_plane) in input.chunks_exact(plane).enumerate() {
-                    region.copy(in_plane, win)?;
-                    let mode = if ic == 0 {
-                        Mode::First
-                    } else if relu && ic + 1 == cin {
-                        Mode::LastRelu
-                    } else {
-                        Mode::Middle
+                for ic0 in (0..cin).step_by(group) {
+                    let g = group.min(cin - ic0);
+                    let ins = input.get(ic0 * plane..).ok_or(INTERNAL)?;
+                    let pairs = wins.chunks_exact_mut(wlen).zip(ins.chunks_exact(plane));
+                    for (win, in_plane) in pairs.take(g) {
+                        region.copy(in_plane, win)?;
+                    }
+                    let first = ic0 == 0;
+                    let mode = match (first, relu && ic0 + g == cin) {
+                        (true, true) => Mode::FirstRelu,
+                        (true, false) => Mode::First,
+                        (false, true) => Mode::LastRelu,
+                        (false, false) => Mode::Middle,
                     };
                     for (ob, out_block) in out.chunks_mut(OC * plane).enumerate() {
                         let oc0 = ob * OC;
                         let ocn = out_block.len() / plane;
-                        stage_weights(&mut wbuf, weight, oc0, ocn, ic, cin, kk)?;
-                        if ic == 0 {
+                        for (gi, wb) in wbuf.chunks_exact_mut(kk).take(g).enumerate() {
+                            stage_weights(wb, weight, oc0, ocn, ic0 + gi, cin, kk)?;
+                        }
+                        if first {
                             for (j, b) in bbuf.iter_mut().enumerate() {
                                 *b = if j < ocn {
                                     bias.slice(oc0 + j, 1)
@@ -220,14 +230,9 @@ impl Conv {
                                 };
                             }
                         }
-                        // A 1-input-channel conv with ReLU: first and last at once.
-                        let mode = if mode == Mode::First && relu && cin == 1 {
-                            Mode::FirstRelu
-                        } else {
-                            mode
-                        };
-                        let wk = wbuf.get(..kk).ok_or(INTERNAL)?;
-                        tile.sweep(win, wk, &bbuf, mode, out_block)?;
+                        let wk = wbuf.get(..g * kk).ok_or(INTERNAL)?;
+                        let win = wins.get(..g * wlen).ok_or(INTERNAL)?;
+                        tile.sweep(win, wlen, wk, &bbuf, mode, out_block)?;
                     }
                 }
             }
@@ -240,8 +245,13 @@ impl Conv {
 const OC: usize = 4;
 /// Largest kernel the blocked path takes (the blob format's limit).
 const MAX_K: usize = 15;
-/// Capacity of the zero-padded input window, in f32 (4 KiB of stack).
+/// Capacity of one input channel's zero-padded window, in f32 (sets the tile size).
 const WIN: usize = 1024;
+/// Capacity of a group of windows, in f32 (16 KiB of stack): the accumulators stay in
+/// registers over as many input channels as fit.
+const WIN_GROUP: usize = 4 * 1024;
+/// Capacity of the staged weights, in `[f32; OC]` entries (8 KiB of stack).
+const WB: usize = 512;
 /// Widest window row, in f32 (padding included).
 const WIN_COLS: usize = 32;
 
@@ -291,6 +301,7 @@ impl Tile {
     fn sweep(
         &self,
         win: &[f32],
+        wlen: usize,
         wk: &[[f32; OC]],
         bias: &[f32; OC],
         mode: Mode,
@@ -302,15 +313,21 @@ impl Tile {
             // Kernel rows whose input row y + ky - p lies in [0, h).
             let ky_lo = p.saturating_sub(y);
             let ky_hi = (self.h + p - y).min(self.k);
-            let wrows = wk.get(ky_lo * self.k..ky_hi * self.k).ok_or(INTERNAL)?;
-            let rows = win.get((oy + ky_lo) * self.ws..).ok_or(INTERNAL)?;
+            let rows = Rows {
+                win,
+                wlen,
+                wk,
+                kk: self.k * self.k,
+                row_off: (oy + ky_lo) * self.ws,
+                w_lo: ky_lo * self.k,
+                w_hi: ky_hi * self.k,
+            };
             let mut x0 = 0;
             while x0 < self.tw {
                 let left = self.tw - x0;
                 let at = y * self.w + self.tx0 + x0;
                 let b = Block {
-                    rows,
-                    wrows,
+                    rows: &rows,
                     x0,
                     x: self.tx0 + x0,
                     at,
@@ -356,20 +373,24 @@ impl Tile {
         let kx_lo = p.saturating_sub(b.x + N - 1);
         let kx_hi = (self.w + p - b.x).min(k);
         let full = kx_lo == 0 && kx_hi == k;
-        // Row `r` of `b.rows` chunks starts at window column 0 of kernel row ky_lo + r.
-        let start = b.x0 + kx_lo;
-        let rows = b.rows.get(start..).ok_or(INTERNAL)?;
         let nk = kx_hi.saturating_sub(kx_lo);
-        let (ws, wrows) = (self.ws, b.wrows);
-        match (full, k, N) {
-            (true, 3, 4) => rows_k::<N, 3, 6>(&mut acc, rows, ws, wrows)?,
-            (true, 5, 4) => rows_k::<N, 5, 8>(&mut acc, rows, ws, wrows)?,
-            (true, 7, 4) => rows_k::<N, 7, 10>(&mut acc, rows, ws, wrows)?,
-            (true, 7, 2) => rows_k::<N, 7, 8>(&mut acc, rows, ws, wrows)?,
-            _ => {
-                for (row, wrow) in rows.chunks(ws).zip(wrows.chunks_exact(k)) {
-                    let wrow = wrow.get(kx_lo..kx_lo + nk).ok_or(INTERNAL)?;
-                    taps::<N>(&mut acc, row, wrow)?;
+        let r = b.rows;
+        let ws = self.ws;
+        // The group's input channels in order; per channel, kernel rows ky_lo..ky_hi.
+        for (wg, kg) in r.win.chunks_exact(r.wlen).zip(r.wk.chunks_exact(r.kk)) {
+            // Window rows from ky_lo on, from the block's first tap column.
+            let rows = wg.get(r.row_off + b.x0 + kx_lo..).ok_or(INTERNAL)?;
+            let wrows = kg.get(r.w_lo..r.w_hi).ok_or(INTERNAL)?;
+            match (full, k, N) {
+                (true, 3, 4) => rows_k::<N, 3, 6>(&mut acc, rows, ws, wrows)?,
+                (true, 5, 4) => rows_k::<N, 5, 8>(&mut acc, rows, ws, wrows)?,
+                (true, 7, 4) => rows_k::<N, 7, 10>(&mut acc, rows, ws, wrows)?,
+                (true, 7, 2) => rows_k::<N, 7, 8>(&mut acc, rows, ws, wrows)?,
+                _ => {
+                    for (row, wrow) in rows.chunks(ws).zip(wrows.chunks_exact(k)) {
+                        let wrow = wrow.get(kx_lo..kx_lo + nk).ok_or(INTERNAL)?;
+                        taps::<N>(&mut acc, row, wrow)?;
+                    }
                 }
             }
         }
@@ -390,12 +411,25 @@ impl Tile {
     }
 }
 
+/// What one output row reads: a group of input channels' windows and staged weights.
+struct Rows<'a> {
+    /// The group's windows, `wlen` values each.
+    win: &'a [f32],
+    wlen: usize,
+    /// The group's staged weights, `kk` entries (`[ky][kx]`) each.
+    wk: &'a [[f32; OC]],
+    kk: usize,
+    /// Offset in a window of the first kernel row used (`ky_lo`), at column 0.
+    row_off: usize,
+    /// Staged-weight entries of the kernel rows used, `ky_lo * k .. ky_hi * k`.
+    w_lo: usize,
+    w_hi: usize,
+}
+
 /// Where a pixel block reads and writes.
 struct Block<'a> {
-    /// The window from the block's first kernel row on (row stride `ws`).
-    rows: &'a [f32],
-    /// The staged weights of the kernel rows used, `k` entries per row.
-    wrows: &'a [[f32; OC]],
+    /// The row's inputs.
+    rows: &'a Rows<'a>,
     /// First pixel's column in the tile (= its first window column for kx = 0).
     x0: usize,
     /// First pixel's column in the image.
