@@ -184,7 +184,7 @@ impl Conv {
                 let th = (h - ty0).min(th_max);
                 // One input channel's window; a group of them side by side.
                 let wlen = (th + k - 1) * ws;
-                let group = (WIN_GROUP / wlen).min(WB / kk).clamp(1, cin);
+                let group = (WIN_GROUP / wlen).min(WB / kk).min(cin).max(1);
                 let wins = window.get_mut(..group * wlen).ok_or(INTERNAL)?;
                 wins.fill(0.0);
                 let region = Region::of(ws, w, h, tx0, ty0, th, p);
