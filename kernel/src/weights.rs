@@ -144,6 +144,11 @@ impl<'a> Tensor<'a> {
         }
     }
 
+    /// The storage type and the raw little-endian bytes (for decoders that widen in bulk).
+    pub(crate) fn raw(&self) -> (DType, &'a [u8]) {
+        (self.dtype, self.bytes)
+    }
+
     /// Elements `start..start + len` as a tensor, or `None` when out of range.
     pub fn slice(&self, start: usize, len: usize) -> Option<Tensor<'a>> {
         let s = self.dtype.size();
