@@ -20,6 +20,15 @@
 //! `LATEST` and falls back to the newest checkpoint that loads.
 //!
 //! One process writes to a run folder at a time.
+//!
+//! A testing hook, inert unless the environment variable is set:
+//! `CLAYFLOW_TEST_CHECKPOINT_PAUSE=<phase>:<ms>` makes [`save`] sleep `ms` milliseconds at
+//! one point of the write, so a test can kill the process there deterministically
+//! (`trainer/tests/crash_resume.rs`). The phases, in order: `model` (after
+//! `model.safetensors` is written into `.step-N.tmp/`, before the other two files), `aside`
+//! (re-saving an existing step: after the old `step-N/` was moved to `.step-N.old/`, before
+//! the new folder is renamed in), `renamed` (after `.step-N.tmp/` became `step-N/`, before
+//! `LATEST` names it).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
@@ -622,6 +631,26 @@ fn model_metadata(model: &ModelConfig) -> Result<HashMap<String, String>, Checkp
 // Saving.
 // ---------------------------------------------------------------------------------------
 
+/// Environment variable of the testing hook described in the module documentation.
+pub const TEST_PAUSE_ENV: &str = "CLAYFLOW_TEST_CHECKPOINT_PAUSE";
+
+/// The testing hook: sleeps when [`TEST_PAUSE_ENV`] is `<phase>:<ms>` for this `phase`.
+/// Does nothing when the variable is unset or does not parse.
+fn test_pause(phase: &str) {
+    let Some(v) = std::env::var_os(TEST_PAUSE_ENV) else {
+        return;
+    };
+    let v = v.to_string_lossy();
+    let Some((at, ms)) = v.split_once(':') else {
+        return;
+    };
+    if at == phase {
+        if let Ok(ms) = ms.trim().parse::<u64>() {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+}
+
 /// Removes a file or folder tree if present.
 fn remove_any(path: &Path) -> Result<(), CheckpointError> {
     let md = match fs::symlink_metadata(path) {
@@ -704,6 +733,9 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, C
         (STATE_FILE, &state_bytes),
     ] {
         write_synced(&tmp.join(file), bytes).map_err(io_plain)?;
+        if file == MODEL_FILE {
+            test_pause("model");
+        }
     }
     fsync_dir(&tmp).map_err(io_plain)?;
 
@@ -713,9 +745,11 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, C
     if replacing {
         remove_any(&aside)?;
         rename(&dest, &aside)?;
+        test_pause("aside");
     }
     rename(&tmp, &dest)?;
     fsync_dir(&ckdir).map_err(io_plain)?;
+    test_pause("renamed");
     atomic_write(&ckdir.join(LATEST_FILE), format!("{name}\n").as_bytes()).map_err(io_plain)?;
     if replacing {
         remove_any(&aside)?;
@@ -754,6 +788,21 @@ fn prune(ckdir: &Path, step: u64, keep: usize) -> Result<(), CheckpointError> {
         };
         if remove {
             remove_any(&path)?;
+            removed = true;
+        }
+    }
+    // A process killed inside `atomic_write(LATEST)` leaves its temporary file behind.
+    let stale_prefix = format!(".{LATEST_FILE}.tmp-");
+    for entry in fs::read_dir(ckdir)
+        .map_err(io_err(format!("cannot list {}", ckdir.display())))?
+        .flatten()
+    {
+        let stale = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&stale_prefix));
+        if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+            remove_any(&entry.path())?;
             removed = true;
         }
     }
@@ -1361,6 +1410,19 @@ mod tests {
             names(&run.join("checkpoints")),
             vec!["LATEST", "step-00000400"]
         );
+    }
+
+    #[test]
+    fn a_stale_latest_temporary_is_removed_by_the_next_save() {
+        // What a process killed inside atomic_write(LATEST) leaves behind.
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        save(run, &make(tiny(), 1, 100), 3).unwrap();
+        let ck = run.join("checkpoints");
+        fs::write(ck.join(".LATEST.tmp-999999"), b"step-000").unwrap();
+        assert_eq!(load(run).unwrap().0.state.step, 100);
+        save(run, &make(tiny(), 2, 200), 3).unwrap();
+        assert_eq!(names(&ck), vec!["LATEST", "step-00000100", "step-00000200"]);
     }
 
     #[test]

@@ -19,6 +19,11 @@ use rayon::prelude::*;
 /// anything larger is treated as a corrupt header or a decompression bomb.
 pub const MAX_DATA_BYTES: u64 = 1 << 31;
 
+/// Largest decoded size of one picture of an image folder (512 MiB, the default
+/// allocation limit of the `image` crate, which its `into_decoder` path does not apply);
+/// a larger header is treated as corrupt or as a decompression bomb.
+pub const MAX_PICTURE_BYTES: u64 = 512 << 20;
+
 /// IDX magic number of an unsigned-byte, 3-dimensional (images) file.
 pub const IDX_IMAGES_MAGIC: u32 = 0x0000_0803;
 
@@ -884,6 +889,19 @@ fn decode_image(path: &Path) -> Result<DynamicImage, DataError> {
             source,
         })?;
     let mut decoder = reader.into_decoder().map_err(image_err)?;
+    // Checked before anything is allocated: a few bytes of header can claim gigabytes.
+    if decoder.total_bytes() > MAX_PICTURE_BYTES {
+        let (w, h) = decoder.dimensions();
+        return Err(DataError::Image {
+            path: path.to_path_buf(),
+            message: format!(
+                "the picture claims {w}x{h} pixels ({} bytes decoded), over the {} MiB limit \
+                 per picture (a corrupt header or a decompression bomb?); shrink it",
+                decoder.total_bytes(),
+                MAX_PICTURE_BYTES >> 20
+            ),
+        });
+    }
     let orientation = decoder.orientation().map_err(image_err)?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(image_err)?;
     img.apply_orientation(orientation);
