@@ -971,6 +971,27 @@ fn fit_picture(
     };
     let (nw, nh) = cover_size(img.width(), img.height(), tw, th, short);
     let same = (nw, nh) == (img.width(), img.height());
+    // A very thin picture scaled to cover the target is enormous (1 x 2^20 pixels covering
+    // 32x32 becomes 32 x 2^25): refuse before resizing. `imageops::resize` first resamples
+    // vertically into an RGBA f32 buffer (16 bytes a pixel) of width x new height.
+    let resized = u64::from(nw)
+        .saturating_mul(u64::from(nh))
+        .saturating_mul(channels as u64);
+    let temp = u64::from(img.width())
+        .saturating_mul(u64::from(nh))
+        .saturating_mul(16);
+    if !same && resized.max(temp) > MAX_PICTURE_BYTES {
+        return Err(DataError::Image {
+            path: path.to_path_buf(),
+            message: format!(
+                "fitting the {}x{} picture to {tw}x{th} needs a {nw}x{nh} resize, over the \
+                 {} MiB limit per picture (an extreme aspect ratio?); crop or remove it",
+                img.width(),
+                img.height(),
+                MAX_PICTURE_BYTES >> 20
+            ),
+        });
+    }
     let plane = tw as usize * th as usize;
     // Convert first so resizing works on 8-bit channels only.
     let fitted = if channels == 1 {
