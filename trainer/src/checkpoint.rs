@@ -305,6 +305,9 @@ enum EntryKind {
     Aside,
     /// `.step-N.tmp`: an unfinished save.
     Tmp,
+    /// `.step-N.del` or `.step-N.old.del`: a checkpoint being deleted (renamed first, so
+    /// that a crash halfway through the deletion never leaves a partial `step-N`).
+    Trash,
 }
 
 fn parse_entry(name: &str) -> Option<(u64, EntryKind)> {
@@ -312,6 +315,10 @@ fn parse_entry(name: &str) -> Option<(u64, EntryKind)> {
         return Some((step, EntryKind::Step));
     }
     let hidden = name.strip_prefix('.')?;
+    if let Some(base) = hidden.strip_suffix(".del") {
+        let base = base.strip_suffix(".old").unwrap_or(base);
+        return parse_step_name(base).map(|s| (s, EntryKind::Trash));
+    }
     if let Some(base) = hidden.strip_suffix(".old") {
         return parse_step_name(base).map(|s| (s, EntryKind::Aside));
     }
@@ -355,11 +362,11 @@ fn list_entries(ckdir: &Path) -> Result<Vec<(u64, EntryKind, String, PathBuf)>, 
 
 /// Checkpoints that may be loaded, best first: newest step first, a committed `step-N`
 /// before a `.step-N.old` left by a save interrupted at the wrong moment. Unfinished
-/// `.step-N.tmp` folders are never candidates.
+/// `.step-N.tmp` folders and half-deleted `.del` folders are never candidates.
 fn candidates(ckdir: &Path) -> Result<Vec<(String, PathBuf)>, CheckpointError> {
     let mut v: Vec<_> = list_entries(ckdir)?
         .into_iter()
-        .filter(|e| e.1 != EntryKind::Tmp)
+        .filter(|e| e.1 != EntryKind::Tmp && e.1 != EntryKind::Trash)
         .collect();
     v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     Ok(v.into_iter()
@@ -666,6 +673,22 @@ fn remove_any(path: &Path) -> Result<(), CheckpointError> {
     r.map_err(io_err(format!("cannot remove {}", path.display())))
 }
 
+/// Deletes a checkpoint folder so that a crash at any moment leaves either the whole
+/// folder under its name or nothing under it: renames it to a hidden `.del` name first
+/// (atomic), then removes that. [`prune`] removes what a crash leaves behind.
+fn discard(path: &Path) -> Result<(), CheckpointError> {
+    if fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return remove_any(path);
+    };
+    let trash = path.with_file_name(format!(".{}.del", name.trim_start_matches('.')));
+    remove_any(&trash)?;
+    rename(path, &trash)?;
+    remove_any(&trash)
+}
+
 fn rename(from: &Path, to: &Path) -> Result<(), CheckpointError> {
     fs::rename(from, to).map_err(io_err(format!(
         "cannot rename {} to {}",
@@ -743,7 +766,7 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, C
     let aside = ckdir.join(aside_name(&name));
     let replacing = fs::symlink_metadata(&dest).is_ok();
     if replacing {
-        remove_any(&aside)?;
+        discard(&aside)?;
         rename(&dest, &aside)?;
         test_pause("aside");
     }
@@ -752,7 +775,7 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, C
     test_pause("renamed");
     atomic_write(&ckdir.join(LATEST_FILE), format!("{name}\n").as_bytes()).map_err(io_plain)?;
     if replacing {
-        remove_any(&aside)?;
+        discard(&aside)?;
     }
     prune(&ckdir, ckpt.state.step, keep).map_err(|e| match e {
         CheckpointError::Io { context, source } => CheckpointError::Io {
@@ -784,10 +807,14 @@ fn prune(ckdir: &Path, step: u64, keep: usize) -> Result<(), CheckpointError> {
             }
             EntryKind::Step => false,
             EntryKind::Aside => s <= step,
-            EntryKind::Tmp => true,
+            EntryKind::Tmp | EntryKind::Trash => true,
         };
         if remove {
-            remove_any(&path)?;
+            if matches!(kind, EntryKind::Step | EntryKind::Aside) {
+                discard(&path)?;
+            } else {
+                remove_any(&path)?;
+            }
             removed = true;
         }
     }
@@ -1410,6 +1437,40 @@ mod tests {
             names(&run.join("checkpoints")),
             vec!["LATEST", "step-00000400"]
         );
+    }
+
+    #[test]
+    fn a_half_deleted_checkpoint_is_never_loaded_and_is_cleaned_up() {
+        // What a process killed while pruning leaves behind: the folder was renamed to
+        // `.del` (atomic) and then partly removed.
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let c = make(tiny(), 1, 100);
+        let d = save(run, &c, 3).unwrap();
+        let ck = run.join("checkpoints");
+        for name in [".step-00000300.del", ".step-00000200.old.del"] {
+            let trash = ck.join(name);
+            fs::create_dir(&trash).unwrap();
+            fs::copy(d.join(MODEL_FILE), trash.join(MODEL_FILE)).unwrap();
+        }
+        assert_eq!(
+            parse_entry(".step-00000300.del"),
+            Some((300, EntryKind::Trash))
+        );
+        assert_eq!(
+            parse_entry(".step-00000200.old.del"),
+            Some((200, EntryKind::Trash))
+        );
+        fs::remove_file(ck.join(LATEST_FILE)).unwrap();
+        assert_eq!(latest(run).unwrap(), Some(d.clone()));
+        let l = load_with_notes(run).unwrap();
+        assert_eq!(l.dir, d);
+        assert_same(&l.checkpoint, &c);
+        save(run, &make(tiny(), 2, 200), 3).unwrap();
+        assert_eq!(names(&ck), vec!["LATEST", "step-00000100", "step-00000200"]);
+        // Pruning itself goes through `.del`: nothing is left under the old name.
+        save(run, &make(tiny(), 3, 300), 1).unwrap();
+        assert_eq!(names(&ck), vec!["LATEST", "step-00000300"]);
     }
 
     #[test]

@@ -329,6 +329,28 @@ fn check_after_kill(run: &Path, committed_before: Option<u64>) -> Option<u64> {
     Some(step)
 }
 
+/// Whether `path` exists and was last modified at or after `since` (a leftover of an
+/// earlier session is older).
+fn written_since(path: &Path, since: std::time::SystemTime) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t >= since)
+}
+
+/// Whether a re-save of `step` stands between moving the old `step-N/` aside and renaming
+/// the new one in: `.step-N.old/` present, `step-N/` absent, and a complete `.step-N.tmp/`
+/// written by this session.
+fn in_aside_pause(run: &Path, step: u64, since: std::time::SystemTime) -> bool {
+    let ck = ckdir(run);
+    ck.join(format!(".step-{step:08}.old")).is_dir()
+        && !ck.join(format!("step-{step:08}")).exists()
+        && written_since(
+            &ck.join(format!(".step-{step:08}.tmp"))
+                .join(checkpoint::STATE_FILE),
+            since,
+        )
+}
+
 /// The step in the resumed process's `resuming from ... (step N)` line.
 fn resumed_step(stderr: &str) -> Option<u64> {
     let line = stderr.lines().find(|l| l.starts_with("resuming from"))?;
@@ -472,31 +494,34 @@ fn sigkill_at_random_moments_and_mid_checkpoint_then_resume_matches_an_uninterru
                 std::thread::sleep(Duration::from_millis(rng.range(0, 3 * step_ms)));
             }
             Kill::DuringWrite => {
+                // (A partial folder left by an earlier kill does not count.)
                 let partial = ck
                     .join(format!(".step-{next:08}.tmp"))
                     .join(checkpoint::MODEL_FILE);
-                p.wait_until("a partial checkpoint", |_| partial.exists());
+                p.wait_until("a partial checkpoint", |_| {
+                    written_since(&partial, session_start)
+                });
             }
             Kill::BeforeLatest => {
                 // (A folder of that name left by an earlier kill does not count.)
                 let dir = ck.join(format!("step-{next:08}"));
                 p.wait_until("a renamed checkpoint", |_| {
-                    std::fs::metadata(&dir)
-                        .and_then(|m| m.modified())
-                        .is_ok_and(|t| t >= session_start)
+                    written_since(&dir, session_start)
                 });
             }
             Kill::Aside => {
                 // The kill before left step-`next` renamed in but not named by LATEST, so
                 // this session saves step `next` again.
                 assert!(ck.join(format!("step-{next:08}")).is_dir());
-                let aside = ck.join(format!(".step-{next:08}.old"));
-                p.wait_until("a checkpoint moved aside", |_| aside.is_dir());
+                p.wait_until("a checkpoint moved aside", |_| {
+                    in_aside_pause(&run, next, session_start)
+                });
             }
         }
         let before = latest_step(&run);
         p.kill();
         let names = entries(&run);
+        eprintln!("crash_resume: kill {k} ({kill:?}) in a session from step {from}: {names:?}");
         let step = check_after_kill(&run, before).expect("a committed checkpoint");
         let hidden: Vec<&String> = names.iter().filter(|n| n.starts_with(".step")).collect();
         match kill {
@@ -519,17 +544,20 @@ fn sigkill_at_random_moments_and_mid_checkpoint_then_resume_matches_an_uninterru
             "kill {k} ({kill:?}): session from step {from}, killed with LATEST at step {step}; \
              leftovers {hidden:?}"
         ));
+
         resume_from = Some(step);
     }
 
     // The end of the run saves its last step twice (in the loop and after the final
     // validation): kill that re-save after the old copy moved aside, so LATEST names a
     // folder that is not there and the resume must use the `.old` copy.
+    let session_start = std::time::SystemTime::now();
     let mut p = Running::start(&resume_args(&run), Some(&format!("aside:{PAUSE_MS}")));
     p.wait_until("the resume line", |e| resumed_step(e).is_some());
     assert_eq!(resumed_step(&p.stderr()), resume_from);
-    let last_aside = ckdir(&run).join(format!(".step-{STEPS:08}.old"));
-    p.wait_until("the final re-save", |_| last_aside.is_dir());
+    p.wait_until("the final re-save", |_| {
+        in_aside_pause(&run, STEPS, session_start)
+    });
     p.kill();
     let names = entries(&run);
     assert!(!names.contains(&format!("step-{STEPS:08}")), "{names:?}");
