@@ -276,6 +276,9 @@ fn idx_empty_is_named() {
     let none = write(t, "none.idx", &idx(IDX3, &[0, 28, 28], &[]));
     lib_err(load(&none), &["none.idx", "empty", "0 images"]);
     train_fails_on(t, &zero, &["zero.idx", "empty"]);
+    let missing = t.join("missing.idx");
+    let err = train_fails_on(t, &missing, &["missing.idx", "cannot read", "No such file"]);
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
     // Too few images to train on is named too (with what to do).
     let three = write(t, "three.idx", &idx(IDX3, &[3, 28, 28], &[1; 3 * 784]));
     train_fails_on(t, &three, &["fewer than one batch", "--batch-size"]);
@@ -677,7 +680,9 @@ fn unwritable_output_folder_fails_before_training() {
     let mut args = vec!["train", "--out", "run"];
     args.extend_from_slice(TINY);
     args.extend_from_slice(&slow);
-    fails(t, &args, &["run/checkpoints", "Not a directory"]);
+    let err = fails(t, &args, &["run/checkpoints", "Not a directory"]);
+    // Each cause is printed once (the error types embed their source in their message).
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
     assert!(!t.join("run/metrics.jsonl").exists());
     // An export to an unwritable place fails naming it, and writes nothing.
     train_ok(t, "good", "1", &[]);
