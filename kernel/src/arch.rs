@@ -509,4 +509,102 @@ mod tests {
         assert_eq!(a.cnn_in(Mask::CheckerOdd), 3);
         assert_eq!(a.changed(Mask::CheckerOdd), 3);
     }
+
+    /// The 32-bit overflow `MAX_SCRATCH` closes: 1024x1024 pixels, hidden width 4096 and
+    /// 1x1 kernels passed every other limit, yet `4096 * 2^20 = 2^32` scratch elements wrap
+    /// a 32-bit `usize` (the coupling's `hidden * plane`).
+    #[test]
+    fn scratch_over_the_limit_is_too_large() {
+        let a = Arch {
+            channels: 1,
+            height: 1024,
+            width: 1024,
+            squeeze: false,
+            couplings: 1,
+            masks: [Mask::CheckerEven; MAX_COUPLINGS],
+            kernels: [1, 1, 1],
+            hidden: [4096, 4096],
+            bits: 8,
+            logit_alpha: 0.05,
+        };
+        assert!(a.dim() <= MAX_DIM && a.param_count() <= MAX_PARAMS);
+        assert!(scratch_len(&a) > u32::MAX as usize);
+        assert_eq!(a.validate(), Err(Error::InvalidArch(ArchField::TooLarge)));
+        let fits = Arch {
+            hidden: [64, 64],
+            ..a
+        };
+        assert!(scratch_len(&fits) <= MAX_SCRATCH);
+        assert_eq!(fits.validate(), Ok(()));
+    }
+
+    fn mask() -> impl proptest::strategy::Strategy<Value = Mask> {
+        proptest::sample::select(std::vec![
+            Mask::ChannelEven,
+            Mask::ChannelOdd,
+            Mask::CheckerEven,
+            Mask::CheckerOdd
+        ])
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: if cfg!(miri) { 8 } else { 256 },
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// The `const` size functions take unvalidated architectures (a firmware may call
+        /// them on anything): with any field at any value, including `usize::MAX`, they
+        /// saturate instead of overflowing (which panics in debug builds).
+        #[test]
+        fn size_functions_never_overflow(
+            channels in proptest::prelude::any::<usize>(),
+            height in proptest::prelude::any::<usize>(),
+            width in proptest::prelude::any::<usize>(),
+            squeeze in proptest::prelude::any::<bool>(),
+            couplings in proptest::prelude::any::<usize>(),
+            first in mask(),
+            kernels in proptest::prelude::any::<[usize; 3]>(),
+            hidden in proptest::prelude::any::<[usize; 2]>(),
+            j in proptest::prelude::any::<usize>(),
+        ) {
+            let a = Arch {
+                channels,
+                height,
+                width,
+                squeeze,
+                couplings,
+                masks: alternating_masks(first),
+                kernels,
+                hidden,
+                bits: 8,
+                logit_alpha: 0.05,
+            };
+            let _ = (a.param_count(), scratch_len(&a), image_len(&a), a.coupling_offset(j));
+            let _ = crate::weights::blob_len(&a, crate::weights::DType::F16);
+            let _ = (first.split_channels(channels), first.changed_channel(j));
+            let _ = first.changes_pixel(height, width);
+            let _ = a.validate();
+        }
+
+        /// Extremes the generator rarely hits on its own.
+        #[test]
+        fn size_functions_saturate_at_usize_max(first in mask(), big in (usize::MAX - 3)..=usize::MAX) {
+            let a = Arch {
+                channels: big,
+                height: big,
+                width: big,
+                couplings: big,
+                kernels: [big; 3],
+                hidden: [big; 2],
+                masks: alternating_masks(first),
+                ..MNIST
+            };
+            proptest::prop_assert_eq!(scratch_len(&a), usize::MAX);
+            proptest::prop_assert_eq!(a.param_count(), usize::MAX);
+            let _ = (first.split_channels(big), first.changed_channel(big));
+            proptest::prop_assert!(a.validate().is_err());
+        }
+    }
 }
