@@ -16,8 +16,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use clayflow_fuzz::{
-    baseline_files, fix_crc, frame_checkpoint, gzip, BLOB_FIX_CRC, CHECKPOINT_FILES,
-    CIFAR_RECORD, IDX_GZIP, IDX_LABELS,
+    baseline_files, fix_crc, frame_checkpoint, gzip, BLOB_FIX_CRC, CHECKPOINT_FILES, CIFAR_RECORD,
+    IDX_GZIP, IDX_LABELS,
 };
 use clayflow_kernel::arch::{alternating_masks, Arch, Mask, MAX_COUPLINGS};
 use clayflow_kernel::{blob_len, write_blob, DType};
@@ -91,7 +91,11 @@ fn small_archs() -> Vec<(&'static str, Arch)> {
     color.hidden = [5, 1];
     color.bits = 1;
     color.logit_alpha = 0.25;
-    vec![("sq1x4x4", base), ("chk2x3x5", checker), ("rgb3x2x6", color)]
+    vec![
+        ("sq1x4x4", base),
+        ("chk2x3x5", checker),
+        ("rgb3x2x6", color),
+    ]
 }
 
 fn blob_seeds(out: &Path, full: bool, run: &Path) {
@@ -99,8 +103,18 @@ fn blob_seeds(out: &Path, full: bool, run: &Path) {
         let p = params(&arch, 7);
         for (dt, dname) in [(DType::F32, "f32"), (DType::F16, "f16")] {
             let b = blob(&arch, dt, &p);
-            put(out, "blob", &format!("{name}-{dt_name}", dt_name = dname), &with_mode(0, &b));
-            put(out, "blob", &format!("{name}-{dname}-fixcrc-t16"), &with_mode(BLOB_FIX_CRC | 32, &b));
+            put(
+                out,
+                "blob",
+                &format!("{name}-{dt_name}", dt_name = dname),
+                &with_mode(0, &b),
+            );
+            put(
+                out,
+                "blob",
+                &format!("{name}-{dname}-fixcrc-t16"),
+                &with_mode(BLOB_FIX_CRC | 32, &b),
+            );
         }
     }
     // A weight made NaN with a valid CRC: reaches the finiteness scan.
@@ -114,7 +128,12 @@ fn blob_seeds(out: &Path, full: bool, run: &Path) {
         for f in ["model-f16.cfw", "model-f32.cfw"] {
             let b = fs::read(run.join(f)).expect("read a trained blob (set CLAYFLOW_RUN)");
             // The real header alone (truncated blob) is a small, realistic seed too.
-            put(out, "blob", &format!("mnist-{f}-header"), &with_mode(0, &b[..52]));
+            put(
+                out,
+                "blob",
+                &format!("mnist-{f}-header"),
+                &with_mode(0, &b[..52]),
+            );
             put(out, "blob", &format!("mnist-{f}"), &with_mode(0, &b));
         }
     }
@@ -151,14 +170,49 @@ fn idx_seeds(out: &Path, full: bool, data: &Path) {
     let labels = gunzip(&lab_gz);
     let three = idx_images(&images, 3);
     put(out, "idx", "images3-raw", &with_mode(0, &three));
-    put(out, "idx", "images1-via-gzip", &with_mode(IDX_GZIP, &idx_images(&images, 1)));
-    put(out, "idx", "images2-gz-bytes", &with_mode(0, &gzip(&idx_images(&images, 2))));
-    put(out, "idx", "labels20-raw", &with_mode(IDX_LABELS, &idx_labels(&labels, 20)));
-    put(out, "idx", "labels20-via-gzip", &with_mode(IDX_LABELS | IDX_GZIP, &idx_labels(&labels, 20)));
+    put(
+        out,
+        "idx",
+        "images1-via-gzip",
+        &with_mode(IDX_GZIP, &idx_images(&images, 1)),
+    );
+    put(
+        out,
+        "idx",
+        "images2-gz-bytes",
+        &with_mode(0, &gzip(&idx_images(&images, 2))),
+    );
+    put(
+        out,
+        "idx",
+        "labels20-raw",
+        &with_mode(IDX_LABELS, &idx_labels(&labels, 20)),
+    );
+    put(
+        out,
+        "idx",
+        "labels20-via-gzip",
+        &with_mode(IDX_LABELS | IDX_GZIP, &idx_labels(&labels, 20)),
+    );
     if full {
-        put(out, "idx", "mnist8k-images-gz", &with_mode(0, &fs::read(&img_gz).unwrap()));
-        put(out, "idx", "mnist8k-labels-gz", &with_mode(IDX_LABELS, &fs::read(&lab_gz).unwrap()));
-        put(out, "idx", "images100-raw", &with_mode(0, &idx_images(&images, 100)));
+        put(
+            out,
+            "idx",
+            "mnist8k-images-gz",
+            &with_mode(0, &fs::read(&img_gz).unwrap()),
+        );
+        put(
+            out,
+            "idx",
+            "mnist8k-labels-gz",
+            &with_mode(IDX_LABELS, &fs::read(&lab_gz).unwrap()),
+        );
+        put(
+            out,
+            "idx",
+            "images100-raw",
+            &with_mode(0, &idx_images(&images, 100)),
+        );
     }
 }
 
@@ -196,11 +250,25 @@ fn image_seeds(out: &Path, full: bool, data: &Path) {
     let astro = photo(data, "astronaut.png").thumbnail(24, 24);
     let rocket = photo(data, "rocket.jpg").thumbnail(20, 30);
     let retina = photo(data, "retina.jpg").thumbnail(16, 16).grayscale();
-    let coffee = photo(data, "coffee.png").resize_exact(9, 7, FilterType::Triangle).to_rgba8();
+    let coffee = photo(data, "coffee.png")
+        .resize_exact(9, 7, FilterType::Triangle)
+        .to_rgba8();
     let seeds: [(&str, [u8; 4], Vec<u8>); 4] = [
-        ("astronaut-png-rgb-center", [1, 15, 15, 0], encode(&astro, ImageFormat::Png)),
-        ("rocket-jpg-grey-random", [2 | 4, 7, 7, 5], encode(&rocket, ImageFormat::Jpeg)),
-        ("retina-png-grey-center", [0, 11, 5, 0], encode(&retina, ImageFormat::Png)),
+        (
+            "astronaut-png-rgb-center",
+            [1, 15, 15, 0],
+            encode(&astro, ImageFormat::Png),
+        ),
+        (
+            "rocket-jpg-grey-random",
+            [2 | 4, 7, 7, 5],
+            encode(&rocket, ImageFormat::Jpeg),
+        ),
+        (
+            "retina-png-grey-center",
+            [0, 11, 5, 0],
+            encode(&retina, ImageFormat::Png),
+        ),
         (
             "coffee-rgba-png-rgb-random",
             [1 | 2, 6, 8, 3],
@@ -213,9 +281,15 @@ fn image_seeds(out: &Path, full: bool, data: &Path) {
         put(out, "image_folder", name, &v);
     }
     if full {
-        for (i, f) in ["astronaut.png", "coffee.png", "hubble_deep_field.jpg", "retina.jpg", "rocket.jpg"]
-            .iter()
-            .enumerate()
+        for (i, f) in [
+            "astronaut.png",
+            "coffee.png",
+            "hubble_deep_field.jpg",
+            "retina.jpg",
+            "rocket.jpg",
+        ]
+        .iter()
+        .enumerate()
         {
             let mut v = vec![(i as u8) & 3, 27, 27, 4];
             v.extend(fs::read(data.join("photos").join(f)).unwrap());
@@ -227,7 +301,12 @@ fn image_seeds(out: &Path, full: bool, data: &Path) {
 fn checkpoint_seeds(out: &Path, full: bool, run: &Path) {
     let base = baseline_files();
     for (m, name) in CHECKPOINT_FILES.iter().enumerate() {
-        put(out, "checkpoint", &format!("tiny-{name}"), &with_mode(m as u8, &base[m]));
+        put(
+            out,
+            "checkpoint",
+            &format!("tiny-{name}"),
+            &with_mode(m as u8, &base[m]),
+        );
     }
     put(out, "checkpoint", "tiny-all", &frame_checkpoint(base));
     let real = run.join("checkpoints/step-00002834");

@@ -103,13 +103,22 @@ fn check_model(model: &Model<'_>, blob: &[u8], mode: u8) {
     for i in 0..arch.couplings {
         let c = model.coupling(i).expect("coupling of an accepted blob");
         for t in [
-            c.scale, c.conv_w[0], c.conv_b[0], c.conv_w[1], c.conv_b[1], c.conv_w[2], c.conv_b[2],
+            c.scale,
+            c.conv_w[0],
+            c.conv_b[0],
+            c.conv_w[1],
+            c.conv_b[1],
+            c.conv_w[2],
+            c.conv_b[2],
         ] {
             params.extend(t.iter());
         }
     }
     assert_eq!(params.len(), arch.param_count());
-    assert!(params.iter().all(|v| v.is_finite()), "accepted a non-finite weight");
+    assert!(
+        params.iter().all(|v| v.is_finite()),
+        "accepted a non-finite weight"
+    );
     assert!(model.coupling(arch.couplings).is_err());
 
     // Writing the parsed model back gives a blob that parses to the same model, bit for bit.
@@ -142,10 +151,20 @@ fn check_model(model: &Model<'_>, blob: &[u8], mode: u8) {
     let mut values = vec![0.0f32; d];
     let temperature = f32::from(mode >> 1) / 16.0;
     let seed = u64::from(crc32(blob));
-    sample(model, seed, temperature, &mut scratch, &mut pixels, &mut values)
-        .expect("sample with correctly sized buffers");
+    sample(
+        model,
+        seed,
+        temperature,
+        &mut scratch,
+        &mut pixels,
+        &mut values,
+    )
+    .expect("sample with correctly sized buffers");
     let top = (1u32 << arch.bits) - 1;
-    assert!(pixels.iter().all(|&p| u32::from(p) <= top), "sampled pixel out of range");
+    assert!(
+        pixels.iter().all(|&p| u32::from(p) <= top),
+        "sampled pixel out of range"
+    );
     // Score a pixel pattern taken from the blob's own bytes (in range for `bits`).
     let img: Vec<u8> = (0..d)
         .map(|i| (u32::from(blob[i % blob.len()]) & top) as u8)
@@ -190,21 +209,27 @@ pub fn idx(data: &[u8]) {
                     assert_eq!(labels.len() + 8, body.len());
                 }
             }
-            Err(e) => assert!(e.to_string().contains(&name), "error does not name the file: {e}"),
+            Err(e) => assert!(
+                e.to_string().contains(&name),
+                "error does not name the file: {e}"
+            ),
         }
     } else {
         match data::load_idx_images(&path) {
             Ok(ds) => {
                 let (c, h, w) = ds.shape();
                 assert_eq!((c, ds.image_len()), (1, h * w));
-                assert!(ds.len() > 0 && h > 0 && w > 0);
+                assert!(!ds.is_empty() && h > 0 && w > 0);
                 if plain {
                     assert_eq!(ds.len() * h * w + 16, body.len());
                 }
                 assert_eq!(ds.get(ds.len() - 1).map(<[u8]>::len), Some(h * w));
                 assert!(ds.get(ds.len()).is_none());
             }
-            Err(e) => assert!(e.to_string().contains(&name), "error does not name the file: {e}"),
+            Err(e) => assert!(
+                e.to_string().contains(&name),
+                "error does not name the file: {e}"
+            ),
         }
     }
 }
@@ -237,12 +262,18 @@ pub fn cifar(data: &[u8]) {
             assert_eq!(ds.len(), body.len() / CIFAR_RECORD);
             for i in 0..ds.len() {
                 assert!(ds.label(i).is_some_and(|l| l <= 9));
-                assert_eq!(ds.image(i), &body[i * CIFAR_RECORD + 1..(i + 1) * CIFAR_RECORD]);
+                assert_eq!(
+                    ds.image(i),
+                    &body[i * CIFAR_RECORD + 1..(i + 1) * CIFAR_RECORD]
+                );
             }
         }
         Err(e) => {
             let name = path.display().to_string();
-            assert!(e.to_string().contains(&name), "error does not name the file: {e}");
+            assert!(
+                e.to_string().contains(&name),
+                "error does not name the file: {e}"
+            );
         }
     }
 }
@@ -288,7 +319,10 @@ pub fn image_folder(data: &[u8]) {
         }
         Err(e) => {
             let name = file.display().to_string();
-            assert!(e.to_string().contains(&name), "error does not name the file: {e}");
+            assert!(
+                e.to_string().contains(&name),
+                "error does not name the file: {e}"
+            );
         }
     }
 }
@@ -443,7 +477,10 @@ pub fn checkpoint(data: &[u8]) {
     match checkpoint::load(&dir) {
         Ok((ck, from)) => {
             assert_eq!(from, dir);
-            let arch = ck.model.to_arch().expect("a loaded checkpoint has a valid config");
+            let arch = ck
+                .model
+                .to_arch()
+                .expect("a loaded checkpoint has a valid config");
             let specs = tensor_specs(&arch);
             for set in [&ck.params, &ck.adam_m, &ck.adam_v] {
                 assert_eq!(set.len(), specs.len());
@@ -457,7 +494,10 @@ pub fn checkpoint(data: &[u8]) {
         }
         Err(e) => {
             let name = dir.display().to_string();
-            assert!(e.to_string().contains(&name), "error does not name the folder: {e}");
+            assert!(
+                e.to_string().contains(&name),
+                "error does not name the folder: {e}"
+            );
         }
     }
 }
