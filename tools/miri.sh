@@ -12,7 +12,8 @@
 # Runs `--lib` and `--test golden` only, by name, so that a new, heavy integration test
 # does not silently stretch CI; add it here once it is Miri-sized.
 #
-# Usage: tools/miri.sh            (from anywhere; uses target/miri like `cargo miri`)
+# Usage: tools/miri.sh [-- TEST-HARNESS-ARGS]   e.g. tools/miri.sh -- weights::
+# (from anywhere; builds in target/miri like `cargo miri`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -31,5 +32,5 @@ done
 start=$(date +%s)
 # `soft-float`: libm's x86 `sqrtss` inline assembly is not something Miri can run; the
 # pure-Rust libm paths it uses instead are the ones no_std targets without an FPU use.
-cargo +nightly miri test -p clayflow-kernel --features soft-float --lib --test golden
+cargo +nightly miri test -p clayflow-kernel --features soft-float --lib --test golden "$@"
 echo "miri: kernel lib + golden tests passed in $(($(date +%s) - start)) s"
