@@ -943,8 +943,10 @@ mod tests {
                 }
             );
         }
-        // Every strict prefix is a truncation, whatever the cut.
-        for cut in 0..len {
+        // Every strict prefix is a truncation, whatever the cut. (Under Miri, where each
+        // parse costs tens of milliseconds: the header, the end, and every 97th cut.)
+        let miri_cut = |c: usize| c < 64 || c + 8 > len || c % 97 == 0;
+        for cut in (0..len).filter(|&c| !cfg!(miri) || miri_cut(c)) {
             assert!(matches!(err(&b[..cut]), Error::Truncated { got, .. } if got == cut));
         }
     }
