@@ -55,28 +55,31 @@ impl Mask {
     /// even parity and `floor(C/2)` for odd; a checkerboard keeps half of every channel, so
     /// all channels are both changed and (masked) CNN input.
     pub const fn split_channels(self, channels: usize) -> (usize, usize) {
-        if self.is_channel() {
-            let kept = (channels + 1 - self.parity()) / 2;
-            (channels - kept, kept)
-        } else {
-            (channels, channels)
+        // floor + ceil = channels, so neither sum nor difference is ever formed.
+        let (floor, ceil) = (channels / 2, channels.div_ceil(2));
+        match self {
+            Mask::ChannelEven => (floor, ceil),
+            Mask::ChannelOdd => (ceil, floor),
+            Mask::CheckerEven | Mask::CheckerOdd => (channels, channels),
         }
     }
 
     /// The channel that changed channel `j` (the `j`-th `s`/`t` plane) acts on.
     pub const fn changed_channel(self, j: usize) -> usize {
-        if self.is_channel() {
-            // Keep parity p, change parity 1 - p.
-            2 * j + 1 - self.parity()
-        } else {
-            j
+        // Keep parity p, change parity 1 - p. Saturating: an absurd `j` gives an index that
+        // no buffer has, which callers turn into an error.
+        match self {
+            Mask::ChannelEven => j.saturating_mul(2).saturating_add(1),
+            Mask::ChannelOdd => j.saturating_mul(2),
+            Mask::CheckerEven | Mask::CheckerOdd => j,
         }
     }
 
     /// True when the coupling changes pixel `(row, col)` of a changed channel (always for
     /// channel masks; the other colour of the board for checkerboards).
     pub const fn changes_pixel(self, row: usize, col: usize) -> bool {
-        self.is_channel() || (row + col) % 2 != self.parity()
+        // `(row ^ col) & 1` is the parity of `row + col` without forming the sum.
+        self.is_channel() || (row ^ col) & 1 != self.parity()
     }
 
     /// The mask of the same kind with the other half kept.
@@ -139,10 +142,12 @@ impl PartialEq for Arch {
 /// Masks that alternate `first`, flipped, `first`, ... over all [`MAX_COUPLINGS`] slots.
 pub const fn alternating_masks(first: Mask) -> [Mask; MAX_COUPLINGS] {
     let mut masks = [first; MAX_COUPLINGS];
-    let mut i = 1;
-    while i < MAX_COUPLINGS {
-        masks[i] = masks[i - 1].flipped();
-        i += 1;
+    let mut next = first;
+    let mut rest: &mut [Mask] = &mut masks;
+    while let [slot, tail @ ..] = rest {
+        *slot = next;
+        next = next.flipped();
+        rest = tail;
     }
     masks
 }
@@ -183,6 +188,13 @@ pub const COLOR: Arch = Arch {
 pub const MAX_DIM: usize = 1 << 22;
 /// Largest parameter count the kernel accepts.
 pub const MAX_PARAMS: usize = 1 << 28;
+/// Largest scratch ([`scratch_len`], f32 elements) the kernel accepts: 1 GiB.
+///
+/// With [`MAX_DIM`] and [`MAX_PARAMS`] this bounds every size the kernel forms from a valid
+/// architecture (a region, a tensor, a blob) below `2^30` bytes, so none of its index or
+/// size arithmetic can overflow even where `usize` is 32 bits. Without it, 1024x1024 pixels
+/// times a hidden width of 4096 is `2^32` elements, which wraps on a 32-bit target.
+pub const MAX_SCRATCH: usize = 1 << 28;
 
 /// Shape of one parameter tensor, in blob order (see `FORMAT.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +205,16 @@ pub enum TensorKind {
     ConvWeight(usize),
     /// Conv bias `[cout]` of conv `0..3`.
     ConvBias(usize),
+}
+
+impl core::fmt::Display for TensorKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TensorKind::Scale => f.write_str("scale"),
+            TensorKind::ConvWeight(j) => write!(f, "conv {j} weight"),
+            TensorKind::ConvBias(j) => write!(f, "conv {j} bias"),
+        }
+    }
 }
 
 /// The tensors of one coupling, in blob order.
@@ -272,34 +294,37 @@ impl Arch {
     /// Parameters of one coupling with this mask.
     pub const fn coupling_params(&self, mask: Mask) -> usize {
         let mut n = 0usize;
-        let mut i = 0;
-        while i < COUPLING_TENSORS.len() {
-            n = n.saturating_add(self.tensor_len(mask, COUPLING_TENSORS[i]));
-            i += 1;
+        let mut rest: &[TensorKind] = &COUPLING_TENSORS;
+        while let [kind, tail @ ..] = rest {
+            n = n.saturating_add(self.tensor_len(mask, *kind));
+            rest = tail;
         }
         n
     }
 
     /// Total parameter count (the length of the flat parameter vector).
     pub const fn param_count(&self) -> usize {
-        let mut n = 0usize;
-        let mut i = 0;
-        while i < self.couplings && i < MAX_COUPLINGS {
-            n = n.saturating_add(self.coupling_params(self.masks[i]));
-            i += 1;
-        }
-        n
+        self.coupling_offset(self.couplings)
     }
 
     /// Offset of coupling `i`'s first parameter in the flat parameter vector.
     pub const fn coupling_offset(&self, i: usize) -> usize {
         let mut n = 0usize;
-        let mut j = 0;
-        while j < i && j < MAX_COUPLINGS {
-            n = n.saturating_add(self.coupling_params(self.masks[j]));
-            j += 1;
+        let mut rest = self.first_masks(i);
+        while let [m, tail @ ..] = rest {
+            n = n.saturating_add(self.coupling_params(*m));
+            rest = tail;
         }
         n
+    }
+
+    /// `&masks[..n]`, or all [`MAX_COUPLINGS`] slots when `n` is larger (the `const` size
+    /// functions accept unvalidated architectures and must not panic on them).
+    pub(crate) const fn first_masks(&self, n: usize) -> &[Mask] {
+        match self.masks.split_at_checked(n) {
+            Some((head, _)) => head,
+            None => &self.masks,
+        }
     }
 
     /// The masks in use, `&masks[..couplings]` (empty if `couplings` is out of range).
@@ -352,7 +377,7 @@ impl Arch {
                 return bad(ArchField::Mask);
             }
         }
-        if self.param_count() > MAX_PARAMS {
+        if self.param_count() > MAX_PARAMS || scratch_len(self) > MAX_SCRATCH {
             return bad(ArchField::TooLarge);
         }
         Ok(())
@@ -380,9 +405,10 @@ impl ScratchLayout {
         let plane = arch.plane();
         let mut cnn_in = 0usize;
         let mut st = 0usize;
-        let mut i = 0;
-        while i < arch.couplings && i < MAX_COUPLINGS {
-            let m = arch.masks[i];
+        let mut rest = arch.first_masks(arch.couplings);
+        while let [m, tail @ ..] = rest {
+            let m = *m;
+            rest = tail;
             let a = arch.cnn_in(m).saturating_mul(plane);
             if a > cnn_in {
                 cnn_in = a;
@@ -391,7 +417,6 @@ impl ScratchLayout {
             if b > st {
                 st = b;
             }
-            i += 1;
         }
         let h0 = arch.hidden[0].saturating_mul(plane);
         ScratchLayout {
@@ -483,5 +508,103 @@ mod tests {
         assert_eq!(a.changed(Mask::ChannelOdd), 2);
         assert_eq!(a.cnn_in(Mask::CheckerOdd), 3);
         assert_eq!(a.changed(Mask::CheckerOdd), 3);
+    }
+
+    /// The 32-bit overflow `MAX_SCRATCH` closes: 1024x1024 pixels, hidden width 4096 and
+    /// 1x1 kernels passed every other limit, yet `4096 * 2^20 = 2^32` scratch elements wrap
+    /// a 32-bit `usize` (the coupling's `hidden * plane`).
+    #[test]
+    fn scratch_over_the_limit_is_too_large() {
+        let a = Arch {
+            channels: 1,
+            height: 1024,
+            width: 1024,
+            squeeze: false,
+            couplings: 1,
+            masks: [Mask::CheckerEven; MAX_COUPLINGS],
+            kernels: [1, 1, 1],
+            hidden: [4096, 4096],
+            bits: 8,
+            logit_alpha: 0.05,
+        };
+        assert!(a.dim() <= MAX_DIM && a.param_count() <= MAX_PARAMS);
+        assert!(scratch_len(&a) > u32::MAX as usize);
+        assert_eq!(a.validate(), Err(Error::InvalidArch(ArchField::TooLarge)));
+        let fits = Arch {
+            hidden: [64, 64],
+            ..a
+        };
+        assert!(scratch_len(&fits) <= MAX_SCRATCH);
+        assert_eq!(fits.validate(), Ok(()));
+    }
+
+    fn mask() -> impl proptest::strategy::Strategy<Value = Mask> {
+        proptest::sample::select(std::vec![
+            Mask::ChannelEven,
+            Mask::ChannelOdd,
+            Mask::CheckerEven,
+            Mask::CheckerOdd
+        ])
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: if cfg!(miri) { 8 } else { 256 },
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// The `const` size functions take unvalidated architectures (a firmware may call
+        /// them on anything): with any field at any value, including `usize::MAX`, they
+        /// saturate instead of overflowing (which panics in debug builds).
+        #[test]
+        fn size_functions_never_overflow(
+            channels in proptest::prelude::any::<usize>(),
+            height in proptest::prelude::any::<usize>(),
+            width in proptest::prelude::any::<usize>(),
+            squeeze in proptest::prelude::any::<bool>(),
+            couplings in proptest::prelude::any::<usize>(),
+            first in mask(),
+            kernels in proptest::prelude::any::<[usize; 3]>(),
+            hidden in proptest::prelude::any::<[usize; 2]>(),
+            j in proptest::prelude::any::<usize>(),
+        ) {
+            let a = Arch {
+                channels,
+                height,
+                width,
+                squeeze,
+                couplings,
+                masks: alternating_masks(first),
+                kernels,
+                hidden,
+                bits: 8,
+                logit_alpha: 0.05,
+            };
+            let _ = (a.param_count(), scratch_len(&a), image_len(&a), a.coupling_offset(j));
+            let _ = crate::weights::blob_len(&a, crate::weights::DType::F16);
+            let _ = (first.split_channels(channels), first.changed_channel(j));
+            let _ = first.changes_pixel(height, width);
+            let _ = a.validate();
+        }
+
+        /// Extremes the generator rarely hits on its own.
+        #[test]
+        fn size_functions_saturate_at_usize_max(first in mask(), big in (usize::MAX - 3)..=usize::MAX) {
+            let a = Arch {
+                channels: big,
+                height: big,
+                width: big,
+                couplings: big,
+                kernels: [big; 3],
+                hidden: [big; 2],
+                masks: alternating_masks(first),
+                ..MNIST
+            };
+            proptest::prop_assert_eq!(scratch_len(&a), usize::MAX);
+            proptest::prop_assert_eq!(a.param_count(), usize::MAX);
+            let _ = (first.split_channels(big), first.changed_channel(big));
+            proptest::prop_assert!(a.validate().is_err());
+        }
     }
 }

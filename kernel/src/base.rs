@@ -122,6 +122,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "200k normals, a statistical test: minutes under Miri; every flow test samples"
+    )]
     fn normals_have_unit_moments() {
         let mut n = Normal::new(Pcg32::new(7));
         let k = 200_000;

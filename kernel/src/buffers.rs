@@ -78,8 +78,8 @@ impl<const S: usize, const D: usize> Buffers<S, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::{image_len, scratch_len, MNIST};
-    use crate::testutil::{blob, random_params};
+    use crate::arch::{image_len, scratch_len};
+    use crate::testutil::{blob, random_params, MNIST_OR_MINI as MNIST};
     use crate::weights::DType;
 
     #[test]
@@ -91,7 +91,7 @@ mod tests {
         let (px, vals) = bufs.sample(&model, 9, 0.7).unwrap();
         let (px, vals) = (*px, *vals);
         let mut scratch = std::vec![0.0; scratch_len(&MNIST)];
-        let (mut p2, mut v2) = ([0u8; 784], [0f32; 784]);
+        let (mut p2, mut v2) = ([0u8; image_len(&MNIST)], [0f32; image_len(&MNIST)]);
         sample(&model, 9, 0.7, &mut scratch, &mut p2, &mut v2).unwrap();
         assert_eq!(px, p2);
         assert_eq!(vals.map(f32::to_bits), v2.map(f32::to_bits));
@@ -100,8 +100,8 @@ mod tests {
             lp.to_bits(),
             log_prob(&model, &px, &mut scratch).unwrap().to_bits()
         );
-        // A model of another size is refused.
-        let mut small: Buffers<{ scratch_len(&MNIST) }, 16> = Buffers::new();
+        // A model of another image size is refused.
+        let mut small: Buffers<{ scratch_len(&MNIST) }, { image_len(&MNIST) + 1 }> = Buffers::new();
         assert!(small.sample(&model, 1, 1.0).is_err());
     }
 }

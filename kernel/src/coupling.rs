@@ -10,7 +10,7 @@
 //! log-determinant is the sum of `s` over the changed elements only. Because `y_a = x_a`
 //! the inverse recomputes exactly the forward's `(s, t)`.
 
-use crate::arch::Arch;
+use crate::arch::{Arch, Mask};
 use crate::conv::{Conv, INTERNAL};
 use crate::error::{Buffer, Error};
 use crate::weights::CouplingWeights;
@@ -35,16 +35,16 @@ fn cnn<'w>(
     work: &'w mut Work<'_>,
 ) -> Result<&'w [f32], Error> {
     let (_, h, w) = arch.flow_shape();
-    let plane = h * w;
+    let plane = plane_len(arch)?;
     let mask = cw.mask;
     let cin = arch.cnn_in(mask);
     let have = work.cnn_in.len();
     let input = work
         .cnn_in
-        .get_mut(..cin * plane)
+        .get_mut(..cin.saturating_mul(plane))
         .ok_or(Error::BufferSize {
             buffer: Buffer::Scratch,
-            needed: cin * plane,
+            needed: cin.saturating_mul(plane),
             got: have,
         })?;
     if mask.is_channel() {
@@ -58,12 +58,12 @@ fn cnn<'w>(
     } else {
         // All channels, changed pixels zeroed: the CNN must not see what it will change.
         for (dst, src) in input.chunks_exact_mut(plane).zip(x.chunks_exact(plane)) {
-            for (i, (d, s)) in dst.iter_mut().zip(src).enumerate() {
-                *d = if mask.changes_pixel(i / w, i % w) {
-                    0.0
-                } else {
-                    *s
-                };
+            let rows = dst.chunks_exact_mut(w).zip(src.chunks_exact(w));
+            for (row, (d, s)) in rows.enumerate() {
+                d.copy_from_slice(s);
+                for v in d.iter_mut().skip(first_changed(mask, row)).step_by(2) {
+                    *v = 0.0;
+                }
             }
         }
     }
@@ -77,9 +77,10 @@ fn cnn<'w>(
             kernel: k,
         };
         let have = out.len();
-        let out = out.get_mut(..cout * plane).ok_or(Error::BufferSize {
+        let needed = cout.saturating_mul(plane);
+        let out = out.get_mut(..needed).ok_or(Error::BufferSize {
             buffer: Buffer::Scratch,
-            needed: cout * plane,
+            needed,
             got: have,
         })?;
         let (wt, b) = match j {
@@ -89,15 +90,15 @@ fn cnn<'w>(
         };
         conv.forward(input, wt, b, relu, out)
     };
-    let h0 = arch.hidden[0] * plane;
-    let h1 = arch.hidden[1] * plane;
+    let h0 = arch.hidden[0].saturating_mul(plane);
+    let h1 = arch.hidden[1].saturating_mul(plane);
     run(0, input, work.region_a, true)?;
     let a = work.region_a.get(..h0).ok_or(INTERNAL)?;
     run(1, a, work.region_b, true)?;
     let b = work.region_b.get(..h1).ok_or(INTERNAL)?;
     run(2, b, work.region_a, false)?;
     work.region_a
-        .get(..2 * arch.changed(mask) * plane)
+        .get(..arch.changed(mask).saturating_mul(2).saturating_mul(plane))
         .ok_or(INTERNAL)
 }
 
@@ -109,11 +110,13 @@ fn apply(
     x: &mut [f32],
     inverse: bool,
 ) -> Result<f32, Error> {
-    let (_, h, w) = arch.flow_shape();
-    let plane = h * w;
+    let (_, _, w) = arch.flow_shape();
+    let plane = plane_len(arch)?;
     let mask = cw.mask;
     let changed = arch.changed(mask);
-    let (s_all, t_all) = st.split_at_checked(changed * plane).ok_or(INTERNAL)?;
+    let (s_all, t_all) = st
+        .split_at_checked(changed.saturating_mul(plane))
+        .ok_or(INTERNAL)?;
     let mut log_det = 0.0f32;
     for (j, ((s_plane, t_plane), scale)) in s_all
         .chunks_exact(plane)
@@ -122,12 +125,9 @@ fn apply(
         .enumerate()
     {
         let ch = mask.changed_channel(j);
-        let xp = x.get_mut(ch * plane..(ch + 1) * plane).ok_or(INTERNAL)?;
-        for (i, ((xv, &sr), &t)) in xp.iter_mut().zip(s_plane).zip(t_plane).enumerate() {
-            if !mask.changes_pixel(i / w, i % w) {
-                continue;
-            }
-            // Bounded log-scale: |s| <= |scale|.
+        let xp = x.chunks_exact_mut(plane).nth(ch).ok_or(INTERNAL)?;
+        // One changed element: bounded log-scale, |s| <= |scale|.
+        let mut affine = |xv: &mut f32, sr: f32, t: f32| {
             let s = scale * libm::tanhf(sr);
             if inverse {
                 *xv = (*xv - t) * libm::expf(-s);
@@ -135,16 +135,49 @@ fn apply(
                 *xv = *xv * libm::expf(s) + t;
                 log_det += s;
             }
+        };
+        if mask.is_channel() {
+            for ((xv, &sr), &t) in xp.iter_mut().zip(s_plane).zip(t_plane) {
+                affine(xv, sr, t);
+            }
+        } else {
+            let rows = xp
+                .chunks_exact_mut(w)
+                .zip(s_plane.chunks_exact(w))
+                .zip(t_plane.chunks_exact(w));
+            for (row, ((xr, sr), tr)) in rows.enumerate() {
+                let skip = first_changed(mask, row);
+                let changed_cols = xr.iter_mut().zip(sr).zip(tr).skip(skip).step_by(2);
+                for ((xv, &sr), &t) in changed_cols {
+                    affine(xv, sr, t);
+                }
+            }
         }
     }
     Ok(log_det)
 }
 
+/// Pixels per flow plane; an error instead of 0 (which would make `chunks_exact` panic),
+/// though a validated arch never has an empty plane.
+fn plane_len(arch: &Arch) -> Result<usize, Error> {
+    let (_, _, w) = arch.flow_shape();
+    match (arch.plane(), w) {
+        (0, _) | (_, 0) => Err(INTERNAL),
+        (plane, _) => Ok(plane),
+    }
+}
+
+/// The first column of `row` that a checkerboard `mask` changes (0 or 1); the changed
+/// columns are every second one from there. (For channel masks every column changes.)
+fn first_changed(mask: Mask, row: usize) -> usize {
+    usize::from(!mask.changes_pixel(row, 0))
+}
+
 fn check_x(arch: &Arch, x: &[f32]) -> Result<(), Error> {
     // A validated arch keeps every size product far from overflow.
     arch.validate()?;
-    let (c, h, w) = arch.flow_shape();
-    let n = c * h * w;
+    // The squeeze keeps the element count: flow shape C*H*W = image C*H*W.
+    let n = arch.dim();
     if x.len() != n {
         return Err(Error::BufferSize {
             buffer: Buffer::Input,

@@ -1,6 +1,9 @@
 //! The kernel's one error type: small, `Copy`, and specific about what is wrong.
 
+use crate::arch::COUPLING_TENSORS;
 use core::fmt;
+
+const _: () = assert!(COUPLING_TENSORS.len() == 7);
 
 /// Which caller-supplied buffer a size error is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,7 +93,10 @@ pub enum Error {
     },
     /// A weight is NaN or infinite (or overflows f16 when writing).
     NonFiniteWeight {
-        /// Index of the parameter in the blob's tensor order.
+        /// Which tensor, counted in blob order over all couplings: coupling `tensor / 7`,
+        /// kind `COUPLING_TENSORS[tensor % 7]` (scale, conv 0 weight, conv 0 bias, ...).
+        tensor: usize,
+        /// Index of the parameter in the flat parameter vector (blob order).
         index: usize,
     },
     /// An input value is NaN or infinite, or a pixel exceeds the bit depth.
@@ -155,8 +161,18 @@ impl fmt::Display for Error {
                 f,
                 "weight blob checksum mismatch: stored {stored:#010x}, computed {computed:#010x} (corrupt file?)"
             ),
-            Error::NonFiniteWeight { index } => {
-                write!(f, "weight {index} is not finite (NaN, infinite, or beyond f16 range)")
+            Error::NonFiniteWeight { tensor, index } => {
+                // Seven tensors per coupling, in `COUPLING_TENSORS` order.
+                let coupling = tensor / 7;
+                write!(
+                    f,
+                    "weight {index} is not finite (NaN, infinite, or beyond f16 range): \
+                     tensor {tensor}, coupling {coupling}"
+                )?;
+                match COUPLING_TENSORS.get(tensor % 7) {
+                    Some(kind) => write!(f, " {kind}"),
+                    None => Ok(()),
+                }
             }
             Error::InvalidInput { index } => {
                 write!(f, "input element {index} is not finite or out of range")

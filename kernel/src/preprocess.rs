@@ -44,7 +44,8 @@ pub fn dequantize(
 
 /// Pixel of `u`: `clamp(floor(u * 2^bits), 0, 2^bits - 1)` (NaN maps to 0).
 pub fn quantize_one(u: f32, bits: u32) -> u8 {
-    let max = ((1u32 << bits.clamp(1, 8)) - 1) as f32;
+    // 2^bits - 1 in f32 (exact for bits <= 8).
+    let max = (1u32 << bits.clamp(1, 8)) as f32 - 1.0;
     let v = libm::floorf(u * (max + 1.0));
     // `as` saturates and maps NaN to 0; the clamp keeps the top level in range.
     v.clamp(0.0, max) as u8

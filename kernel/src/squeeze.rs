@@ -4,18 +4,27 @@
 //! `(c, 2i + dy, 2j + dx)` at `(i, j)`: the convention of PyTorch's `pixel_unshuffle(x, 2)`.
 //! A permutation, so its log-det is 0.
 
-use crate::conv::INTERNAL;
 use crate::error::{Buffer, Error};
 
-fn check(c: usize, h: usize, w: usize, input: usize, out: usize) -> Result<usize, Error> {
+/// Checks the shape and lengths; returns `(h * w, w)` (input plane and row lengths), both
+/// non-zero, or `None` when there is nothing to move (`c * h * w == 0`).
+fn check(
+    c: usize,
+    h: usize,
+    w: usize,
+    input: usize,
+    out: usize,
+) -> Result<Option<(usize, usize)>, Error> {
     if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
         return Err(Error::InvalidArgument(
             "squeeze needs even height and width",
         ));
     }
+    let plane = h
+        .checked_mul(w)
+        .ok_or(Error::InvalidArgument("squeeze shape overflows"))?;
     let n = c
-        .checked_mul(h)
-        .and_then(|v| v.checked_mul(w))
+        .checked_mul(plane)
         .ok_or(Error::InvalidArgument("squeeze shape overflows"))?;
     if input != n {
         return Err(Error::BufferSize {
@@ -31,23 +40,25 @@ fn check(c: usize, h: usize, w: usize, input: usize, out: usize) -> Result<usize
             got: out,
         });
     }
-    Ok(n)
+    // n > 0 means c, h, w > 0, and h, w are even, so h, w >= 2: every chunk length below
+    // (plane, plane / 4, w, w / 2) is non-zero, as `chunks_exact` requires.
+    Ok((n > 0).then_some((plane, w)))
 }
 
 /// Squeezes `input` of shape `(c, h, w)` into `out` of shape `(4c, h/2, w/2)`.
 pub fn squeeze(c: usize, h: usize, w: usize, input: &[f32], out: &mut [f32]) -> Result<(), Error> {
-    if check(c, h, w, input.len(), out.len())? == 0 {
+    let Some((plane, w)) = check(c, h, w, input.len(), out.len())? else {
         return Ok(());
-    }
-    let (h2, w2) = (h / 2, w / 2);
-    for (oc, oplane) in out.chunks_exact_mut(h2 * w2).enumerate() {
-        let (ch, dy, dx) = (oc / 4, (oc % 4) / 2, oc % 2);
-        let iplane = input.get(ch * h * w..(ch + 1) * h * w).ok_or(INTERNAL)?;
-        for (i, orow) in oplane.chunks_exact_mut(w2).enumerate() {
-            let row = 2 * i + dy;
-            let irow = iplane.get(row * w..(row + 1) * w).ok_or(INTERNAL)?;
-            for (o, v) in orow.iter_mut().zip(irow.iter().skip(dx).step_by(2)) {
-                *o = *v;
+    };
+    // Input channel `ch` becomes the four output planes `4ch .. 4ch + 4`.
+    for (iplane, group) in input.chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
+        for (sub, oplane) in group.chunks_exact_mut(plane / 4).enumerate() {
+            let (dy, dx) = (sub / 2, sub % 2);
+            let rows = iplane.chunks_exact(w).skip(dy).step_by(2);
+            for (orow, irow) in oplane.chunks_exact_mut(w / 2).zip(rows) {
+                for (o, v) in orow.iter_mut().zip(irow.iter().skip(dx).step_by(2)) {
+                    *o = *v;
+                }
             }
         }
     }
@@ -62,18 +73,17 @@ pub fn unsqueeze(
     input: &[f32],
     out: &mut [f32],
 ) -> Result<(), Error> {
-    if check(c, h, w, out.len(), input.len())? == 0 {
+    let Some((plane, w)) = check(c, h, w, out.len(), input.len())? else {
         return Ok(());
-    }
-    let (h2, w2) = (h / 2, w / 2);
-    for (ic, iplane) in input.chunks_exact(h2 * w2).enumerate() {
-        let (ch, dy, dx) = (ic / 4, (ic % 4) / 2, ic % 2);
-        let oplane = out.get_mut(ch * h * w..(ch + 1) * h * w).ok_or(INTERNAL)?;
-        for (i, irow) in iplane.chunks_exact(w2).enumerate() {
-            let row = 2 * i + dy;
-            let orow = oplane.get_mut(row * w..(row + 1) * w).ok_or(INTERNAL)?;
-            for (o, v) in orow.iter_mut().skip(dx).step_by(2).zip(irow) {
-                *o = *v;
+    };
+    for (oplane, group) in out.chunks_exact_mut(plane).zip(input.chunks_exact(plane)) {
+        for (sub, iplane) in group.chunks_exact(plane / 4).enumerate() {
+            let (dy, dx) = (sub / 2, sub % 2);
+            let rows = oplane.chunks_exact_mut(w).skip(dy).step_by(2);
+            for (orow, irow) in rows.zip(iplane.chunks_exact(w / 2)) {
+                for (o, v) in orow.iter_mut().skip(dx).step_by(2).zip(irow) {
+                    *o = *v;
+                }
             }
         }
     }

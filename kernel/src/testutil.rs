@@ -1,9 +1,23 @@
 //! Helpers for the kernel's own tests: random models written through the real blob writer.
 
-use crate::arch::{Arch, TensorKind, COUPLING_TENSORS};
+use crate::arch::{Arch, TensorKind, COUPLING_TENSORS, MNIST};
 use crate::base::{Pcg32, Rng};
 use crate::weights::{blob_len, write_blob, DType};
 use std::vec::Vec;
+
+/// The MNIST preset's family (1 channel squeezed, alternating channel masks, kernels 5, 7,
+/// 3) at 4x4 pixels, 2 couplings, hidden widths 4: what full-size tests use under Miri,
+/// which interprets a few thousand multiply-adds per second (one MNIST image is ~65M).
+pub const MINI_MNIST: Arch = Arch {
+    height: 4,
+    width: 4,
+    couplings: 2,
+    hidden: [4, 4],
+    ..MNIST
+};
+
+/// [`MNIST`] natively, [`MINI_MNIST`] under Miri.
+pub const MNIST_OR_MINI: Arch = if cfg!(miri) { MINI_MNIST } else { MNIST };
 
 /// Uniform in [-1, 1).
 pub fn uniform(rng: &mut Pcg32) -> f32 {

@@ -20,6 +20,15 @@
 //! `LATEST` and falls back to the newest checkpoint that loads.
 //!
 //! One process writes to a run folder at a time.
+//!
+//! A testing hook, inert unless the environment variable is set:
+//! `CLAYFLOW_TEST_CHECKPOINT_PAUSE=<phase>:<ms>` makes [`save`] sleep `ms` milliseconds at
+//! one point of the write, so a test can kill the process there deterministically
+//! (`trainer/tests/crash_resume.rs`). The phases, in order: `model` (after
+//! `model.safetensors` is written into `.step-N.tmp/`, before the other two files), `aside`
+//! (re-saving an existing step: after the old `step-N/` was moved to `.step-N.old/`, before
+//! the new folder is renamed in), `renamed` (after `.step-N.tmp/` became `step-N/`, before
+//! `LATEST` names it).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
@@ -296,6 +305,9 @@ enum EntryKind {
     Aside,
     /// `.step-N.tmp`: an unfinished save.
     Tmp,
+    /// `.step-N.del` or `.step-N.old.del`: a checkpoint being deleted (renamed first, so
+    /// that a crash halfway through the deletion never leaves a partial `step-N`).
+    Trash,
 }
 
 fn parse_entry(name: &str) -> Option<(u64, EntryKind)> {
@@ -303,6 +315,10 @@ fn parse_entry(name: &str) -> Option<(u64, EntryKind)> {
         return Some((step, EntryKind::Step));
     }
     let hidden = name.strip_prefix('.')?;
+    if let Some(base) = hidden.strip_suffix(".del") {
+        let base = base.strip_suffix(".old").unwrap_or(base);
+        return parse_step_name(base).map(|s| (s, EntryKind::Trash));
+    }
     if let Some(base) = hidden.strip_suffix(".old") {
         return parse_step_name(base).map(|s| (s, EntryKind::Aside));
     }
@@ -346,11 +362,11 @@ fn list_entries(ckdir: &Path) -> Result<Vec<(u64, EntryKind, String, PathBuf)>, 
 
 /// Checkpoints that may be loaded, best first: newest step first, a committed `step-N`
 /// before a `.step-N.old` left by a save interrupted at the wrong moment. Unfinished
-/// `.step-N.tmp` folders are never candidates.
+/// `.step-N.tmp` folders and half-deleted `.del` folders are never candidates.
 fn candidates(ckdir: &Path) -> Result<Vec<(String, PathBuf)>, CheckpointError> {
     let mut v: Vec<_> = list_entries(ckdir)?
         .into_iter()
-        .filter(|e| e.1 != EntryKind::Tmp)
+        .filter(|e| e.1 != EntryKind::Tmp && e.1 != EntryKind::Trash)
         .collect();
     v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     Ok(v.into_iter()
@@ -622,6 +638,26 @@ fn model_metadata(model: &ModelConfig) -> Result<HashMap<String, String>, Checkp
 // Saving.
 // ---------------------------------------------------------------------------------------
 
+/// Environment variable of the testing hook described in the module documentation.
+pub const TEST_PAUSE_ENV: &str = "CLAYFLOW_TEST_CHECKPOINT_PAUSE";
+
+/// The testing hook: sleeps when [`TEST_PAUSE_ENV`] is `<phase>:<ms>` for this `phase`.
+/// Does nothing when the variable is unset or does not parse.
+fn test_pause(phase: &str) {
+    let Some(v) = std::env::var_os(TEST_PAUSE_ENV) else {
+        return;
+    };
+    let v = v.to_string_lossy();
+    let Some((at, ms)) = v.split_once(':') else {
+        return;
+    };
+    if at == phase {
+        if let Ok(ms) = ms.trim().parse::<u64>() {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+}
+
 /// Removes a file or folder tree if present.
 fn remove_any(path: &Path) -> Result<(), CheckpointError> {
     let md = match fs::symlink_metadata(path) {
@@ -635,6 +671,22 @@ fn remove_any(path: &Path) -> Result<(), CheckpointError> {
         fs::remove_file(path)
     };
     r.map_err(io_err(format!("cannot remove {}", path.display())))
+}
+
+/// Deletes a checkpoint folder so that a crash at any moment leaves either the whole
+/// folder under its name or nothing under it: renames it to a hidden `.del` name first
+/// (atomic), then removes that. [`prune`] removes what a crash leaves behind.
+fn discard(path: &Path) -> Result<(), CheckpointError> {
+    if fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return remove_any(path);
+    };
+    let trash = path.with_file_name(format!(".{}.del", name.trim_start_matches('.')));
+    remove_any(&trash)?;
+    rename(path, &trash)?;
+    remove_any(&trash)
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), CheckpointError> {
@@ -704,6 +756,9 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, C
         (STATE_FILE, &state_bytes),
     ] {
         write_synced(&tmp.join(file), bytes).map_err(io_plain)?;
+        if file == MODEL_FILE {
+            test_pause("model");
+        }
     }
     fsync_dir(&tmp).map_err(io_plain)?;
 
@@ -711,14 +766,16 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, C
     let aside = ckdir.join(aside_name(&name));
     let replacing = fs::symlink_metadata(&dest).is_ok();
     if replacing {
-        remove_any(&aside)?;
+        discard(&aside)?;
         rename(&dest, &aside)?;
+        test_pause("aside");
     }
     rename(&tmp, &dest)?;
     fsync_dir(&ckdir).map_err(io_plain)?;
+    test_pause("renamed");
     atomic_write(&ckdir.join(LATEST_FILE), format!("{name}\n").as_bytes()).map_err(io_plain)?;
     if replacing {
-        remove_any(&aside)?;
+        discard(&aside)?;
     }
     prune(&ckdir, ckpt.state.step, keep).map_err(|e| match e {
         CheckpointError::Io { context, source } => CheckpointError::Io {
@@ -750,10 +807,29 @@ fn prune(ckdir: &Path, step: u64, keep: usize) -> Result<(), CheckpointError> {
             }
             EntryKind::Step => false,
             EntryKind::Aside => s <= step,
-            EntryKind::Tmp => true,
+            EntryKind::Tmp | EntryKind::Trash => true,
         };
         if remove {
-            remove_any(&path)?;
+            if matches!(kind, EntryKind::Step | EntryKind::Aside) {
+                discard(&path)?;
+            } else {
+                remove_any(&path)?;
+            }
+            removed = true;
+        }
+    }
+    // A process killed inside `atomic_write(LATEST)` leaves its temporary file behind.
+    let stale_prefix = format!(".{LATEST_FILE}.tmp-");
+    for entry in fs::read_dir(ckdir)
+        .map_err(io_err(format!("cannot list {}", ckdir.display())))?
+        .flatten()
+    {
+        let stale = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&stale_prefix));
+        if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+            remove_any(&entry.path())?;
             removed = true;
         }
     }
@@ -1361,6 +1437,53 @@ mod tests {
             names(&run.join("checkpoints")),
             vec!["LATEST", "step-00000400"]
         );
+    }
+
+    #[test]
+    fn a_half_deleted_checkpoint_is_never_loaded_and_is_cleaned_up() {
+        // What a process killed while pruning leaves behind: the folder was renamed to
+        // `.del` (atomic) and then partly removed.
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let c = make(tiny(), 1, 100);
+        let d = save(run, &c, 3).unwrap();
+        let ck = run.join("checkpoints");
+        for name in [".step-00000300.del", ".step-00000200.old.del"] {
+            let trash = ck.join(name);
+            fs::create_dir(&trash).unwrap();
+            fs::copy(d.join(MODEL_FILE), trash.join(MODEL_FILE)).unwrap();
+        }
+        assert_eq!(
+            parse_entry(".step-00000300.del"),
+            Some((300, EntryKind::Trash))
+        );
+        assert_eq!(
+            parse_entry(".step-00000200.old.del"),
+            Some((200, EntryKind::Trash))
+        );
+        fs::remove_file(ck.join(LATEST_FILE)).unwrap();
+        assert_eq!(latest(run).unwrap(), Some(d.clone()));
+        let l = load_with_notes(run).unwrap();
+        assert_eq!(l.dir, d);
+        assert_same(&l.checkpoint, &c);
+        save(run, &make(tiny(), 2, 200), 3).unwrap();
+        assert_eq!(names(&ck), vec!["LATEST", "step-00000100", "step-00000200"]);
+        // Pruning itself goes through `.del`: nothing is left under the old name.
+        save(run, &make(tiny(), 3, 300), 1).unwrap();
+        assert_eq!(names(&ck), vec!["LATEST", "step-00000300"]);
+    }
+
+    #[test]
+    fn a_stale_latest_temporary_is_removed_by_the_next_save() {
+        // What a process killed inside atomic_write(LATEST) leaves behind.
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        save(run, &make(tiny(), 1, 100), 3).unwrap();
+        let ck = run.join("checkpoints");
+        fs::write(ck.join(".LATEST.tmp-999999"), b"step-000").unwrap();
+        assert_eq!(load(run).unwrap().0.state.step, 100);
+        save(run, &make(tiny(), 2, 200), 3).unwrap();
+        assert_eq!(names(&ck), vec!["LATEST", "step-00000100", "step-00000200"]);
     }
 
     #[test]

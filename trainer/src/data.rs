@@ -19,6 +19,11 @@ use rayon::prelude::*;
 /// anything larger is treated as a corrupt header or a decompression bomb.
 pub const MAX_DATA_BYTES: u64 = 1 << 31;
 
+/// Largest decoded size of one picture of an image folder (512 MiB, the default
+/// allocation limit of the `image` crate, which its `into_decoder` path does not apply);
+/// a larger header is treated as corrupt or as a decompression bomb.
+pub const MAX_PICTURE_BYTES: u64 = 512 << 20;
+
 /// IDX magic number of an unsigned-byte, 3-dimensional (images) file.
 pub const IDX_IMAGES_MAGIC: u32 = 0x0000_0803;
 
@@ -884,6 +889,19 @@ fn decode_image(path: &Path) -> Result<DynamicImage, DataError> {
             source,
         })?;
     let mut decoder = reader.into_decoder().map_err(image_err)?;
+    // Checked before anything is allocated: a few bytes of header can claim gigabytes.
+    if decoder.total_bytes() > MAX_PICTURE_BYTES {
+        let (w, h) = decoder.dimensions();
+        return Err(DataError::Image {
+            path: path.to_path_buf(),
+            message: format!(
+                "the picture claims {w}x{h} pixels ({} bytes decoded), over the {} MiB limit \
+                 per picture (a corrupt header or a decompression bomb?); shrink it",
+                decoder.total_bytes(),
+                MAX_PICTURE_BYTES >> 20
+            ),
+        });
+    }
     let orientation = decoder.orientation().map_err(image_err)?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(image_err)?;
     img.apply_orientation(orientation);
@@ -953,6 +971,27 @@ fn fit_picture(
     };
     let (nw, nh) = cover_size(img.width(), img.height(), tw, th, short);
     let same = (nw, nh) == (img.width(), img.height());
+    // A very thin picture scaled to cover the target is enormous (1 x 2^20 pixels covering
+    // 32x32 becomes 32 x 2^25): refuse before resizing. `imageops::resize` first resamples
+    // vertically into an RGBA f32 buffer (16 bytes a pixel) of width x new height.
+    let resized = u64::from(nw)
+        .saturating_mul(u64::from(nh))
+        .saturating_mul(channels as u64);
+    let temp = u64::from(img.width())
+        .saturating_mul(u64::from(nh))
+        .saturating_mul(16);
+    if !same && resized.max(temp) > MAX_PICTURE_BYTES {
+        return Err(DataError::Image {
+            path: path.to_path_buf(),
+            message: format!(
+                "fitting the {}x{} picture to {tw}x{th} needs a {nw}x{nh} resize, over the \
+                 {} MiB limit per picture (an extreme aspect ratio?); crop or remove it",
+                img.width(),
+                img.height(),
+                MAX_PICTURE_BYTES >> 20
+            ),
+        });
+    }
     let plane = tw as usize * th as usize;
     // Convert first so resizing works on 8-bit channels only.
     let fitted = if channels == 1 {

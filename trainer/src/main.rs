@@ -520,6 +520,21 @@ fn cmd_export(a: ExportArgs, device: DeviceChoice) -> Result<()> {
     Ok(())
 }
 
+/// The error and its chain of causes joined by `: ` (like anyhow's `{:#}`), leaving out a
+/// cause whose text the message already holds: several error types here put their source
+/// into their own message, which `{:#}` would print twice.
+fn describe(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
 fn main() {
     let cli = Cli::parse();
     if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
@@ -552,7 +567,7 @@ fn main() {
         },
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", describe(&e));
         std::process::exit(1);
     }
 }

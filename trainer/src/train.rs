@@ -368,7 +368,15 @@ pub fn train(
     let metrics_path = run_dir.join("metrics.jsonl");
 
     let (params, adam_host, mut state) = if resume {
-        let loaded = checkpoint::load_with_notes(run_dir)?;
+        let loaded = match checkpoint::load_with_notes(run_dir) {
+            Ok(l) => l,
+            // Killed before its first checkpoint (step 0) was committed: nothing to resume.
+            Err(e @ checkpoint::CheckpointError::NotFound { .. }) => bail!(
+                "{e}; the run stopped before its first checkpoint was saved: start it again \
+                 with the same command, without --resume"
+            ),
+            Err(e) => return Err(e.into()),
+        };
         for n in &loaded.notes {
             progress.note(n);
         }
