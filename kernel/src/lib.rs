@@ -36,11 +36,9 @@
 pub mod arch;
 pub mod base;
 pub mod buffers;
-#[allow(clippy::indexing_slicing)]
-// conv.rs is made index-clean on the fw branch
-// conv.rs (owned by the fw branch) multiplies sizes only after `Conv::check` has formed
-// every product with `checked_mul` and matched it to a real slice length, so its index
-// math is bounded by slice lengths and cannot overflow.
+// conv.rs multiplies sizes only after `Conv::check` has formed every product with
+// `checked_mul` and matched it to a real slice length, so its index math is bounded by slice
+// lengths and cannot overflow; it has no indexing (see its own `deny`).
 #[allow(clippy::arithmetic_side_effects)]
 pub mod conv;
 pub mod coupling;
