@@ -6,20 +6,17 @@
 //! The weight-blob classes are in `kernel/tests/bad_input.rs`; `blob_errors_reach_the_user`
 //! here checks that the CLI passes them on.
 
-use std::io::Read;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clayflow_kernel::weights::crc32;
 use clayflow_kernel::{alternating_masks, blob_len, write_blob, Arch, DType, Mask};
 use clayflow_trainer::checkpoint;
 use clayflow_trainer::data::{self, Crop};
+use common::{mnist, run, Out};
 use tempfile::TempDir;
-
-const BIN: &str = env!("CARGO_BIN_EXE_clayflow");
-const DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data");
-const LIMIT: Duration = Duration::from_secs(60);
 
 /// The tiny model of the CLI tests (2 couplings, hidden 4 and 8) on 256 digits.
 const TINY: &[&str] = &[
@@ -37,59 +34,6 @@ const TINY: &[&str] = &[
     "1",
     "--quiet",
 ];
-
-fn mnist() -> PathBuf {
-    Path::new(DATA_DIR).join("mnist8k-train-images-idx3-ubyte.gz")
-}
-
-#[derive(Debug)]
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `clayflow ARGS` in `cwd` under a time limit.
-fn run(cwd: &Path, args: &[&str]) -> Out {
-    let start = Instant::now();
-    let mut child = Command::new(BIN)
-        .args(args)
-        .current_dir(cwd)
-        .env_remove(checkpoint::TEST_PAUSE_ENV)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start clayflow");
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "clayflow {} did not finish within {LIMIT:?}",
-                args.join(" ")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Out {
-        code: status.code(),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
 
 /// Runs a command that must fail; its stderr must hold an `error:` line containing every
 /// one of `words`. Returns stderr.

@@ -5,20 +5,14 @@
 //! Every child process runs in its own temporary folder under a wall-clock limit, so a hang
 //! (a training loop that never ends) fails the test instead of stalling the suite.
 
-use std::io::Read;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use clayflow_kernel::{DType, Model};
+use common::{mnist, run, run_env, Out, LIMIT};
 use serde_json::Value;
 use tempfile::TempDir;
-
-const BIN: &str = env!("CARGO_BIN_EXE_clayflow");
-const DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data");
-
-/// Longest any single command may take before it counts as hung.
-const LIMIT: Duration = Duration::from_secs(60);
 
 /// The tiny model and data every training run here uses (the hidden widths are given as two
 /// values, see `hidden_accepts_the_documented_comma_form`).
@@ -39,106 +33,6 @@ const TINY: &[&str] = &[
     "--constant-lr",
     "--quiet",
 ];
-
-fn mnist() -> PathBuf {
-    Path::new(DATA_DIR).join("mnist8k-train-images-idx3-ubyte.gz")
-}
-
-/// What a finished command printed.
-#[derive(Debug)]
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    secs: f64,
-}
-
-impl Out {
-    fn ok(self) -> Out {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "command failed\nstdout:\n{}\nstderr:\n{}",
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-
-    fn failed(self) -> Out {
-        assert!(
-            matches!(self.code, Some(c) if c != 0),
-            "command should have failed with an error (got {:?})\nstdout:\n{}\nstderr:\n{}",
-            self.code,
-            self.stdout,
-            self.stderr
-        );
-        assert!(
-            self.stderr.contains("error"),
-            "no error message on stderr: {}",
-            self.stderr
-        );
-        self
-    }
-}
-
-fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-/// Runs `clayflow ARGS` in `cwd`, killing it after `limit`.
-fn run_in(cwd: &Path, args: &[&str], limit: Duration) -> Out {
-    run_env(cwd, args, limit, &[])
-}
-
-/// [`run_in`] with extra environment variables.
-fn run_env(cwd: &Path, args: &[&str], limit: Duration, env: &[(&str, &str)]) -> Out {
-    let start = Instant::now();
-    let mut child = Command::new(BIN)
-        .args(args)
-        .envs(env.iter().copied())
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start clayflow");
-    let out = drain(child.stdout.take().expect("stdout"));
-    let err = drain(child.stderr.take().expect("stderr"));
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("waiting for clayflow") {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = err.join().unwrap_or_default();
-            let tail: String = {
-                let lines: Vec<&str> = stderr.lines().collect();
-                lines[lines.len().saturating_sub(10)..].join("\n")
-            };
-            panic!(
-                "clayflow {} did not finish within {limit:?}; last stderr lines:\n{tail}",
-                args.join(" ")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Out {
-        code: status.code(),
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-        secs: start.elapsed().as_secs_f64(),
-    }
-}
-
-fn run(cwd: &Path, args: &[&str]) -> Out {
-    run_in(cwd, args, LIMIT)
-}
 
 /// `clayflow train` with the tiny model plus `extra`, into `out`.
 fn train(cwd: &Path, out: &str, extra: &[&str]) -> Out {
