@@ -8,6 +8,7 @@
 //! scatter around each coupling's CNN, the fused affine coupling forward / inverse /
 //! backward, logit, reductions and a fused Adam step.
 
+mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod select;

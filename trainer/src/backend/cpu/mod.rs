@@ -4,6 +4,7 @@
 
 pub mod conv;
 
+use super::check;
 use super::{
     expect_len, AdamStep, Backend, BackendError, Buffer, ConvShape, Result, Shape4, Storage,
 };
@@ -102,10 +103,7 @@ impl Backend for CpuBackend {
         y: &mut Buffer,
     ) -> Result<()> {
         let op = "conv_forward";
-        expect_len(op, "x", x, s.input_len())?;
-        expect_len(op, "w", w, s.weight_len())?;
-        expect_len(op, "b", b, s.cout)?;
-        expect_len(op, "y", y, s.output_len())?;
+        check::conv_forward(s, x, w, b, y)?;
         conv::conv2d_forward(
             s,
             host(op, x)?,
@@ -125,9 +123,7 @@ impl Backend for CpuBackend {
         dx: &mut Buffer,
     ) -> Result<()> {
         let op = "conv_backward_data";
-        expect_len(op, "dy", dy, s.output_len())?;
-        expect_len(op, "w", w, s.weight_len())?;
-        expect_len(op, "dx", dx, s.input_len())?;
+        check::conv_backward_data(s, dy, w, dx)?;
         conv::conv2d_backward_data(s, host(op, dy)?, host(op, w)?, host_mut(op, dx)?);
         Ok(())
     }
@@ -141,10 +137,7 @@ impl Backend for CpuBackend {
         db: &mut Buffer,
     ) -> Result<()> {
         let op = "conv_backward_weight";
-        expect_len(op, "x", x, s.input_len())?;
-        expect_len(op, "dy", dy, s.output_len())?;
-        expect_len(op, "dw", dw, s.weight_len())?;
-        expect_len(op, "db", db, s.cout)?;
+        check::conv_backward_weight(s, x, dy, dw, db)?;
         conv::conv2d_backward_weight(
             s,
             host(op, x)?,
@@ -179,8 +172,7 @@ impl Backend for CpuBackend {
         log_det: &mut Buffer,
     ) -> Result<()> {
         let op = "logit_forward";
-        expect_len(op, "x", x, shape.len())?;
-        expect_len(op, "log_det", log_det, shape.batch)?;
+        check::logit_forward(shape, x, log_det)?;
         let n = shape.image_len().max(1);
         let span = 1.0 - 2.0 * alpha;
         let log_span = span.ln();
@@ -215,8 +207,7 @@ impl Backend for CpuBackend {
 
     fn squeeze(&self, shape: Shape4, inverse: bool, x: &Buffer, y: &mut Buffer) -> Result<()> {
         let op = "squeeze";
-        expect_len(op, "x", x, shape.len())?;
-        expect_len(op, "y", y, shape.len())?;
+        check::squeeze(shape, x, y)?;
         let n = shape.image_len().max(1);
         let (c, h, w) = (shape.channels, shape.height, shape.width);
         let x = host(op, x)?;
@@ -247,8 +238,7 @@ impl Backend for CpuBackend {
         let op = "mask_gather";
         let (_, cin) = mask.split_channels(shape.channels);
         let p = shape.plane();
-        expect_len(op, "x", x, shape.len())?;
-        expect_len(op, "cnn_in", cnn_in, shape.batch * cin * p)?;
+        check::mask_gather(shape, mask, x, cnn_in)?;
         let x = host(op, x)?;
         host_mut(op, cnn_in)?
             .par_chunks_mut((cin * p).max(1))
@@ -286,8 +276,7 @@ impl Backend for CpuBackend {
         let op = "mask_scatter_add";
         let (_, cin) = mask.split_channels(shape.channels);
         let p = shape.plane();
-        expect_len(op, "d_cnn_in", d_cnn_in, shape.batch * cin * p)?;
-        expect_len(op, "dx", dx, shape.len())?;
+        check::mask_scatter_add(shape, mask, d_cnn_in, dx)?;
         let d = host(op, d_cnn_in)?;
         host_mut(op, dx)?
             .par_chunks_mut(shape.image_len().max(1))
@@ -329,10 +318,7 @@ impl Backend for CpuBackend {
         let op = "coupling_forward";
         let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
-        expect_len(op, "x", x, shape.len())?;
-        expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
-        expect_len(op, "scale", scale, cc)?;
-        expect_len(op, "log_det", log_det, shape.batch)?;
+        check::coupling(op, shape, mask, ("x", x), st, scale, Some(log_det))?;
         let (st, scale) = (host(op, st)?, host(op, scale)?);
         host_mut(op, x)?
             .par_chunks_mut(shape.image_len().max(1))
@@ -370,9 +356,7 @@ impl Backend for CpuBackend {
         let op = "coupling_inverse";
         let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
-        expect_len(op, "y", y, shape.len())?;
-        expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
-        expect_len(op, "scale", scale, cc)?;
+        check::coupling(op, shape, mask, ("y", y), st, scale, None)?;
         let (st, scale) = (host(op, st)?, host(op, scale)?);
         host_mut(op, y)?
             .par_chunks_mut(shape.image_len().max(1))
@@ -409,12 +393,7 @@ impl Backend for CpuBackend {
         let op = "coupling_backward";
         let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
-        expect_len(op, "x", x, shape.len())?;
-        expect_len(op, "dy", dy, shape.len())?;
-        expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
-        expect_len(op, "d_st", d_st, shape.batch * 2 * cc * p)?;
-        expect_len(op, "scale", scale, cc)?;
-        expect_len(op, "d_scale", d_scale, cc)?;
+        check::coupling_backward(shape, mask, x, st, scale, dy, d_st, d_scale)?;
         let (x, st, scale) = (host(op, x)?, host(op, st)?, host(op, scale)?);
         let n = shape.image_len().max(1);
         let m = (2 * cc * p).max(1);
@@ -485,10 +464,7 @@ impl Backend for CpuBackend {
         v: &mut Buffer,
     ) -> Result<()> {
         let op = "adam";
-        let n = param.len();
-        expect_len(op, "grad", grad, n)?;
-        expect_len(op, "m", m, n)?;
-        expect_len(op, "v", v, n)?;
+        check::adam(param, grad, m, v)?;
         let t = hp.step.max(1) as i32;
         let bc1 = 1.0 - hp.beta1.powi(t);
         let bc2 = 1.0 - hp.beta2.powi(t);

@@ -12,6 +12,7 @@ pub mod gpu;
 
 pub use device::{KernelDevice, LaunchCfg, Param};
 
+use super::check;
 use super::{expect_len, AdamStep, Backend, BackendError, Buffer, ConvShape, Result, Shape4};
 use clayflow_kernel::Mask;
 use std::collections::HashMap;
@@ -280,10 +281,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         y: &mut Buffer,
     ) -> Result<()> {
         let op = "conv_forward";
-        expect_len(op, "x", x, s.input_len())?;
-        expect_len(op, "w", w, s.weight_len())?;
-        expect_len(op, "b", b, s.cout)?;
-        expect_len(op, "y", y, s.output_len())?;
+        check::conv_forward(s, x, w, b, y)?;
         check_conv(op, s)?;
         if s.output_len() == 0 {
             return Ok(());
@@ -324,9 +322,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         dx: &mut Buffer,
     ) -> Result<()> {
         let op = "conv_backward_data";
-        expect_len(op, "dy", dy, s.output_len())?;
-        expect_len(op, "w", w, s.weight_len())?;
-        expect_len(op, "dx", dx, s.input_len())?;
+        check::conv_backward_data(s, dy, w, dx)?;
         check_conv(op, s)?;
         if s.input_len() == 0 {
             return Ok(());
@@ -370,10 +366,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         db: &mut Buffer,
     ) -> Result<()> {
         let op = "conv_backward_weight";
-        expect_len(op, "x", x, s.input_len())?;
-        expect_len(op, "dy", dy, s.output_len())?;
-        expect_len(op, "dw", dw, s.weight_len())?;
-        expect_len(op, "db", db, s.cout)?;
+        check::conv_backward_weight(s, x, dy, dw, db)?;
         check_conv(op, s)?;
         if s.cout == 0 {
             return Ok(());
@@ -459,8 +452,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         log_det: &mut Buffer,
     ) -> Result<()> {
         let op = "logit_forward";
-        expect_len(op, "x", x, shape.len())?;
-        expect_len(op, "log_det", log_det, shape.batch)?;
+        check::logit_forward(shape, x, log_det)?;
         int(op, "length", shape.len())?;
         if shape.is_empty() {
             return Ok(());
@@ -487,8 +479,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
 
     fn squeeze(&self, shape: Shape4, inverse: bool, x: &Buffer, y: &mut Buffer) -> Result<()> {
         let op = "squeeze";
-        expect_len(op, "x", x, shape.len())?;
-        expect_len(op, "y", y, shape.len())?;
+        check::squeeze(shape, x, y)?;
         if !shape.height.is_multiple_of(2) || !shape.width.is_multiple_of(2) {
             return Err(BackendError::Device(format!(
                 "squeeze: a {}x{} image cannot be squeezed (height and width must be even)",
@@ -519,8 +510,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         let op = "mask_gather";
         let (_, cin) = mask.split_channels(shape.channels);
         let n = shape.batch * cin * shape.plane();
-        expect_len(op, "x", x, shape.len())?;
-        expect_len(op, "cnn_in", cnn_in, n)?;
+        check::mask_gather(shape, mask, x, cnn_in)?;
         int(op, "length", shape.len())?;
         let p = [
             int(op, "batch", shape.batch)?,
@@ -544,8 +534,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         let op = "mask_scatter_add";
         let (_, cin) = mask.split_channels(shape.channels);
         let n = shape.batch * cin * shape.plane();
-        expect_len(op, "d_cnn_in", d_cnn_in, n)?;
-        expect_len(op, "dx", dx, shape.len())?;
+        check::mask_scatter_add(shape, mask, d_cnn_in, dx)?;
         int(op, "length", shape.len())?;
         let p = [
             int(op, "batch", shape.batch)?,
@@ -571,10 +560,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         let op = "coupling_forward";
         let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
-        expect_len(op, "x", x, shape.len())?;
-        expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
-        expect_len(op, "scale", scale, cc)?;
-        expect_len(op, "log_det", log_det, shape.batch)?;
+        check::coupling(op, shape, mask, ("x", x), st, scale, Some(log_det))?;
         int(op, "length", shape.len().max(st.len()))?;
         if shape.batch == 0 || cc * p == 0 {
             // Nothing changes and the log-dets gain 0.
@@ -605,9 +591,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         let op = "coupling_inverse";
         let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
-        expect_len(op, "y", y, shape.len())?;
-        expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
-        expect_len(op, "scale", scale, cc)?;
+        check::coupling(op, shape, mask, ("y", y), st, scale, None)?;
         int(op, "length", shape.len().max(st.len()))?;
         let params = [
             int(op, "batch", shape.batch)?,
@@ -637,12 +621,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         let op = "coupling_backward";
         let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
-        expect_len(op, "x", x, shape.len())?;
-        expect_len(op, "dy", dy, shape.len())?;
-        expect_len(op, "st", st, shape.batch * 2 * cc * p)?;
-        expect_len(op, "d_st", d_st, shape.batch * 2 * cc * p)?;
-        expect_len(op, "scale", scale, cc)?;
-        expect_len(op, "d_scale", d_scale, cc)?;
+        check::coupling_backward(shape, mask, x, st, scale, dy, d_st, d_scale)?;
         int(op, "length", shape.len().max(st.len()))?;
         if shape.batch == 0 || cc * p == 0 {
             // The identity: dy passes through, d_st is empty, d_scale gains 0.
@@ -717,9 +696,7 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
     ) -> Result<()> {
         let op = "adam";
         let n = param.len();
-        expect_len(op, "grad", grad, n)?;
-        expect_len(op, "m", m, n)?;
-        expect_len(op, "v", v, n)?;
+        check::adam(param, grad, m, v)?;
         // Bias corrections in f32 exactly as the CPU backend computes them.
         let t = hp.step.max(1) as i32;
         let bc1 = 1.0 - hp.beta1.powi(t);

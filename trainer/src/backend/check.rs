@@ -1,0 +1,143 @@
+//! The buffer-length checks of each [`Backend`](super::Backend) op, shared by every
+//! implementation so the CPU and CUDA backends reject exactly the same calls with the same
+//! errors before touching any memory.
+//!
+//! One function per op (or per group of ops with the same operands); each names the op and
+//! the operand in its [`BackendError::Size`](super::BackendError::Size).
+
+use clayflow_kernel::Mask;
+
+use super::{expect_len, Buffer, ConvShape, Result, Shape4};
+
+/// `y = conv(x, w) + b`: every operand against the conv shape.
+pub(crate) fn conv_forward(
+    s: &ConvShape,
+    x: &Buffer,
+    w: &Buffer,
+    b: &Buffer,
+    y: &Buffer,
+) -> Result<()> {
+    let op = "conv_forward";
+    expect_len(op, "x", x, s.input_len())?;
+    expect_len(op, "w", w, s.weight_len())?;
+    expect_len(op, "b", b, s.cout)?;
+    expect_len(op, "y", y, s.output_len())
+}
+
+/// `dx = conv_transpose(dy, w)`.
+pub(crate) fn conv_backward_data(
+    s: &ConvShape,
+    dy: &Buffer,
+    w: &Buffer,
+    dx: &Buffer,
+) -> Result<()> {
+    let op = "conv_backward_data";
+    expect_len(op, "dy", dy, s.output_len())?;
+    expect_len(op, "w", w, s.weight_len())?;
+    expect_len(op, "dx", dx, s.input_len())
+}
+
+/// `dw, db` from `x` and `dy`.
+pub(crate) fn conv_backward_weight(
+    s: &ConvShape,
+    x: &Buffer,
+    dy: &Buffer,
+    dw: &Buffer,
+    db: &Buffer,
+) -> Result<()> {
+    let op = "conv_backward_weight";
+    expect_len(op, "x", x, s.input_len())?;
+    expect_len(op, "dy", dy, s.output_len())?;
+    expect_len(op, "dw", dw, s.weight_len())?;
+    expect_len(op, "db", db, s.cout)
+}
+
+/// The logit's state and per-image log-dets.
+pub(crate) fn logit_forward(shape: Shape4, x: &Buffer, log_det: &Buffer) -> Result<()> {
+    let op = "logit_forward";
+    expect_len(op, "x", x, shape.len())?;
+    expect_len(op, "log_det", log_det, shape.batch)
+}
+
+/// Squeeze in either direction: both sides hold the same number of values.
+pub(crate) fn squeeze(shape: Shape4, x: &Buffer, y: &Buffer) -> Result<()> {
+    let op = "squeeze";
+    expect_len(op, "x", x, shape.len())?;
+    expect_len(op, "y", y, shape.len())
+}
+
+/// Values per batch in a coupling's CNN input (the kept half) for `mask`.
+pub(crate) fn cnn_in_len(shape: Shape4, mask: Mask) -> usize {
+    shape.batch * mask.split_channels(shape.channels).1 * shape.plane()
+}
+
+/// Values per batch in a coupling's `(s_raw, t)` for `mask`.
+pub(crate) fn st_len(shape: Shape4, mask: Mask) -> usize {
+    shape.batch * 2 * mask.split_channels(shape.channels).0 * shape.plane()
+}
+
+/// The kept half gathered into the CNN input.
+pub(crate) fn mask_gather(shape: Shape4, mask: Mask, x: &Buffer, cnn_in: &Buffer) -> Result<()> {
+    let op = "mask_gather";
+    expect_len(op, "x", x, shape.len())?;
+    expect_len(op, "cnn_in", cnn_in, cnn_in_len(shape, mask))
+}
+
+/// The CNN input's gradient scattered back.
+pub(crate) fn mask_scatter_add(
+    shape: Shape4,
+    mask: Mask,
+    d_cnn_in: &Buffer,
+    dx: &Buffer,
+) -> Result<()> {
+    let op = "mask_scatter_add";
+    expect_len(op, "d_cnn_in", d_cnn_in, cnn_in_len(shape, mask))?;
+    expect_len(op, "dx", dx, shape.len())
+}
+
+/// The affine coupling's operands, forward (`log_det` given) or inverse (`None`). `op` names
+/// the op and `state` the transformed tensor in the error.
+pub(crate) fn coupling(
+    op: &'static str,
+    shape: Shape4,
+    mask: Mask,
+    (state, x): (&'static str, &Buffer),
+    st: &Buffer,
+    scale: &Buffer,
+    log_det: Option<&Buffer>,
+) -> Result<()> {
+    expect_len(op, state, x, shape.len())?;
+    expect_len(op, "st", st, st_len(shape, mask))?;
+    expect_len(op, "scale", scale, mask.split_channels(shape.channels).0)?;
+    match log_det {
+        Some(ld) => expect_len(op, "log_det", ld, shape.batch),
+        None => Ok(()),
+    }
+}
+
+/// The coupling's backward: the forward's operands plus their gradients.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn coupling_backward(
+    shape: Shape4,
+    mask: Mask,
+    x: &Buffer,
+    st: &Buffer,
+    scale: &Buffer,
+    dy: &Buffer,
+    d_st: &Buffer,
+    d_scale: &Buffer,
+) -> Result<()> {
+    let op = "coupling_backward";
+    coupling(op, shape, mask, ("x", x), st, scale, None)?;
+    expect_len(op, "dy", dy, shape.len())?;
+    expect_len(op, "d_st", d_st, st_len(shape, mask))?;
+    expect_len(op, "d_scale", d_scale, scale.len())
+}
+
+/// Adam's gradient and moments against the parameter.
+pub(crate) fn adam(param: &Buffer, grad: &Buffer, m: &Buffer, v: &Buffer) -> Result<()> {
+    let (op, n) = ("adam", param.len());
+    expect_len(op, "grad", grad, n)?;
+    expect_len(op, "m", m, n)?;
+    expect_len(op, "v", v, n)
+}
