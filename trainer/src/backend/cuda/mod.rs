@@ -93,6 +93,36 @@ fn sum_hi_lo(pairs: &[f32]) -> f64 {
         .sum()
 }
 
+/// The six shape arguments every conv kernel takes first: batch, cin, cout, height, width,
+/// kernel (each checked to fit an `int`).
+fn conv_dims(op: &'static str, s: &ConvShape) -> Result<[Param; 6]> {
+    Ok([
+        int(op, "batch", s.batch)?,
+        int(op, "cin", s.cin)?,
+        int(op, "cout", s.cout)?,
+        int(op, "height", s.height)?,
+        int(op, "width", s.width)?,
+        int(op, "kernel", s.kernel)?,
+    ])
+}
+
+/// Launch shape of the tiled conv body (forward, and backward-data with the roles of cin and
+/// cout swapped): one block per 16x16 output tile, per `t` of the `outs` output channels and
+/// per image. Returns the config and `cic`, the input channels staged in shared memory per
+/// step: each needs a (15+k)^2 input patch plus its k*k*t weights, in 12288 floats (48 KiB).
+fn tile_launch(s: &ConvShape, outs: usize, t: usize) -> (LaunchCfg, usize) {
+    let k = s.kernel;
+    let per_ci = (15 + k) * (15 + k) + k * k * t;
+    let cic = (12288 / per_ci).min(8);
+    let tiles = s.width.div_ceil(16) * s.height.div_ceil(16);
+    let cfg = LaunchCfg {
+        grid: (tiles as u32, outs.div_ceil(t) as u32, s.batch as u32),
+        block: (16, 8, 1),
+        shared_bytes: (4 * cic * per_ci) as u32,
+    };
+    (cfg, cic)
+}
+
 /// Checks a conv shape against the kernels' limits.
 fn check_conv(op: &'static str, s: &ConvShape) -> Result<()> {
     if s.kernel.is_multiple_of(2) || !(1..=15).contains(&s.kernel) {
@@ -286,31 +316,17 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         if s.output_len() == 0 {
             return Ok(());
         }
-        let (k, t) = (s.kernel, tco(s.cout));
-        // Input channels staged in shared memory per step: a (15+k)^2 input patch plus the
-        // k*k*TCO weights of each, in 12288 floats (48 KiB).
-        let per_ci = (15 + k) * (15 + k) + k * k * t;
-        let cic = (12288 / per_ci).min(8);
-        let tiles = s.width.div_ceil(16) * s.height.div_ceil(16);
-        let cfg = LaunchCfg {
-            grid: (tiles as u32, s.cout.div_ceil(t) as u32, s.batch as u32),
-            block: (16, 8, 1),
-            shared_bytes: (4 * cic * per_ci) as u32,
-        };
-        let p = [
-            int(op, "batch", s.batch)?,
-            int(op, "cin", s.cin)?,
-            int(op, "cout", s.cout)?,
-            int(op, "height", s.height)?,
-            int(op, "width", s.width)?,
-            int(op, "kernel", k)?,
+        let t = tco(s.cout);
+        let (cfg, cic) = tile_launch(s, s.cout, t);
+        let mut p = conv_dims(op, s)?.to_vec();
+        p.extend([
             int(op, "cic", cic)?,
             Param::Ptr(self.dev.ptr(x)?),
             Param::Ptr(self.dev.ptr(w)?),
             Param::Ptr(self.dev.ptr(b)?),
             Param::I32(i32::from(relu)),
             Param::Ptr(self.dev.ptr_mut(y)?),
-        ];
+        ]);
         self.dev.launch(conv_name("fwd", t), cfg, &p)
     }
 
@@ -333,27 +349,15 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         }
         // The forward kernel's body with flipped, transposed weights: TCO by cin, reducing
         // over cout.
-        let (k, t) = (s.kernel, tco(s.cin));
-        let per_ci = (15 + k) * (15 + k) + k * k * t;
-        let cic = (12288 / per_ci).min(8);
-        let tiles = s.width.div_ceil(16) * s.height.div_ceil(16);
-        let cfg = LaunchCfg {
-            grid: (tiles as u32, s.cin.div_ceil(t) as u32, s.batch as u32),
-            block: (16, 8, 1),
-            shared_bytes: (4 * cic * per_ci) as u32,
-        };
-        let p = [
-            int(op, "batch", s.batch)?,
-            int(op, "cin", s.cin)?,
-            int(op, "cout", s.cout)?,
-            int(op, "height", s.height)?,
-            int(op, "width", s.width)?,
-            int(op, "kernel", k)?,
+        let t = tco(s.cin);
+        let (cfg, cic) = tile_launch(s, s.cin, t);
+        let mut p = conv_dims(op, s)?.to_vec();
+        p.extend([
             int(op, "cic", cic)?,
             Param::Ptr(self.dev.ptr(dy)?),
             Param::Ptr(self.dev.ptr(w)?),
             Param::Ptr(self.dev.ptr_mut(dx)?),
-        ];
+        ]);
         self.dev.launch(conv_name("bwd_data", t), cfg, &p)
     }
 
@@ -398,19 +402,14 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
             block: (BLOCK, 1, 1),
             shared_bytes: (4 * (cit * (15 + k) * (15 + k) + 256 * t)) as u32,
         };
-        let p = [
-            int(op, "batch", s.batch)?,
-            int(op, "cin", s.cin)?,
-            int(op, "cout", s.cout)?,
-            int(op, "height", s.height)?,
-            int(op, "width", s.width)?,
-            int(op, "kernel", k)?,
+        let mut p = conv_dims(op, s)?.to_vec();
+        p.extend([
             int(op, "cit", cit)?,
             int(op, "images per chunk", imgs_per_chunk)?,
             Param::Ptr(self.dev.ptr(x)?),
             Param::Ptr(self.dev.ptr(dy)?),
             Param::Ptr(self.dev.ptr_mut(&mut part)?),
-        ];
+        ]);
         let r = self.dev.launch(conv_name("bwd_weight", t), cfg, &p);
         let r = r.and_then(|()| {
             let cfg = LaunchCfg {
