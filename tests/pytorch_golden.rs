@@ -176,7 +176,12 @@ impl Checks {
                 bad.push(format!("{what}: {err:.3e} > {tol:.1e}"));
             }
         }
-        assert!(bad.is_empty(), "{title}: {}", bad.join("; "));
+        assert!(
+            bad.is_empty(),
+            "{title}: {} checks failed (all printed above), first: {}",
+            bad.len(),
+            bad[..bad.len().min(5)].join("; ")
+        );
     }
 }
 
@@ -355,9 +360,8 @@ fn check_trainer(f: &Fixture, arch: Arch, params: &[Vec<f32>], checks: &mut Chec
         e_all += e * e;
         n_all += n * n;
         t_all += torch_err[k] * torch_err[k];
-        let bound = |n_ref: f64| {
-            GRAD_VS_TORCH * torch_err[k] + GRAD_REL * n_ref + GRAD_FLOOR * mean_norm
-        };
+        let bound =
+            |n_ref: f64| GRAD_VS_TORCH * torch_err[k] + GRAD_REL * n_ref + GRAD_FLOOR * mean_norm;
         checks.check(
             format!(
                 "trainer grad {} ({} values) ||err|| / bound (PyTorch f32: {:.2})",
@@ -489,14 +493,21 @@ fn read_blob(rel: &str, crc_meta: &str) -> Vec<u8> {
 /// The fixture's pixels are the digits of data/ it says, and `u` dequantises them.
 fn check_inputs(f: &Fixture, pixels_ok: impl Fn(&[u8]) -> bool, arch: &Arch) {
     let px = f.u8s("pixels");
-    assert!(pixels_ok(&px), "fixture {}: pixels are not from data/", f.name);
+    assert!(
+        pixels_ok(&px),
+        "fixture {}: pixels are not from data/",
+        f.name
+    );
     let u = f.f32s("u");
     assert_eq!(u.len(), px.len());
     let levels = f32::from(1u16 << arch.bits);
     for (v, p) in u.iter().zip(&px) {
         // u = (x + v) / 2^bits with v in [0, 1).
         let x = v * levels - f32::from(*p);
-        assert!((0.0..=1.0).contains(&x), "u {v} does not dequantise pixel {p}");
+        assert!(
+            (0.0..=1.0).contains(&x),
+            "u {v} does not dequantise pixel {p}"
+        );
     }
 }
 
@@ -505,7 +516,10 @@ fn mnist_trained_kernel_and_trainer_match_pytorch() {
     let f = Fixture::open("mnist");
     let blob = read_blob("tools/firmware/model-f32.cfw", &f.meta("blob_crc"));
     let model = Model::from_blob(&blob).unwrap();
-    assert!(model.arch() == &MNIST, "the committed blob is the MNIST preset");
+    assert!(
+        model.arch() == &MNIST,
+        "the committed blob is the MNIST preset"
+    );
     let ds = clayflow_trainer::data::load_idx_images(
         &root().join("data/mnist8k-train-images-idx3-ubyte.gz"),
     )
