@@ -26,16 +26,7 @@ import torch
 
 sys.dont_write_bytecode = True  # leave no __pycache__ in the work tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from flow import MNIST_CONFIG, RealNVP  # noqa: E402
-
-# kernel/src/arch.rs `COLOR`.
-COLOR_CONFIG = dict(
-    MNIST_CONFIG,
-    channels=3,
-    height=32,
-    width=32,
-    hidden=[24, 192],
-)
+from flow import COLOR_CONFIG, MNIST_CONFIG, RealNVP  # noqa: E402
 
 
 def main() -> None:

@@ -264,6 +264,73 @@ def print_table(rep: dict) -> None:
         print(f"  threads {r['threads']}: " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
 
 
+# ---------------------------------------------------------------------- --workload
+def one_workload(args, pixels: np.ndarray) -> dict:
+    """One workload at one thread count, timed once (the PyTorch side of
+    tools/compare-pytorch.sh; the Rust side is examples/bench_ours.rs with the same flags).
+    Same work as the matching column of `bench`: `train` (batch --batch, fresh noise, Adam),
+    `eval` (log p of the last --eval-batch digits, midpoint noise), `sample1` / `sample64`
+    (z ~ N(0, 0.8^2), inverse, quantise)."""
+    if len(args.threads) != 1:
+        raise SystemExit("--workload takes a single --threads value")
+    threads = args.threads[0]
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    model = RealNVP()
+    gen = torch.Generator().manual_seed(args.seed)
+    levels = 256.0
+    iters = args.iters
+    if args.workload == "train":
+        n_val = min(args.last, len(pixels) // 2)
+        train_px = torch.from_numpy(pixels[: len(pixels) - n_val].astype(np.float32))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+        order = torch.randperm(len(train_px), generator=gen)
+        bs = args.batch
+        state = dict(step=0)
+
+        def fn():
+            k = state["step"]
+            start = (k * bs) % (len(order) - bs + 1)
+            x = train_px[order[start : start + bs]]
+            u = (x + torch.rand(x.shape, generator=gen)) / levels
+            loss = model.loss(u)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+            for g in opt.param_groups:
+                g["lr"] = 1e-3 * min(1.0, (k + 1) / 100.0)
+            opt.step()
+            loss.item()
+            state["step"] = k + 1
+
+        batch, path = bs, "torch.optim.Adam step"
+    elif args.workload == "eval":
+        model.eval()
+        px = torch.from_numpy(pixels[len(pixels) - args.eval_batch :].astype(np.float32))
+        ev_u = (px + 0.5) / levels
+
+        def fn():
+            with torch.inference_mode():
+                model.log_prob(ev_u)
+
+        batch, path = args.eval_batch, "log_prob under inference_mode"
+    elif args.workload in ("sample1", "sample64"):
+        model.eval()
+        batch = 1 if args.workload == "sample1" else 64
+
+        def fn():
+            with torch.inference_mode():
+                model.sample(batch, temperature=0.8, generator=gen)
+
+        path = "inverse under inference_mode"
+    else:
+        raise SystemExit(f"unknown --workload {args.workload!r}")
+    times = _median_time(fn, args.warmup, iters)
+    return dict(side="pytorch", workload=args.workload, threads=threads, batch=batch,
+                path=path, median_s=statistics.median(times), times_s=times,
+                torch=torch.__version__)
+
+
 # ---------------------------------------------------------------------- --check
 def check(args, pixels: np.ndarray) -> dict:
     _pcg_selftest()
@@ -326,6 +393,11 @@ def main() -> None:
                          "or model.safetensors) instead of timing")
     ap.add_argument("--midpoint", action="store_true",
                     help="with --check: dequantize at v = 0.5 instead of clayflow's noise")
+    ap.add_argument("--workload", choices=["train", "eval", "sample1", "sample64"],
+                    help="time only this workload at one thread count, --warmup untimed "
+                         "then --iters timed calls, and print one JSON line (used by "
+                         "tools/compare-pytorch.sh)")
+    ap.add_argument("--iters", type=int, default=10, help="timed calls with --workload")
     args = ap.parse_args()
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
     try:
@@ -333,6 +405,9 @@ def main() -> None:
     except RuntimeError:
         pass
     pixels = load_idx_images(args.data)
+    if args.workload:
+        print(json.dumps(one_workload(args, pixels)))
+        return
     if args.check:
         rep = check(args, pixels)
     else:

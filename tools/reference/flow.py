@@ -61,6 +61,22 @@ MNIST_CONFIG = dict(
     logit_alpha=0.05,
 )
 
+# The colour preset (kernel/src/arch.rs `COLOR`): 3x32x32 squeezed to 12x16x16, the same
+# 12 alternating channel couplings with widths 24 and 192; 3,004,344 parameters.
+COLOR_CONFIG = dict(
+    channels=3,
+    height=32,
+    width=32,
+    squeeze=True,
+    masks=["channel-even", "channel-odd"] * 6,
+    kernels=[5, 7, 3],
+    hidden=[24, 192],
+    bits=8,
+    logit_alpha=0.05,
+)
+
+PRESETS = {"mnist": MNIST_CONFIG, "color": COLOR_CONFIG}
+
 
 def _mask_name(m: str) -> str:
     """Accepts the checkpoint spelling (`channel-even`) and the Rust one (`ChannelEven`)."""
@@ -364,11 +380,11 @@ def selftest(fixture_dir: str | None = None) -> bool:
             f"golden {name}: log p {lp:.10f} (fixture {want_lp:.10f}), "
             f"max|dz| {e_z:.2e}, max|du_inverse| {e_inv:.2e}: {'ok' if good else 'MISMATCH'}"
         )
-    m = RealNVP()
-    n = sum(p.numel() for p in m.parameters())
-    good = n == 334_440
-    ok &= good
-    print(f"MNIST preset: {n} parameters (expected 334440): {'ok' if good else 'MISMATCH'}")
+    for name, want in (("mnist", 334_440), ("color", 3_004_344)):
+        n = sum(p.numel() for p in RealNVP(PRESETS[name]).parameters())
+        good = n == want
+        ok &= good
+        print(f"{name} preset: {n} parameters (expected {want}): {'ok' if good else 'MISMATCH'}")
     return ok
 
 
