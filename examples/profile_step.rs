@@ -4,8 +4,11 @@
 //! ```text
 //! cargo run --release --example profile_step -- [--arch mnist|color] [--threads 1,2]
 //!     [--batch 64] [--steps 20] [--warmup 3] [--rounds 1]
-//!     [--pytorch /work/torch-venv/bin/python] [--torch-steps 20]
+//!     [--pytorch /work/torch-venv/bin/python] [--torch-steps 20] [--cpu-clock]
 //! ```
+//!
+//! `--cpu-clock` (one thread only) times with the thread's CPU time instead of wall time,
+//! for comparing two builds on a machine that other jobs are using.
 //!
 //! Each step is what `clayflow train` does: a batch of dequantized images (MNIST: the
 //! bundled 8k digits; colour: fixed pseudo-random pixels, as no colour data set is
@@ -38,18 +41,42 @@ struct Row {
     flops: u64,
 }
 
+/// Seconds on the chosen clock: wall time, or (`cpu`) this thread's CPU time, which on a
+/// busy machine leaves out the time the thread waited for a core (meaningful with one
+/// thread only: with more, the other workers' time is not counted).
+fn now(cpu: bool) -> f64 {
+    if cpu {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the
+        // kernel knows.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        if rc == 0 {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
+    }
+    EPOCH.with(|e| e.elapsed().as_secs_f64())
+}
+
+thread_local! {
+    static EPOCH: Instant = Instant::now();
+}
+
 /// `CpuBackend` with every call timed and attributed to a named row.
 #[derive(Debug, Default)]
 struct Timed {
     inner: CpuBackend,
+    cpu_clock: bool,
     rows: Mutex<BTreeMap<String, Row>>,
 }
 
 impl Timed {
     fn time<T>(&self, key: impl FnOnce() -> String, flops: u64, f: impl FnOnce() -> T) -> T {
-        let t0 = Instant::now();
+        let t0 = now(self.cpu_clock);
         let r = f();
-        let dt = t0.elapsed().as_secs_f64();
+        let dt = now(self.cpu_clock) - t0;
         let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
         let row = rows.entry(key()).or_default();
         row.secs += dt;
@@ -275,10 +302,11 @@ struct Opts {
     rounds: usize,
     pytorch: Option<String>,
     torch_steps: usize,
+    cpu_clock: bool,
 }
 
 const USAGE: &str = "usage: profile_step [--arch mnist|color] [--threads 1,2] [--batch 64] \
-[--steps 20] [--warmup 3] [--rounds 1] [--pytorch PYTHON] [--torch-steps 20]";
+[--steps 20] [--warmup 3] [--rounds 1] [--pytorch PYTHON] [--torch-steps 20] [--cpu-clock]";
 
 fn parse_args() -> std::result::Result<Opts, String> {
     let mut o = Opts {
@@ -290,6 +318,7 @@ fn parse_args() -> std::result::Result<Opts, String> {
         rounds: 1,
         pytorch: None,
         torch_steps: 20,
+        cpu_clock: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -323,8 +352,12 @@ fn parse_args() -> std::result::Result<Opts, String> {
             "--rounds" => o.rounds = num(val()?)?,
             "--pytorch" => o.pytorch = Some(val()?),
             "--torch-steps" => o.torch_steps = num(val()?)?,
+            "--cpu-clock" => o.cpu_clock = true,
             _ => return Err(format!("unknown argument {a:?}\n{USAGE}")),
         }
+    }
+    if o.cpu_clock && (o.threads != [1] || o.pytorch.is_some()) {
+        return Err("--cpu-clock: only with --threads 1 and without --pytorch".into());
     }
     if o.pytorch.is_some() && o.arch.0 != "mnist" {
         return Err("--pytorch: tools/reference/bench_step.py only has the MNIST preset".into());
@@ -374,7 +407,10 @@ fn median(v: &[f64]) -> f64 {
 
 fn profile(o: &Opts, ds: &Dataset) -> std::result::Result<Profile, String> {
     let arch = o.arch.1;
-    let timed = Arc::new(Timed::default());
+    let timed = Arc::new(Timed {
+        cpu_clock: o.cpu_clock,
+        ..Timed::default()
+    });
     let backend: Arc<dyn Backend> = timed.clone();
     let e = |e: clayflow_trainer::backend::BackendError| e.to_string();
     let mut flow = Flow::new(backend.clone(), arch, &init_params(&arch, 1)).map_err(e)?;
@@ -392,16 +428,16 @@ fn profile(o: &Opts, ds: &Dataset) -> std::result::Result<Profile, String> {
         if step == o.warmup {
             timed.take();
         }
-        let t0 = Instant::now();
+        let t0 = now(o.cpu_clock);
         let b = (step * o.batch) % (ds.len() - o.batch + 1);
         let mut noise = Pcg32::with_stream(0xd1ce, step as u64);
         dequantize_batch(ds, &order[b..b + o.batch], arch.bits, &mut noise, &mut u)
             .map_err(|e| e.to_string())?;
-        let t1 = Instant::now();
+        let t1 = now(o.cpu_clock);
         flow.forward(&u, o.batch).map_err(e)?;
-        let t2 = Instant::now();
+        let t2 = now(o.cpu_clock);
         flow.backward(&mut grads).map_err(e)?;
-        let t3 = Instant::now();
+        let t3 = now(o.cpu_clock);
         let norm = backend.sum_squares_all(&grads).map_err(e)?.sqrt();
         let hp = AdamStep {
             lr: 1e-3 * ((step + 1) as f32 / 100.0).min(1.0),
@@ -418,9 +454,9 @@ fn profile(o: &Opts, ds: &Dataset) -> std::result::Result<Profile, String> {
         for (((p, g), m), v) in flow.params.iter_mut().zip(&grads).zip(&mut m).zip(&mut v) {
             backend.adam(&hp, p, g, m, v).map_err(e)?;
         }
-        let t4 = Instant::now();
+        let t4 = now(o.cpu_clock);
         if step >= o.warmup {
-            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            let ms = |a: f64, b: f64| (b - a) * 1e3;
             p.step_ms.push(ms(t0, t4));
             for (k, (a, b)) in [(t0, t1), (t1, t2), (t2, t3), (t3, t4)].into_iter().enumerate() {
                 p.phases_ms[k].push(ms(a, b));
@@ -437,11 +473,12 @@ fn print_profile(o: &Opts, threads: usize, p: &Profile) {
     let total: f64 = p.rows.values().map(|r| r.secs).sum::<f64>() * 1e3 / steps;
     let flops: u64 = p.rows.values().map(|r| r.flops).sum::<u64>() / o.steps as u64;
     println!(
-        "\n{} preset, batch {}, {} thread(s): step median {:.1} ms ({:.0} img/s, {:.1} GFLOP \
+        "\n{} preset, batch {}, {} thread(s){}: step median {:.1} ms ({:.0} img/s, {:.1} GFLOP \
          conv, {:.1} GFLOP/s overall); {} timed steps after {} warm-up",
         o.arch.0,
         o.batch,
         threads,
+        if o.cpu_clock { " [thread CPU time]" } else { "" },
         step,
         o.batch as f64 / step * 1e3,
         flops as f64 / 1e9,
