@@ -102,22 +102,46 @@ impl Backend for Timed {
         format!("timed {}", self.inner.name())
     }
     fn zeros(&self, len: usize) -> Result<Buffer> {
-        self.time(|| "misc: alloc/upload/download".into(), 0, || self.inner.zeros(len))
+        self.time(
+            || "misc: alloc/upload/download".into(),
+            0,
+            || self.inner.zeros(len),
+        )
     }
     fn upload(&self, data: &[f32]) -> Result<Buffer> {
-        self.time(|| "misc: alloc/upload/download".into(), 0, || self.inner.upload(data))
+        self.time(
+            || "misc: alloc/upload/download".into(),
+            0,
+            || self.inner.upload(data),
+        )
     }
     fn download(&self, buf: &Buffer) -> Result<Vec<f32>> {
-        self.time(|| "misc: alloc/upload/download".into(), 0, || self.inner.download(buf))
+        self.time(
+            || "misc: alloc/upload/download".into(),
+            0,
+            || self.inner.download(buf),
+        )
     }
     fn copy(&self, src: &Buffer, dst: &mut Buffer) -> Result<()> {
-        self.time(|| "misc: copy/fill/axpy".into(), 0, || self.inner.copy(src, dst))
+        self.time(
+            || "misc: copy/fill/axpy".into(),
+            0,
+            || self.inner.copy(src, dst),
+        )
     }
     fn fill(&self, buf: &mut Buffer, value: f32) -> Result<()> {
-        self.time(|| "misc: copy/fill/axpy".into(), 0, || self.inner.fill(buf, value))
+        self.time(
+            || "misc: copy/fill/axpy".into(),
+            0,
+            || self.inner.fill(buf, value),
+        )
     }
     fn axpy(&self, a: f32, x: &Buffer, y: &mut Buffer) -> Result<()> {
-        self.time(|| "misc: copy/fill/axpy".into(), 0, || self.inner.axpy(a, x, y))
+        self.time(
+            || "misc: copy/fill/axpy".into(),
+            0,
+            || self.inner.axpy(a, x, y),
+        )
     }
     fn sum_squares(&self, x: &Buffer) -> Result<f64> {
         self.time(|| "opt: grad norm".into(), 0, || self.inner.sum_squares(x))
@@ -262,9 +286,8 @@ impl Backend for Timed {
             || "coupling bwd".into(),
             0,
             || {
-                self.inner.coupling_backward(
-                    shape, mask, x, st, scale, g_log_det, dy, d_st, d_scale,
-                )
+                self.inner
+                    .coupling_backward(shape, mask, x, st, scale, g_log_det, dy, d_st, d_scale)
             },
         )
     }
@@ -325,7 +348,10 @@ fn parse_args() -> std::result::Result<Opts, String> {
         if a == "--help" || a == "-h" {
             return Err(USAGE.into());
         }
-        let mut val = || args.next().ok_or_else(|| format!("{a} needs a value\n{USAGE}"));
+        let mut val = || {
+            args.next()
+                .ok_or_else(|| format!("{a} needs a value\n{USAGE}"))
+        };
         let num = |v: String| {
             v.parse::<usize>()
                 .ok()
@@ -368,7 +394,10 @@ fn parse_args() -> std::result::Result<Opts, String> {
 /// Images to train on: the bundled MNIST digits, or fixed pseudo-random colour pixels.
 fn dataset(name: &str, arch: &Arch) -> std::result::Result<Dataset, String> {
     if name == "mnist" {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist8k-train-images-idx3-ubyte.gz");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/data/mnist8k-train-images-idx3-ubyte.gz"
+        );
         return load_idx_images(std::path::Path::new(path)).map_err(|e| format!("{path}: {e}"));
     }
     let n = 1024;
@@ -458,7 +487,10 @@ fn profile(o: &Opts, ds: &Dataset) -> std::result::Result<Profile, String> {
         if step >= o.warmup {
             let ms = |a: f64, b: f64| (b - a) * 1e3;
             p.step_ms.push(ms(t0, t4));
-            for (k, (a, b)) in [(t0, t1), (t1, t2), (t2, t3), (t3, t4)].into_iter().enumerate() {
+            for (k, (a, b)) in [(t0, t1), (t1, t2), (t2, t3), (t3, t4)]
+                .into_iter()
+                .enumerate()
+            {
                 p.phases_ms[k].push(ms(a, b));
             }
         }
@@ -478,7 +510,11 @@ fn print_profile(o: &Opts, threads: usize, p: &Profile) {
         o.arch.0,
         o.batch,
         threads,
-        if o.cpu_clock { " [thread CPU time]" } else { "" },
+        if o.cpu_clock {
+            " [thread CPU time]"
+        } else {
+            ""
+        },
         step,
         o.batch as f64 / step * 1e3,
         flops as f64 / 1e9,
@@ -533,7 +569,10 @@ fn print_profile(o: &Opts, threads: usize, p: &Profile) {
         e.0 += r.secs;
         e.1 += r.flops;
     }
-    println!("{:<34} {:>9} {:>6} {:>6} {:>9}", "group (per step)", "ms", "%", "", "GFLOP/s");
+    println!(
+        "{:<34} {:>9} {:>6} {:>6} {:>9}",
+        "group (per step)", "ms", "%", "", "GFLOP/s"
+    );
     for (g, (secs, fl)) in groups {
         let ms = secs * 1e3 / steps;
         let gf = if fl > 0 {
@@ -541,7 +580,14 @@ fn print_profile(o: &Opts, threads: usize, p: &Profile) {
         } else {
             "-".into()
         };
-        println!("{:<34} {:>9.2} {:>6.1} {:>6} {:>9}", g, ms, 100.0 * ms / step, "", gf);
+        println!(
+            "{:<34} {:>9.2} {:>6.1} {:>6} {:>9}",
+            g,
+            ms,
+            100.0 * ms / step,
+            "",
+            gf
+        );
     }
     let data = median(&p.phases_ms[0]);
     println!(
@@ -556,10 +602,20 @@ fn print_profile(o: &Opts, threads: usize, p: &Profile) {
 }
 
 /// PyTorch's training step at `threads` threads: (median ms, phase medians as text).
-fn pytorch_step(python: &str, threads: usize, o: &Opts) -> std::result::Result<(f64, String), String> {
+fn pytorch_step(
+    python: &str,
+    threads: usize,
+    o: &Opts,
+) -> std::result::Result<(f64, String), String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/reference/bench_step.py");
     let out = Command::new(python)
-        .args([script, "--threads", &threads.to_string(), "--batch", &o.batch.to_string()])
+        .args([
+            script,
+            "--threads",
+            &threads.to_string(),
+            "--batch",
+            &o.batch.to_string(),
+        ])
         .args(["--steps", &o.torch_steps.to_string(), "--warmup", "5"])
         .args(["--eval-iters", "1", "--sample-iters", "1"])
         .output()
@@ -582,7 +638,12 @@ fn pytorch_step(python: &str, threads: usize, o: &Opts) -> std::result::Result<(
         * 1e3;
     let ph = PHASES
         .iter()
-        .map(|n| format!("{n} {:.1}", tr["phase_median_ms"][n].as_f64().unwrap_or(f64::NAN)))
+        .map(|n| {
+            format!(
+                "{n} {:.1}",
+                tr["phase_median_ms"][n].as_f64().unwrap_or(f64::NAN)
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     Ok((ms, ph))
@@ -615,14 +676,27 @@ fn run() -> std::result::Result<(), String> {
         }
     }
     if !ab.is_empty() {
-        println!("\nours vs PyTorch, training step, {} batch {}, alternating:", o.arch.0, o.batch);
-        println!("{:>5} {:>7} {:>10} {:>12} {:>16}", "round", "threads", "ours ms", "PyTorch ms", "ratio (speed-up)");
+        println!(
+            "\nours vs PyTorch, training step, {} batch {}, alternating:",
+            o.arch.0, o.batch
+        );
+        println!(
+            "{:>5} {:>7} {:>10} {:>12} {:>16}",
+            "round", "threads", "ours ms", "PyTorch ms", "ratio (speed-up)"
+        );
         for &(r, t, ours, torch, _) in &ab {
-            println!("{r:>5} {t:>7} {ours:>10.1} {torch:>12.1} {:>15.2}x", torch / ours);
+            println!(
+                "{r:>5} {t:>7} {ours:>10.1} {torch:>12.1} {:>15.2}x",
+                torch / ours
+            );
         }
         for &t in &o.threads {
             let rs: Vec<f64> = ab.iter().filter(|a| a.1 == t).map(|a| a.3 / a.2).collect();
-            println!("threads {t}: median ratio {:.2}x over {} round(s)", median(&rs), rs.len());
+            println!(
+                "threads {t}: median ratio {:.2}x over {} round(s)",
+                median(&rs),
+                rs.len()
+            );
         }
     }
     Ok(())
