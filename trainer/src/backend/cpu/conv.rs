@@ -850,7 +850,6 @@ impl SameConv {
         let kc = cin * k * k;
         let geo = PadGeo::new(h, w, k, 1);
         let xp_len = cin * geo.plane + simd512::SLACK;
-        let lanes = simd512::L;
         with_call_scratch(cout * kc, |wpack| {
             // Per row block, weights as [tap][row] so one tap's rows are adjacent.
             for (co0, mb) in blocks(cout, simd512::FWD_ROWS) {
@@ -865,30 +864,25 @@ impl SameConv {
             y.par_chunks_mut(cout * hw)
                 .zip(x.par_chunks(cin * hw))
                 .for_each(|(yi, xi)| {
-                    with_worker_scratch(xp_len + cout * h * lanes, |buf| {
-                        let (xp, out) = buf.split_at_mut(xp_len);
+                    with_worker_scratch(xp_len, |xp| {
                         pad_image(xi, cin, &geo, xp);
                         for (co0, mb) in blocks(cout, simd512::FWD_ROWS) {
+                            // Bias (0 without one: `s + 0.0`, as before) and ReLU are
+                            // applied in registers, and the rows stored straight into `y`.
+                            let mut bv = [0.0f32; simd512::FWD_ROWS];
+                            if let Some(b) = bias {
+                                bv[..mb].copy_from_slice(&b[co0..co0 + mb]);
+                            }
                             simd512::fwd_rows(
                                 mb,
                                 xp,
                                 geo.taps(cin),
                                 h,
+                                w,
                                 &wpack[co0 * kc..(co0 + mb) * kc],
-                                &mut out[co0 * h * lanes..(co0 + mb) * h * lanes],
-                            );
-                        }
-                        for co in 0..cout {
-                            let bv = bias.map_or(0.0, |b| b[co]);
-                            bias_relu_rows(
-                                &mut yi[co * hw..(co + 1) * hw],
-                                w,
-                                &out[co * h * lanes..(co + 1) * h * lanes],
-                                lanes,
-                                h,
-                                w,
-                                bv,
+                                &bv,
                                 relu,
+                                &mut yi[co0 * hw..(co0 + mb) * hw],
                             );
                         }
                     });
@@ -1597,19 +1591,41 @@ mod simd512 {
         (g.cin - 1) * g.plane + (h - 1 + g.k - 1) * g.wp + (g.k - 1) + L
     }
 
-    /// `out[(m·h + oy)·16 + l] = Σ_{ci,ki,kj} wb[t·mb + m] · xp[ci·plane + (oy+ki)·wp + kj + l]`
-    /// with `t = (ci·k + ki)·k + kj`, for `m < mb`, `oy < h`, `l < 16`.
+    /// `y[(m·h + oy)·w + l] = act(Σ_{ci,ki,kj} wb[t·mb + m] · xp[ci·plane + (oy+ki)·wp + kj + l]
+    /// + bias[m])` with `t = (ci·k + ki)·k + kj`, for `m < mb`, `oy < h`, `l < w`, where
+    /// `act` is ReLU if `relu`, else the identity (the sum is formed first, then the bias
+    /// added, then the ReLU: the same roundings as a separate bias pass).
     ///
     /// # Panics
     ///
-    /// If AVX-512F is unavailable, `mb` is not in `1..=FWD_ROWS`, or a slice is too short.
-    pub(super) fn fwd_rows(mb: usize, xp: &[f32], g: Taps, h: usize, wb: &[f32], out: &mut [f32]) {
+    /// If AVX-512F is unavailable, `mb` is not in `1..=FWD_ROWS`, `w` not in `1..=16`, or a
+    /// slice is too short.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fwd_rows(
+        mb: usize,
+        xp: &[f32],
+        g: Taps,
+        h: usize,
+        w: usize,
+        wb: &[f32],
+        bias: &[f32],
+        relu: bool,
+        y: &mut [f32],
+    ) {
         assert!(available(), "direct conv kernel needs AVX-512F");
         let kc = g.cin * g.k * g.k;
         assert!(kc > 0 && h > 0, "fwd_rows: empty");
+        assert!((1..=L).contains(&w), "fwd_rows: bad width");
         assert!(needed(&g, h) <= xp.len(), "fwd_rows: xp too short");
         assert!(wb.len() >= kc * mb, "fwd_rows: weights too short");
-        assert!(out.len() >= mb * h * L, "fwd_rows: out too short");
+        assert!(bias.len() >= mb, "fwd_rows: bias too short");
+        assert!(y.len() >= mb * h * w, "fwd_rows: y too short");
+        let o = Out {
+            h,
+            w,
+            mask: if w == L { !0 } else { (1u16 << w) - 1 },
+            relu,
+        };
         // Blocks of NR rows, then the remaining `h % NR` rows in one call (not row by row:
         // a one-row call has only `mb` independent accumulators, too few to hide the FMA
         // latency, and it re-reads the whole padded input once per row).
@@ -1619,10 +1635,13 @@ mod simd512 {
                 while oy + $nr <= h {
                     // SAFETY: AVX-512F is available (asserted); loads are at
                     // `xp + ci·plane + (oy+r+ki)·wp + kj + l` with `oy + r < h`, at most
-                    // `needed - 1 < xp.len()`; weight reads `< kc·mb`; stores
-                    // `< mb·h·16 <= out.len()`.
+                    // `needed - 1 < xp.len()`; weight reads `< kc·mb`, bias reads `< mb`;
+                    // masked stores write lanes `l < w` at `(m·h + oy + r)·w + l < mb·h·w
+                    // <= y.len()`.
                     unsafe {
-                        fwd_impl::<$mb, $nr>(xp.as_ptr(), g, h, oy, wb.as_ptr(), out.as_mut_ptr())
+                        fwd_impl::<$mb, $nr>(
+                            xp.as_ptr(), g, oy, wb.as_ptr(), bias.as_ptr(), o, y.as_mut_ptr(),
+                        )
                     };
                     oy += $nr;
                 }
@@ -1630,7 +1649,9 @@ mod simd512 {
                     $(
                         // SAFETY: as above, with the last `$t` rows (`oy + $t == h`).
                         $t => unsafe {
-                            fwd_impl::<$mb, $t>(xp.as_ptr(), g, h, oy, wb.as_ptr(), out.as_mut_ptr())
+                            fwd_impl::<$mb, $t>(
+                                xp.as_ptr(), g, oy, wb.as_ptr(), bias.as_ptr(), o, y.as_mut_ptr(),
+                            )
                         },
                     )*
                     _ => {}
@@ -1650,6 +1671,16 @@ mod simd512 {
         }
     }
 
+    /// Output geometry of [`fwd_impl`].
+    #[derive(Clone, Copy)]
+    struct Out {
+        h: usize,
+        w: usize,
+        /// Lanes `< w`.
+        mask: __mmask16,
+        relu: bool,
+    }
+
     /// # Safety
     ///
     /// See [`fwd_rows`]: AVX-512F available, `oy0 + NR <= h`, and all accesses in bounds.
@@ -1657,10 +1688,11 @@ mod simd512 {
     unsafe fn fwd_impl<const MB: usize, const NR: usize>(
         xp: *const f32,
         g: Taps,
-        h: usize,
         oy0: usize,
         wb: *const f32,
-        out: *mut f32,
+        bias: *const f32,
+        o: Out,
+        y: *mut f32,
     ) {
         // SAFETY: the caller guarantees the CPU features and the bounds.
         unsafe {
@@ -1685,8 +1717,15 @@ mod simd512 {
                 }
             }
             for (m, a) in acc.iter().enumerate() {
+                let b = _mm512_set1_ps(*bias.add(m));
                 for (r, v) in a.iter().enumerate() {
-                    _mm512_storeu_ps(out.add((m * h + oy0 + r) * L), *v);
+                    let mut v = _mm512_add_ps(*v, b);
+                    if o.relu {
+                        // As `f32::max(v, 0.0)`: max_ps returns its second operand (0)
+                        // when v is NaN.
+                        v = _mm512_max_ps(v, _mm512_setzero_ps());
+                    }
+                    _mm512_mask_storeu_ps(y.add((m * o.h + oy0 + r) * o.w), o.mask, v);
                 }
             }
         }
@@ -2248,7 +2287,18 @@ mod simd512 {
         unreachable!("AVX-512 conv kernel is only built for x86-64")
     }
 
-    pub(super) fn fwd_rows(_: usize, _: &[f32], _: Taps, _: usize, _: &[f32], _: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fwd_rows(
+        _: usize,
+        _: &[f32],
+        _: Taps,
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: &[f32],
+        _: bool,
+        _: &mut [f32],
+    ) {
         unreachable!("AVX-512 conv kernel is only built for x86-64")
     }
 
