@@ -589,13 +589,15 @@ fn print_profile(o: &Opts, threads: usize, p: &Profile) {
             gf
         );
     }
-    let data = median(&p.phases_ms[0]);
+    // Means here (the op rows are means per step), so the rows add up.
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (data, step) = (mean(&p.phases_ms[0]), mean(&p.step_ms));
     println!(
         "{:<34} {:>9.2} {:>6.1}\n{:<34} {:>9.2} {:>6.1}",
         "data (dequantize, outside backend)",
         data,
         100.0 * data / step,
-        "untracked (step - ops - data)",
+        "untracked (mean step - ops - data)",
         step - total - data,
         100.0 * (step - total - data) / step
     );
