@@ -398,7 +398,7 @@ fn dataset(name: &str, arch: &Arch) -> std::result::Result<Dataset, String> {
             env!("CARGO_MANIFEST_DIR"),
             "/data/mnist8k-train-images-idx3-ubyte.gz"
         );
-        return load_idx_images(std::path::Path::new(path)).map_err(|e| format!("{path}: {e}"));
+        return load_idx_images(std::path::Path::new(path)).map_err(|e| e.to_string());
     }
     let n = 1024;
     let mut rng = Pcg32::new(7);
