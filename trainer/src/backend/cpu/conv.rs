@@ -33,7 +33,12 @@
 //!   shifted input rows. For backward-weight with more than 32 output channels it instead
 //!   vectorises over output channels: `dWᵀ[tap][cout]` accumulates, per pixel, dy
 //!   transposed to `[pixel][cout]` (4 zmm) times 6 broadcast input taps (24
-//!   accumulators). The AVX-512 paths are used for every op they can take.
+//!   accumulators). For backward-weight of 1x1 and 3x3 kernels with at least 16 input
+//!   and at most 32 output channels (the preset's last conv) it vectorises over input
+//!   channels instead: the image is copied channels-last (one masked gather per pixel and
+//!   16 channels), and `dW[co][tap][ci]` accumulates broadcast dy times 32 channels of
+//!   the shifted pixel, 4 output channels x 3 taps x 2 vectors (24 accumulators). The
+//!   AVX-512 paths are used for every op they can take.
 //!
 //! Work is split across images with rayon; each worker keeps its scratch in thread-local
 //! buffers that are reused between calls, so the steady state allocates nothing but
@@ -135,6 +140,10 @@ enum Algo {
     /// As `Direct512`, but backward-weight vectorises over output channels instead of
     /// pixels (for wide ops); the other ops run `Direct512`.
     Direct512Co,
+    /// Backward-weight vectorised over input channels, from a channels-last padded copy
+    /// of the image (for 1x1 and 3x3 kernels with many input and few output channels);
+    /// the other ops run `Direct512`.
+    Direct512Ci,
 }
 
 /// Whether the AVX-512 row kernels handle images `w` wide with kernel size `k`.
@@ -142,8 +151,20 @@ fn fits512(w: usize, k: usize) -> bool {
     w <= simd512::L && k <= simd512::MAX_K
 }
 
+/// Whether the input-channel-vectorised weight-gradient kernel handles kernel size `k`.
+fn fits512ci(k: usize) -> bool {
+    matches!(k, 1 | 3)
+}
+
 /// `algo`, or the best supported substitute when the AVX-512 kernels cannot take the shape.
 fn usable(algo: Algo, m: usize, w: usize, k: usize) -> Algo {
+    if algo == Algo::Direct512Ci {
+        return if fits512ci(k) && simd512::available() {
+            algo
+        } else {
+            usable(Algo::Direct512, m, w, k)
+        };
+    }
     let is512 = matches!(algo, Algo::Direct512 | Algo::Direct512Co);
     if is512 && !(fits512(w, k) && simd512::available()) {
         if m <= DIRECT_MAX_M && simd::available() {
@@ -171,6 +192,20 @@ fn pick_algo_for(m: usize, w: usize, k: usize, wgrad: bool) -> Algo {
         }
     } else {
         pick_algo(m)
+    }
+}
+
+/// Algorithm for backward-weight of `s`: the input-channel-vectorised kernel for 1x1 and
+/// 3x3 kernels with at least 16 input and at most 32 output channels (there the
+/// pixel-vectorised kernel has too few output channels to reuse each input load, and
+/// re-reads the whole padded image from L2 once per block of 3 channels), otherwise
+/// [`pick_algo_for`].
+fn pick_wgrad_algo(s: &ConvShape) -> Algo {
+    let a = pick_algo_for(s.cout, s.width, s.kernel, true);
+    if a == Algo::Direct512 && fits512ci(s.kernel) && s.cin >= 16 && s.cout <= 32 {
+        Algo::Direct512Ci
+    } else {
+        a
     }
 }
 
@@ -359,14 +394,7 @@ pub fn conv2d_backward_weight(
     dw: &mut [f32],
     db: &mut [f32],
 ) {
-    backward_weight_with(
-        s,
-        x,
-        dy,
-        dw,
-        db,
-        pick_algo_for(s.cout, s.width, s.kernel, true),
-    );
+    backward_weight_with(s, x, dy, dw, db, pick_wgrad_algo(s));
 }
 
 fn backward_weight_with(
@@ -442,6 +470,58 @@ fn backward_weight_with(
                                 let beta = if i == first { 0.0 } else { 1.0 };
                                 // dW'[cout, kc] (+)= dy[cout, hw] · colsT[hw, kc]
                                 gemm(cout, hw, kc, dyi, hw, 1, cols, kc, 1, beta, pdw, kc, 1);
+                            }
+                        });
+                    }
+                    Algo::Direct512Ci => {
+                        // dWc[co][tap][ci] accumulated image by image, from a channels-last
+                        // zero-padded copy of the image (input channels padded to 16).
+                        let ldc = cin.div_ceil(simd512::L) * simd512::L;
+                        let kk = k * k;
+                        let xt_len = (h + k - 1) * (w + k - 1) * ldc;
+                        let dwc_len = cout * kk * ldc;
+                        with_worker_scratch(xt_len + dwc_len, |buf| {
+                            let (xt, dwc) = buf.split_at_mut(xt_len);
+                            xt.fill(0.0);
+                            dwc.fill(0.0);
+                            for i in imgs.clone() {
+                                simd512::pad_channels_last(
+                                    &x[i * in_img..(i + 1) * in_img],
+                                    cin,
+                                    h,
+                                    w,
+                                    k,
+                                    ldc,
+                                    xt,
+                                );
+                                let dyi = &dy[i * out_img..(i + 1) * out_img];
+                                // Channel blocks outermost: one block of the image (32
+                                // channels, 32 KB at 16x16) stays in L1 across the
+                                // output-channel blocks.
+                                for c0 in (0..ldc).step_by(2 * simd512::L) {
+                                    let cvn = ((ldc - c0) / simd512::L).min(2);
+                                    for (co0, mb) in blocks(cout, simd512::CI_ROWS) {
+                                        simd512::wgrad_ci(
+                                            mb,
+                                            cvn,
+                                            k,
+                                            xt,
+                                            h,
+                                            w,
+                                            ldc,
+                                            c0,
+                                            &dyi[co0 * hw..(co0 + mb) * hw],
+                                            &mut dwc[co0 * kk * ldc..(co0 + mb) * kk * ldc],
+                                        );
+                                    }
+                                }
+                            }
+                            for (co, row) in pdw.chunks_exact_mut(kc).enumerate() {
+                                for ci in 0..cin {
+                                    for t in 0..kk {
+                                        row[ci * kk + t] = dwc[(co * kk + t) * ldc + ci];
+                                    }
+                                }
                             }
                         });
                     }
@@ -568,7 +648,9 @@ fn backward_weight_with(
         let (pdw, pdb) = first.split_at(dw.len());
         db.copy_from_slice(pdb);
         match algo {
-            Algo::Direct | Algo::Direct512 | Algo::Direct512Co => dw.copy_from_slice(pdw),
+            Algo::Direct | Algo::Direct512 | Algo::Direct512Co | Algo::Direct512Ci => {
+                dw.copy_from_slice(pdw)
+            }
             Algo::Gemm if kc > 0 => {
                 // [cout][ki][kj][ci] -> [cout][ci][ki][kj]
                 let kk = k * k;
@@ -675,6 +757,11 @@ impl SameConv {
         }
         let in_img = self.cin * hw;
         let out_img = self.cout * hw;
+        // Direct512Ci only differs from Direct512 in backward-weight.
+        let algo = match algo {
+            Algo::Direct512Ci => Algo::Direct512,
+            a => a,
+        };
         let algo = usable(algo, self.cout, self.w, self.k);
         if in_img == 0 {
             // No input channels: the output is just the bias.
@@ -690,7 +777,9 @@ impl SameConv {
                     .for_each(|(yg, xg)| self.run_group(xg, wt, bias, relu, yg));
             }
             Algo::Direct => self.run_direct(x, wt, bias, relu, y),
-            Algo::Direct512 | Algo::Direct512Co => self.run_direct512(x, wt, bias, relu, y),
+            Algo::Direct512 | Algo::Direct512Co | Algo::Direct512Ci => {
+                self.run_direct512(x, wt, bias, relu, y)
+            }
         }
     }
 
@@ -761,7 +850,6 @@ impl SameConv {
         let kc = cin * k * k;
         let geo = PadGeo::new(h, w, k, 1);
         let xp_len = cin * geo.plane + simd512::SLACK;
-        let lanes = simd512::L;
         with_call_scratch(cout * kc, |wpack| {
             // Per row block, weights as [tap][row] so one tap's rows are adjacent.
             for (co0, mb) in blocks(cout, simd512::FWD_ROWS) {
@@ -776,30 +864,25 @@ impl SameConv {
             y.par_chunks_mut(cout * hw)
                 .zip(x.par_chunks(cin * hw))
                 .for_each(|(yi, xi)| {
-                    with_worker_scratch(xp_len + cout * h * lanes, |buf| {
-                        let (xp, out) = buf.split_at_mut(xp_len);
+                    with_worker_scratch(xp_len, |xp| {
                         pad_image(xi, cin, &geo, xp);
                         for (co0, mb) in blocks(cout, simd512::FWD_ROWS) {
+                            // Bias (0 without one: `s + 0.0`, as before) and ReLU are
+                            // applied in registers, and the rows stored straight into `y`.
+                            let mut bv = [0.0f32; simd512::FWD_ROWS];
+                            if let Some(b) = bias {
+                                bv[..mb].copy_from_slice(&b[co0..co0 + mb]);
+                            }
                             simd512::fwd_rows(
                                 mb,
                                 xp,
                                 geo.taps(cin),
                                 h,
+                                w,
                                 &wpack[co0 * kc..(co0 + mb) * kc],
-                                &mut out[co0 * h * lanes..(co0 + mb) * h * lanes],
-                            );
-                        }
-                        for co in 0..cout {
-                            let bv = bias.map_or(0.0, |b| b[co]);
-                            bias_relu_rows(
-                                &mut yi[co * hw..(co + 1) * hw],
-                                w,
-                                &out[co * h * lanes..(co + 1) * h * lanes],
-                                lanes,
-                                h,
-                                w,
-                                bv,
+                                &bv,
                                 relu,
+                                &mut yi[co0 * hw..(co0 + mb) * hw],
                             );
                         }
                     });
@@ -1491,6 +1574,8 @@ mod simd512 {
     pub(super) const FWD_ROWS: usize = 8;
     /// Most output channels one weight-gradient kernel call handles.
     pub(super) const WG_ROWS: usize = 3;
+    /// Most output channels one input-channel-vectorised weight-gradient call handles.
+    pub(super) const CI_ROWS: usize = 4;
     /// Largest kernel size the weight-gradient kernel handles.
     pub(super) const MAX_K: usize = 7;
 
@@ -1506,52 +1591,94 @@ mod simd512 {
         (g.cin - 1) * g.plane + (h - 1 + g.k - 1) * g.wp + (g.k - 1) + L
     }
 
-    /// `out[(m·h + oy)·16 + l] = Σ_{ci,ki,kj} wb[t·mb + m] · xp[ci·plane + (oy+ki)·wp + kj + l]`
-    /// with `t = (ci·k + ki)·k + kj`, for `m < mb`, `oy < h`, `l < 16`.
+    /// `y[(m·h + oy)·w + l] = act(bias[m] + Σ_{ci,ki,kj} wb[t·mb + m] ·
+    /// xp[ci·plane + (oy+ki)·wp + kj + l])` with `t = (ci·k + ki)·k + kj`, for `m < mb`, `oy < h`, `l < w`, where
+    /// `act` is ReLU if `relu`, else the identity (the sum is formed first, then the bias
+    /// added, then the ReLU: the same roundings as a separate bias pass).
     ///
     /// # Panics
     ///
-    /// If AVX-512F is unavailable, `mb` is not in `1..=FWD_ROWS`, or a slice is too short.
-    pub(super) fn fwd_rows(mb: usize, xp: &[f32], g: Taps, h: usize, wb: &[f32], out: &mut [f32]) {
+    /// If AVX-512F is unavailable, `mb` is not in `1..=FWD_ROWS`, `w` not in `1..=16`, or a
+    /// slice is too short.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fwd_rows(
+        mb: usize,
+        xp: &[f32],
+        g: Taps,
+        h: usize,
+        w: usize,
+        wb: &[f32],
+        bias: &[f32],
+        relu: bool,
+        y: &mut [f32],
+    ) {
         assert!(available(), "direct conv kernel needs AVX-512F");
         let kc = g.cin * g.k * g.k;
         assert!(kc > 0 && h > 0, "fwd_rows: empty");
+        assert!((1..=L).contains(&w), "fwd_rows: bad width");
         assert!(needed(&g, h) <= xp.len(), "fwd_rows: xp too short");
         assert!(wb.len() >= kc * mb, "fwd_rows: weights too short");
-        assert!(out.len() >= mb * h * L, "fwd_rows: out too short");
+        assert!(bias.len() >= mb, "fwd_rows: bias too short");
+        assert!(y.len() >= mb * h * w, "fwd_rows: y too short");
+        let o = Out {
+            h,
+            w,
+            mask: if w == L { !0 } else { (1u16 << w) - 1 },
+            relu,
+        };
+        // Blocks of NR rows, then the remaining `h % NR` rows in one call (not row by row:
+        // a one-row call has only `mb` independent accumulators, too few to hide the FMA
+        // latency, and it re-reads the whole padded input once per row).
         macro_rules! go {
-            ($mb:literal, $nr:literal) => {{
+            ($mb:literal, $nr:literal, [$($t:literal),*]) => {{
                 let mut oy = 0;
                 while oy + $nr <= h {
                     // SAFETY: AVX-512F is available (asserted); loads are at
                     // `xp + ci·plane + (oy+r+ki)·wp + kj + l` with `oy + r < h`, at most
-                    // `needed - 1 < xp.len()`; weight reads `< kc·mb`; stores
-                    // `< mb·h·16 <= out.len()`.
+                    // `needed - 1 < xp.len()`; weight reads `< kc·mb`, bias reads `< mb`;
+                    // masked stores write lanes `l < w` at `(m·h + oy + r)·w + l < mb·h·w
+                    // <= y.len()`.
                     unsafe {
-                        fwd_impl::<$mb, $nr>(xp.as_ptr(), g, h, oy, wb.as_ptr(), out.as_mut_ptr())
+                        fwd_impl::<$mb, $nr>(
+                            xp.as_ptr(), g, oy, wb.as_ptr(), bias.as_ptr(), o, y.as_mut_ptr(),
+                        )
                     };
                     oy += $nr;
                 }
-                while oy < h {
-                    // SAFETY: as above, with one row.
-                    unsafe {
-                        fwd_impl::<$mb, 1>(xp.as_ptr(), g, h, oy, wb.as_ptr(), out.as_mut_ptr())
-                    };
-                    oy += 1;
+                match h - oy {
+                    $(
+                        // SAFETY: as above, with the last `$t` rows (`oy + $t == h`).
+                        $t => unsafe {
+                            fwd_impl::<$mb, $t>(
+                                xp.as_ptr(), g, oy, wb.as_ptr(), bias.as_ptr(), o, y.as_mut_ptr(),
+                            )
+                        },
+                    )*
+                    _ => {}
                 }
             }};
         }
         match mb {
-            1 => go!(1, 6),
-            2 => go!(2, 6),
-            3 => go!(3, 6),
-            4 => go!(4, 5),
-            5 => go!(5, 4),
-            6 => go!(6, 3),
-            7 => go!(7, 3),
-            8 => go!(8, 3),
+            1 => go!(1, 6, [1, 2, 3, 4, 5]),
+            2 => go!(2, 6, [1, 2, 3, 4, 5]),
+            3 => go!(3, 6, [1, 2, 3, 4, 5]),
+            4 => go!(4, 5, [1, 2, 3, 4]),
+            5 => go!(5, 4, [1, 2, 3]),
+            6 => go!(6, 3, [1, 2]),
+            7 => go!(7, 3, [1, 2]),
+            8 => go!(8, 3, [1, 2]),
             _ => panic!("fwd_rows: bad row count {mb}"),
         }
+    }
+
+    /// Output geometry of [`fwd_impl`].
+    #[derive(Clone, Copy)]
+    struct Out {
+        h: usize,
+        w: usize,
+        /// Lanes `< w`.
+        mask: __mmask16,
+        relu: bool,
     }
 
     /// # Safety
@@ -1561,10 +1688,11 @@ mod simd512 {
     unsafe fn fwd_impl<const MB: usize, const NR: usize>(
         xp: *const f32,
         g: Taps,
-        h: usize,
         oy0: usize,
         wb: *const f32,
-        out: *mut f32,
+        bias: *const f32,
+        o: Out,
+        y: *mut f32,
     ) {
         // SAFETY: the caller guarantees the CPU features and the bounds.
         unsafe {
@@ -1589,8 +1717,15 @@ mod simd512 {
                 }
             }
             for (m, a) in acc.iter().enumerate() {
+                let b = _mm512_set1_ps(*bias.add(m));
                 for (r, v) in a.iter().enumerate() {
-                    _mm512_storeu_ps(out.add((m * h + oy0 + r) * L), *v);
+                    let mut v = _mm512_add_ps(*v, b);
+                    if o.relu {
+                        // As `f32::max(v, 0.0)`: max_ps returns its second operand (0)
+                        // when v is NaN.
+                        v = _mm512_max_ps(v, _mm512_setzero_ps());
+                    }
+                    _mm512_mask_storeu_ps(y.add((m * o.h + oy0 + r) * o.w), o.mask, v);
                 }
             }
         }
@@ -1738,6 +1873,226 @@ mod simd512 {
             }
         }
     }
+    /// Channels-last padded copy of one image `x` (`[c][h][w]`): writes
+    /// `xt[(r·wp + q)·ldc + ci] = x[ci][r - pad][q - pad]` for the pixels inside the image
+    /// and `ci < c` (`wp = w + k - 1`, `pad = k / 2`), and nothing else: the caller zeroes
+    /// `xt` once, and the border and the channels `c..ldc` stay zero for every image.
+    /// Sixteen channels of a pixel are one masked gather and one contiguous store.
+    ///
+    /// # Panics
+    ///
+    /// If AVX-512F is unavailable, `ldc < c`, `x` is not `c·h·w` long, `xt` is shorter than
+    /// `(h + k - 1)·(w + k - 1)·ldc`, or `c·h·w` does not fit an `i32` gather index.
+    pub(super) fn pad_channels_last(
+        x: &[f32],
+        c: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+        ldc: usize,
+        xt: &mut [f32],
+    ) {
+        assert!(available(), "direct conv kernel needs AVX-512F");
+        let hw = h * w;
+        assert!(c <= ldc && x.len() == c * hw, "pad_channels_last: bad x");
+        assert!(k >= 1, "pad_channels_last: bad kernel");
+        let wp = w + k - 1;
+        assert!(
+            xt.len() >= (h + k - 1) * wp * ldc,
+            "pad_channels_last: xt too short"
+        );
+        assert!(
+            i32::try_from(x.len()).is_ok(),
+            "pad_channels_last: image too large"
+        );
+        // SAFETY: AVX-512F is available (asserted) and the bounds hold (see the impl).
+        unsafe { pad_channels_last_impl(x, c, h, w, k, ldc, xt) }
+    }
+
+    /// # Safety
+    ///
+    /// See [`pad_channels_last`]: AVX-512F available and its asserts hold.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pad_channels_last_impl(
+        x: &[f32],
+        c: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+        ldc: usize,
+        xt: &mut [f32],
+    ) {
+        let (hw, wp, pad) = (h * w, w + k - 1, k / 2);
+        // SAFETY: AVX-512F is available (caller). Gathered lanes `l < n` read
+        // `x[(cb + l)·hw + iy·w + ix]` with `cb + l < c`, `iy < h`, `ix < w`: inside `x`, and
+        // the index `(cb + l)·hw < x.len()` fits i32 (asserted); masked-off lanes read
+        // nothing. Stores write lanes `l < n` at `((iy + pad)·wp + pad + ix)·ldc + cb + l`
+        // with `iy + pad < h + k - 1`, `pad + ix < wp`, `cb + l < c <= ldc`: inside `xt`.
+        unsafe {
+            let step = _mm512_set1_epi32(hw as i32);
+            let idx = _mm512_mullo_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                step,
+            );
+            let mut cb = 0;
+            while cb < c {
+                let n = (c - cb).min(L);
+                let mask: __mmask16 = if n == L { !0 } else { (1u16 << n) - 1 };
+                let src = x.as_ptr().add(cb * hw);
+                for iy in 0..h {
+                    let dst = xt.as_mut_ptr().add(((iy + pad) * wp + pad) * ldc + cb);
+                    for ix in 0..w {
+                        let v = _mm512_mask_i32gather_ps::<4>(
+                            _mm512_setzero_ps(),
+                            mask,
+                            idx,
+                            src.add(iy * w + ix).cast(),
+                        );
+                        _mm512_mask_storeu_ps(dst.add(ix * ldc), mask, v);
+                    }
+                }
+                cb += n;
+            }
+        }
+    }
+
+    /// Weight gradient vectorised over input channels: for `m < mb`, every tap
+    /// `(ki, kj)` of a `k x k` kernel and channel `c` in `c0..c0 + 16·cvn`,
+    /// `dwc[(m·k·k + ki·k + kj)·ldc + c] += Σ_{oy < h, ox < w} dy[m·h·w + oy·w + ox] ·
+    /// xt[((oy + ki)·wp + ox + kj)·ldc + c]`, where `xt` is the image zero-padded and
+    /// channels-last (`wp = w + k - 1`, see `pad_channels_last`). Each lane sums over the
+    /// pixels in order, so the result is deterministic.
+    ///
+    /// # Panics
+    ///
+    /// If AVX-512F is unavailable, `mb` is not in `1..=CI_ROWS`, `cvn` not 1 or 2, `k` not
+    /// 1 or 3, `ldc` not a multiple of 16 with `c0 + 16·cvn <= ldc`, or a slice is too short.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn wgrad_ci(
+        mb: usize,
+        cvn: usize,
+        k: usize,
+        xt: &[f32],
+        h: usize,
+        w: usize,
+        ldc: usize,
+        c0: usize,
+        dy: &[f32],
+        dwc: &mut [f32],
+    ) {
+        assert!(available(), "direct conv kernel needs AVX-512F");
+        assert!(
+            ldc.is_multiple_of(L) && c0 + cvn * L <= ldc,
+            "wgrad_ci: bad channel block"
+        );
+        assert!(
+            xt.len() >= (h + k - 1) * (w + k - 1) * ldc,
+            "wgrad_ci: xt too short"
+        );
+        assert!(dy.len() >= mb * h * w, "wgrad_ci: dy too short");
+        assert!(dwc.len() >= mb * k * k * ldc, "wgrad_ci: dw too short");
+        let p = Wi { h, w, ldc };
+        macro_rules! go {
+            ($mb:literal, $cv:literal, $k:literal) => {
+                // SAFETY: AVX-512F is available (asserted); x loads are at
+                // `((oy + ki)·wp + ox + kj)·ldc + c0 + v·16 + l` with `oy + ki < h + k - 1`,
+                // `ox + kj < wp`, `c0 + v·16 + l < ldc`: inside `xt` (asserted); dy reads
+                // are `< mb·h·w`; dw accesses `< mb·k·k·ldc` (asserted).
+                unsafe {
+                    wgrad_ci_impl::<$mb, $cv, $k>(
+                        xt.as_ptr().add(c0),
+                        p,
+                        dy.as_ptr(),
+                        dwc.as_mut_ptr().add(c0),
+                    )
+                }
+            };
+        }
+        match (mb, cvn, k) {
+            (1, 1, 1) => go!(1, 1, 1),
+            (2, 1, 1) => go!(2, 1, 1),
+            (3, 1, 1) => go!(3, 1, 1),
+            (4, 1, 1) => go!(4, 1, 1),
+            (1, 2, 1) => go!(1, 2, 1),
+            (2, 2, 1) => go!(2, 2, 1),
+            (3, 2, 1) => go!(3, 2, 1),
+            (4, 2, 1) => go!(4, 2, 1),
+            (1, 1, 3) => go!(1, 1, 3),
+            (2, 1, 3) => go!(2, 1, 3),
+            (3, 1, 3) => go!(3, 1, 3),
+            (4, 1, 3) => go!(4, 1, 3),
+            (1, 2, 3) => go!(1, 2, 3),
+            (2, 2, 3) => go!(2, 2, 3),
+            (3, 2, 3) => go!(3, 2, 3),
+            (4, 2, 3) => go!(4, 2, 3),
+            _ => panic!("wgrad_ci: bad block {mb} x {cvn} / kernel {k}"),
+        }
+    }
+
+    /// Loop geometry of [`wgrad_ci_impl`].
+    #[derive(Clone, Copy)]
+    struct Wi {
+        h: usize,
+        w: usize,
+        ldc: usize,
+    }
+
+    /// # Safety
+    ///
+    /// See [`wgrad_ci`]: AVX-512F available; `xt` and `dwc` point at channel `c0`, and all
+    /// accesses are in bounds.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn wgrad_ci_impl<const MB: usize, const CV: usize, const K: usize>(
+        xt: *const f32,
+        p: Wi,
+        dy: *const f32,
+        dwc: *mut f32,
+    ) {
+        let (hw, wp, ldc) = (p.h * p.w, p.w + K - 1, p.ldc);
+        // SAFETY: the caller guarantees the CPU features and the bounds.
+        unsafe {
+            for ki in 0..K {
+                // Accumulators for output channel m, tap (ki, j), channel vector v.
+                let mut a = [[[_mm512_setzero_ps(); CV]; K]; MB];
+                for (m, am) in a.iter_mut().enumerate() {
+                    for (j, amj) in am.iter_mut().enumerate() {
+                        for (v, av) in amj.iter_mut().enumerate() {
+                            *av = _mm512_loadu_ps(dwc.add((m * K * K + ki * K + j) * ldc + v * L));
+                        }
+                    }
+                }
+                for oy in 0..p.h {
+                    let xrow = xt.add((oy + ki) * wp * ldc);
+                    let drow = dy.add(oy * p.w);
+                    for ox in 0..p.w {
+                        let xb = xrow.add(ox * ldc);
+                        let mut xv = [[_mm512_setzero_ps(); CV]; K];
+                        for (j, xj) in xv.iter_mut().enumerate() {
+                            for (v, x) in xj.iter_mut().enumerate() {
+                                *x = _mm512_loadu_ps(xb.add(j * ldc + v * L));
+                            }
+                        }
+                        for (m, am) in a.iter_mut().enumerate() {
+                            let d = _mm512_set1_ps(*drow.add(m * hw + ox));
+                            for (j, amj) in am.iter_mut().enumerate() {
+                                for (v, av) in amj.iter_mut().enumerate() {
+                                    *av = _mm512_fmadd_ps(d, xv[j][v], *av);
+                                }
+                            }
+                        }
+                    }
+                }
+                for (m, am) in a.iter().enumerate() {
+                    for (j, amj) in am.iter().enumerate() {
+                        for (v, av) in amj.iter().enumerate() {
+                            _mm512_storeu_ps(dwc.add((m * K * K + ki * K + j) * ldc + v * L), *av);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Weight gradient vectorised over output channels (for wide ops): for every tap `t`
     /// and channel `c < ldo`,
     /// `dwt[t·ldo + c] += Σ_{oy < h, ox < w} xp[offset(t) + oy·wp + ox] · dyt[(oy·w + ox)·ldo + c]`
@@ -1896,6 +2251,7 @@ mod simd512 {
     pub(super) const L: usize = 16;
     pub(super) const FWD_ROWS: usize = 8;
     pub(super) const WG_ROWS: usize = 3;
+    pub(super) const CI_ROWS: usize = 4;
     pub(super) const MAX_K: usize = 7;
     pub(super) const SLACK: usize = L;
 
@@ -1903,7 +2259,46 @@ mod simd512 {
         false
     }
 
-    pub(super) fn fwd_rows(_: usize, _: &[f32], _: Taps, _: usize, _: &[f32], _: &mut [f32]) {
+    pub(super) fn pad_channels_last(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+    ) {
+        unreachable!("AVX-512 conv kernel is only built for x86-64")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn wgrad_ci(
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: &mut [f32],
+    ) {
+        unreachable!("AVX-512 conv kernel is only built for x86-64")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fwd_rows(
+        _: usize,
+        _: &[f32],
+        _: Taps,
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: &[f32],
+        _: bool,
+        _: &mut [f32],
+    ) {
         unreachable!("AVX-512 conv kernel is only built for x86-64")
     }
 
@@ -2222,6 +2617,7 @@ mod tests {
         if simd512::available() {
             v.push(Algo::Direct512);
             v.push(Algo::Direct512Co);
+            v.push(Algo::Direct512Ci);
         }
         v
     }
@@ -2609,6 +3005,41 @@ mod tests {
         }
     }
 
+    /// The input-channel-vectorised weight gradient (3x3, ragged 20 input channels) gives
+    /// the same bits for any thread count, and the same as the public entry point.
+    #[test]
+    fn wgrad_ci_deterministic_across_thread_counts() {
+        let s = ConvShape {
+            batch: 21,
+            cin: 20,
+            cout: 5,
+            height: 14,
+            width: 13,
+            kernel: 3,
+        };
+        let mut rng = Rng(17);
+        let x = rng.vec(s.input_len());
+        let dy = rng.vec(s.output_len());
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut dw = vec![0.0; s.weight_len()];
+                let mut db = vec![0.0; s.cout];
+                backward_weight_with(&s, &x, &dy, &mut dw, &mut db, Algo::Direct512Ci);
+                (dw, db)
+            })
+        };
+        let a = run(1);
+        assert!(a == run(2));
+        assert!(a == run(3));
+        let (want, _) = conv2d_backward_weight_ref(&s, &x, &dy);
+        let (mag, _) = conv2d_backward_weight_ref(&s, &abs(&x), &abs(&dy));
+        assert_close("dw ci", &a.0, &want, &mag, s.batch * s.height * s.width + 8);
+    }
+
     #[test]
     fn degenerate_shapes() {
         // Zero batch / zero input channels: outputs are bias-only, gradients are zero.
@@ -2724,6 +3155,7 @@ mod tests {
                         Ok("direct") => Some(Algo::Direct),
                         Ok("direct512") => Some(Algo::Direct512),
                         Ok("direct512co") => Some(Algo::Direct512Co),
+                        Ok("direct512ci") => Some(Algo::Direct512Ci),
                         _ => None,
                     };
                     let plan = match std::env::var("CONV_DPLAN").as_deref() {
@@ -2734,7 +3166,7 @@ mod tests {
                         _ => pick_data_plan(&s),
                     };
                     let fa = algo.unwrap_or(pick_algo_for(s.cout, s.width, s.kernel, false));
-                    let wa = algo.unwrap_or(pick_algo_for(s.cout, s.width, s.kernel, true));
+                    let wa = algo.unwrap_or(pick_wgrad_algo(&s));
                     let tf = time_if('f', &mut || forward_with(&s, &x, &w, &b, true, &mut y, fa));
                     let td = time_if('d', &mut || backward_data_with(&s, &dy, &w, &mut dx, plan));
                     let tw = time_if('w', &mut || {

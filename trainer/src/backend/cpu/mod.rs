@@ -155,10 +155,11 @@ impl Backend for CpuBackend {
             .par_chunks_mut(CHUNK)
             .zip(y.par_chunks(CHUNK))
             .for_each(|(d, y)| {
+                // A select rather than a conditional store: it vectorises, and a branch
+                // here is mispredicted about half the time (ReLU zeroes about half the
+                // activations), which made this the third most expensive op of a step.
                 for (d, &y) in d.iter_mut().zip(y) {
-                    if y <= 0.0 {
-                        *d = 0.0;
-                    }
+                    *d = if y <= 0.0 { 0.0 } else { *d };
                 }
             });
         Ok(())
