@@ -24,6 +24,41 @@ pub struct Conv {
     pub kernel: usize,
 }
 
+/// The convolution path this build runs: `"avx512"`, `"avx2"`, `"neon"` (chosen by the
+/// target features the crate is compiled with; see the `simd` module) or `"scalar"`.
+#[cfg(any(
+    all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        any(
+            target_feature = "avx512f",
+            all(target_feature = "avx2", target_feature = "fma")
+        )
+    ),
+    all(
+        target_arch = "aarch64",
+        target_feature = "neon",
+        target_endian = "little"
+    )
+))]
+pub const PATH: &str = crate::simd::PATH;
+/// The convolution path this build runs: `"avx512"`, `"avx2"`, `"neon"` (chosen by the
+/// target features the crate is compiled with) or `"scalar"`.
+#[cfg(not(any(
+    all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        any(
+            target_feature = "avx512f",
+            all(target_feature = "avx2", target_feature = "fma")
+        )
+    ),
+    all(
+        target_arch = "aarch64",
+        target_feature = "neon",
+        target_endian = "little"
+    )
+)))]
+pub const PATH: &str = "scalar";
+
 pub(crate) const INTERNAL: Error = Error::InvalidArgument("internal size invariant broken");
 
 fn size(buffer: Buffer, needed: usize, got: usize) -> Result<(), Error> {
@@ -81,6 +116,37 @@ impl Conv {
         if self.height == 0 || self.width == 0 || self.cout == 0 {
             return Ok(());
         }
+        #[cfg(any(
+            all(
+                any(target_arch = "x86", target_arch = "x86_64"),
+                any(
+                    target_feature = "avx512f",
+                    all(target_feature = "avx2", target_feature = "fma")
+                )
+            ),
+            all(
+                target_arch = "aarch64",
+                target_feature = "neon",
+                target_endian = "little"
+            )
+        ))]
+        if self.kernel <= MAX_K && crate::simd::takes(self) {
+            return crate::simd::forward(self, input, weight, bias, relu, out);
+        }
+        self.forward_scalar(input, weight, bias, relu, out)
+    }
+
+    /// The scalar paths (blocked, or direct for kernels over [`MAX_K`]); what
+    /// [`Conv::forward`] runs when no SIMD path is compiled in or the shape is too large for
+    /// it. Sizes already checked.
+    pub(crate) fn forward_scalar(
+        &self,
+        input: &[f32],
+        weight: Tensor<'_>,
+        bias: Tensor<'_>,
+        relu: bool,
+        out: &mut [f32],
+    ) -> Result<(), Error> {
         if self.cin == 0 || self.kernel > MAX_K {
             self.forward_direct(input, weight, bias, relu, out)
         } else {
@@ -551,7 +617,7 @@ fn stage_weights(
 /// exponent is rebiased by 127 - 15 = 112. Zeros, subnormals, infinities and NaN (exponent
 /// field 0 or 31, rare in weights) take `half`'s general conversion.
 #[inline(always)]
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let exp = h & 0x7c00;
     if exp != 0 && exp != 0x7c00 {
         let h = u32::from(h);
@@ -801,6 +867,19 @@ mod tests {
             assert!(
                 a.to_bits() == e.to_bits() || (a.is_nan() && e.is_nan()),
                 "{h:#06x}: {a} vs {e}"
+            );
+        }
+    }
+
+    /// `tools/simd-test.sh` sets `CLAYFLOW_EXPECT_PATH` to the path its target flags must
+    /// select, so a flag that silently fails to enable a path fails here instead of testing
+    /// the scalar path twice. (Unset in a plain `cargo test`: nothing to compare.)
+    #[test]
+    fn compiled_path_is_the_expected_one() {
+        if let Ok(want) = std::env::var("CLAYFLOW_EXPECT_PATH") {
+            assert_eq!(
+                PATH, want,
+                "the kernel was built with another convolution path"
             );
         }
     }
