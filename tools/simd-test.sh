@@ -9,7 +9,7 @@
 #                                 it, or for neon-run without qemu, is an error
 #
 # Sets:  avx2      RUSTFLAGS="-C target-feature=+avx2,+fma,+f16c"   target-avx2/
-#        avx512    RUSTFLAGS="-C target-cpu=native" (AVX-512 CPU)    target-avx512/
+#        avx512    RUSTFLAGS="-C target-cpu=native" (AVX-512 CPU)    target-native/
 #        neon      cargo build + kernel tests for aarch64-unknown-linux-gnu under
 #                  qemu-aarch64 (needs `rustup target add aarch64-unknown-linux-gnu` and
 #                  `apt-get install qemu-user gcc-aarch64-linux-gnu`; without qemu it only
@@ -58,7 +58,7 @@ for s in "${sets[@]}"; do
             not_run+=("avx512: this CPU has no avx512f")
             continue
         fi
-        x86_set avx512 "-C target-cpu=native" target-avx512 avx512
+        x86_set avx512 "-C target-cpu=native" target-native avx512
         ;;
     neon)
         echo "=== neon: aarch64-unknown-linux-gnu (target-aarch64)"

@@ -8,6 +8,8 @@ use core::arch::x86::*;
 use core::arch::x86_64::*;
 
 use super::Simd;
+#[cfg_attr(not(target_feature = "f16c"), allow(unused_imports))]
+use core::mem::MaybeUninit;
 
 /// Eight f32 lanes.
 #[derive(Clone, Copy, Debug)]
@@ -72,14 +74,14 @@ impl Simd for V {
 
     #[cfg(target_feature = "f16c")]
     #[inline(always)]
-    fn widen_f16(src: &[u8], dst: &mut [f32]) {
+    fn widen_f16(src: &[u8], dst: &mut [MaybeUninit<f32>]) {
         let mut s = src.chunks_exact(16);
         let mut d = dst.chunks_exact_mut(8);
         for (sb, db) in (&mut s).zip(&mut d) {
             // SAFETY: sb holds 16 bytes = 8 f16 (unaligned load), db 8 f32.
             unsafe {
                 let h = _mm_loadu_si128(sb.as_ptr().cast::<__m128i>());
-                _mm256_storeu_ps(db.as_mut_ptr(), _mm256_cvtph_ps(h));
+                _mm256_storeu_ps(db.as_mut_ptr().cast::<f32>(), _mm256_cvtph_ps(h));
             }
         }
         for (dv, b) in d
@@ -88,7 +90,7 @@ impl Simd for V {
             .zip(s.remainder().chunks_exact(2))
         {
             let h = b.first_chunk::<2>().map_or(0, |b| u16::from_le_bytes(*b));
-            *dv = crate::conv::f16_to_f32(h);
+            *dv = MaybeUninit::new(crate::conv::f16_to_f32(h));
         }
     }
 }

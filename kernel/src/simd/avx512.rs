@@ -8,6 +8,7 @@ use core::arch::x86::*;
 use core::arch::x86_64::*;
 
 use super::Simd;
+use core::mem::MaybeUninit;
 
 /// Sixteen f32 lanes.
 #[derive(Clone, Copy, Debug)]
@@ -68,14 +69,14 @@ impl Simd for V {
     }
 
     #[inline(always)]
-    fn widen_f16(src: &[u8], dst: &mut [f32]) {
+    fn widen_f16(src: &[u8], dst: &mut [MaybeUninit<f32>]) {
         let mut s = src.chunks_exact(32);
         let mut d = dst.chunks_exact_mut(16);
         for (sb, db) in (&mut s).zip(&mut d) {
             // SAFETY: sb holds 32 bytes = 16 f16 (unaligned load), db 16 f32.
             unsafe {
                 let h = _mm256_loadu_si256(sb.as_ptr().cast::<__m256i>());
-                _mm512_storeu_ps(db.as_mut_ptr(), _mm512_cvtph_ps(h));
+                _mm512_storeu_ps(db.as_mut_ptr().cast::<f32>(), _mm512_cvtph_ps(h));
             }
         }
         for (dv, b) in d
@@ -84,7 +85,7 @@ impl Simd for V {
             .zip(s.remainder().chunks_exact(2))
         {
             let h = b.first_chunk::<2>().map_or(0, |b| u16::from_le_bytes(*b));
-            *dv = crate::conv::f16_to_f32(h);
+            *dv = MaybeUninit::new(crate::conv::f16_to_f32(h));
         }
     }
 }
