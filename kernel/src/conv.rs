@@ -138,7 +138,25 @@ impl Conv {
 
     /// The scalar paths (blocked, or direct for kernels over [`MAX_K`]); what
     /// [`Conv::forward`] runs when no SIMD path is compiled in or the shape is too large for
-    /// it. Sizes already checked.
+    /// it. Sizes already checked. Not inlined into `forward` in SIMD builds, so its 24 KiB of
+    /// stack buffers and the SIMD path's 96 KiB are never in one frame.
+    #[cfg_attr(
+        any(
+            all(
+                any(target_arch = "x86", target_arch = "x86_64"),
+                any(
+                    target_feature = "avx512f",
+                    all(target_feature = "avx2", target_feature = "fma")
+                )
+            ),
+            all(
+                target_arch = "aarch64",
+                target_feature = "neon",
+                target_endian = "little"
+            )
+        ),
+        inline(never)
+    )]
     pub(crate) fn forward_scalar(
         &self,
         input: &[f32],
