@@ -53,6 +53,12 @@ impl Simd for V {
     }
 
     #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees 8 writable f32 at p; storeu has no alignment need.
+        unsafe { _mm256_storeu_ps(p, self.0) }
+    }
+
+    #[inline(always)]
     unsafe fn store_n(self, p: *mut f32, n: usize) {
         // SAFETY: only lanes 0..n are written, and the caller guarantees they are writable.
         unsafe { _mm256_maskstore_ps(p, first(n), self.0) }

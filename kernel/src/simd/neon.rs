@@ -40,6 +40,12 @@ impl Simd for V {
     }
 
     #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees 4 writable f32 at p; st1 has no alignment need.
+        unsafe { vst1q_f32(p, self.0) }
+    }
+
+    #[inline(always)]
     unsafe fn store_n(self, p: *mut f32, n: usize) {
         let mut t = [0f32; 4];
         // SAFETY: t is 4 f32 on the stack.
