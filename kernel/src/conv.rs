@@ -130,7 +130,7 @@ impl Conv {
                 target_endian = "little"
             )
         ))]
-        if self.kernel <= MAX_K && crate::simd::takes(self) {
+        if self.kernel <= MAX_K && crate::simd::takes(self) && !crate::simd::force_scalar() {
             return crate::simd::forward(self, input, weight, bias, relu, out);
         }
         self.forward_scalar(input, weight, bias, relu, out)
