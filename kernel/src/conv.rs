@@ -99,8 +99,11 @@ impl Conv {
     /// `out = conv(input, weight) + bias`, then ReLU when `relu`.
     ///
     /// Every output is `bias`, then plus `weight * input` tap by tap in the order input
-    /// channel, kernel row, kernel column, each product rounded to f32 and added (no fused
-    /// multiply-add), so the result is the same on every IEEE f32 target. Kernels up to
+    /// channel, kernel row, kernel column. On the scalar path ([`PATH`] `"scalar"`, the
+    /// default) each product is rounded to f32 and added (no fused multiply-add), so the
+    /// result is the same on every IEEE f32 target. Builds with AVX-512, AVX2 + FMA or NEON
+    /// enabled run the `simd` module instead (same order, fused multiply-adds; within f32
+    /// rounding of the scalar result, see its docs) for every shape it takes. Kernels up to
     /// 15x15 (all the blob format allows) take the register-blocked path; larger ones the
     /// direct one. The two agree exactly (the blocked path adds `w * 0.0` for padding
     /// columns the direct one skips, which changes no value; with finite weights).
