@@ -38,7 +38,7 @@ x86_set() { # name rustflags target-dir expected-path
     RUSTFLAGS="$flags" cargo test --target-dir "$dir" -p clayflow-suite \
         --test roundtrip --test trainer_kernel
     unset CLAYFLOW_EXPECT_PATH
-    ran+=("$name: kernel unit+golden+bad_input+doc, suite roundtrip+trainer_kernel")
+    ran+=("$name: kernel unit+golden+bad_input+stack+doc, suite roundtrip+trainer_kernel")
 }
 
 for s in "${sets[@]}"; do
@@ -72,7 +72,7 @@ for s in "${sets[@]}"; do
             # Doc tests need a host-runnable rustdoc setup; unit and integration tests run.
             CLAYFLOW_EXPECT_PATH=neon cargo test --target-dir target-aarch64 \
                 --target aarch64-unknown-linux-gnu -p clayflow-kernel --lib --tests
-            ran+=("neon: kernel unit+golden+bad_input under qemu-aarch64 (suite tests not run: they need the trainer cross-built)")
+            ran+=("neon: kernel unit+golden+bad_input+stack under qemu-aarch64 (suite tests not run: they need the trainer cross-built)")
         else
             if [ $explicit -eq 1 ] && [ "${SIMD_TEST_NEON_BUILD_ONLY:-0}" != 1 ]; then
                 echo "error: qemu-aarch64 or aarch64-linux-gnu-gcc missing (apt-get install qemu-user gcc-aarch64-linux-gnu), or set SIMD_TEST_NEON_BUILD_ONLY=1" >&2
