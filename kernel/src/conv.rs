@@ -24,6 +24,41 @@ pub struct Conv {
     pub kernel: usize,
 }
 
+/// The convolution path this build runs: `"avx512"`, `"avx2"`, `"neon"` (chosen by the
+/// target features the crate is compiled with; see the `simd` module) or `"scalar"`.
+#[cfg(any(
+    all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        any(
+            target_feature = "avx512f",
+            all(target_feature = "avx2", target_feature = "fma")
+        )
+    ),
+    all(
+        target_arch = "aarch64",
+        target_feature = "neon",
+        target_endian = "little"
+    )
+))]
+pub const PATH: &str = crate::simd::PATH;
+/// The convolution path this build runs: `"avx512"`, `"avx2"`, `"neon"` (chosen by the
+/// target features the crate is compiled with) or `"scalar"`.
+#[cfg(not(any(
+    all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        any(
+            target_feature = "avx512f",
+            all(target_feature = "avx2", target_feature = "fma")
+        )
+    ),
+    all(
+        target_arch = "aarch64",
+        target_feature = "neon",
+        target_endian = "little"
+    )
+)))]
+pub const PATH: &str = "scalar";
+
 pub(crate) const INTERNAL: Error = Error::InvalidArgument("internal size invariant broken");
 
 fn size(buffer: Buffer, needed: usize, got: usize) -> Result<(), Error> {
@@ -64,8 +99,11 @@ impl Conv {
     /// `out = conv(input, weight) + bias`, then ReLU when `relu`.
     ///
     /// Every output is `bias`, then plus `weight * input` tap by tap in the order input
-    /// channel, kernel row, kernel column, each product rounded to f32 and added (no fused
-    /// multiply-add), so the result is the same on every IEEE f32 target. Kernels up to
+    /// channel, kernel row, kernel column. On the scalar path ([`PATH`] `"scalar"`, the
+    /// default) each product is rounded to f32 and added (no fused multiply-add), so the
+    /// result is the same on every IEEE f32 target. Builds with AVX-512, AVX2 + FMA or NEON
+    /// enabled run the `simd` module instead (same order, fused multiply-adds; within f32
+    /// rounding of the scalar result, see its docs) for every shape it takes. Kernels up to
     /// 15x15 (all the blob format allows) take the register-blocked path; larger ones the
     /// direct one. The two agree exactly (the blocked path adds `w * 0.0` for padding
     /// columns the direct one skips, which changes no value; with finite weights).
@@ -81,6 +119,55 @@ impl Conv {
         if self.height == 0 || self.width == 0 || self.cout == 0 {
             return Ok(());
         }
+        #[cfg(any(
+            all(
+                any(target_arch = "x86", target_arch = "x86_64"),
+                any(
+                    target_feature = "avx512f",
+                    all(target_feature = "avx2", target_feature = "fma")
+                )
+            ),
+            all(
+                target_arch = "aarch64",
+                target_feature = "neon",
+                target_endian = "little"
+            )
+        ))]
+        if self.kernel <= MAX_K && crate::simd::takes(self) && !crate::simd::force_scalar() {
+            return crate::simd::forward(self, input, weight, bias, relu, out);
+        }
+        self.forward_scalar(input, weight, bias, relu, out)
+    }
+
+    /// The scalar paths (blocked, or direct for kernels over [`MAX_K`]); what
+    /// [`Conv::forward`] runs when no SIMD path is compiled in or the shape is too large for
+    /// it. Sizes already checked. Not inlined into `forward` in SIMD builds, so its 24 KiB of
+    /// stack buffers and the SIMD path's 96 KiB are never in one frame.
+    #[cfg_attr(
+        any(
+            all(
+                any(target_arch = "x86", target_arch = "x86_64"),
+                any(
+                    target_feature = "avx512f",
+                    all(target_feature = "avx2", target_feature = "fma")
+                )
+            ),
+            all(
+                target_arch = "aarch64",
+                target_feature = "neon",
+                target_endian = "little"
+            )
+        ),
+        inline(never)
+    )]
+    pub(crate) fn forward_scalar(
+        &self,
+        input: &[f32],
+        weight: Tensor<'_>,
+        bias: Tensor<'_>,
+        relu: bool,
+        out: &mut [f32],
+    ) -> Result<(), Error> {
         if self.cin == 0 || self.kernel > MAX_K {
             self.forward_direct(input, weight, bias, relu, out)
         } else {
@@ -551,7 +638,7 @@ fn stage_weights(
 /// exponent is rebiased by 127 - 15 = 112. Zeros, subnormals, infinities and NaN (exponent
 /// field 0 or 31, rare in weights) take `half`'s general conversion.
 #[inline(always)]
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let exp = h & 0x7c00;
     if exp != 0 && exp != 0x7c00 {
         let h = u32::from(h);
@@ -801,6 +888,19 @@ mod tests {
             assert!(
                 a.to_bits() == e.to_bits() || (a.is_nan() && e.is_nan()),
                 "{h:#06x}: {a} vs {e}"
+            );
+        }
+    }
+
+    /// `tools/simd-test.sh` sets `CLAYFLOW_EXPECT_PATH` to the path its target flags must
+    /// select, so a flag that silently fails to enable a path fails here instead of testing
+    /// the scalar path twice. (Unset in a plain `cargo test`: nothing to compare.)
+    #[test]
+    fn compiled_path_is_the_expected_one() {
+        if let Ok(want) = std::env::var("CLAYFLOW_EXPECT_PATH") {
+            assert_eq!(
+                PATH, want,
+                "the kernel was built with another convolution path"
             );
         }
     }

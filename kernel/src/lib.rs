@@ -14,7 +14,9 @@
 //! ```
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+// Unsafe code only in `simd` (raw-pointer vector loads and stores, each with its SAFETY
+// argument); the scalar path, which the firmware builds, has none.
+#![deny(unsafe_code)]
 // No panicking paths outside tests: no unwrap/expect/panic!/unreachable!/todo!/
 // unimplemented!, no `[]` indexing or slicing (use `get`, `split_at_checked`, chunks and
 // zips), and no unchecked integer arithmetic (sizes come from blob headers; overflow panics
@@ -45,6 +47,24 @@ pub mod coupling;
 pub mod error;
 pub mod flow;
 pub mod preprocess;
+// The compile-time SIMD convolution paths; present only when the target flags enable one.
+// Like conv.rs, its index arithmetic runs on sizes `Conv::check` has already bounded.
+#[cfg(any(
+    all(
+        any(target_arch = "x86", target_arch = "x86_64"),
+        any(
+            target_feature = "avx512f",
+            all(target_feature = "avx2", target_feature = "fma")
+        )
+    ),
+    all(
+        target_arch = "aarch64",
+        target_feature = "neon",
+        target_endian = "little"
+    )
+))]
+#[allow(unsafe_code, clippy::arithmetic_side_effects)]
+pub mod simd;
 pub mod squeeze;
 pub mod weights;
 

@@ -1,6 +1,9 @@
 //! Shared support for the cross-crate tests in `tests/`: random models written through the
 //! real blob writer.
 
+/// A measured single-core FMA peak, for the benches' percent-of-peak figures.
+pub mod peak;
+
 use clayflow_kernel::arch::{TensorKind, COUPLING_TENSORS};
 use clayflow_kernel::{blob_len, write_blob, Arch, DType, Pcg32, Rng};
 
