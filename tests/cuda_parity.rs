@@ -1082,6 +1082,8 @@ fn training_step_matches_cpu() {
         height: 6,
         width: 6,
         squeeze: false,
+        levels: 1,
+        glow: false,
         couplings: 3,
         masks: clayflow_kernel::alternating_masks(Mask::CheckerEven),
         kernels: [3, 1, 3],

@@ -55,6 +55,8 @@ fn small_arch() -> impl Strategy<Value = Arch> {
             height: h,
             width: w,
             squeeze: false,
+            levels: 1,
+            glow: false,
             couplings: n,
             masks: alternating_masks(first),
             kernels: [2 * ks[0] + 1, 2 * ks[1] + 1, 2 * ks[2] + 1],

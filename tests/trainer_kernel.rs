@@ -42,6 +42,8 @@ fn arch() -> impl Strategy<Value = Arch> {
                 height: 2 * h2,
                 width: 2 * w2,
                 squeeze,
+                levels: 1,
+                glow: false,
                 couplings: n,
                 masks: alternating_masks(first),
                 kernels: [2 * ks[0] + 1, 2 * ks[1] + 1, 2 * ks[2] + 1],

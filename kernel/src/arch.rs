@@ -108,7 +108,15 @@ pub struct Arch {
     pub width: usize,
     /// Apply one 2x2 squeeze (space-to-depth) before the couplings.
     pub squeeze: bool,
-    /// Number of couplings used (the first `couplings` entries of `masks`).
+    /// Scales of the multi-scale architecture (1: one scale, the seed's). Each level but the
+    /// first begins with a squeeze; each level but the last ends with a split that emits
+    /// the odd channels as that level's latent and keeps the even channels flowing.
+    pub levels: usize,
+    /// Glow steps: each coupling is preceded by an ActNorm and an invertible 1x1
+    /// convolution (false: couplings only, the seed's RealNVP).
+    pub glow: bool,
+    /// Number of couplings (flow steps) used, the first `couplings` entries of `masks`;
+    /// `couplings / levels` of them per level, in order from the image side.
     pub couplings: usize,
     /// Each coupling's mask, applied in order from image to latent.
     pub masks: [Mask; MAX_COUPLINGS],
@@ -130,6 +138,8 @@ impl PartialEq for Arch {
             && self.height == o.height
             && self.width == o.width
             && self.squeeze == o.squeeze
+            && self.levels == o.levels
+            && self.glow == o.glow
             && self.couplings == o.couplings
             && self.active_masks() == o.active_masks()
             && self.kernels == o.kernels
@@ -160,6 +170,8 @@ pub const MNIST: Arch = Arch {
     height: 28,
     width: 28,
     squeeze: true,
+    levels: 1,
+    glow: false,
     couplings: 12,
     masks: alternating_masks(Mask::ChannelEven),
     kernels: [5, 7, 3],
@@ -176,10 +188,48 @@ pub const COLOR: Arch = Arch {
     height: 32,
     width: 32,
     squeeze: true,
+    levels: 1,
+    glow: false,
     couplings: 12,
     masks: alternating_masks(Mask::ChannelEven),
     kernels: [5, 7, 3],
     hidden: [24, 192],
+    bits: 8,
+    logit_alpha: 0.05,
+};
+
+/// A Glow-class MNIST model: 1x28x28 squeezed to 4x14x14, 2 levels of 16 steps (ActNorm,
+/// invertible 1x1 conv, channel-parity coupling with a 3x3 -> 1x1 -> 3x3 CNN of width 64);
+/// the first level splits off 2x14x14 as latent, the second runs on 8x7x7.
+pub const MNIST_GLOW: Arch = Arch {
+    channels: 1,
+    height: 28,
+    width: 28,
+    squeeze: true,
+    levels: 2,
+    glow: true,
+    couplings: 32,
+    masks: alternating_masks(Mask::ChannelEven),
+    kernels: [3, 1, 3],
+    hidden: [64, 64],
+    bits: 8,
+    logit_alpha: 0.05,
+};
+
+/// A Glow-class colour model: 3x32x32 squeezed to 12x16x16, 3 levels of 8 steps on
+/// 12x16x16, 24x8x8 and 48x4x4 (each split keeps half the channels, each squeeze
+/// quadruples them), CNN width 224.
+pub const COLOR_GLOW: Arch = Arch {
+    channels: 3,
+    height: 32,
+    width: 32,
+    squeeze: true,
+    levels: 3,
+    glow: true,
+    couplings: 24,
+    masks: alternating_masks(Mask::ChannelEven),
+    kernels: [3, 1, 3],
+    hidden: [224, 224],
     bits: 8,
     logit_alpha: 0.05,
 };
@@ -205,6 +255,16 @@ pub enum TensorKind {
     ConvWeight(usize),
     /// Conv bias `[cout]` of conv `0..3`.
     ConvBias(usize),
+    /// ActNorm log-scale `[C]` (Glow step): `y = x exp(logs) + bias` per channel.
+    ActNormLogs,
+    /// ActNorm bias `[C]` (Glow step).
+    ActNormBias,
+    /// Invertible 1x1 convolution `W [C][C]` (Glow step): `y[o] = sum_i W[o][i] x[i]`.
+    InvConvWeight,
+    /// `W^-1 [C][C]`, computed at export so the device never inverts a matrix.
+    InvConvInverse,
+    /// `log|det W|` `[1]`, computed at export; the step's log-det adds it once per pixel.
+    InvConvLogDet,
 }
 
 impl core::fmt::Display for TensorKind {
@@ -213,6 +273,11 @@ impl core::fmt::Display for TensorKind {
             TensorKind::Scale => f.write_str("scale"),
             TensorKind::ConvWeight(j) => write!(f, "conv {j} weight"),
             TensorKind::ConvBias(j) => write!(f, "conv {j} bias"),
+            TensorKind::ActNormLogs => f.write_str("actnorm log-scale"),
+            TensorKind::ActNormBias => f.write_str("actnorm bias"),
+            TensorKind::InvConvWeight => f.write_str("1x1 conv weight"),
+            TensorKind::InvConvInverse => f.write_str("1x1 conv inverse"),
+            TensorKind::InvConvLogDet => f.write_str("1x1 conv log-det"),
         }
     }
 }
@@ -228,6 +293,18 @@ pub const COUPLING_TENSORS: [TensorKind; 7] = [
     TensorKind::ConvBias(2),
 ];
 
+/// The tensors a Glow step has before its coupling's, in blob order.
+pub const GLOW_TENSORS: [TensorKind; 5] = [
+    TensorKind::ActNormLogs,
+    TensorKind::ActNormBias,
+    TensorKind::InvConvWeight,
+    TensorKind::InvConvInverse,
+    TensorKind::InvConvLogDet,
+];
+
+/// Most levels (scales) an architecture may have.
+pub const MAX_LEVELS: usize = 8;
+
 impl Arch {
     /// Pixels per image, `C * H * W`.
     pub const fn dim(&self) -> usize {
@@ -236,7 +313,8 @@ impl Arch {
             .saturating_mul(self.width)
     }
 
-    /// `(channels, height, width)` seen by the couplings (after the optional squeeze).
+    /// `(channels, height, width)` seen by the first level's couplings (after the optional
+    /// squeeze); with one level, by every coupling, and the latent's shape.
     pub const fn flow_shape(&self) -> (usize, usize, usize) {
         if self.squeeze {
             (
@@ -279,9 +357,14 @@ impl Arch {
         }
     }
 
-    /// Element count of one tensor of a coupling with this mask.
+    /// Element count of one tensor of a coupling with this mask (at the first level's shape;
+    /// use [`Arch::level`] for the others).
     pub const fn tensor_len(&self, mask: Mask, kind: TensorKind) -> usize {
+        let c = self.flow_shape().0;
         match kind {
+            TensorKind::ActNormLogs | TensorKind::ActNormBias => c,
+            TensorKind::InvConvWeight | TensorKind::InvConvInverse => c.saturating_mul(c),
+            TensorKind::InvConvLogDet => 1,
             TensorKind::Scale => self.changed(mask),
             TensorKind::ConvWeight(j) => {
                 let (cin, cout, k) = self.conv_shape(mask, j);
@@ -291,9 +374,17 @@ impl Arch {
         }
     }
 
-    /// Parameters of one coupling with this mask.
+    /// Parameters (blob elements) of one flow step with this mask at the first level's
+    /// shape: the Glow tensors when [`Arch::glow`], then the coupling's.
     pub const fn coupling_params(&self, mask: Mask) -> usize {
         let mut n = 0usize;
+        if self.glow {
+            let mut rest: &[TensorKind] = &GLOW_TENSORS;
+            while let [kind, tail @ ..] = rest {
+                n = n.saturating_add(self.tensor_len(mask, *kind));
+                rest = tail;
+            }
+        }
         let mut rest: &[TensorKind] = &COUPLING_TENSORS;
         while let [kind, tail @ ..] = rest {
             n = n.saturating_add(self.tensor_len(mask, *kind));
@@ -302,20 +393,107 @@ impl Arch {
         n
     }
 
-    /// Total parameter count (the length of the flat parameter vector).
+    /// Total parameter count (the length of the flat parameter vector, in blob order).
     pub const fn param_count(&self) -> usize {
         self.coupling_offset(self.couplings)
     }
 
-    /// Offset of coupling `i`'s first parameter in the flat parameter vector.
+    /// Offset of step `i`'s first parameter in the flat parameter vector.
     pub const fn coupling_offset(&self, i: usize) -> usize {
         let mut n = 0usize;
+        let mut k = 0usize;
         let mut rest = self.first_masks(i);
         while let [m, tail @ ..] = rest {
-            n = n.saturating_add(self.coupling_params(*m));
+            let view = self.level(self.level_of(k));
+            n = n.saturating_add(view.coupling_params(*m));
             rest = tail;
+            k = k.saturating_add(1);
         }
         n
+    }
+
+    /// Flow steps per level, `couplings / levels` (all of them if `levels` is 0).
+    pub const fn steps_per_level(&self) -> usize {
+        match self.couplings.checked_div(self.levels) {
+            Some(n) => n,
+            None => self.couplings,
+        }
+    }
+
+    /// The level (scale) step `i` belongs to; never past the last level.
+    pub const fn level_of(&self, i: usize) -> usize {
+        let l = match i.checked_div(self.steps_per_level()) {
+            Some(l) => l,
+            None => 0,
+        };
+        let last = self.levels.saturating_sub(1);
+        if l < last {
+            l
+        } else {
+            last
+        }
+    }
+
+    /// `(channels, height, width)` seen by the steps of level `l`: the first level's
+    /// [`Arch::flow_shape`], then per level half the channels split off and a squeeze,
+    /// `(C, H, W) -> (2C, H/2, W/2)`.
+    pub const fn level_shape(&self, l: usize) -> (usize, usize, usize) {
+        let (mut c, mut h, mut w) = self.flow_shape();
+        let mut k = 0usize;
+        while k < l && k < MAX_LEVELS {
+            c = (c / 2).saturating_mul(4);
+            h /= 2;
+            w /= 2;
+            k += 1;
+        }
+        (c, h, w)
+    }
+
+    /// Channels level `l` emits as latent at its split (the odd ones, `floor(C/2)`); 0 for the
+    /// last level, whose whole state is latent.
+    pub const fn split_channels(&self, l: usize) -> usize {
+        if l.saturating_add(1) < self.levels {
+            self.level_shape(l).0 / 2
+        } else {
+            0
+        }
+    }
+
+    /// Level `l` as a one-level architecture without squeeze: its shape, its steps and masks.
+    /// Every per-coupling size function of the view ([`Arch::conv_shape`],
+    /// [`Arch::tensor_len`], [`Arch::plane`], ...) is then that level's.
+    pub const fn level(&self, l: usize) -> Arch {
+        let (channels, height, width) = self.level_shape(l);
+        let n = self.steps_per_level();
+        let mut masks = [Mask::ChannelEven; MAX_COUPLINGS];
+        let start = l.saturating_mul(n);
+        let mut k = 0usize;
+        while k < n && k < MAX_COUPLINGS {
+            let src = start.saturating_add(k);
+            if src < MAX_COUPLINGS {
+                masks[k] = self.masks[src];
+            }
+            k += 1;
+        }
+        Arch {
+            channels,
+            height,
+            width,
+            squeeze: false,
+            levels: 1,
+            glow: self.glow,
+            couplings: n,
+            masks,
+            kernels: self.kernels,
+            hidden: self.hidden,
+            bits: self.bits,
+            logit_alpha: self.logit_alpha,
+        }
+    }
+
+    /// The level view ([`Arch::level`]) that step `i` runs in.
+    pub const fn step_arch(&self, i: usize) -> Arch {
+        self.level(self.level_of(i))
     }
 
     /// `&masks[..n]`, or all [`MAX_COUPLINGS`] slots when `n` is larger (the `const` size
@@ -339,7 +517,15 @@ impl Arch {
         if !(1..=64).contains(&self.channels) {
             return bad(ArchField::Channels);
         }
-        let size_ok = |s: usize| (1..=1024).contains(&s) && (!self.squeeze || s.is_multiple_of(2));
+        if !(1..=MAX_LEVELS).contains(&self.levels)
+            || !self.couplings.is_multiple_of(self.levels)
+            || self.couplings < self.levels
+        {
+            return bad(ArchField::Levels);
+        }
+        // Every squeeze halves the size: one per level after the first, plus the optional one.
+        let halvings = self.levels - 1 + usize::from(self.squeeze);
+        let size_ok = |s: usize| (1..=1024).contains(&s) && s.is_multiple_of(1 << halvings);
         if !size_ok(self.height) || !size_ok(self.width) {
             return bad(ArchField::Size);
         }
@@ -366,15 +552,22 @@ impl Arch {
         if self.dim() > MAX_DIM {
             return bad(ArchField::TooLarge);
         }
-        let (c, _, _) = self.flow_shape();
-        for &m in self.active_masks() {
-            let ok = if m.is_channel() {
-                c >= 2
-            } else {
-                self.plane() >= 2
-            };
-            if !ok {
-                return bad(ArchField::Mask);
+        for l in 0..self.levels {
+            let view = self.level(l);
+            let (c, _, _) = view.flow_shape();
+            // A split needs an even channel count: half out as latent, half flowing on.
+            if l + 1 < self.levels && (c < 2 || !c.is_multiple_of(2)) {
+                return bad(ArchField::Levels);
+            }
+            for &m in view.active_masks() {
+                let ok = if m.is_channel() {
+                    c >= 2
+                } else {
+                    view.plane() >= 2
+                };
+                if !ok {
+                    return bad(ArchField::Mask);
+                }
             }
         }
         if self.param_count() > MAX_PARAMS || scratch_len(self) > MAX_SCRATCH {
@@ -402,29 +595,43 @@ pub struct ScratchLayout {
 impl ScratchLayout {
     /// The layout for an architecture.
     pub const fn of(arch: &Arch) -> ScratchLayout {
-        let plane = arch.plane();
+        // The first level has the largest planes (a squeeze quarters the plane, a split and
+        // squeeze double the channels), but take the maximum over every step to be exact.
         let mut cnn_in = 0usize;
         let mut st = 0usize;
+        let mut h0 = 0usize;
+        let mut h1 = 0usize;
+        let mut k = 0usize;
         let mut rest = arch.first_masks(arch.couplings);
         while let [m, tail @ ..] = rest {
             let m = *m;
             rest = tail;
-            let a = arch.cnn_in(m).saturating_mul(plane);
+            let view = arch.step_arch(k);
+            k = k.saturating_add(1);
+            let plane = view.plane();
+            let a = view.cnn_in(m).saturating_mul(plane);
             if a > cnn_in {
                 cnn_in = a;
             }
-            let b = arch.changed(m).saturating_mul(2).saturating_mul(plane);
+            let b = view.changed(m).saturating_mul(2).saturating_mul(plane);
             if b > st {
                 st = b;
             }
+            let a = arch.hidden[0].saturating_mul(plane);
+            if a > h0 {
+                h0 = a;
+            }
+            let b = arch.hidden[1].saturating_mul(plane);
+            if b > h1 {
+                h1 = b;
+            }
         }
-        let h0 = arch.hidden[0].saturating_mul(plane);
         ScratchLayout {
             state: arch.dim(),
             temp: arch.dim(),
             cnn_in,
             region_a: if h0 > st { h0 } else { st },
-            region_b: arch.hidden[1].saturating_mul(plane),
+            region_b: h1,
         }
     }
 
@@ -462,6 +669,13 @@ mod tests {
         assert_eq!(COLOR.param_count(), 3_004_344);
         MNIST.validate().unwrap();
         COLOR.validate().unwrap();
+        MNIST_GLOW.validate().unwrap();
+        COLOR_GLOW.validate().unwrap();
+        std::println!(
+            "glow params: {} {}",
+            MNIST_GLOW.param_count(),
+            COLOR_GLOW.param_count()
+        );
     }
 
     #[test]
@@ -520,6 +734,8 @@ mod tests {
             height: 1024,
             width: 1024,
             squeeze: false,
+            levels: 1,
+            glow: false,
             couplings: 1,
             masks: [Mask::CheckerEven; MAX_COUPLINGS],
             kernels: [1, 1, 1],
@@ -563,6 +779,8 @@ mod tests {
             height in proptest::prelude::any::<usize>(),
             width in proptest::prelude::any::<usize>(),
             squeeze in proptest::prelude::any::<bool>(),
+            levels in proptest::prelude::any::<usize>(),
+            glow in proptest::prelude::any::<bool>(),
             couplings in proptest::prelude::any::<usize>(),
             first in mask(),
             kernels in proptest::prelude::any::<[usize; 3]>(),
@@ -574,6 +792,8 @@ mod tests {
                 height,
                 width,
                 squeeze,
+                levels,
+                glow,
                 couplings,
                 masks: alternating_masks(first),
                 kernels,

@@ -31,6 +31,9 @@ pub enum ArchField {
     Size,
     /// Number of couplings (1..=32).
     Couplings,
+    /// Number of levels (1..=8, dividing the couplings; every split level needs an even
+    /// channel count).
+    Levels,
     /// A mask needs at least 2 channels (channel parity) or 2 pixels (checkerboard).
     Mask,
     /// A conv kernel size (odd, 1..=15).
@@ -124,8 +127,13 @@ impl fmt::Display for ArchField {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             ArchField::Channels => "channels must be 1..=64",
-            ArchField::Size => "height and width must be 1..=1024 (and even when squeezing)",
+            ArchField::Size => {
+                "height and width must be 1..=1024 (and divisible by 2 for every squeeze)"
+            }
             ArchField::Couplings => "couplings must be 1..=32",
+            ArchField::Levels => {
+                "levels must be 1..=8 and divide the couplings, with an even channel count at every split"
+            }
             ArchField::Mask => "a mask needs at least 2 channels or 2 pixels to split",
             ArchField::Kernel => "kernel sizes must be odd and 1..=15",
             ArchField::Hidden => "hidden widths must be 1..=4096",

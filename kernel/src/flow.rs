@@ -199,6 +199,8 @@ mod tests {
             height: 4,
             width: 4,
             squeeze,
+            levels: 1,
+            glow: false,
             couplings,
             masks: alternating_masks(first),
             kernels: [3, 1, 3],

@@ -39,6 +39,7 @@ pub fn random_params(arch: &Arch, seed: u64, gain: f32) -> Vec<f32> {
                     gain / ((cin * k * k) as f32).sqrt()
                 }
                 TensorKind::ConvBias(_) => 0.1,
+                _ => 0.0,
             };
             for _ in 0..n {
                 let v = uniform(&mut rng);

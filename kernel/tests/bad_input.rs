@@ -19,6 +19,8 @@ fn arch() -> Arch {
         height: 4,
         width: 4,
         squeeze: false,
+        levels: 1,
+        glow: false,
         couplings: 3,
         masks,
         kernels: [3, 1, 3],

@@ -122,6 +122,8 @@ impl ModelConfig {
             height: self.height,
             width: self.width,
             squeeze: self.squeeze,
+            levels: 1,
+            glow: false,
             couplings: n,
             masks,
             kernels: self.kernels,

@@ -648,6 +648,8 @@ fn tiny_blob() -> Vec<u8> {
         height: 28,
         width: 28,
         squeeze: true,
+        levels: 1,
+        glow: false,
         couplings: 2,
         masks: alternating_masks(Mask::ChannelEven),
         kernels: [3, 3, 3],

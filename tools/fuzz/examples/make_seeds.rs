@@ -61,6 +61,8 @@ fn small_archs() -> Vec<(&'static str, Arch)> {
         height: 4,
         width: 4,
         squeeze: true,
+        levels: 1,
+        glow: false,
         couplings: 2,
         masks: alternating_masks(Mask::ChannelEven),
         kernels: [3, 1, 3],
