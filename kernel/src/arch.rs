@@ -302,6 +302,47 @@ pub const GLOW_TENSORS: [TensorKind; 5] = [
     TensorKind::InvConvLogDet,
 ];
 
+/// The tensors of one Glow step in blob order: [`GLOW_TENSORS`] then [`COUPLING_TENSORS`].
+pub const STEP_TENSORS: [TensorKind; 12] = [
+    TensorKind::ActNormLogs,
+    TensorKind::ActNormBias,
+    TensorKind::InvConvWeight,
+    TensorKind::InvConvInverse,
+    TensorKind::InvConvLogDet,
+    TensorKind::Scale,
+    TensorKind::ConvWeight(0),
+    TensorKind::ConvBias(0),
+    TensorKind::ConvWeight(1),
+    TensorKind::ConvBias(1),
+    TensorKind::ConvWeight(2),
+    TensorKind::ConvBias(2),
+];
+
+/// The tensors of one flow step in blob order: [`STEP_TENSORS`] for a Glow architecture,
+/// [`COUPLING_TENSORS`] otherwise.
+pub const fn step_tensors(glow: bool) -> &'static [TensorKind] {
+    if glow {
+        &STEP_TENSORS
+    } else {
+        &COUPLING_TENSORS
+    }
+}
+
+impl TensorKind {
+    /// True for the Glow tensors (ActNorm and the invertible 1x1 convolution), which a blob
+    /// always stores as f32; false for the coupling tensors, stored in the blob's dtype.
+    pub const fn is_glow(self) -> bool {
+        matches!(
+            self,
+            TensorKind::ActNormLogs
+                | TensorKind::ActNormBias
+                | TensorKind::InvConvWeight
+                | TensorKind::InvConvInverse
+                | TensorKind::InvConvLogDet
+        )
+    }
+}
+
 /// Most levels (scales) an architecture may have.
 pub const MAX_LEVELS: usize = 8;
 
@@ -529,7 +570,10 @@ impl Arch {
             return bad(ArchField::Levels);
         }
         // Every squeeze halves the size: one per level after the first, plus the optional one.
-        let halvings = self.levels.saturating_sub(1).saturating_add(usize::from(self.squeeze));
+        let halvings = self
+            .levels
+            .saturating_sub(1)
+            .saturating_add(usize::from(self.squeeze));
         let size_ok = |s: usize| (1..=1024).contains(&s) && s.is_multiple_of(1 << halvings);
         if !size_ok(self.height) || !size_ok(self.width) {
             return bad(ArchField::Size);

@@ -1,6 +1,6 @@
 //! The kernel's one error type: small, `Copy`, and specific about what is wrong.
 
-use crate::arch::COUPLING_TENSORS;
+use crate::arch::{TensorKind, COUPLING_TENSORS};
 use core::fmt;
 
 const _: () = assert!(COUPLING_TENSORS.len() == 7);
@@ -102,6 +102,16 @@ pub enum Error {
         /// Index of the parameter in the flat parameter vector (blob order).
         index: usize,
     },
+    /// A weight of a Glow architecture is NaN or infinite (or overflows f16 when writing).
+    /// Glow steps have twelve tensors, so the tensor is named by step and kind.
+    NonFiniteGlowWeight {
+        /// The flow step (0 is nearest the image).
+        step: usize,
+        /// Which of the step's tensors ([`crate::arch::STEP_TENSORS`]).
+        kind: TensorKind,
+        /// Index of the parameter in the flat parameter vector (blob order).
+        index: usize,
+    },
     /// An input value is NaN or infinite, or a pixel exceeds the bit depth.
     InvalidInput {
         /// Index of the offending element.
@@ -159,7 +169,7 @@ impl fmt::Display for Error {
             }
             Error::BadMagic => f.write_str("not a clayflow weight blob (magic is not CLAYFLOW)"),
             Error::UnsupportedVersion(v) => {
-                write!(f, "weight blob version {v} is not supported (this kernel reads 1)")
+                write!(f, "weight blob version {v} is not supported (this kernel reads 1 and 2)")
             }
             Error::UnknownDtype(d) => {
                 write!(f, "weight blob dtype code {d} is unknown (1 = f32, 2 = f16)")
@@ -182,6 +192,11 @@ impl fmt::Display for Error {
                     None => Ok(()),
                 }
             }
+            Error::NonFiniteGlowWeight { step, kind, index } => write!(
+                f,
+                "weight {index} is not finite (NaN, infinite, or beyond f16 range): \
+                 step {step} {kind}"
+            ),
             Error::InvalidInput { index } => {
                 write!(f, "input element {index} is not finite or out of range")
             }

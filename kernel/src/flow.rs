@@ -1,7 +1,33 @@
-//! The whole flow: pixels <-> dequantized `u` <-> logit <-> squeeze <-> couplings <-> `z`.
+//! The whole flow: pixels <-> dequantized `u` <-> logit <-> squeeze <-> levels of flow steps
+//! <-> `z`.
 //!
 //! Direction names follow the math: *forward* maps an image to its latent (density
 //! evaluation), *inverse* maps a latent to an image (sampling).
+//!
+//! ## Levels (multi-scale) and Glow steps
+//!
+//! Forward, after the logit and the optional squeeze, level `l = 0, 1, ..., L-1` runs on a
+//! state of shape `(C_l, H_l, W_l)` ([`Arch::level_shape`]):
+//!
+//! 1. for `l > 0`, a 2x2 squeeze `(C, H, W) -> (4C, H/2, W/2)` (a permutation, log-det 0);
+//! 2. its steps in order. A Glow step is ActNorm `y = x exp(logs) + bias` (per channel,
+//!    log-det `+= H_l W_l sum(logs)`), then the invertible 1x1 convolution `y = W x` (per
+//!    pixel, log-det `+= H_l W_l ln|det W|`), then the affine coupling; a RealNVP step is the
+//!    coupling alone. Every step's sizes are the level's ([`Arch::step_arch`]);
+//! 3. for `l < L-1`, a split: the **odd** channels `1, 3, 5, ...` leave the flow as level
+//!    `l`'s latent, the **even** channels `0, 2, 4, ...` continue to level `l+1` (a
+//!    permutation, log-det 0).
+//!
+//! The latent `z` (image-sized) is `[latent_0 | latent_1 | ... | last level's state]`, each
+//! block in its level's `C x H x W` order, and all of it is standard normal. The pass runs in
+//! place: the state of level `l` occupies `z[o_l .. o_l + n_l]` with `o_0 = 0`,
+//! `n_0 = C*H*W`; a split writes the odd channels to the first half and the even ones to the
+//! second, and the next level continues there (`o_{l+1} = o_l + n_l / 2`,
+//! `n_{l+1} = n_l / 2`). The inverse undoes every step in reverse order: from the last level
+//! to the first, merge (channel `2k` <- state channel `k`, `2k+1` <- latent channel `k`),
+//! coupling inverses, `W^-1` (stored in the blob, so no matrix is inverted on the device),
+//! ActNorm inverse `x = (y - bias) exp(-logs)`, unsqueeze. With one level and no Glow steps
+//! this is exactly the seed's RealNVP, bit for bit.
 
 use crate::arch::{image_len, Arch, ScratchLayout};
 use crate::base::{log_normal, Normal, Pcg32, Rng};
@@ -10,7 +36,7 @@ use crate::coupling::{self, Work};
 use crate::error::{Buffer, Error};
 use crate::preprocess::{dequantize, logit_forward, logit_inverse, quantize};
 use crate::squeeze::{squeeze, unsqueeze};
-use crate::weights::Model;
+use crate::weights::{GlowWeights, Model, Tensor};
 
 /// The scratch split into its regions.
 struct Regions<'s> {
@@ -56,6 +82,125 @@ fn check_image(arch: &Arch, buffer: Buffer, len: usize) -> Result<(), Error> {
     }
 }
 
+/// The first `len` elements of `buf`, or an internal error (the layout sized them).
+fn prefix(buf: &mut [f32], len: usize) -> Result<&mut [f32], Error> {
+    buf.get_mut(..len).ok_or(INTERNAL)
+}
+
+/// A level's plane `H * W`, which `chunks_exact` needs non-zero.
+fn level_plane(view: &Arch) -> Result<usize, Error> {
+    match view.plane() {
+        0 => Err(INTERNAL),
+        p => Ok(p),
+    }
+}
+
+/// ActNorm forward on `x` (`C` planes of `plane`): `y[c] = x[c] exp(logs[c]) + bias[c]`.
+/// Its Jacobian is diagonal with `exp(logs[c])` repeated `plane` times per channel, so the
+/// log-det is `plane * sum(logs)`.
+fn actnorm_forward(g: &GlowWeights<'_>, x: &mut [f32], plane: usize) -> Result<f32, Error> {
+    let mut sum = 0.0f32;
+    for ((xp, logs), bias) in x
+        .chunks_exact_mut(plane)
+        .zip(g.logs.iter())
+        .zip(g.bias.iter())
+    {
+        let scale = libm::expf(logs);
+        for v in xp {
+            *v = *v * scale + bias;
+        }
+        sum += logs;
+    }
+    Ok(plane as f32 * sum)
+}
+
+/// ActNorm inverse on `y`: `x[c] = (y[c] - bias[c]) exp(-logs[c])`.
+fn actnorm_inverse(g: &GlowWeights<'_>, y: &mut [f32], plane: usize) {
+    for ((yp, logs), bias) in y
+        .chunks_exact_mut(plane)
+        .zip(g.logs.iter())
+        .zip(g.bias.iter())
+    {
+        let scale = libm::expf(-logs);
+        for v in yp {
+            *v = (*v - bias) * scale;
+        }
+    }
+}
+
+/// The 1x1 convolution `x <- M x` per pixel, `M` a `C x C` row-major matrix (`W` forward,
+/// `W^-1` inverse): `out[o, p] = sum_i M[o][i] x[i, p]`, through `temp` (`x.len()` long).
+fn mix(m: Tensor<'_>, x: &mut [f32], temp: &mut [f32], plane: usize) -> Result<(), Error> {
+    let temp = prefix(temp, x.len())?;
+    let channels = x.len().checked_div(plane).ok_or(INTERNAL)?;
+    if m.len() != channels.checked_mul(channels).ok_or(INTERNAL)? {
+        return Err(INTERNAL);
+    }
+    let mut entries = m.iter();
+    for out in temp.chunks_exact_mut(plane) {
+        out.fill(0.0);
+        for xp in x.chunks_exact(plane) {
+            let w = entries.next().ok_or(INTERNAL)?;
+            for (o, v) in out.iter_mut().zip(xp) {
+                *o += w * v;
+            }
+        }
+    }
+    x.copy_from_slice(temp);
+    Ok(())
+}
+
+/// The split at the end of a level, on the state `x` (`C` planes, `C` even): the odd
+/// channels move to the first half (the level's latent), the even ones to the second half
+/// (what continues). A permutation: log-det 0.
+fn split_off(x: &mut [f32], temp: &mut [f32], plane: usize) -> Result<(), Error> {
+    let temp = prefix(temp, x.len())?;
+    temp.copy_from_slice(x);
+    let half = x.len().checked_div(2).ok_or(INTERNAL)?;
+    let (latent, kept) = x.split_at_mut_checked(half).ok_or(INTERNAL)?;
+    let channels = temp.chunks_exact(plane);
+    for (dst, src) in latent
+        .chunks_exact_mut(plane)
+        .zip(channels.clone().skip(1).step_by(2))
+    {
+        dst.copy_from_slice(src);
+    }
+    for (dst, src) in kept.chunks_exact_mut(plane).zip(channels.step_by(2)) {
+        dst.copy_from_slice(src);
+    }
+    Ok(())
+}
+
+/// Inverse of [`split_off`]: channel `2k` <- second-half channel `k` (the continuing state),
+/// channel `2k + 1` <- first-half channel `k` (the latent).
+fn merge(x: &mut [f32], temp: &mut [f32], plane: usize) -> Result<(), Error> {
+    let temp = prefix(temp, x.len())?;
+    let half = x.len().checked_div(2).ok_or(INTERNAL)?;
+    let (latent, kept) = x.split_at_checked(half).ok_or(INTERNAL)?;
+    let mut pairs = temp.chunks_exact_mut(plane);
+    for (even, odd) in kept.chunks_exact(plane).zip(latent.chunks_exact(plane)) {
+        pairs.next().ok_or(INTERNAL)?.copy_from_slice(even);
+        pairs.next().ok_or(INTERNAL)?.copy_from_slice(odd);
+    }
+    x.copy_from_slice(temp);
+    Ok(())
+}
+
+/// The 2x2 squeeze that starts level `l > 0`, on its state `x` (shape `(C/4, 2H, 2W)` of the
+/// level's `(C, H, W)`), in place through `temp`.
+fn level_squeeze(view: &Arch, x: &mut [f32], temp: &mut [f32], undo: bool) -> Result<(), Error> {
+    let (c, h, w) = view.flow_shape();
+    let (c, h, w) = (c / 4, h.saturating_mul(2), w.saturating_mul(2));
+    let temp = prefix(temp, x.len())?;
+    if undo {
+        unsqueeze(c, h, w, x, temp)?;
+    } else {
+        squeeze(c, h, w, x, temp)?;
+    }
+    x.copy_from_slice(temp);
+    Ok(())
+}
+
 /// Image -> latent on `x` in place, with the scratch already split.
 fn run_forward(
     model: &Model<'_>,
@@ -69,15 +214,85 @@ fn run_forward(
         squeeze(arch.channels, arch.height, arch.width, x, temp)?;
         x.copy_from_slice(temp);
     }
-    for i in 0..arch.couplings {
-        let cw = model.coupling(i)?;
-        log_det += coupling::forward(arch, &cw, x, work)?;
+    let per_level = arch.steps_per_level();
+    // The current level's state: the tail of `x` from `offset`.
+    let mut offset = 0usize;
+    for l in 0..arch.levels {
+        let view = arch.level(l);
+        let plane = level_plane(&view)?;
+        let state = x
+            .get_mut(offset..)
+            .and_then(|s| s.get_mut(..view.dim()))
+            .ok_or(INTERNAL)?;
+        if l > 0 {
+            level_squeeze(&view, state, temp, false)?;
+        }
+        let first = l.checked_mul(per_level).ok_or(INTERNAL)?;
+        for i in first..first.saturating_add(per_level) {
+            if arch.glow {
+                let g = model.glow_step(i)?;
+                log_det += actnorm_forward(&g, state, plane)?;
+                mix(g.w, state, temp, plane)?;
+                let ld = g.logdet.iter().next().ok_or(INTERNAL)?;
+                log_det += plane as f32 * ld;
+            }
+            let cw = model.coupling(i)?;
+            log_det += coupling::forward(&view, &cw, state, work)?;
+        }
+        if l.saturating_add(1) < arch.levels {
+            split_off(state, temp, plane)?;
+            offset = offset.saturating_add(view.dim() / 2);
+        }
     }
     Ok(log_det)
 }
 
+/// Latent -> image on `z` in place (up to the logit), with the scratch already split.
+fn run_inverse(
+    model: &Model<'_>,
+    z: &mut [f32],
+    temp: &mut [f32],
+    work: &mut Work<'_>,
+) -> Result<(), Error> {
+    let arch = model.arch();
+    let per_level = arch.steps_per_level();
+    // Level l's state starts at o_l = n_0 - n_l (each earlier level left half its state).
+    for l in (0..arch.levels).rev() {
+        let view = arch.level(l);
+        let plane = level_plane(&view)?;
+        let offset = arch.dim().checked_sub(view.dim()).ok_or(INTERNAL)?;
+        let state = z
+            .get_mut(offset..)
+            .and_then(|s| s.get_mut(..view.dim()))
+            .ok_or(INTERNAL)?;
+        if l.saturating_add(1) < arch.levels {
+            merge(state, temp, plane)?;
+        }
+        let first = l.checked_mul(per_level).ok_or(INTERNAL)?;
+        for i in (first..first.saturating_add(per_level)).rev() {
+            let cw = model.coupling(i)?;
+            coupling::inverse(&view, &cw, state, work)?;
+            if arch.glow {
+                let g = model.glow_step(i)?;
+                mix(g.w_inv, state, temp, plane)?;
+                actnorm_inverse(&g, state, plane);
+            }
+        }
+        if l > 0 {
+            level_squeeze(&view, state, temp, true)?;
+        }
+    }
+    if arch.squeeze {
+        unsqueeze(arch.channels, arch.height, arch.width, z, temp)?;
+        z.copy_from_slice(temp);
+    }
+    Ok(())
+}
+
 /// Maps dequantized values `x = u` in `[0, 1]` (image layout `C x H x W`) to the latent `z`
-/// (flow layout) in place. Returns the total log-det: logit plus every coupling.
+/// (flow layout: the levels' latents then the last level's state, see the module docs) in
+/// place. Returns the total log-det `ln|det dz/du|`: logit plus every step's (ActNorm, 1x1
+/// conv and coupling).
 pub fn forward(model: &Model<'_>, x: &mut [f32], scratch: &mut [f32]) -> Result<f32, Error> {
     check_image(model.arch(), Buffer::Input, x.len())?;
     let r = split(model.arch(), scratch)?;
@@ -85,22 +300,15 @@ pub fn forward(model: &Model<'_>, x: &mut [f32], scratch: &mut [f32]) -> Result<
     run_forward(model, x, r.temp, &mut work)
 }
 
-/// Maps a latent `z` (flow layout) to dequantized values `u` (image layout) in place: the
-/// couplings' inverses in reverse order, unsqueeze, inverse logit.
+/// Maps a latent `z` (flow layout) to dequantized values `u` (image layout) in place: every
+/// level from the last to the first (merge, the steps' inverses in reverse order, unsqueeze),
+/// the optional unsqueeze, inverse logit.
 pub fn inverse(model: &Model<'_>, z: &mut [f32], scratch: &mut [f32]) -> Result<(), Error> {
     let arch = model.arch();
     check_image(arch, Buffer::Input, z.len())?;
     let r = split(arch, scratch)?;
-    let temp = r.temp;
     let mut work = r.work;
-    for i in (0..arch.couplings).rev() {
-        let cw = model.coupling(i)?;
-        coupling::inverse(arch, &cw, z, &mut work)?;
-    }
-    if arch.squeeze {
-        unsqueeze(arch.channels, arch.height, arch.width, z, temp)?;
-        z.copy_from_slice(temp);
-    }
+    run_inverse(model, z, r.temp, &mut work)?;
     logit_inverse(z, arch.logit_alpha)
 }
 

@@ -25,17 +25,30 @@ pub fn uniform(rng: &mut Pcg32) -> f32 {
 }
 
 /// Random parameters: conv weights uniform in +-gain/sqrt(fan_in), biases +-0.1, scales in
-/// [0.5, 1.5] (so |s| <= 1.5).
+/// [0.5, 1.5] (so |s| <= 1.5); each at the shape of its step's level. Glow steps get ActNorm
+/// log-scales and biases in +-0.1 and a well-conditioned 1x1 conv ([`random_inv_conv`]).
+/// Without Glow steps the draws are those of the seed's generator (same values per seed).
 pub fn random_params(arch: &Arch, seed: u64, gain: f32) -> Vec<f32> {
     let mut rng = Pcg32::new(seed);
     let mut p = Vec::with_capacity(arch.param_count());
-    for &m in arch.active_masks() {
+    for (i, &m) in arch.active_masks().iter().enumerate() {
+        let view = arch.step_arch(i);
+        if arch.glow {
+            let c = view.flow_shape().0;
+            for _ in 0..2 * c {
+                p.push(0.1 * uniform(&mut rng));
+            }
+            let (w, w_inv, logdet) = random_inv_conv(&mut rng, c);
+            p.extend_from_slice(&w);
+            p.extend_from_slice(&w_inv);
+            p.push(logdet);
+        }
         for kind in COUPLING_TENSORS {
-            let n = arch.tensor_len(m, kind);
+            let n = view.tensor_len(m, kind);
             let bound = match kind {
                 TensorKind::Scale => 0.0,
                 TensorKind::ConvWeight(j) => {
-                    let (cin, _, k) = arch.conv_shape(m, j);
+                    let (cin, _, k) = view.conv_shape(m, j);
                     gain / ((cin * k * k) as f32).sqrt()
                 }
                 TensorKind::ConvBias(_) => 0.1,
@@ -51,7 +64,80 @@ pub fn random_params(arch: &Arch, seed: u64, gain: f32) -> Vec<f32> {
             }
         }
     }
+    assert_eq!(p.len(), arch.param_count());
     p
+}
+
+/// A random invertible `c x c` matrix `W = D Q` (row-major, f32): `Q` a product of random
+/// Givens rotations, `D` a diagonal of `exp(+-0.3)` with random signs, so the condition
+/// number is at most `e^0.6`. Returns `W`, its inverse computed in f64 from the f32 `W`
+/// (then rounded), and `ln|det W|` (f64, rounded).
+pub fn random_inv_conv(rng: &mut Pcg32, c: usize) -> (Vec<f32>, Vec<f32>, f32) {
+    let mut q = std::vec![0f64; c * c];
+    for k in 0..c {
+        q[k * c + k] = 1.0;
+    }
+    for _ in 0..2 * c * c {
+        let a = (rng.next_u32() as usize) % c;
+        let b = (rng.next_u32() as usize) % c;
+        if a == b {
+            continue;
+        }
+        let th = f64::from(uniform(rng)) * core::f64::consts::PI;
+        let (sn, cs) = th.sin_cos();
+        for col in 0..c {
+            let (x, y) = (q[a * c + col], q[b * c + col]);
+            q[a * c + col] = cs * x - sn * y;
+            q[b * c + col] = sn * x + cs * y;
+        }
+    }
+    for row in 0..c {
+        let d = (0.3 * f64::from(uniform(rng))).exp();
+        let sign = if rng.next_u32() & 1 == 0 { 1.0 } else { -1.0 };
+        for col in 0..c {
+            q[row * c + col] *= d * sign;
+        }
+    }
+    let w: Vec<f32> = q.iter().map(|&v| v as f32).collect();
+    let (inv, logdet) = invert(&w.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(), c);
+    (w, inv.iter().map(|&v| v as f32).collect(), logdet as f32)
+}
+
+/// The inverse and `ln|det|` of a dense `n x n` row-major matrix, by Gauss-Jordan
+/// elimination with partial pivoting in f64.
+pub fn invert(a: &[f64], n: usize) -> (Vec<f64>, f64) {
+    let mut m = a.to_vec();
+    let mut inv = std::vec![0f64; n * n];
+    for k in 0..n {
+        inv[k * n + k] = 1.0;
+    }
+    let mut logdet = 0.0;
+    for col in 0..n {
+        let piv = (col..n)
+            .max_by(|&i, &j| m[i * n + col].abs().total_cmp(&m[j * n + col].abs()))
+            .unwrap();
+        for k in 0..n {
+            m.swap(col * n + k, piv * n + k);
+            inv.swap(col * n + k, piv * n + k);
+        }
+        let d = m[col * n + col];
+        assert!(d != 0.0, "singular matrix");
+        logdet += d.abs().ln();
+        for k in 0..n {
+            m[col * n + k] /= d;
+            inv[col * n + k] /= d;
+        }
+        for r in 0..n {
+            if r != col {
+                let f = m[r * n + col];
+                for k in 0..n {
+                    m[r * n + k] -= f * m[col * n + k];
+                    inv[r * n + k] -= f * inv[col * n + k];
+                }
+            }
+        }
+    }
+    (inv, logdet)
 }
 
 /// The blob of `params`.

@@ -1,6 +1,14 @@
 //! The weight blob: one versioned little-endian binary holding the architecture and every
 //! parameter, f32 or f16, checked by CRC-32. `kernel/FORMAT.md` specifies it.
 //!
+//! Version 1 holds the seed's one-level RealNVP architectures; version 2 adds the number of
+//! levels and the Glow flag in two formerly reserved header bytes (18 and 19). The writer
+//! picks the lowest version that can describe the architecture ([`blob_version`]), so every
+//! seed blob is byte-identical to what earlier kernels wrote. Glow tensors (ActNorm, the
+//! invertible 1x1 convolution, its inverse and log-det) are always stored as f32, even in
+//! f16 blobs: `W` and `W^-1` must stay each other's inverse to f32 precision for the flow to
+//! invert exactly.
+//!
 //! Parsing is zero-copy: a [`Model`] borrows the blob and decodes weights as it reads them.
 //!
 //! Size arithmetic here never overflows: header offsets are constants below 100, sizes
@@ -8,13 +16,20 @@
 //! than any real slice, so it fails a length check), and offsets into the blob are only
 //! formed through `get(at..)` on slices whose lengths bound them.
 
-use crate::arch::{Arch, Mask, TensorKind, COUPLING_TENSORS, MAX_COUPLINGS};
+use crate::arch::{step_tensors, Arch, Mask, TensorKind, GLOW_TENSORS, MAX_COUPLINGS};
 use crate::error::{Buffer, Error};
 
 /// The eight bytes every blob starts with.
 pub const MAGIC: [u8; 8] = *b"CLAYFLOW";
-/// The format version this kernel reads and writes.
+/// The format version of one-level RealNVP blobs (the seed's), which this kernel reads and
+/// writes for every architecture with `levels == 1` and no Glow steps.
 pub const VERSION: u16 = 1;
+/// The format version of multi-level or Glow blobs: byte 18 holds the levels, byte 19 the
+/// flags (bit 0: Glow).
+pub const VERSION_2: u16 = 2;
+/// Flag bit of header byte 19 (version 2): every coupling is preceded by ActNorm and an
+/// invertible 1x1 convolution.
+pub const FLAG_GLOW: u8 = 1;
 /// Bytes of the fixed header before the mask codes.
 const FIXED_HEADER: usize = 40;
 
@@ -59,9 +74,30 @@ const fn align4(n: usize) -> usize {
     n.saturating_add(3) & !3
 }
 
+/// The format version [`write_blob`] uses for `arch`: [`VERSION`] (1) for one level without
+/// Glow steps, so seed blobs stay byte-identical, else [`VERSION_2`].
+pub const fn blob_version(arch: &Arch) -> u16 {
+    if arch.levels == 1 && !arch.glow {
+        VERSION
+    } else {
+        VERSION_2
+    }
+}
+
 /// Bytes of the header (fixed part + mask codes padded to 4): the offset of the first tensor.
+/// The same for both versions (version 2 uses two bytes that version 1 reserves).
 pub const fn header_len(arch: &Arch) -> usize {
     align4(FIXED_HEADER.saturating_add(arch.couplings))
+}
+
+/// The storage type of a tensor of `kind` in a blob of `dtype`: f32 for the Glow tensors
+/// (always, so that `W` and `W^-1` stay exact inverses), `dtype` for the coupling tensors.
+pub const fn stored_dtype(kind: TensorKind, dtype: DType) -> DType {
+    if kind.is_glow() {
+        DType::F32
+    } else {
+        dtype
+    }
 }
 
 /// Bytes one tensor of `len` elements occupies, padded to a multiple of 4.
@@ -69,19 +105,37 @@ const fn tensor_bytes(len: usize, dtype: DType) -> usize {
     align4(len.saturating_mul(dtype.size()))
 }
 
-/// Bytes of the tensor section.
-const fn tensors_len(arch: &Arch, dtype: DType) -> usize {
+/// Bytes of flow step `i` (mask `m`): its Glow tensors (if any) and its coupling tensors, at
+/// the shape of its level.
+const fn step_bytes(arch: &Arch, i: usize, m: Mask, dtype: DType) -> usize {
+    let view = arch.step_arch(i);
     let mut n = 0usize;
-    let mut masks = arch.first_masks(arch.couplings);
-    while let [m, rest @ ..] = masks {
-        masks = rest;
-        let mut kinds: &[TensorKind] = &COUPLING_TENSORS;
-        while let [kind, rest @ ..] = kinds {
-            kinds = rest;
-            n = n.saturating_add(tensor_bytes(arch.tensor_len(*m, *kind), dtype));
-        }
+    let mut kinds = step_tensors(arch.glow);
+    while let [kind, rest @ ..] = kinds {
+        kinds = rest;
+        let len = view.tensor_len(m, *kind);
+        n = n.saturating_add(tensor_bytes(len, stored_dtype(*kind, dtype)));
     }
     n
+}
+
+/// Bytes of the first `count` flow steps' tensors: the offset of step `count`'s first tensor
+/// in the tensor section.
+const fn steps_bytes(arch: &Arch, dtype: DType, count: usize) -> usize {
+    let mut n = 0usize;
+    let mut i = 0usize;
+    let mut masks = arch.first_masks(count);
+    while let [m, rest @ ..] = masks {
+        masks = rest;
+        n = n.saturating_add(step_bytes(arch, i, *m, dtype));
+        i = i.saturating_add(1);
+    }
+    n
+}
+
+/// Bytes of the tensor section.
+const fn tensors_len(arch: &Arch, dtype: DType) -> usize {
+    steps_bytes(arch, dtype, arch.couplings)
 }
 
 /// Total bytes of the blob for `arch` stored as `dtype` (header + tensors + 4-byte CRC).
@@ -247,11 +301,38 @@ pub struct CouplingWeights<'a> {
 }
 
 impl<'a> CouplingWeights<'a> {
-    /// The seven tensors in blob order (the order of [`COUPLING_TENSORS`]).
+    /// The seven tensors in blob order (the order of [`crate::arch::COUPLING_TENSORS`]).
     pub fn in_blob_order(&self) -> [Tensor<'a>; 7] {
         let [w0, w1, w2] = self.conv_w;
         let [b0, b1, b2] = self.conv_b;
         [self.scale, w0, b0, w1, b1, w2, b2]
+    }
+}
+
+/// The five tensors a Glow step applies before its coupling, all stored as f32. With `C`
+/// the channels of the step's level and `p` a pixel:
+///
+/// * ActNorm: `y[c, p] = x[c, p] * exp(logs[c]) + bias[c]`, log-det `plane * sum(logs)`;
+/// * 1x1 conv: `y[o, p] = sum_i w[o][i] x[i, p]`, log-det `plane * logdet[0]`, where
+///   `logdet[0] = ln|det w|` and `w_inv = w^-1` were computed at export.
+#[derive(Clone, Copy, Debug)]
+pub struct GlowWeights<'a> {
+    /// ActNorm log-scale, `[C]`.
+    pub logs: Tensor<'a>,
+    /// ActNorm bias, `[C]`.
+    pub bias: Tensor<'a>,
+    /// The 1x1 convolution `W`, `[C][C]` row-major (output, input).
+    pub w: Tensor<'a>,
+    /// `W^-1`, `[C][C]` row-major; the inverse pass multiplies by it.
+    pub w_inv: Tensor<'a>,
+    /// `ln|det W|`, `[1]`.
+    pub logdet: Tensor<'a>,
+}
+
+impl<'a> GlowWeights<'a> {
+    /// The five tensors in blob order (the order of [`GLOW_TENSORS`]).
+    pub fn in_blob_order(&self) -> [Tensor<'a>; 5] {
+        [self.logs, self.bias, self.w, self.w_inv, self.logdet]
     }
 }
 
@@ -304,7 +385,7 @@ impl<'a> Model<'a> {
             return Err(Error::BadMagic);
         }
         let version = read_u16(blob, 8)?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_2 {
             return Err(Error::UnsupportedVersion(version));
         }
         let code = read_u8(blob, 10)?;
@@ -326,13 +407,31 @@ impl<'a> Model<'a> {
             let code = read_u8(blob, at)?;
             *m = Mask::from_code(code).ok_or(Error::BadHeader("unknown mask code"))?;
         }
+        // Version 1 reserves bytes 18-19; version 2 stores the levels and the flags there.
+        let (levels, glow) = if version == VERSION {
+            if read_u16(blob, 18)? != 0 || read_u16(blob, 30)? != 0 {
+                return Err(Error::BadHeader("reserved bytes 18-19 or 30-31 are not 0"));
+            }
+            (1, false)
+        } else {
+            if read_u16(blob, 30)? != 0 {
+                return Err(Error::BadHeader("reserved bytes 30-31 are not 0"));
+            }
+            let flags = read_u8(blob, 19)?;
+            if flags & !FLAG_GLOW != 0 {
+                return Err(Error::BadHeader(
+                    "unknown flag bits in byte 19 (version 2 defines only bit 0, Glow)",
+                ));
+            }
+            (usize::from(read_u8(blob, 18)?), flags & FLAG_GLOW != 0)
+        };
         let arch = Arch {
             channels: usize::from(read_u16(blob, 16)?),
             height: usize::from(read_u16(blob, 12)?),
             width: usize::from(read_u16(blob, 14)?),
             squeeze,
-            levels: 1,
-            glow: false,
+            levels,
+            glow,
             couplings,
             masks,
             kernels: [
@@ -347,10 +446,13 @@ impl<'a> Model<'a> {
             ],
             logit_alpha: f32::from_bits(read_u32(blob, 32)?),
         };
-        if read_u16(blob, 18)? != 0 || read_u16(blob, 30)? != 0 {
-            return Err(Error::BadHeader("reserved bytes 18-19 or 30-31 are not 0"));
-        }
         arch.validate()?;
+        if blob_version(&arch) != version {
+            // One encoding per model: a one-level, non-Glow architecture is version 1.
+            return Err(Error::BadHeader(
+                "version 2 blob with 1 level and no Glow flag (must be version 1)",
+            ));
+        }
         let stated_params = read_u32(blob, 36)?;
         if usize::try_from(stated_params).ok() != Some(arch.param_count()) {
             return Err(Error::BadHeader(
@@ -389,13 +491,19 @@ impl<'a> Model<'a> {
         // huge weights can still overflow f32 downstream; outputs are then inf/NaN, never a panic.)
         let mut first = 0usize;
         let mut tensor = 0usize;
+        let no_glow = [None; 5];
         for i in 0..couplings {
-            for t in model.coupling(i)?.in_blob_order() {
+            let glow_tensors = if glow {
+                model.glow_step(i)?.in_blob_order().map(Some)
+            } else {
+                no_glow
+            };
+            let coupling_tensors = model.coupling(i)?.in_blob_order().map(Some);
+            let kinds = step_tensors(glow).iter();
+            let tensors = glow_tensors.into_iter().chain(coupling_tensors).flatten();
+            for (t, &kind) in tensors.zip(kinds) {
                 if let Some(k) = t.first_non_finite() {
-                    return Err(Error::NonFiniteWeight {
-                        tensor,
-                        index: first.saturating_add(k),
-                    });
+                    return Err(non_finite(glow, tensor, i, kind, first.saturating_add(k)));
                 }
                 first = first.saturating_add(t.len());
                 tensor = tensor.saturating_add(1);
@@ -414,39 +522,72 @@ impl<'a> Model<'a> {
         self.dtype
     }
 
-    /// The weights of coupling `i` (0 is nearest the image).
-    pub fn coupling(&self, i: usize) -> Result<CouplingWeights<'a>, Error> {
+    /// The tensor of `kind` (mask `mask`, level view `view`) at byte `*offset` of the
+    /// tensor section; advances `*offset` past it and its padding.
+    fn take(
+        &self,
+        view: &Arch,
+        mask: Mask,
+        kind: TensorKind,
+        offset: &mut usize,
+    ) -> Result<Tensor<'a>, Error> {
+        let dtype = stored_dtype(kind, self.dtype);
+        let n = view.tensor_len(mask, kind).saturating_mul(dtype.size());
+        let at = *offset;
+        let bytes = self
+            .tensors
+            .get(at..)
+            .and_then(|rest| rest.get(..n))
+            .ok_or(Error::Truncated {
+                needed: at.saturating_add(n),
+                got: self.tensors.len(),
+            })?;
+        *offset = at.saturating_add(align4(n));
+        Ok(Tensor { dtype, bytes })
+    }
+
+    /// Step `i`'s mask and the byte offset of its first tensor in the tensor section.
+    fn step_start(&self, i: usize) -> Result<(Mask, usize), Error> {
         let mask = *self
             .arch
             .active_masks()
             .get(i)
             .ok_or(Error::InvalidArgument("coupling index out of range"))?;
-        let mut offset = 0usize;
-        for &m in self.arch.first_masks(i) {
-            for kind in COUPLING_TENSORS {
-                offset =
-                    offset.saturating_add(tensor_bytes(self.arch.tensor_len(m, kind), self.dtype));
+        Ok((mask, steps_bytes(&self.arch, self.dtype, i)))
+    }
+
+    /// The Glow tensors of step `i` (ActNorm, 1x1 conv, its inverse and log-det), at the
+    /// shape of step `i`'s level. An error when the architecture has no Glow steps or `i` is
+    /// out of range.
+    pub fn glow_step(&self, i: usize) -> Result<GlowWeights<'a>, Error> {
+        if !self.arch.glow {
+            return Err(Error::InvalidArgument("the architecture has no Glow steps"));
+        }
+        let (mask, mut offset) = self.step_start(i)?;
+        let view = self.arch.step_arch(i);
+        let [logs, bias, w, w_inv, logdet] = GLOW_TENSORS;
+        Ok(GlowWeights {
+            logs: self.take(&view, mask, logs, &mut offset)?,
+            bias: self.take(&view, mask, bias, &mut offset)?,
+            w: self.take(&view, mask, w, &mut offset)?,
+            w_inv: self.take(&view, mask, w_inv, &mut offset)?,
+            logdet: self.take(&view, mask, logdet, &mut offset)?,
+        })
+    }
+
+    /// The coupling weights of step `i` (0 is nearest the image), at the shape of step `i`'s
+    /// level (run it with [`Arch::step_arch`]`(i)`). In a Glow architecture these follow the
+    /// step's Glow tensors ([`Model::glow_step`]).
+    pub fn coupling(&self, i: usize) -> Result<CouplingWeights<'a>, Error> {
+        let (mask, mut offset) = self.step_start(i)?;
+        let view = self.arch.step_arch(i);
+        if self.arch.glow {
+            for kind in GLOW_TENSORS {
+                let len = view.tensor_len(mask, kind);
+                offset = offset.saturating_add(tensor_bytes(len, DType::F32));
             }
         }
-        let mut take = |kind: TensorKind| -> Result<Tensor<'a>, Error> {
-            let n = self
-                .arch
-                .tensor_len(mask, kind)
-                .saturating_mul(self.dtype.size());
-            let bytes = self
-                .tensors
-                .get(offset..)
-                .and_then(|rest| rest.get(..n))
-                .ok_or(Error::Truncated {
-                    needed: offset.saturating_add(n),
-                    got: self.tensors.len(),
-                })?;
-            offset = offset.saturating_add(align4(n));
-            Ok(Tensor {
-                dtype: self.dtype,
-                bytes,
-            })
-        };
+        let mut take = |kind: TensorKind| self.take(&view, mask, kind, &mut offset);
         let scale = take(TensorKind::Scale)?;
         let w0 = take(TensorKind::ConvWeight(0))?;
         let b0 = take(TensorKind::ConvBias(0))?;
@@ -518,12 +659,17 @@ pub fn write_blob(
     let byte = |v: usize| {
         u8::try_from(v).map_err(|_| Error::InvalidArch(crate::error::ArchField::TooLarge))
     };
+    let version = blob_version(arch);
     put(out, 0, &MAGIC)?;
-    put(out, 8, &VERSION.to_le_bytes())?;
+    put(out, 8, &version.to_le_bytes())?;
     put(out, 10, &[dtype as u8, 0])?;
     put(out, 12, &narrow(arch.height)?.to_le_bytes())?;
     put(out, 14, &narrow(arch.width)?.to_le_bytes())?;
     put(out, 16, &narrow(arch.channels)?.to_le_bytes())?;
+    if version == VERSION_2 {
+        let flags = if arch.glow { FLAG_GLOW } else { 0 };
+        put(out, 18, &[byte(arch.levels)?, flags])?;
+    }
     put(out, 20, &[u8::from(arch.squeeze), byte(arch.couplings)?])?;
     put(
         out,
@@ -549,9 +695,11 @@ pub fn write_blob(
     let mut first = 0usize;
     let mut tensor = 0usize;
     let mut rest = params;
-    for &m in arch.active_masks() {
-        for kind in COUPLING_TENSORS {
-            let len = arch.tensor_len(m, kind);
+    for (i, &m) in arch.active_masks().iter().enumerate() {
+        let view = arch.step_arch(i);
+        for &kind in step_tensors(arch.glow) {
+            let len = view.tensor_len(m, kind);
+            let dtype = stored_dtype(kind, dtype);
             let (values, tail) = rest.split_at_checked(len).ok_or(Error::BufferSize {
                 buffer: Buffer::Weights,
                 needed: arch.param_count(),
@@ -559,10 +707,7 @@ pub fn write_blob(
             })?;
             rest = tail;
             let dst = region(out, at, len.saturating_mul(dtype.size()))?;
-            let bad = |k: usize| Error::NonFiniteWeight {
-                tensor,
-                index: first.saturating_add(k),
-            };
+            let bad = |k: usize| non_finite(arch.glow, tensor, i, kind, first.saturating_add(k));
             match dtype {
                 DType::F32 => {
                     let (dst, _) = dst.as_chunks_mut::<4>();
@@ -598,18 +743,63 @@ pub fn write_blob(
     Ok(total)
 }
 
+/// The non-finite-weight error for tensor number `tensor` (blob order), the `kind` tensor
+/// of step `step`, at flat parameter `index`: [`Error::NonFiniteWeight`] for architectures
+/// without Glow steps (seven tensors per step), [`Error::NonFiniteGlowWeight`] with them.
+fn non_finite(glow: bool, tensor: usize, step: usize, kind: TensorKind, index: usize) -> Error {
+    if glow {
+        Error::NonFiniteGlowWeight { step, kind, index }
+    } else {
+        Error::NonFiniteWeight { tensor, index }
+    }
+}
+
 /// Rounds every parameter through f16 and back, so a caller can see exactly the values an
-/// f16 blob will hold.
+/// f16 blob will hold, for architectures without Glow steps (every tensor is then stored in
+/// the blob's dtype). For any architecture use [`round_to_f16_for`].
 pub fn round_to_f16(params: &mut [f32]) {
     for v in params {
         *v = half::f16::from_f32(*v).to_f32();
     }
 }
 
+/// Rounds through f16 and back exactly the parameters an f16 blob of `arch` stores as f16
+/// (the coupling tensors), leaving the Glow tensors (stored as f32) untouched; so an f16
+/// round trip of `params` returns `round_to_f16_for(arch, params)` bit for bit. For an
+/// architecture without Glow steps it equals [`round_to_f16`]. Errors on an invalid `arch`
+/// or when `params.len()` is not [`Arch::param_count`] (then `params` is unchanged).
+pub fn round_to_f16_for(arch: &Arch, params: &mut [f32]) -> Result<(), Error> {
+    arch.validate()?;
+    if params.len() != arch.param_count() {
+        return Err(Error::BufferSize {
+            buffer: Buffer::Weights,
+            needed: arch.param_count(),
+            got: params.len(),
+        });
+    }
+    let mut rest = params;
+    for (i, &m) in arch.active_masks().iter().enumerate() {
+        let view = arch.step_arch(i);
+        for &kind in step_tensors(arch.glow) {
+            let len = view.tensor_len(m, kind);
+            let (values, tail) = rest.split_at_mut_checked(len).ok_or(Error::BufferSize {
+                buffer: Buffer::Weights,
+                needed: arch.param_count(),
+                got: 0,
+            })?;
+            rest = tail;
+            if !kind.is_glow() {
+                round_to_f16(values);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::{alternating_masks, COLOR, MNIST};
+    use crate::arch::{alternating_masks, COLOR, COUPLING_TENSORS, MNIST};
     use crate::error::ArchField;
     use crate::flow::sample;
     use crate::scratch_len;
@@ -1001,15 +1191,18 @@ mod tests {
     #[test]
     fn unsupported_version_is_rejected() {
         let mut b = valid(DType::F32);
-        for v in [0u16, 2, 0x0100, u16::MAX] {
+        for v in [0u16, 3, 0x0100, 0x0200, u16::MAX] {
             set_u16(&mut b, 8, v);
             assert_eq!(err(&b), Error::UnsupportedVersion(v));
         }
-        set_u16(&mut b, 8, 2);
+        set_u16(&mut b, 8, 3);
         assert_eq!(
             err(&b).to_string(),
-            "weight blob version 2 is not supported (this kernel reads 1)"
+            "weight blob version 3 is not supported (this kernel reads 1 and 2)"
         );
+        // A version 1 blob relabelled 2: byte 18 (levels in version 2) is 0.
+        set_u16(&mut b, 8, 2);
+        assert_eq!(err(&b), Error::InvalidArch(ArchField::Levels));
     }
 
     #[test]
