@@ -1183,6 +1183,8 @@ mod tests {
             height: 4,
             width: 4,
             squeeze: true,
+            levels: 1,
+            glow: false,
             masks: vec![MaskName::ChannelEven, MaskName::ChannelOdd],
             kernels: [3, 1, 3],
             hidden: [3, 2],

@@ -53,6 +53,12 @@ pub struct ModelConfig {
     pub width: usize,
     /// One 2x2 squeeze before the couplings.
     pub squeeze: bool,
+    /// Scales (levels) of the multi-scale flow; 1 (the default) is the seed's single scale.
+    #[serde(default = "one")]
+    pub levels: usize,
+    /// Glow steps: ActNorm and an invertible 1x1 convolution before every coupling.
+    #[serde(default)]
+    pub glow: bool,
     /// One mask per coupling, from the image side.
     pub masks: Vec<MaskName>,
     /// Kernel sizes of the three convolutions in each coupling.
@@ -79,8 +85,12 @@ pub enum ConfigError {
     Arch(clayflow_kernel::Error),
 }
 
+fn one() -> usize {
+    1
+}
+
 /// Names accepted by [`ModelConfig::preset`].
-pub const PRESETS: [&str; 2] = ["mnist", "color"];
+pub const PRESETS: [&str; 4] = ["mnist", "color", "mnist-glow", "color-glow"];
 
 impl ModelConfig {
     /// A named preset (`mnist` or `color`).
@@ -88,6 +98,10 @@ impl ModelConfig {
         match name {
             "mnist" => Ok(ModelConfig::from_arch(&clayflow_kernel::MNIST)),
             "color" | "colour" => Ok(ModelConfig::from_arch(&clayflow_kernel::COLOR)),
+            "mnist-glow" => Ok(ModelConfig::from_arch(&clayflow_kernel::MNIST_GLOW)),
+            "color-glow" | "colour-glow" => {
+                Ok(ModelConfig::from_arch(&clayflow_kernel::COLOR_GLOW))
+            }
             other => Err(ConfigError::UnknownPreset(other.to_string())),
         }
     }
@@ -99,6 +113,8 @@ impl ModelConfig {
             height: a.height,
             width: a.width,
             squeeze: a.squeeze,
+            levels: a.levels,
+            glow: a.glow,
             masks: a.active_masks().iter().map(|&m| m.into()).collect(),
             kernels: a.kernels,
             hidden: a.hidden,
@@ -122,8 +138,8 @@ impl ModelConfig {
             height: self.height,
             width: self.width,
             squeeze: self.squeeze,
-            levels: 1,
-            glow: false,
+            levels: self.levels,
+            glow: self.glow,
             couplings: n,
             masks,
             kernels: self.kernels,
@@ -157,16 +173,72 @@ impl TensorSpec {
     }
 }
 
-/// Every parameter tensor of `arch`, in the kernel blob's order (7 per coupling: scale,
-/// conv0 weight, conv0 bias, conv1 weight, conv1 bias, conv2 weight, conv2 bias).
+/// The checkpoint tensors of a Glow step before its coupling's, in order: ActNorm
+/// (`logs`, `bias`), then the LU-parametrised 1x1 convolution `W = P L (U + diag(sign *
+/// exp(log_s)))`: the permutation `perm` and `sign` (fixed at initialisation, never trained),
+/// `lower` and `upper` (only their strict triangles are used) and `log_s`.
+pub const GLOW_CHECKPOINT_TENSORS: [&str; 7] = [
+    "actnorm.logs",
+    "actnorm.bias",
+    "invconv.perm",
+    "invconv.sign",
+    "invconv.lower",
+    "invconv.upper",
+    "invconv.log_s",
+];
+
+/// Tensors per flow step in the checkpoint: the coupling's 7, plus 7 for a Glow step.
+pub fn tensors_per_step(arch: &Arch) -> usize {
+    COUPLING_TENSORS.len()
+        + if arch.glow {
+            GLOW_CHECKPOINT_TENSORS.len()
+        } else {
+            0
+        }
+}
+
+/// True for the tensors that are state, not trained parameters (the 1x1 convolution's
+/// permutation and signs): the optimiser leaves them alone and parameter counts skip them.
+pub fn is_fixed(name: &str) -> bool {
+    name.ends_with(".invconv.perm") || name.ends_with(".invconv.sign")
+}
+
+/// Trained parameters of `arch` (what a model's size is quoted in).
+pub fn trainable_params(arch: &Arch) -> usize {
+    tensor_specs(arch)
+        .iter()
+        .filter(|s| !is_fixed(&s.name))
+        .map(TensorSpec::len)
+        .sum()
+}
+
+/// Every parameter tensor of `arch`, in checkpoint order: per step, for a Glow step the
+/// [`GLOW_CHECKPOINT_TENSORS`] (`step.{i}.*`), then the coupling's 7 (`coupling.{i}.*`: scale,
+/// conv0 weight, conv0 bias, conv1 weight, conv1 bias, conv2 weight, conv2 bias). For the
+/// seed's architectures this is the kernel blob's order; a Glow blob stores `W`, `W^-1` and
+/// `log|det W|` instead of the LU factors (see `export`).
 pub fn tensor_specs(arch: &Arch) -> Vec<TensorSpec> {
     let mut out = Vec::new();
     for (i, &m) in arch.active_masks().iter().enumerate() {
+        let view = arch.step_arch(i);
+        let c = view.flow_shape().0;
+        if arch.glow {
+            for name in GLOW_CHECKPOINT_TENSORS {
+                let shape = match name {
+                    "invconv.lower" | "invconv.upper" => vec![c, c],
+                    _ => vec![c],
+                };
+                out.push(TensorSpec {
+                    name: format!("step.{i}.{name}"),
+                    shape,
+                });
+            }
+        }
         for kind in COUPLING_TENSORS {
             let (name, shape) = match kind {
-                TensorKind::Scale => (format!("coupling.{i}.scale"), vec![arch.changed(m)]),
+                TensorKind::Scale => (format!("coupling.{i}.scale"), vec![view.changed(m)]),
                 TensorKind::ConvWeight(j) => {
-                    let (cin, cout, k) = arch.conv_shape(m, j);
+                    let (cin, cout, k) = view.conv_shape(m, j);
                     (
                         format!("coupling.{i}.conv{j}.weight"),
                         vec![cout, cin, k, k],
@@ -174,8 +246,9 @@ pub fn tensor_specs(arch: &Arch) -> Vec<TensorSpec> {
                 }
                 TensorKind::ConvBias(j) => (
                     format!("coupling.{i}.conv{j}.bias"),
-                    vec![arch.conv_shape(m, j).1],
+                    vec![view.conv_shape(m, j).1],
                 ),
+                _ => continue,
             };
             out.push(TensorSpec { name, shape });
         }
@@ -209,5 +282,39 @@ mod tests {
         );
         assert_eq!(specs[3].name, "coupling.0.conv1.weight");
         assert_eq!(specs[3].shape, vec![64, 8, 7, 7]);
+    }
+
+    #[test]
+    fn glow_presets_fit_their_parameter_budgets() {
+        let mnist = ModelConfig::preset("mnist-glow")
+            .unwrap()
+            .to_arch()
+            .unwrap();
+        let specs = tensor_specs(&mnist);
+        assert_eq!(specs.len(), 32 * 14);
+        assert_eq!(specs[0].name, "step.0.actnorm.logs");
+        assert_eq!(specs[0].shape, vec![4]);
+        // Step 16 is the second level's first: 8 channels at 7x7, its CNN sees 4 of them.
+        assert_eq!(specs[16 * 14 + 4].name, "step.16.invconv.lower");
+        assert_eq!(specs[16 * 14 + 4].shape, vec![8, 8]);
+        assert_eq!(specs[16 * 14 + 8].shape, vec![64, 4, 3, 3]);
+        let n = trainable_params(&mnist);
+        assert!(n <= 350_000, "mnist-glow has {n} parameters");
+        let color = ModelConfig::preset("color-glow")
+            .unwrap()
+            .to_arch()
+            .unwrap();
+        let n = trainable_params(&color);
+        assert!(n <= 3_500_000, "color-glow has {n} parameters");
+    }
+
+    #[test]
+    fn configs_without_levels_or_glow_are_single_scale_realnvp() {
+        let mut v = serde_json::to_value(ModelConfig::preset("mnist").unwrap()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("levels");
+        o.remove("glow");
+        let c: ModelConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(c.to_arch().unwrap(), clayflow_kernel::MNIST);
     }
 }

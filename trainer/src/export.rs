@@ -1,8 +1,10 @@
 //! Export: checkpoint -> kernel weight blob, verified against the trainer before it is
 //! written; and loading any model source (run folder, checkpoint, or blob) for eval/sample.
 
+use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint};
+use crate::config::tensor_specs;
 use crate::data::Dataset;
 use crate::fsutil;
 use crate::model::{bpd, Flow};
@@ -36,11 +38,18 @@ pub const MAX_BPD_DIFF: f64 = 1e-3;
 /// Largest sample disagreement accepted, in `u` units (one pixel level is 1/256).
 pub const MAX_SAMPLE_DIFF: f32 = 1e-3;
 
-/// Encodes `ckpt` as a blob of `dtype`.
+/// Encodes `ckpt` as a blob of `dtype`. A Glow model's 1x1 convolutions are stored as `W`,
+/// `W^-1` and `log|det W|`, composed and inverted here in f64 from the checkpoint's LU
+/// factors, so the device never inverts a matrix.
 pub fn encode(ckpt: &Checkpoint, dtype: DType) -> Result<(Arch, Vec<u8>)> {
     let arch = ckpt.model.to_arch()?;
+    let params = if arch.glow {
+        Flow::new(Arc::new(CpuBackend), arch, &ckpt.params)?.blob_params()?
+    } else {
+        ckpt.flat_params()
+    };
     let mut blob = vec![0u8; blob_len(&arch, dtype)];
-    write_blob(&arch, dtype, &ckpt.flat_params(), &mut blob)
+    write_blob(&arch, dtype, &params, &mut blob)
         .map_err(|e| anyhow::anyhow!("cannot encode the weights: {e}"))?;
     Ok((arch, blob))
 }
@@ -59,8 +68,12 @@ pub fn verify(
     let arch = *model.arch();
     let mut p = params.to_vec();
     if model.dtype() == DType::F16 {
-        for t in &mut p {
-            round_to_f16(t);
+        // An f16 blob stores the coupling tensors in f16; a Glow step's ActNorm and 1x1
+        // convolution stay f32.
+        for (t, spec) in p.iter_mut().zip(tensor_specs(&arch)) {
+            if spec.name.starts_with("coupling.") {
+                round_to_f16(t);
+            }
         }
     }
     let mut flow = Flow::new(backend, arch, &p)?;

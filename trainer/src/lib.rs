@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod export;
 pub mod fsutil;
+pub mod invconv;
 pub mod model;
 pub mod report;
 pub mod train;

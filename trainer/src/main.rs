@@ -46,8 +46,14 @@ enum Command {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Preset {
+    /// The seed's RealNVP for 28x28 digits (one scale, channel and checkerboard couplings).
     Mnist,
+    /// The seed's RealNVP for 32x32 colour images.
     Color,
+    /// Glow for digits: 2 levels x 16 steps (ActNorm, 1x1 convolution, coupling), ~300k parameters.
+    MnistGlow,
+    /// Glow for 32x32 colour images: 3 levels x 8 steps, ~3.3M parameters.
+    ColorGlow,
 }
 
 #[derive(clap::Args, Debug)]
@@ -313,6 +319,8 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
             None => ModelConfig::preset(match a.preset {
                 Preset::Mnist => "mnist",
                 Preset::Color => "color",
+                Preset::MnistGlow => "mnist-glow",
+                Preset::ColorGlow => "color-glow",
             })?,
         };
         if let Some(n) = a.couplings {
@@ -382,7 +390,7 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
     }
     eprintln!(
         "clayflow: {} parameters, {} training / {} validation images, batch {}, on {}",
-        arch.param_count(),
+        clayflow_trainer::config::trainable_params(&arch),
         train_set.len(),
         val_set.len(),
         cfg.batch_size,

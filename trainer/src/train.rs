@@ -420,6 +420,8 @@ pub fn train(
         },
     };
     let mut grads = flow.zeros_like_params()?;
+    // The 1x1 convolutions' permutations and signs are fixed: the optimiser skips them.
+    let trainable = flow.trainable();
 
     let save = |flow: &Flow, adam: &Adam, state: &TrainState| -> Result<PathBuf> {
         let ck = Checkpoint {
@@ -432,6 +434,20 @@ pub fn train(
         Ok(checkpoint::save(run_dir, &ck, cfg.keep)?)
     };
     if !resume {
+        if arch.glow {
+            // ActNorm's data-dependent initialisation on the first training batch (the one
+            // step 0 will see), before the step-0 checkpoint so a resume never redoes it.
+            let n = cfg.batch_size.min(train_set.len()).max(1);
+            let idx = &epoch_order(train_set.len(), cfg.seed, 0)[..n];
+            let mut noise = Pcg32::with_stream(cfg.seed ^ 0xd1ce, 0);
+            let mut u0 = Vec::new();
+            dequantize_batch(train_set, idx, arch.bits, &mut noise, &mut u0)?;
+            let stats = flow.data_init(&u0, n)?;
+            progress.note(&format!(
+                "ActNorm initialised from {n} images (initial loss {:.4} bits/dim)",
+                stats.mean_bpd
+            ));
+        }
         // Step 0: there is always a last good checkpoint to go back to.
         save(&flow, &adam, &state)?;
     }
@@ -573,12 +589,14 @@ pub fn train(
                 1.0
             },
         };
-        for (((p, g), m), v) in flow
+        for ((((p, g), m), v), _) in flow
             .params
             .iter_mut()
             .zip(&grads)
             .zip(&mut adam.m)
             .zip(&mut adam.v)
+            .zip(&trainable)
+            .filter(|t| *t.1)
         {
             backend.adam(&hp, p, g, m, v)?;
         }

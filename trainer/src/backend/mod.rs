@@ -8,6 +8,7 @@
 //! scatter around each coupling's CNN, the fused affine coupling forward / inverse /
 //! backward, logit, reductions and a fused Adam step.
 
+pub mod actnorm;
 mod check;
 pub mod cpu;
 pub mod cuda;
@@ -257,6 +258,73 @@ pub trait Backend: Send + Sync + Debug {
         d_scale: &mut Buffer,
     ) -> Result<()>;
 
+    /// ActNorm in place (see [`actnorm`]): `x = x exp(logs[c]) + bias[c]`, and
+    /// `log_det[i] += plane * sum(logs)`. The default moves the buffers through the host; a
+    /// device backend may override it with a kernel.
+    fn actnorm_forward(
+        &self,
+        shape: Shape4,
+        logs: &Buffer,
+        bias: &Buffer,
+        x: &mut Buffer,
+        log_det: &mut Buffer,
+    ) -> Result<()> {
+        let op = "actnorm_forward";
+        check_actnorm(op, shape, logs, bias, x)?;
+        expect_len(op, "log_det", log_det, shape.batch)?;
+        let (l, b) = (self.download(logs)?, self.download(bias)?);
+        let (mut xv, mut ld) = (self.download(x)?, self.download(log_det)?);
+        actnorm::forward(shape, &l, &b, &mut xv, &mut ld);
+        *x = self.upload(&xv)?;
+        *log_det = self.upload(&ld)?;
+        Ok(())
+    }
+    /// The inverse of [`Backend::actnorm_forward`] in place: `y = (y - bias[c]) exp(-logs[c])`.
+    fn actnorm_inverse(
+        &self,
+        shape: Shape4,
+        logs: &Buffer,
+        bias: &Buffer,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        check_actnorm("actnorm_inverse", shape, logs, bias, y)?;
+        let (l, b) = (self.download(logs)?, self.download(bias)?);
+        let mut yv = self.download(y)?;
+        actnorm::inverse(shape, &l, &b, &mut yv);
+        *y = self.upload(&yv)?;
+        Ok(())
+    }
+    /// Backward of [`Backend::actnorm_forward`] given its *input* `x`: `dy` becomes the
+    /// input's gradient; *adds* to `d_logs` and `d_bias`. `g_log_det` is the loss's gradient
+    /// w.r.t. each image's log-det.
+    #[allow(clippy::too_many_arguments)]
+    fn actnorm_backward(
+        &self,
+        shape: Shape4,
+        x: &Buffer,
+        logs: &Buffer,
+        g_log_det: f32,
+        dy: &mut Buffer,
+        d_logs: &mut Buffer,
+        d_bias: &mut Buffer,
+    ) -> Result<()> {
+        let op = "actnorm_backward";
+        check_actnorm(op, shape, logs, d_bias, x)?;
+        expect_len(op, "dy", dy, shape.len())?;
+        expect_len(op, "d_logs", d_logs, shape.channels)?;
+        let (xv, l) = (self.download(x)?, self.download(logs)?);
+        let (mut g, mut dl, mut db) = (
+            self.download(dy)?,
+            self.download(d_logs)?,
+            self.download(d_bias)?,
+        );
+        actnorm::backward(shape, &xv, &l, g_log_det, &mut g, &mut dl, &mut db);
+        *dy = self.upload(&g)?;
+        *d_logs = self.upload(&dl)?;
+        *d_bias = self.upload(&db)?;
+        Ok(())
+    }
+
     /// Per-image `sum(z^2)` (length `batch`), accumulated in f64.
     fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer) -> Result<Vec<f64>>;
     /// One Adam step on `param` with gradient `grad` and moments `m`, `v`.
@@ -268,6 +336,19 @@ pub trait Backend: Send + Sync + Debug {
         m: &mut Buffer,
         v: &mut Buffer,
     ) -> Result<()>;
+}
+
+/// Checks the buffers of an ActNorm op: per-channel `logs` and `bias`, a `shape` tensor `x`.
+pub(crate) fn check_actnorm(
+    op: &'static str,
+    shape: Shape4,
+    logs: &Buffer,
+    bias: &Buffer,
+    x: &Buffer,
+) -> Result<()> {
+    expect_len(op, "logs", logs, shape.channels)?;
+    expect_len(op, "bias", bias, shape.channels)?;
+    expect_len(op, "x", x, shape.len())
 }
 
 /// Checks a buffer's length for an op.

@@ -6,7 +6,8 @@ pub mod conv;
 
 use super::check;
 use super::{
-    expect_len, AdamStep, Backend, BackendError, Buffer, ConvShape, Result, Shape4, Storage,
+    actnorm, check_actnorm, expect_len, AdamStep, Backend, BackendError, Buffer, ConvShape, Result,
+    Shape4, Storage,
 };
 use clayflow_kernel::Mask;
 use rayon::prelude::*;
@@ -445,6 +446,66 @@ impl Backend for CpuBackend {
                 *d += *v as f32;
             }
         }
+        Ok(())
+    }
+
+    fn actnorm_forward(
+        &self,
+        shape: Shape4,
+        logs: &Buffer,
+        bias: &Buffer,
+        x: &mut Buffer,
+        log_det: &mut Buffer,
+    ) -> Result<()> {
+        let op = "actnorm_forward";
+        check_actnorm(op, shape, logs, bias, x)?;
+        expect_len(op, "log_det", log_det, shape.batch)?;
+        actnorm::forward(
+            shape,
+            host(op, logs)?,
+            host(op, bias)?,
+            host_mut(op, x)?,
+            host_mut(op, log_det)?,
+        );
+        Ok(())
+    }
+
+    fn actnorm_inverse(
+        &self,
+        shape: Shape4,
+        logs: &Buffer,
+        bias: &Buffer,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        let op = "actnorm_inverse";
+        check_actnorm(op, shape, logs, bias, y)?;
+        actnorm::inverse(shape, host(op, logs)?, host(op, bias)?, host_mut(op, y)?);
+        Ok(())
+    }
+
+    fn actnorm_backward(
+        &self,
+        shape: Shape4,
+        x: &Buffer,
+        logs: &Buffer,
+        g_log_det: f32,
+        dy: &mut Buffer,
+        d_logs: &mut Buffer,
+        d_bias: &mut Buffer,
+    ) -> Result<()> {
+        let op = "actnorm_backward";
+        check_actnorm(op, shape, logs, d_bias, x)?;
+        expect_len(op, "dy", dy, shape.len())?;
+        expect_len(op, "d_logs", d_logs, shape.channels)?;
+        actnorm::backward(
+            shape,
+            host(op, x)?,
+            host(op, logs)?,
+            g_log_det,
+            host_mut(op, dy)?,
+            host_mut(op, d_logs)?,
+            host_mut(op, d_bias)?,
+        );
         Ok(())
     }
 
