@@ -799,7 +799,7 @@ pub fn round_to_f16_for(arch: &Arch, params: &mut [f32]) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::{alternating_masks, COLOR, COUPLING_TENSORS, MNIST};
+    use crate::arch::{alternating_masks, COLOR, COLOR_GLOW, COUPLING_TENSORS, MNIST, MNIST_GLOW};
     use crate::error::ArchField;
     use crate::flow::sample;
     use crate::scratch_len;
@@ -847,6 +847,57 @@ mod tests {
             bits: 8,
             logit_alpha: 0.05,
         }
+    }
+
+    /// A version 2 model: 2x4x4 without squeeze, 2 levels (2x4x4, then 4x2x2), Glow steps,
+    /// a checkerboard and channel masks, odd hidden widths (f16 padding).
+    fn glow_small() -> Arch {
+        let mut masks = [Mask::ChannelEven; MAX_COUPLINGS];
+        masks[..4].copy_from_slice(&[
+            Mask::ChannelEven,
+            Mask::CheckerOdd,
+            Mask::ChannelOdd,
+            Mask::CheckerEven,
+        ]);
+        Arch {
+            channels: 2,
+            height: 4,
+            width: 4,
+            squeeze: false,
+            levels: 2,
+            glow: true,
+            couplings: 4,
+            masks,
+            kernels: [3, 1, 3],
+            hidden: [3, 5],
+            bits: 8,
+            logit_alpha: 0.05,
+        }
+    }
+
+    fn valid_glow(dtype: DType) -> Vec<u8> {
+        blob(&glow_small(), dtype, &random_params(&glow_small(), 8, 1.0))
+    }
+
+    /// `(byte offset, step, kind, element size)` of flat parameter `index` in a blob of
+    /// `arch`, from the spec (step tensors in blob order at the level's shape, Glow tensors
+    /// f32, each tensor padded to 4 bytes), not from the parser.
+    fn locate(arch: &Arch, dtype: DType, index: usize) -> (usize, usize, TensorKind, usize) {
+        let mut at = (40 + arch.couplings).div_ceil(4) * 4;
+        let mut first = 0;
+        for (i, &m) in arch.active_masks().iter().enumerate() {
+            let view = arch.step_arch(i);
+            for &kind in step_tensors(arch.glow) {
+                let len = view.tensor_len(m, kind);
+                let size = if kind.is_glow() { 4 } else { dtype.size() };
+                if index < first + len {
+                    return (at + (index - first) * size, i, kind, size);
+                }
+                first += len;
+                at += (len * size).div_ceil(4) * 4;
+            }
+        }
+        panic!("parameter {index} out of range");
     }
 
     fn valid(dtype: DType) -> Vec<u8> {
@@ -941,12 +992,18 @@ mod tests {
 
     /// An independent writer that follows FORMAT.md byte by byte.
     fn spec_blob(arch: &Arch, dtype: DType, params: &[f32]) -> Vec<u8> {
+        let v2 = arch.levels > 1 || arch.glow;
         let mut b = Vec::new();
         b.extend_from_slice(b"CLAYFLOW");
-        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&(if v2 { 2u16 } else { 1 }).to_le_bytes());
         b.extend_from_slice(&[dtype as u8, 0]);
-        for v in [arch.height, arch.width, arch.channels, 0] {
+        for v in [arch.height, arch.width, arch.channels] {
             b.extend_from_slice(&(v as u16).to_le_bytes());
+        }
+        if v2 {
+            b.extend_from_slice(&[arch.levels as u8, u8::from(arch.glow)]);
+        } else {
+            b.extend_from_slice(&[0, 0]);
         }
         b.extend_from_slice(&[u8::from(arch.squeeze), arch.couplings as u8]);
         b.extend_from_slice(&[
@@ -965,14 +1022,18 @@ mod tests {
         let pad = |b: &mut Vec<u8>| b.resize(b.len().div_ceil(4) * 4, 0);
         pad(&mut b);
         let mut rest = params;
-        for &m in arch.active_masks() {
-            for kind in COUPLING_TENSORS {
-                let (t, tail) = rest.split_at(arch.tensor_len(m, kind));
+        for (i, &m) in arch.active_masks().iter().enumerate() {
+            let view = arch.step_arch(i);
+            let glow: &[TensorKind] = if arch.glow { &GLOW_TENSORS } else { &[] };
+            for &kind in glow.iter().chain(&COUPLING_TENSORS) {
+                let (t, tail) = rest.split_at(view.tensor_len(m, kind));
                 rest = tail;
                 for &v in t {
-                    match dtype {
-                        DType::F32 => b.extend_from_slice(&v.to_le_bytes()),
-                        DType::F16 => b.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                    match (dtype, kind.is_glow()) {
+                        (DType::F32, _) | (_, true) => b.extend_from_slice(&v.to_le_bytes()),
+                        (DType::F16, false) => {
+                            b.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())
+                        }
                     }
                 }
                 pad(&mut b);
@@ -1038,7 +1099,11 @@ mod tests {
 
     #[test]
     fn writer_matches_the_documented_layout() {
-        for arch in [small(), squeezed(), MNIST_OR_MINI] {
+        let multi = Arch {
+            glow: false,
+            ..glow_small()
+        };
+        for arch in [small(), squeezed(), MNIST_OR_MINI, glow_small(), multi] {
             let params = random_params(&arch, 3, 1.0);
             for dtype in [DType::F32, DType::F16] {
                 let b = blob(&arch, dtype, &params);
@@ -1103,6 +1168,270 @@ mod tests {
                 .zip(&params)
                 .all(|(a, e)| a.to_bits() == e.to_bits()));
         }
+    }
+
+    /// Every weight of a model in blob order (Glow tensors first in each step), widened.
+    fn all_weights(model: &Model<'_>) -> Vec<f32> {
+        let mut out = Vec::new();
+        for i in 0..model.arch().couplings {
+            if model.arch().glow {
+                for t in model.glow_step(i).unwrap().in_blob_order() {
+                    out.extend(t.iter());
+                }
+            }
+            for t in model.coupling(i).unwrap().in_blob_order() {
+                out.extend(t.iter());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn glow_blob_sizes_and_header() {
+        // MNIST_GLOW: level 0 (16 steps on 4x14x14), level 1 (16 steps on 8x7x7).
+        assert_eq!(MNIST_GLOW.param_count(), 304_320);
+        assert_eq!(header_len(&MNIST_GLOW), 72);
+        // Glow tensors per step: 2C + 2C^2 + 1 f32s (C = 4: 41, C = 8: 145).
+        let glow = 16 * (2 * 4 + 2 * 16 + 1) + 16 * (2 * 8 + 2 * 64 + 1);
+        let coupling = MNIST_GLOW.param_count() - glow;
+        assert_eq!(
+            blob_len(&MNIST_GLOW, DType::F32),
+            72 + 4 * MNIST_GLOW.param_count() + 4
+        );
+        assert_eq!(
+            blob_len(&MNIST_GLOW, DType::F16),
+            72 + 4 * glow + 2 * coupling + 4
+        );
+        std::println!(
+            "MNIST_GLOW blob: f32 {} bytes, f16 {} bytes; COLOR_GLOW: f32 {}, f16 {}",
+            blob_len(&MNIST_GLOW, DType::F32),
+            blob_len(&MNIST_GLOW, DType::F16),
+            blob_len(&COLOR_GLOW, DType::F32),
+            blob_len(&COLOR_GLOW, DType::F16)
+        );
+        let b = valid_glow(DType::F16);
+        assert_eq!(b[8..12], [2, 0, 2, 0]); // version 2, f16
+        assert_eq!(b[16..20], [2, 0, 2, 1]); // channels 2, levels 2, flags: Glow
+        assert_eq!(b[30..32], [0, 0]);
+        assert_eq!(b[40..44], [0, 3, 1, 2]);
+        // Levels without Glow: flags 0.
+        let multi = blob(
+            &Arch {
+                glow: false,
+                ..glow_small()
+            },
+            DType::F32,
+            &random_params(
+                &Arch {
+                    glow: false,
+                    ..glow_small()
+                },
+                1,
+                1.0,
+            ),
+        );
+        assert_eq!(multi[8..10], [2, 0]);
+        assert_eq!(multi[18..20], [2, 0]);
+        // Glow with one level is version 2 too.
+        let one = Arch {
+            levels: 1,
+            couplings: 2,
+            ..glow_small()
+        };
+        let b1 = blob(&one, DType::F32, &random_params(&one, 1, 1.0));
+        assert_eq!((b1[8], b1[18], b1[19]), (2, 1, 1));
+        assert_eq!(blob_version(&one), VERSION_2);
+        assert_eq!(blob_version(&MNIST), VERSION);
+    }
+
+    /// Glow blobs round-trip: f32 bit for bit; f16 gives `round_to_f16_for`, which keeps the
+    /// Glow tensors (stored as f32) exact and rounds the coupling tensors.
+    #[test]
+    fn glow_round_trips_f32_and_f16() {
+        let arch = glow_small();
+        let mut params = random_params(&arch, 21, 1.0);
+        let b = blob(&arch, DType::F32, &params);
+        let model = Model::from_blob(&b).unwrap();
+        assert_same_arch(model.arch(), &arch);
+        let got = all_weights(&model);
+        assert!(got
+            .iter()
+            .zip(&params)
+            .all(|(a, e)| a.to_bits() == e.to_bits()));
+        assert_eq!(got.len(), params.len());
+        let b16 = blob(&arch, DType::F16, &params);
+        let m16 = Model::from_blob(&b16).unwrap();
+        let g = m16.glow_step(2).unwrap();
+        // Step 2 is on level 1 (4 channels): W is 4x4, stored as f32.
+        assert_eq!(
+            (g.logs.len(), g.w.len(), g.w_inv.len(), g.logdet.len()),
+            (4, 16, 16, 1)
+        );
+        let off = arch.coupling_offset(2) + 8;
+        let w: Vec<f32> = g.w.iter().collect();
+        assert!(w
+            .iter()
+            .zip(&params[off..off + 16])
+            .all(|(a, e)| a.to_bits() == e.to_bits()));
+        let unrounded = params.clone();
+        round_to_f16_for(&arch, &mut params).unwrap();
+        let got16 = all_weights(&m16);
+        assert!(got16
+            .iter()
+            .zip(&params)
+            .all(|(a, e)| a.to_bits() == e.to_bits()));
+        // Some coupling weight changed, no Glow weight did.
+        assert!(params.iter().zip(&unrounded).any(|(a, e)| a != e));
+        for (k, (a, e)) in params.iter().zip(&unrounded).enumerate() {
+            if locate(&arch, DType::F16, k).2.is_glow() {
+                assert_eq!(a.to_bits(), e.to_bits());
+            }
+        }
+        // The old function agrees with the new on seed architectures.
+        let mut p = random_params(&small(), 4, 1.0);
+        let mut q = p.clone();
+        round_to_f16(&mut p);
+        round_to_f16_for(&small(), &mut q).unwrap();
+        assert_eq!(p, q);
+        assert!(round_to_f16_for(&arch, &mut q).is_err());
+        // Accessors: out of range, and no Glow tensors in a RealNVP model.
+        assert_eq!(
+            model.glow_step(4).unwrap_err(),
+            Error::InvalidArgument("coupling index out of range")
+        );
+        assert!(model.coupling(4).is_err());
+        let seed = valid(DType::F32);
+        assert_eq!(
+            Model::from_blob(&seed).unwrap().glow_step(0).unwrap_err(),
+            Error::InvalidArgument("the architecture has no Glow steps")
+        );
+    }
+
+    /// Version 2 corruption: bad levels, bad flags, a version 2 header for a version 1
+    /// architecture, a relabelled version, truncation, a non-finite Glow weight.
+    #[test]
+    fn glow_blob_corruptions_are_rejected() {
+        let b = valid_glow(DType::F32);
+        // Levels 0, above MAX_LEVELS, not dividing the couplings (4), or a split of an odd
+        // channel count (levels 3 would need 3 divisions of 4 couplings: also Levels).
+        for levels in [0u8, 3, 9, 0xFF] {
+            let mut m = b.clone();
+            m[18] = levels;
+            assert_eq!(
+                err(&m),
+                Error::InvalidArch(ArchField::Levels),
+                "levels {levels}"
+            );
+        }
+        // Four levels: 4 couplings divide, but 2x4x4 cannot be halved 3 times more.
+        let mut m = b.clone();
+        m[18] = 4;
+        assert_eq!(err(&m), Error::InvalidArch(ArchField::Size));
+        for flags in [2u8, 3, 0x80, 0xFF] {
+            let mut m = b.clone();
+            m[19] = flags;
+            assert_eq!(
+                err(&m),
+                Error::BadHeader(
+                    "unknown flag bits in byte 19 (version 2 defines only bit 0, Glow)"
+                ),
+                "flags {flags:#x}"
+            );
+        }
+        let mut m = b.clone();
+        m[30] = 1;
+        assert_eq!(err(&m), Error::BadHeader("reserved bytes 30-31 are not 0"));
+        // Levels 1, no Glow, under version 2: must be written as version 1.
+        let mut m = valid(DType::F32);
+        m[8] = 2;
+        m[18] = 1;
+        assert_eq!(
+            err(&m),
+            Error::BadHeader("version 2 blob with 1 level and no Glow flag (must be version 1)")
+        );
+        // Glow flag cleared: the shapes (parameter count) no longer match.
+        let mut m = b.clone();
+        m[19] = 0;
+        assert!(matches!(err(&m), Error::BadHeader(s) if s.contains("parameter count")));
+        // A version 2 blob relabelled 1: bytes 18-19 are reserved there.
+        let mut m = b.clone();
+        m[8] = 1;
+        assert_eq!(
+            err(&m),
+            Error::BadHeader("reserved bytes 18-19 or 30-31 are not 0")
+        );
+        // Every strict prefix is a truncation.
+        for dtype in [DType::F32, DType::F16] {
+            let b = valid_glow(dtype);
+            for cut in (0..b.len()).filter(|&c| !cfg!(miri) || c < 64 || c % 31 == 0) {
+                assert!(
+                    matches!(err(&b[..cut]), Error::Truncated { got, .. } if got == cut),
+                    "cut {cut}"
+                );
+            }
+        }
+        // A non-finite weight in each Glow tensor kind and in a coupling tensor, f32 and f16
+        // blobs (Glow tensors are f32 in both).
+        let arch = glow_small();
+        for dtype in [DType::F32, DType::F16] {
+            let b = valid_glow(dtype);
+            let targets = [
+                0,                                // step 0 actnorm logs
+                3,                                // step 0 actnorm bias
+                5,                                // step 0 W
+                arch.coupling_offset(2) + 8 + 16, // step 2 W^-1
+                arch.coupling_offset(3) + 40,     // step 3 log-det
+                arch.coupling_offset(1) + 20,     // step 1 coupling scale
+                arch.param_count() - 1,           // last conv bias
+            ];
+            for index in targets {
+                let (at, step, kind, size) = locate(&arch, dtype, index);
+                let mut m = b.clone();
+                if size == 4 {
+                    m[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+                } else {
+                    set_u16(&mut m, at, 0x7E00);
+                }
+                fix_crc(&mut m);
+                assert_eq!(
+                    err(&m),
+                    Error::NonFiniteGlowWeight { step, kind, index },
+                    "{dtype:?} index {index}"
+                );
+                assert!(err(&m)
+                    .to_string()
+                    .contains(&std::format!("step {step} {kind}")));
+            }
+            assert_eq!(locate(&arch, dtype, 5).2, TensorKind::InvConvWeight);
+            assert_eq!(
+                locate(&arch, dtype, arch.coupling_offset(3) + 40).2,
+                TensorKind::InvConvLogDet
+            );
+        }
+        // The writer: a non-finite Glow weight; a Glow weight beyond f16 range is fine in an
+        // f16 blob (stored as f32), a coupling weight is not.
+        let mut p = random_params(&arch, 8, 1.0);
+        let mut out = std::vec![0u8; blob_len(&arch, DType::F16)];
+        p[6] = 1e6;
+        assert!(write_blob(&arch, DType::F16, &p, &mut out).is_ok());
+        let model = Model::from_blob(&out).unwrap();
+        assert_eq!(model.glow_step(0).unwrap().w.iter().nth(2), Some(1e6));
+        p[6] = f32::NAN;
+        assert_eq!(
+            write_blob(&arch, DType::F16, &p, &mut out),
+            Err(Error::NonFiniteGlowWeight {
+                step: 0,
+                kind: TensorKind::InvConvWeight,
+                index: 6
+            })
+        );
+        p[6] = 0.5;
+        let k = arch.coupling_offset(1) + 30;
+        p[k] = 1e6;
+        assert!(matches!(
+            write_blob(&arch, DType::F16, &p, &mut out),
+            Err(Error::NonFiniteGlowWeight { step: 1, index, .. }) if index == k
+        ));
     }
 
     #[test]
@@ -1809,13 +2138,15 @@ mod tests {
         #[test]
         fn mutated_blobs_never_panic(
             f16 in any::<bool>(),
+            glow in any::<bool>(),
             at in any::<prop::sample::Index>(),
             value in any::<u8>(),
             cut in any::<prop::sample::Index>(),
             truncate in any::<bool>(),
             fix in any::<bool>(),
         ) {
-            let mut b = valid(if f16 { DType::F16 } else { DType::F32 });
+            let dtype = if f16 { DType::F16 } else { DType::F32 };
+            let mut b = if glow { valid_glow(dtype) } else { valid(dtype) };
             let original = b.clone();
             let i = at.index(b.len() - 4);
             b[i] = value;
