@@ -93,10 +93,24 @@ fn small_archs() -> Vec<(&'static str, Arch)> {
     color.hidden = [5, 1];
     color.bits = 1;
     color.logit_alpha = 0.25;
+    // Version 2: two levels (4x2x2, then 8x1x1) with Glow steps; and two levels without.
+    let mut glow = base;
+    glow.levels = 2;
+    glow.glow = true;
+    glow.couplings = 4;
+    let mut multi = checker;
+    multi.height = 4;
+    multi.width = 4;
+    multi.levels = 3;
+    multi.couplings = 3;
+    multi.masks[1] = Mask::ChannelOdd;
+    multi.masks[2] = Mask::ChannelEven;
     vec![
         ("sq1x4x4", base),
         ("chk2x3x5", checker),
         ("rgb3x2x6", color),
+        ("glow-sq1x4x4-l2", glow),
+        ("multi-chk2x4x4-l3", multi),
     ]
 }
 
