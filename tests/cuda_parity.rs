@@ -1102,6 +1102,21 @@ fn training_step_matches_cpu() {
             1,
         ),
         ("checkerboard", checker, 3),
+        (
+            "two-level Glow (ActNorm, 1x1 convolution, split)",
+            Arch {
+                channels: 1,
+                height: 8,
+                width: 8,
+                squeeze: true,
+                levels: 2,
+                glow: true,
+                couplings: 4,
+                masks: clayflow_kernel::alternating_masks(Mask::ChannelEven),
+                ..checker
+            },
+            2,
+        ),
     ];
     for (what, arch, batch) in cases {
         let params = busy_params(&arch, 5);

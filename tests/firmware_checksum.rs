@@ -11,7 +11,9 @@
 #[path = "../tools/firmware/src/shared.rs"]
 mod shared;
 
-use clayflow_kernel::{bits_per_dim, log_prob, sample, scratch_len, DType, Model, MNIST};
+use clayflow_kernel::{
+    bits_per_dim, log_prob, sample, scratch_len, DType, Model, MNIST, MNIST_GLOW,
+};
 use clayflow_trainer::data::load_idx_pair;
 use std::path::Path;
 
@@ -79,4 +81,40 @@ fn embedded_blobs_are_the_mnist_preset() {
         assert_eq!(model.dtype(), dtype);
         assert_eq!(blob.len(), len);
     }
+}
+
+/// The `glow` firmware variant's blob (`tools/firmware/model-glow-f16.cfw`): the
+/// `MNIST_GLOW` preset with deterministic random weights (no trained Glow model exists yet),
+/// to measure flash, RAM and instructions. It is exactly what this test generates; with
+/// `CLAYFLOW_WRITE_GLOW_BLOB=1` the test (re)writes the file instead of comparing.
+#[test]
+fn glow_firmware_blob_is_the_generated_one() {
+    let params = clayflow_suite::random_params(&MNIST_GLOW, 2026, 0.3, 0.5);
+    let blob = clayflow_suite::blob(&MNIST_GLOW, DType::F16, &params);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/firmware/model-glow-f16.cfw");
+    if std::env::var_os("CLAYFLOW_WRITE_GLOW_BLOB").is_some() {
+        std::fs::write(&path, &blob).unwrap();
+    }
+    let committed = std::fs::read(&path).unwrap();
+    assert!(
+        committed == blob,
+        "{} is not the generated blob",
+        path.display()
+    );
+    let model = Model::from_blob(&committed).unwrap();
+    assert_eq!(model.arch().active_masks(), MNIST_GLOW.active_masks());
+    assert_eq!(committed.len(), 614_668);
+    // It samples, and scores the digit, without error.
+    let mut scratch = vec![0f32; scratch_len(model.arch())];
+    let (mut pixels, mut values) = ([0u8; 784], [0f32; 784]);
+    sample(
+        &model,
+        shared::SEED,
+        shared::TEMPERATURE,
+        &mut scratch,
+        &mut pixels,
+        &mut values,
+    )
+    .unwrap();
+    assert!(log_prob(&model, DIGIT, &mut scratch).unwrap().is_finite());
 }

@@ -80,5 +80,31 @@ check "flash bytes" "$flash" "$FLASH_BUDGET"
 check "RAM bytes (data + bss + peak stack)" "$ram" "$RAM_BUDGET"
 check "instructions per sample" "$insn" "$FW_MAX_INSN"
 if ((fail)); then exit 1; fi
+
+# Opt-in (FW_GLOW=1): the `glow` variant (MNIST_GLOW, random weights) against the same flash
+# and RAM budgets. It has no host twin and no instruction budget (it reports its count).
+if [[ "${FW_GLOW:-0}" == 1 ]]; then
+    step "glow variant: build, run, flash and RAM budgets"
+    (cd "$here" && cargo build --release --locked --features glow --target-dir target/glow)
+    gelf="$here/target/glow/thumbv7em-none-eabihf/release/clayflow-firmware"
+    set +e
+    (cd "$work" && timeout 900 $runner "$gelf") >"$work/glow.txt" 2>&1
+    gstatus=$?
+    set -e
+    grep -E '^(clayflow|checksum|digit|instructions|stack):' "$work/glow.txt" || true
+    if ((gstatus != 0)); then
+        echo "FAIL: the glow firmware exited with status $gstatus" >&2
+        exit 1
+    fi
+    read -r text data bss < <(arm-none-eabi-size -A "$gelf" | awk '
+        $1 == ".vector_table" || $1 == ".text" || $1 == ".rodata" { t += $2 }
+        $1 == ".data" { d += $2 }
+        $1 == ".bss" || $1 == ".uninit" { b += $2 }
+        END { print t, d, b }')
+    stack=$(sed -n 's/^stack: peak \([0-9]*\) bytes.*/\1/p' "$work/glow.txt")
+    check "glow flash bytes" "$((text + data))" "$FLASH_BUDGET"
+    check "glow RAM bytes (data + bss + peak stack)" "$((data + bss + stack))" "$RAM_BUDGET"
+    if ((fail)); then exit 1; fi
+fi
 echo
 echo "firmware CI passed"

@@ -13,7 +13,7 @@
 mod shared;
 
 use clayflow_kernel::conv::Conv;
-use clayflow_kernel::{bits_per_dim, image_len, scratch_len, Buffers, Error, Model, MNIST};
+use clayflow_kernel::{bits_per_dim, image_len, scratch_len, Arch, Buffers, Error, Model};
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicU32, Ordering};
 use cortex_m::peripheral::{syst::SystClkSource, SCB, SYST};
@@ -26,21 +26,39 @@ use shared::{Results, PGM_HEADER, PGM_NAME, SEED, SIDE, TEMPERATURE};
 #[repr(C, align(4))]
 struct Aligned<B: ?Sized>(B);
 
-#[cfg(not(feature = "f32-weights"))]
+/// The architecture the buffers are sized for: the MNIST preset, or with the `glow`
+/// feature the two-level Glow preset `MNIST_GLOW`.
+#[cfg(not(feature = "glow"))]
+const ARCH: Arch = clayflow_kernel::MNIST;
+#[cfg(not(feature = "glow"))]
+const ARCH_NAME: &str = "MNIST preset";
+#[cfg(feature = "glow")]
+const ARCH: Arch = clayflow_kernel::MNIST_GLOW;
+#[cfg(feature = "glow")]
+const ARCH_NAME: &str = "MNIST_GLOW preset (2 levels x 16 Glow steps, random weights)";
+
+#[cfg(not(any(feature = "f32-weights", feature = "glow")))]
 static BLOB: &Aligned<[u8]> = &Aligned(*include_bytes!("../model-f16.cfw"));
 #[cfg(not(feature = "f32-weights"))]
 const DTYPE: &str = "f16";
 
+/// The Glow variant's f16 blob (Glow tensors f32): `MNIST_GLOW` with the deterministic
+/// random weights that `tests/firmware_checksum.rs` generates.
+#[cfg(all(feature = "glow", not(feature = "f32-weights")))]
+static BLOB: &Aligned<[u8]> = &Aligned(*include_bytes!("../model-glow-f16.cfw"));
+
+#[cfg(all(feature = "f32-weights", feature = "glow"))]
+compile_error!("the glow variant has only an f16 blob");
 #[cfg(feature = "f32-weights")]
 static BLOB: &Aligned<[u8]> = &Aligned(*include_bytes!("../model-f32.cfw"));
 #[cfg(feature = "f32-weights")]
 const DTYPE: &str = "f32";
 
 /// The real test digit: held-out image `DIGIT_INDEX` of the bundled MNIST data.
-static DIGIT: [u8; image_len(&MNIST)] = *include_bytes!("../digit.bin");
+static DIGIT: [u8; image_len(&ARCH)] = *include_bytes!("../digit.bin");
 
-/// Scratch and image buffers of the MNIST preset, sized at compile time.
-type Bufs = Buffers<{ scratch_len(&MNIST) }, { image_len(&MNIST) }>;
+/// Scratch and image buffers of the architecture, sized at compile time.
+type Bufs = Buffers<{ scratch_len(&ARCH) }, { image_len(&ARCH) }>;
 
 /// The only instance, in `.bss` (about 66 KiB): too big for the stack.
 static mut BUFFERS: Bufs = Bufs::new();
@@ -129,7 +147,7 @@ fn run() -> Result<(), Failure> {
 
     writeln!(
         out,
-        "clayflow firmware: MNIST preset, {DTYPE} blob of {} bytes",
+        "clayflow firmware: {ARCH_NAME}, {DTYPE} blob of {} bytes",
         BLOB.0.len()
     )?;
     writeln!(
@@ -148,7 +166,7 @@ fn run() -> Result<(), Failure> {
     let convs = conv_breakdown(&clock, &model, &mut bufs.scratch)?;
     writeln!(out, "instructions: parse {}", insn(parse))?;
     for (j, ticks) in convs.iter().enumerate() {
-        let (cin, cout, k) = MNIST.conv_shape(MNIST.masks[0], j);
+        let (cin, cout, k) = ARCH.conv_shape(ARCH.masks[0], j);
         writeln!(
             out,
             "instructions: conv{j} of one coupling ({cin}->{cout}, {k}x{k}) {}",
