@@ -79,4 +79,6 @@ pub use base::{Normal, Pcg32, Rng};
 pub use buffers::Buffers;
 pub use error::Error;
 pub use flow::{bits_per_dim, forward, inverse, log_prob, log_prob_u, sample, sample_with};
-pub use weights::{blob_len, write_blob, DType, Model};
+pub use weights::{
+    blob_len, blob_version, round_to_f16_for, write_blob, DType, GlowWeights, Model,
+};
