@@ -34,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Train a flow (with no arguments: the MNIST preset on the bundled 8,000 digits).
+    /// Train a flow (with no arguments: the mnist-glow preset on the bundled 8,000 digits).
     Train(Box<TrainArgs>),
     /// Bits/dim of a run, checkpoint or exported blob on a data set.
     Eval(EvalArgs),
@@ -71,7 +71,7 @@ struct DataArgs {
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
     /// Model preset.
-    #[arg(long, value_enum, default_value_t = Preset::Mnist)]
+    #[arg(long, value_enum, default_value_t = Preset::MnistGlow)]
     preset: Preset,
     /// Model configuration file (JSON, the `model` object of a run's train.json); overrides --preset.
     #[arg(long)]
@@ -115,9 +115,10 @@ struct TrainArgs {
     /// Seed (initialisation, shuffling, noise): the same seed gives the same run.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Run folder (checkpoints, metrics.jsonl, samples.png, loss.svg).
-    #[arg(long, default_value = "runs/mnist")]
-    out: PathBuf,
+    /// Run folder (checkpoints, metrics.jsonl, samples.png, loss.svg); default `runs/PRESET`
+    /// (`runs/custom` with --config).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Continue the run in this folder from its last checkpoint.
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -368,7 +369,16 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
         cfg.limit = a.limit;
         cfg.val_split = a.val_split.unwrap_or(1000);
         cfg.crops_per_image = a.data.crops_per_image.unwrap_or(500);
-        (cfg, a.out.clone(), false)
+        let out = a.out.clone().unwrap_or_else(|| {
+            PathBuf::from("runs").join(match (&a.config, a.preset) {
+                (Some(_), _) => "custom",
+                (None, Preset::Mnist) => "mnist",
+                (None, Preset::Color) => "color",
+                (None, Preset::MnistGlow) => "mnist-glow",
+                (None, Preset::ColorGlow) => "color-glow",
+            })
+        });
+        (cfg, out, false)
     };
     let arch = cfg.model.to_arch()?;
     let data_args = DataArgs {

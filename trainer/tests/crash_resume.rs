@@ -69,6 +69,8 @@ fn fresh_args(out: &Path) -> Vec<String> {
         "--threads",
         "2",
         "train",
+        "--preset",
+        "mnist",
         "--out",
         out,
         "--couplings",

@@ -360,6 +360,8 @@ pub fn tiny_config() -> ModelConfig {
         height: 4,
         width: 4,
         squeeze: true,
+        levels: 1,
+        glow: false,
         masks: vec![
             MaskName::ChannelEven,
             MaskName::ChannelOdd,
