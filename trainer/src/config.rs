@@ -203,12 +203,21 @@ pub fn is_fixed(name: &str) -> bool {
     name.ends_with(".invconv.perm") || name.ends_with(".invconv.sign")
 }
 
-/// Trained parameters of `arch` (what a model's size is quoted in).
+/// Trained parameters of `arch` (what a model's size is quoted in): the fixed permutation
+/// and signs are not counted, and of the 1x1 convolution's `lower` and `upper` only their
+/// strict triangles, `C (C - 1) / 2` each, are parameters.
 pub fn trainable_params(arch: &Arch) -> usize {
     tensor_specs(arch)
         .iter()
         .filter(|s| !is_fixed(&s.name))
-        .map(TensorSpec::len)
+        .map(|s| {
+            if s.name.ends_with(".invconv.lower") || s.name.ends_with(".invconv.upper") {
+                let c = s.shape.first().copied().unwrap_or(0);
+                c * c.saturating_sub(1) / 2
+            } else {
+                s.len()
+            }
+        })
         .sum()
 }
 
@@ -300,6 +309,10 @@ mod tests {
         assert_eq!(specs[16 * 14 + 8].shape, vec![64, 4, 3, 3]);
         let n = trainable_params(&mnist);
         assert!(n <= 350_000, "mnist-glow has {n} parameters");
+        // The blob's count less, per step, W, W^-1 and log|det W| (2C^2 + 1) plus the LU
+        // factors' C^2 - C + C: 16 steps at C = 4 and 16 at C = 8.
+        let per_step = |c: usize| 2 * c * c + 1 - c * c;
+        assert_eq!(n, mnist.param_count() - 16 * per_step(4) - 16 * per_step(8));
         let color = ModelConfig::preset("color-glow")
             .unwrap()
             .to_arch()
