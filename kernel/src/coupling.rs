@@ -1,7 +1,10 @@
 //! The affine coupling layer, forward (image -> latent) and inverse (latent -> image).
 //!
 //! The mask splits the input into a kept half `x_a` and a changed half `x_b`. The CNN reads
-//! only `x_a` and gives `(s_raw, t)`; with `s = scale * tanh(s_raw)`:
+//! only `x_a` and gives `(s_raw, t)`; with the log-scale `s = scale * tanh(s_raw)` (the
+//! seed's RealNVP) or, in a Glow architecture, `s = log sigmoid(s_raw + 2)` (Glow's bound:
+//! `exp(s)` in `(0, 1)`, so a coupling never expands and an unusual image cannot be blown up
+//! through many couplings; the `scale` tensor is unused there):
 //!
 //! * forward:  `y_a = x_a`, `y_b = x_b * exp(s) + t`, log-det `+= sum(s)`;
 //! * inverse:  `x_a = y_a`, `x_b = (y_b - t) * exp(-s)`, with the *same* bounded `s`.
@@ -126,9 +129,14 @@ fn apply(
     {
         let ch = mask.changed_channel(j);
         let xp = x.chunks_exact_mut(plane).nth(ch).ok_or(INTERNAL)?;
-        // One changed element: bounded log-scale, |s| <= |scale|.
+        // One changed element: bounded log-scale, |s| <= |scale| (RealNVP) or s < 0 (Glow).
+        let glow = arch.glow;
         let mut affine = |xv: &mut f32, sr: f32, t: f32| {
-            let s = scale * libm::tanhf(sr);
+            let s = if glow {
+                log_sigmoid(sr + 2.0)
+            } else {
+                scale * libm::tanhf(sr)
+            };
             if inverse {
                 *xv = (*xv - t) * libm::expf(-s);
             } else {
@@ -155,6 +163,13 @@ fn apply(
         }
     }
     Ok(log_det)
+}
+
+/// `log(sigmoid(x)) = -softplus(-x)`, computed without overflow for any `x`:
+/// `min(x, 0) - log1p(exp(-|x|))`.
+pub fn log_sigmoid(x: f32) -> f32 {
+    let m = if x < 0.0 { x } else { 0.0 };
+    m - libm::log1pf(libm::expf(-libm::fabsf(x)))
 }
 
 /// Pixels per flow plane; an error instead of 0 (which would make `chunks_exact` panic),

@@ -276,7 +276,7 @@ impl Flow {
     pub fn trainable(&self) -> Vec<bool> {
         tensor_specs(&self.arch)
             .iter()
-            .map(|s| !is_fixed(&s.name))
+            .map(|s| !is_fixed(&self.arch, &s.name))
             .collect()
     }
 
@@ -613,14 +613,18 @@ impl Flow {
                 b.copy(&lw.state, &mut cache.x_in)?;
                 b.mask_gather(fs, m, &lw.state, &mut cache.cnn_in)?;
                 self.cnn_forward(i, m, batch, cache)?;
-                b.coupling_forward(
-                    fs,
-                    m,
-                    &cache.st,
-                    &self.params[cb],
-                    &mut lw.state,
-                    &mut ws.log_det,
-                )?;
+                if a.glow {
+                    b.glow_coupling_forward(fs, m, &cache.st, &mut lw.state, &mut ws.log_det)?;
+                } else {
+                    b.coupling_forward(
+                        fs,
+                        m,
+                        &cache.st,
+                        &self.params[cb],
+                        &mut lw.state,
+                        &mut ws.log_det,
+                    )?;
+                }
             }
             if l + 1 < a.levels {
                 // Split: the odd channels leave as this level's latent, the even flow on.
@@ -734,17 +738,30 @@ impl Flow {
                 {
                     let gr = &mut grads[cb..cb + 7];
                     b.fill(&mut gr[0], 0.0)?;
-                    b.coupling_backward(
-                        fs,
-                        m,
-                        &cache.x_in,
-                        &cache.st,
-                        &p[0],
-                        -g,
-                        &mut lw.d_state,
-                        d_st,
-                        &mut gr[0],
-                    )?;
+                    if a.glow {
+                        // Glow's sigmoid scale does not use the `scale` tensor: no gradient.
+                        b.glow_coupling_backward(
+                            fs,
+                            m,
+                            &cache.x_in,
+                            &cache.st,
+                            -g,
+                            &mut lw.d_state,
+                            d_st,
+                        )?;
+                    } else {
+                        b.coupling_backward(
+                            fs,
+                            m,
+                            &cache.x_in,
+                            &cache.st,
+                            &p[0],
+                            -g,
+                            &mut lw.d_state,
+                            d_st,
+                            &mut gr[0],
+                        )?;
+                    }
                     let (s0, s1, s2) = (
                         Self::conv(&view, batch, m, 0),
                         Self::conv(&view, batch, m, 1),
@@ -887,7 +904,11 @@ impl Flow {
                 let cache = &mut step.coupling;
                 b.mask_gather(fs, m, &lw.state, &mut cache.cnn_in)?;
                 self.cnn_forward(i, m, batch, cache)?;
-                b.coupling_inverse(fs, m, &cache.st, &self.params[cb], &mut lw.state)?;
+                if a.glow {
+                    b.glow_coupling_inverse(fs, m, &cache.st, &mut lw.state)?;
+                } else {
+                    b.coupling_inverse(fs, m, &cache.st, &self.params[cb], &mut lw.state)?;
+                }
                 if let Some(gc) = step.glow.as_ref() {
                     b.conv_forward(
                         &self.conv1x1(l, batch),
@@ -1165,7 +1186,7 @@ pub(crate) mod tests {
         f.backward(&mut grads).unwrap();
         for ((spec, g), t) in tensor_specs(&arch).iter().zip(&grads).zip(f.trainable()) {
             let g = f.backend().download(g).unwrap();
-            assert_eq!(t, !is_fixed(&spec.name));
+            assert_eq!(t, !is_fixed(&arch, &spec.name));
             if !t {
                 assert!(g.iter().all(|&v| v == 0.0), "{} has a gradient", spec.name);
             }
@@ -1199,7 +1220,7 @@ pub(crate) mod tests {
                 .collect();
             let mut rng = Pcg32::new(21);
             for (k, spec) in tensor_specs(&arch).iter().enumerate() {
-                if is_fixed(&spec.name) {
+                if is_fixed(&arch, &spec.name) {
                     continue;
                 }
                 let dir: Vec<f32> = (0..spec.len())

@@ -10,6 +10,7 @@
 
 pub mod actnorm;
 mod check;
+pub mod glow_coupling;
 pub mod cpu;
 pub mod cuda;
 pub mod select;
@@ -261,6 +262,66 @@ pub trait Backend: Send + Sync + Debug {
     /// ActNorm in place (see [`actnorm`]): `x = x exp(logs[c]) + bias[c]`, and
     /// `log_det[i] += plane * sum(logs)`. The default moves the buffers through the host; a
     /// device backend may override it with a kernel.
+    /// Glow's coupling forward (`s = log sigmoid(s_raw + 2)`, see [`glow_coupling`]); the
+    /// default moves the buffers through the host.
+    fn glow_coupling_forward(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        st: &Buffer,
+        x: &mut Buffer,
+        log_det: &mut Buffer,
+    ) -> Result<()> {
+        let op = "glow_coupling_forward";
+        check_glow_coupling(op, shape, mask, x, st)?;
+        expect_len(op, "log_det", log_det, shape.batch)?;
+        let stv = self.download(st)?;
+        let (mut xv, mut ld) = (self.download(x)?, self.download(log_det)?);
+        glow_coupling::forward(shape, mask, &stv, &mut xv, &mut ld);
+        *x = self.upload(&xv)?;
+        *log_det = self.upload(&ld)?;
+        Ok(())
+    }
+    /// Glow's coupling inverse; the default moves the buffers through the host.
+    fn glow_coupling_inverse(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        st: &Buffer,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        check_glow_coupling("glow_coupling_inverse", shape, mask, y, st)?;
+        let stv = self.download(st)?;
+        let mut yv = self.download(y)?;
+        glow_coupling::inverse(shape, mask, &stv, &mut yv);
+        *y = self.upload(&yv)?;
+        Ok(())
+    }
+    /// Glow's coupling backward (see [`glow_coupling::backward`]); the default moves the
+    /// buffers through the host.
+    #[allow(clippy::too_many_arguments)]
+    fn glow_coupling_backward(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        x: &Buffer,
+        st: &Buffer,
+        g_log_det: f32,
+        dy: &mut Buffer,
+        d_st: &mut Buffer,
+    ) -> Result<()> {
+        let op = "glow_coupling_backward";
+        check_glow_coupling(op, shape, mask, x, st)?;
+        expect_len(op, "dy", dy, shape.len())?;
+        expect_len(op, "d_st", d_st, st.len())?;
+        let (xv, stv) = (self.download(x)?, self.download(st)?);
+        let (mut g, mut ds) = (self.download(dy)?, self.download(d_st)?);
+        glow_coupling::backward(shape, mask, &xv, &stv, g_log_det, &mut g, &mut ds);
+        *dy = self.upload(&g)?;
+        *d_st = self.upload(&ds)?;
+        Ok(())
+    }
+
     fn actnorm_forward(
         &self,
         shape: Shape4,
@@ -339,6 +400,18 @@ pub trait Backend: Send + Sync + Debug {
 }
 
 /// Checks the buffers of an ActNorm op: per-channel `logs` and `bias`, a `shape` tensor `x`.
+pub(crate) fn check_glow_coupling(
+    op: &'static str,
+    shape: Shape4,
+    mask: Mask,
+    x: &Buffer,
+    st: &Buffer,
+) -> Result<()> {
+    expect_len(op, "x", x, shape.len())?;
+    let (cc, _) = mask.split_channels(shape.channels);
+    expect_len(op, "st", st, shape.batch * 2 * cc * shape.plane())
+}
+
 pub(crate) fn check_actnorm(
     op: &'static str,
     shape: Shape4,

@@ -6,7 +6,7 @@ pub mod conv;
 
 use super::check;
 use super::{
-    actnorm, check_actnorm, expect_len, AdamStep, Backend, BackendError, Buffer, ConvShape, Result,
+    actnorm, check_actnorm, check_glow_coupling, expect_len, glow_coupling, AdamStep, Backend, BackendError, Buffer, ConvShape, Result,
     Shape4, Storage,
 };
 use clayflow_kernel::Mask;
@@ -446,6 +446,66 @@ impl Backend for CpuBackend {
                 *d += *v as f32;
             }
         }
+        Ok(())
+    }
+
+    fn glow_coupling_forward(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        st: &Buffer,
+        x: &mut Buffer,
+        log_det: &mut Buffer,
+    ) -> Result<()> {
+        let op = "glow_coupling_forward";
+        check_glow_coupling(op, shape, mask, x, st)?;
+        expect_len(op, "log_det", log_det, shape.batch)?;
+        glow_coupling::forward(
+            shape,
+            mask,
+            host(op, st)?,
+            host_mut(op, x)?,
+            host_mut(op, log_det)?,
+        );
+        Ok(())
+    }
+
+    fn glow_coupling_inverse(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        st: &Buffer,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        let op = "glow_coupling_inverse";
+        check_glow_coupling(op, shape, mask, y, st)?;
+        glow_coupling::inverse(shape, mask, host(op, st)?, host_mut(op, y)?);
+        Ok(())
+    }
+
+    fn glow_coupling_backward(
+        &self,
+        shape: Shape4,
+        mask: Mask,
+        x: &Buffer,
+        st: &Buffer,
+        g_log_det: f32,
+        dy: &mut Buffer,
+        d_st: &mut Buffer,
+    ) -> Result<()> {
+        let op = "glow_coupling_backward";
+        check_glow_coupling(op, shape, mask, x, st)?;
+        expect_len(op, "dy", dy, shape.len())?;
+        expect_len(op, "d_st", d_st, st.len())?;
+        glow_coupling::backward(
+            shape,
+            mask,
+            host(op, x)?,
+            host(op, st)?,
+            g_log_det,
+            host_mut(op, dy)?,
+            host_mut(op, d_st)?,
+        );
         Ok(())
     }
 
