@@ -249,7 +249,8 @@ pub const MAX_SCRATCH: usize = 1 << 28;
 /// Shape of one parameter tensor, in blob order (see `FORMAT.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorKind {
-    /// Per-changed-channel scale of `tanh(s_raw)`, `[changed]`.
+    /// Per-changed-channel scale of `tanh(s_raw)`, `[changed]` (unused in Glow steps, whose
+    /// log-scale is `log sigmoid(s_raw + 2)`).
     Scale,
     /// Conv weight `[cout][cin][k][k]` of conv `0..3`.
     ConvWeight(usize),
