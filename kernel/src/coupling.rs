@@ -226,3 +226,21 @@ pub fn inverse(
     let st = cnn(arch, cw, y, work)?;
     apply(arch, cw, st, y, true).map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::log_sigmoid;
+
+    #[test]
+    fn log_sigmoid_matches_the_definition_and_never_overflows() {
+        for &x in &[-20.0f32, -3.0, -0.5, 0.0, 0.7, 2.0, 9.0, 20.0] {
+            let want = -(1.0 + (-f64::from(x)).exp()).ln();
+            let got = f64::from(log_sigmoid(x));
+            assert!((got - want).abs() < 1e-6 * (1.0 + want.abs()), "{x}: {got} vs {want}");
+        }
+        // The naive ln(1 / (1 + e^-x)) overflows e^-x here; the stable form does not.
+        assert_eq!(log_sigmoid(-200.0), -200.0);
+        assert_eq!(log_sigmoid(200.0), 0.0);
+        assert!(log_sigmoid(f32::MAX).is_finite() && log_sigmoid(-f32::MAX).is_finite());
+    }
+}
