@@ -236,7 +236,10 @@ mod tests {
         for &x in &[-20.0f32, -3.0, -0.5, 0.0, 0.7, 2.0, 9.0, 20.0] {
             let want = -(1.0 + (-f64::from(x)).exp()).ln();
             let got = f64::from(log_sigmoid(x));
-            assert!((got - want).abs() < 1e-6 * (1.0 + want.abs()), "{x}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 1e-6 * (1.0 + want.abs()),
+                "{x}: {got} vs {want}"
+            );
         }
         // The naive ln(1 / (1 + e^-x)) overflows e^-x here; the stable form does not.
         assert_eq!(log_sigmoid(-200.0), -200.0);

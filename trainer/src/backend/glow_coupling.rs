@@ -166,8 +166,7 @@ mod tests {
             let mut y = x.to_vec();
             let mut ld = vec![0.0f32];
             forward(shape, mask, st, &mut y, &mut ld);
-            y.iter().zip(&w).map(|(a, b)| f64::from(a * b)).sum::<f64>()
-                + f64::from(g_ld * ld[0])
+            y.iter().zip(&w).map(|(a, b)| f64::from(a * b)).sum::<f64>() + f64::from(g_ld * ld[0])
         };
         let mut dy = w.clone();
         let mut d_st = vec![0.0f32; 8];
@@ -178,7 +177,11 @@ mod tests {
             a[k] += eps;
             b[k] -= eps;
             let fd = (loss(&x, &a) - loss(&x, &b)) / (2.0 * f64::from(eps));
-            assert!((fd - f64::from(d_st[k])).abs() < 1e-3, "st[{k}]: {fd} vs {}", d_st[k]);
+            assert!(
+                (fd - f64::from(d_st[k])).abs() < 1e-3,
+                "st[{k}]: {fd} vs {}",
+                d_st[k]
+            );
         }
         // The changed channel (0 for ChannelOdd): d/dx of the changed elements.
         for k in 0..4 {
@@ -186,7 +189,11 @@ mod tests {
             a[k] += eps;
             b[k] -= eps;
             let fd = (loss(&a, &st) - loss(&b, &st)) / (2.0 * f64::from(eps));
-            assert!((fd - f64::from(dy[k])).abs() < 1e-3, "x[{k}]: {fd} vs {}", dy[k]);
+            assert!(
+                (fd - f64::from(dy[k])).abs() < 1e-3,
+                "x[{k}]: {fd} vs {}",
+                dy[k]
+            );
         }
     }
 }

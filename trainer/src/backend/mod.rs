@@ -10,9 +10,9 @@
 
 pub mod actnorm;
 mod check;
-pub mod glow_coupling;
 pub mod cpu;
 pub mod cuda;
+pub mod glow_coupling;
 pub mod select;
 
 pub use cpu::conv::ConvShape;
@@ -259,9 +259,6 @@ pub trait Backend: Send + Sync + Debug {
         d_scale: &mut Buffer,
     ) -> Result<()>;
 
-    /// ActNorm in place (see [`actnorm`]): `x = x exp(logs[c]) + bias[c]`, and
-    /// `log_det[i] += plane * sum(logs)`. The default moves the buffers through the host; a
-    /// device backend may override it with a kernel.
     /// Glow's coupling forward (`s = log sigmoid(s_raw + 2)`, see [`glow_coupling`]); the
     /// default moves the buffers through the host.
     fn glow_coupling_forward(
@@ -322,6 +319,9 @@ pub trait Backend: Send + Sync + Debug {
         Ok(())
     }
 
+    /// ActNorm in place (see [`actnorm`]): `x = x exp(logs[c]) + bias[c]`, and
+    /// `log_det[i] += plane * sum(logs)`. The default moves the buffers through the host; a
+    /// device backend may override it with a kernel.
     fn actnorm_forward(
         &self,
         shape: Shape4,

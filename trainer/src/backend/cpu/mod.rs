@@ -6,8 +6,8 @@ pub mod conv;
 
 use super::check;
 use super::{
-    actnorm, check_actnorm, check_glow_coupling, expect_len, glow_coupling, AdamStep, Backend, BackendError, Buffer, ConvShape, Result,
-    Shape4, Storage,
+    actnorm, check_actnorm, check_glow_coupling, expect_len, glow_coupling, AdamStep, Backend,
+    BackendError, Buffer, ConvShape, Result, Shape4, Storage,
 };
 use clayflow_kernel::Mask;
 use rayon::prelude::*;
