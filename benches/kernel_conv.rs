@@ -1,7 +1,7 @@
 //! Criterion benches of the kernel (batch 1, one thread) on the path this build selects
-//! (`clayflow_kernel::conv::PATH`, set by the target flags): every convolution shape of both
-//! presets with f32 and f16 weights (throughput in FLOP, so criterion prints GFLOP/s), and
-//! `sample` / `log_prob` of both presets. Before them it prints one core's measured FMA peak
+//! (`clayflow_kernel::conv::PATH`, set by the target flags): every convolution shape of the
+//! seed presets and of `mnist-glow` with f32 and f16 weights (throughput in FLOP, so
+//! criterion prints GFLOP/s), and `sample` / `log_prob` of those three models. Before them it prints one core's measured FMA peak
 //! for the path and the 7x7 MNIST convolution's share of it.
 //!
 //! ```text
@@ -16,20 +16,27 @@ use std::time::{Duration, Instant};
 
 use clayflow_kernel::conv::{Conv, PATH};
 use clayflow_kernel::weights::Tensor;
-use clayflow_kernel::{scratch_len, Arch, DType, Model, COLOR, MNIST};
+use clayflow_kernel::{scratch_len, Arch, DType, Model, COLOR, MNIST, MNIST_GLOW};
 use clayflow_suite::peak::{fma_peak_gflops, PEAK_INSTRUCTION};
 use clayflow_suite::{blob, random_params};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 /// (name, cin, cout, height = width, kernel): the three convolutions of each preset's
-/// couplings (channel masks: the CNN sees half the squeezed channels).
-const SHAPES: [(&str, usize, usize, usize, usize); 6] = [
+/// couplings (channel masks: the CNN sees half the squeezed channels); for `mnist-glow`
+/// those of both levels (14x14 and 7x7; the 64 -> 64 1x1 is the middle layer).
+const SHAPES: [(&str, usize, usize, usize, usize); 12] = [
     ("mnist_2x8_k5", 2, 8, 14, 5),
     ("mnist_8x64_k7", 8, 64, 14, 7),
     ("mnist_64x4_k3", 64, 4, 14, 3),
     ("colour_6x24_k5", 6, 24, 16, 5),
     ("colour_24x192_k7", 24, 192, 16, 7),
     ("colour_192x12_k3", 192, 12, 16, 3),
+    ("glow14_2x64_k3", 2, 64, 14, 3),
+    ("glow14_64x64_k1", 64, 64, 14, 1),
+    ("glow14_64x4_k3", 64, 4, 14, 3),
+    ("glow7_4x64_k3", 4, 64, 7, 3),
+    ("glow7_64x64_k1", 64, 64, 7, 1),
+    ("glow7_64x8_k3", 64, 8, 7, 3),
 ];
 
 fn flops(c: &Conv) -> u64 {
@@ -135,8 +142,10 @@ fn convs(c: &mut Criterion) {
 }
 
 fn model(arch: &Arch, dtype: DType) -> Vec<u8> {
-    // He-like random weights (activations keep their scale), scales near 1.
-    blob(arch, dtype, &random_params(arch, 7, 1.0, 0.5))
+    // He-like random weights (activations keep their scale), scales near 1; gain 0.3 for
+    // the 32 Glow steps, whose random couplings would otherwise push the sample to inf.
+    let gain = if arch.glow { 0.3 } else { 1.0 };
+    blob(arch, dtype, &random_params(arch, 7, gain, 0.5))
 }
 
 fn whole(c: &mut Criterion) {
@@ -144,7 +153,11 @@ fn whole(c: &mut Criterion) {
     g.warm_up_time(Duration::from_millis(500));
     g.measurement_time(Duration::from_secs(3));
     g.sample_size(20);
-    for (tag, arch) in [("mnist", MNIST), ("colour", COLOR)] {
+    for (tag, arch) in [
+        ("mnist", MNIST),
+        ("mnist_glow", MNIST_GLOW),
+        ("colour", COLOR),
+    ] {
         for dtype in [DType::F32, DType::F16] {
             let bytes = model(&arch, dtype);
             let m = Model::from_blob(&bytes).unwrap();

@@ -83,28 +83,36 @@ fn embedded_blobs_are_the_mnist_preset() {
     }
 }
 
-/// The `glow` firmware variant's blob (`tools/firmware/model-glow-f16.cfw`): the
-/// `MNIST_GLOW` preset with deterministic random weights (no trained Glow model exists yet),
-/// to measure flash, RAM and instructions. It is exactly what this test generates; with
-/// `CLAYFLOW_WRITE_GLOW_BLOB=1` the test (re)writes the file instead of comparing.
+/// The default firmware's blob (`tools/firmware/model-glow-f16.cfw`): the trained
+/// `mnist-glow` model (f16 coupling weights, f32 Glow tensors, blob version 3), exported from
+/// the run the firmware README names.
+static BLOB_GLOW: &[u8] = include_bytes!("../tools/firmware/model-glow-f16.cfw");
+
+/// FNV-1a of the trained `mnist-glow` sample (seed `shared::SEED`, temperature
+/// `shared::TEMPERATURE`), as the firmware printed it under QEMU when this was pinned.
+const GLOW_CHECKSUM: u32 = 0x09bf_e03d;
+/// Bits/dim of the held-out digit, its negative and uniform noise (`shared::SCORED`) under
+/// the trained `mnist-glow` model, as the firmware printed them: 1.0984516, 10.679215,
+/// 18.796482.
+const GLOW_SCORES: [u32; 3] = [0x3f8c_9a10, 0x412a_de10, 0x4196_5f32];
+/// The same three under the seed's MNIST model: 1.5806427, 53.719563, 34.319073.
+const SEED_SCORES: [u32; 3] = [0x3fca_5280, 0x4256_e0d5, 0x4209_46bb];
+
+/// Bits/dim of the three scored inputs under `blob`'s model, through the kernel.
+fn scores(blob: &[u8]) -> [f32; 3] {
+    let model = Model::from_blob(blob).unwrap();
+    let mut scratch = vec![0f32; scratch_len(model.arch())];
+    [*DIGIT, shared::negative(DIGIT), shared::noise()].map(|image| {
+        bits_per_dim(
+            model.arch(),
+            log_prob(&model, &image, &mut scratch).unwrap(),
+        )
+    })
+}
+
 #[test]
-fn glow_firmware_blob_is_the_generated_one() {
-    let params = clayflow_suite::random_params(&MNIST_GLOW, 2026, 0.3, 0.5);
-    let blob = clayflow_suite::blob(&MNIST_GLOW, DType::F16, &params);
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/firmware/model-glow-f16.cfw");
-    if std::env::var_os("CLAYFLOW_WRITE_GLOW_BLOB").is_some() {
-        std::fs::write(&path, &blob).unwrap();
-    }
-    let committed = std::fs::read(&path).unwrap();
-    assert!(
-        committed == blob,
-        "{} is not the generated blob",
-        path.display()
-    );
-    let model = Model::from_blob(&committed).unwrap();
-    assert_eq!(model.arch().active_masks(), MNIST_GLOW.active_masks());
-    assert_eq!(committed.len(), 614_668);
-    // It samples, and scores the digit, without error.
+fn glow_sample_checksum_and_scores_are_pinned() {
+    let model = Model::from_blob(BLOB_GLOW).unwrap();
     let mut scratch = vec![0f32; scratch_len(model.arch())];
     let (mut pixels, mut values) = ([0u8; 784], [0f32; 784]);
     sample(
@@ -116,5 +124,68 @@ fn glow_firmware_blob_is_the_generated_one() {
         &mut values,
     )
     .unwrap();
-    assert!(log_prob(&model, DIGIT, &mut scratch).unwrap().is_finite());
+    let checksum = shared::fnv1a32(&values);
+    assert_eq!(checksum, GLOW_CHECKSUM, "glow sample checksum: {UPDATE}");
+    let lit = pixels.iter().filter(|&&p| p > 128).count();
+    assert!((30..400).contains(&lit), "{lit} bright pixels");
+    let bpd = scores(BLOB_GLOW);
+    assert_eq!(
+        bpd.map(f32::to_bits),
+        GLOW_SCORES,
+        "glow bits/dim of digit, negative, noise {bpd:?}: {UPDATE}"
+    );
+}
+
+/// The anomaly score the firmware shows: under either trained model the real digit is far
+/// more likely than its negative or uniform noise (several bits per pixel apart), and the
+/// seed model's scores are pinned like the Glow model's.
+#[test]
+fn the_digit_scores_clearly_lowest_on_both_models() {
+    for (name, blob) in [("mnist-glow", BLOB_GLOW), ("mnist", BLOB_F16)] {
+        let [digit, negative, noise] = scores(blob);
+        assert!((0.5..2.0).contains(&digit), "{name}: digit {digit}");
+        assert!(
+            negative > digit + 3.0,
+            "{name}: negative {negative} vs digit {digit}"
+        );
+        assert!(
+            noise > digit + 3.0,
+            "{name}: noise {noise} vs digit {digit}"
+        );
+    }
+    let bpd = scores(BLOB_F16);
+    assert_eq!(
+        bpd.map(f32::to_bits),
+        SEED_SCORES,
+        "seed scores {bpd:?}: {UPDATE}"
+    );
+}
+
+#[test]
+fn the_glow_blob_is_a_version_3_mnist_glow_model() {
+    let model = Model::from_blob(BLOB_GLOW).unwrap();
+    assert_eq!(model.arch().active_masks(), MNIST_GLOW.active_masks());
+    assert_eq!(model.arch().levels, 2);
+    assert!(model.arch().glow);
+    assert_eq!(model.dtype(), DType::F16);
+    assert_eq!(model.version(), 3);
+    assert_eq!(
+        BLOB_GLOW.len(),
+        clayflow_kernel::blob_len(&MNIST_GLOW, DType::F16)
+    );
+    assert_eq!(BLOB_GLOW.len(), 614_476);
+}
+
+/// The two non-digit inputs are what their names say.
+#[test]
+fn the_scored_non_digits_are_the_negative_and_noise() {
+    let neg = shared::negative(DIGIT);
+    assert!(neg.iter().zip(DIGIT).all(|(&n, &d)| n == 255 - d));
+    let noise = shared::noise();
+    assert_eq!(noise, shared::noise(), "deterministic");
+    // Roughly uniform: every quarter of the byte range holds 15-35% of the pixels.
+    for q in 0..4u8 {
+        let n = noise.iter().filter(|&&p| p / 64 == q).count();
+        assert!((117..275).contains(&n), "quarter {q}: {n} of 784");
+    }
 }

@@ -249,8 +249,8 @@ pub const MAX_SCRATCH: usize = 1 << 28;
 /// Shape of one parameter tensor, in blob order (see `FORMAT.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorKind {
-    /// Per-changed-channel scale of `tanh(s_raw)`, `[changed]` (unused in Glow steps, whose
-    /// log-scale is `log sigmoid(s_raw + 2)`).
+    /// Per-changed-channel scale of `tanh(s_raw)`, `[changed]`. Glow steps, whose log-scale
+    /// is `log sigmoid(s_raw + 2)`, have none: its length is 0 there ([`Arch::tensor_len`]).
     Scale,
     /// Conv weight `[cout][cin][k][k]` of conv `0..3`.
     ConvWeight(usize),
@@ -407,6 +407,9 @@ impl Arch {
             TensorKind::ActNormLogs | TensorKind::ActNormBias => c,
             TensorKind::InvConvWeight | TensorKind::InvConvInverse => c.saturating_mul(c),
             TensorKind::InvConvLogDet => 1,
+            // Glow couplings bound their log-scale with a sigmoid and have no scale tensor
+            // (blob version 3; version 2 stored an unused one, see `weights`).
+            TensorKind::Scale if self.glow => 0,
             TensorKind::Scale => self.changed(mask),
             TensorKind::ConvWeight(j) => {
                 let (cin, cout, k) = self.conv_shape(mask, j);
@@ -721,6 +724,14 @@ mod tests {
         COLOR.validate().unwrap();
         MNIST_GLOW.validate().unwrap();
         COLOR_GLOW.validate().unwrap();
+        // 16 x (2*4 + 2*16 + 1 + 64*2*9+64 + 64*64+64 + 4*64*9+4)
+        //   + 16 x (2*8 + 2*64 + 1 + 64*4*9+64 + 64*64+64 + 8*64*9+8), no scale tensors.
+        assert_eq!(MNIST_GLOW.param_count(), 304_224);
+        assert_eq!(
+            MNIST_GLOW.tensor_len(Mask::ChannelEven, TensorKind::Scale),
+            0
+        );
+        assert_eq!(MNIST.tensor_len(Mask::ChannelEven, TensorKind::Scale), 2);
         std::println!(
             "glow params: {} {}",
             MNIST_GLOW.param_count(),

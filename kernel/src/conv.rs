@@ -139,6 +139,48 @@ impl Conv {
         self.forward_scalar(input, weight, bias, relu, out)
     }
 
+    /// `out = W input` for a 1x1 convolution without bias or activation (`weight` is the
+    /// `cout x cin` matrix): the Glow step's invertible 1x1 convolution, `W` forward and
+    /// `W^-1` inverse. The same paths as [`Conv::forward`]'s 1x1 case, sums from 0.
+    pub(crate) fn forward_unbiased(
+        &self,
+        input: &[f32],
+        weight: Tensor<'_>,
+        out: &mut [f32],
+    ) -> Result<(), Error> {
+        if self.kernel != 1 {
+            return Err(Error::InvalidArgument(
+                "an unbiased convolution must be 1x1",
+            ));
+        }
+        self.check(input.len(), weight.len(), self.cout, out.len())?;
+        if self.height == 0 || self.width == 0 || self.cout == 0 {
+            return Ok(());
+        }
+        if self.cin == 0 {
+            out.fill(0.0);
+            return Ok(());
+        }
+        #[cfg(any(
+            all(
+                any(target_arch = "x86", target_arch = "x86_64"),
+                any(
+                    target_feature = "avx512f",
+                    all(target_feature = "avx2", target_feature = "fma")
+                )
+            ),
+            all(
+                target_arch = "aarch64",
+                target_feature = "neon",
+                target_endian = "little"
+            )
+        ))]
+        if !crate::simd::force_scalar() {
+            return crate::simd::pointwise(self, input, weight, None, false, out);
+        }
+        self.forward_pointwise(input, weight, None, false, out)
+    }
+
     /// The scalar paths (blocked, or direct for kernels over [`MAX_K`]); what
     /// [`Conv::forward`] runs when no SIMD path is compiled in or the shape is too large for
     /// it. Sizes already checked. Not inlined into `forward` in SIMD builds, so its 24 KiB of
@@ -170,9 +212,90 @@ impl Conv {
     ) -> Result<(), Error> {
         if self.cin == 0 || self.kernel > MAX_K {
             self.forward_direct(input, weight, bias, relu, out)
+        } else if self.kernel == 1 {
+            self.forward_pointwise(input, weight, Some(bias), relu, out)
         } else {
             self.forward_blocked(input, weight, bias, relu, out)
         }
+    }
+
+    /// The 1x1 ("pointwise") convolution, a matrix product over the flattened plane:
+    /// `out[o][p] = bias[o] + sum_i w[o][i] * in[i][p]` (`cin >= 1`, sizes checked).
+    ///
+    /// A 1x1 kernel needs no padding, so there is no window: the input planes are read in
+    /// place. Per block of [`OC`] output channels, the block's weights are widened once into
+    /// a stack buffer laid out `[ic][oc]` (up to [`WB`] input channels at a time; more are
+    /// taken in groups, the accumulators going through the output in between). Then the
+    /// flattened plane is swept in blocks of [`PW_PIXELS`] (then 4, 2, 1) pixels with
+    /// `OC x pixels` accumulators in registers over every input channel of the group: per
+    /// input channel, `pixels` input loads and [`OC`] weight loads feed `OC x pixels`
+    /// multiply-adds. The sum runs in the same order as on the other paths (bias, then input
+    /// channel), so the result is bit-identical to [`Conv::forward_blocked`] and
+    /// [`Conv::forward_direct`].
+    ///
+    /// Without a bias (`None`, the Glow step's invertible 1x1 convolution) the sums start
+    /// from 0.
+    pub(crate) fn forward_pointwise(
+        &self,
+        input: &[f32],
+        weight: Tensor<'_>,
+        bias: Option<Tensor<'_>>,
+        relu: bool,
+        out: &mut [f32],
+    ) -> Result<(), Error> {
+        let cin = self.cin;
+        let plane = self.height * self.width;
+        if self.kernel != 1 || cin == 0 {
+            return Err(INTERNAL);
+        }
+        let mut wbuf = [[0f32; OC]; WB];
+        for (ob, out_block) in out.chunks_mut(OC * plane).enumerate() {
+            let oc0 = ob * OC;
+            let ocn = out_block.len() / plane;
+            let mut bbuf = [0f32; OC];
+            if let Some(bias) = bias {
+                for (j, b) in bbuf.iter_mut().enumerate().take(ocn) {
+                    *b = bias
+                        .slice(oc0 + j, 1)
+                        .and_then(|t| t.iter().next())
+                        .ok_or(INTERNAL)?;
+                }
+            }
+            for ic0 in (0..cin).step_by(WB) {
+                let g = WB.min(cin - ic0);
+                let wk = wbuf.get_mut(..g).ok_or(INTERNAL)?;
+                stage_pointwise(wk, weight, oc0, ocn, ic0, cin)?;
+                let wk = wbuf.get(..g).ok_or(INTERNAL)?;
+                let ins = input.get(ic0 * plane..(ic0 + g) * plane).ok_or(INTERNAL)?;
+                let mode = match (ic0 == 0, relu && ic0 + g == cin) {
+                    (true, true) => Mode::FirstRelu,
+                    (true, false) => Mode::First,
+                    (false, true) => Mode::LastRelu,
+                    (false, false) => Mode::Middle,
+                };
+                let pw = Pointwise {
+                    ins,
+                    wk,
+                    plane,
+                    bias: &bbuf,
+                    mode,
+                };
+                let mut p = 0;
+                while p < plane {
+                    let left = plane - p;
+                    p += if left >= PW_PIXELS {
+                        pw.block::<PW_PIXELS>(p, out_block)?
+                    } else if left >= 4 {
+                        pw.block::<4>(p, out_block)?
+                    } else if left >= 2 {
+                        pw.block::<2>(p, out_block)?
+                    } else {
+                        pw.block::<1>(p, out_block)?
+                    };
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The direct algorithm: for each weight tap, one multiply-add over the row segment of
@@ -330,6 +453,9 @@ impl Conv {
 
 /// Output channels computed together (one register block holds `OC x 4` accumulators).
 const OC: usize = 4;
+/// Pixels per register block of the 1x1 path: `OC x PW_PIXELS` accumulators, the pixels'
+/// inputs and one weight fit the Cortex-M4F's 32 single-precision registers.
+const PW_PIXELS: usize = 4;
 /// Largest kernel the blocked path takes (the blob format's limit).
 const MAX_K: usize = 15;
 /// Capacity of one input channel's zero-padded window, in f32 (sets the tile size).
@@ -421,6 +547,8 @@ impl Tile {
                 };
                 x0 += if left >= 4 {
                     self.block::<4>(&b, bias, mode, out)?
+                } else if left == 3 {
+                    self.block::<3>(&b, bias, mode, out)?
                 } else if left >= 2 {
                     self.block::<2>(&b, bias, mode, out)?
                 } else {
@@ -463,24 +591,43 @@ impl Tile {
         let nk = kx_hi.saturating_sub(kx_lo);
         let r = b.rows;
         let ws = self.ws;
-        // The group's input channels in order; per channel, kernel rows ky_lo..ky_hi.
-        for (wg, kg) in r.win.chunks_exact(r.wlen).zip(r.wk.chunks_exact(r.kk)) {
-            // Window rows from ky_lo on, from the block's first tap column.
-            let rows = wg.get(r.row_off + b.x0 + kx_lo..).ok_or(INTERNAL)?;
-            let wrows = kg.get(r.w_lo..r.w_hi).ok_or(INTERNAL)?;
-            match (full, k, N) {
-                (true, 3, 4) => rows_k::<N, 3, 6>(&mut acc, rows, ws, wrows)?,
-                (true, 5, 4) => rows_k::<N, 5, 8>(&mut acc, rows, ws, wrows)?,
-                (true, 7, 4) => rows_k::<N, 7, 10>(&mut acc, rows, ws, wrows)?,
-                (true, 7, 2) => rows_k::<N, 7, 8>(&mut acc, rows, ws, wrows)?,
-                _ => {
+        // Window column of the block's first tap.
+        let col = b.x0 + kx_lo;
+        // Kernel sizes known at compile time: one call runs every channel and kernel row of
+        // the group with the accumulators in registers throughout.
+        let acc = match (full, k, N) {
+            (true, 3, 4) => channels_k::<N, 3, 6>(acc, r, col, ws)?,
+            (true, 3, 3) => channels_k::<N, 3, 5>(acc, r, col, ws)?,
+            (true, 3, 2) => channels_k::<N, 3, 4>(acc, r, col, ws)?,
+            (true, 5, 4) => channels_k::<N, 5, 8>(acc, r, col, ws)?,
+            (true, 7, 4) => channels_k::<N, 7, 10>(acc, r, col, ws)?,
+            (true, 7, 2) => channels_k::<N, 7, 8>(acc, r, col, ws)?,
+            _ => {
+                // The group's input channels in order; per channel, kernel rows
+                // ky_lo..ky_hi, window rows from ky_lo on, from the block's first tap column.
+                for (wg, kg) in r.win.chunks_exact(r.wlen).zip(r.wk.chunks_exact(r.kk)) {
+                    let rows = wg.get(r.row_off + col..).ok_or(INTERNAL)?;
+                    let wrows = kg.get(r.w_lo..r.w_hi).ok_or(INTERNAL)?;
                     for (row, wrow) in rows.chunks(ws).zip(wrows.chunks_exact(k)) {
                         let wrow = wrow.get(kx_lo..kx_lo + nk).ok_or(INTERNAL)?;
                         taps::<N>(&mut acc, row, wrow)?;
                     }
                 }
+                acc
             }
-        }
+        };
+        self.finish(b, acc, mode, out)
+    }
+
+    /// Stores a block's accumulators (with the ReLU of the last group). Returns `N`.
+    #[inline(always)]
+    fn finish<const N: usize>(
+        &self,
+        b: &Block<'_>,
+        acc: [[f32; N]; OC],
+        mode: Mode,
+        out: &mut [f32],
+    ) -> Result<usize, Error> {
         for (a, op) in acc.iter().zip(out.chunks_exact_mut(self.plane)) {
             let seg = op
                 .get_mut(b.at..)
@@ -547,18 +694,26 @@ fn taps<const N: usize>(
     Ok(())
 }
 
-/// [`taps_k`] over consecutive kernel rows: window rows `ws` apart, `K` weights per row.
+/// [`taps_k`] over every input channel of the group and its kernel rows `ky_lo..ky_hi`
+/// (window rows `ws` apart, `K` weights per row), from window column `col`: the whole
+/// contribution of a group to one block, with the accumulators in registers throughout (not
+/// inlined, so they get the register file). Returns the accumulators.
 #[inline(never)]
-fn rows_k<const N: usize, const K: usize, const M: usize>(
-    acc: &mut [[f32; N]; OC],
-    rows: &[f32],
+fn channels_k<const N: usize, const K: usize, const M: usize>(
+    acc: [[f32; N]; OC],
+    r: &Rows<'_>,
+    col: usize,
     ws: usize,
-    wrows: &[[f32; OC]],
-) -> Result<(), Error> {
-    for (row, wrow) in rows.chunks(ws).zip(wrows.chunks_exact(K)) {
-        taps_k::<N, K, M>(acc, row, wrow)?;
+) -> Result<[[f32; N]; OC], Error> {
+    let mut a = acc;
+    for (wg, kg) in r.win.chunks_exact(r.wlen).zip(r.wk.chunks_exact(r.kk)) {
+        let rows = wg.get(r.row_off + col..).ok_or(INTERNAL)?;
+        let wrows = kg.get(r.w_lo..r.w_hi).ok_or(INTERNAL)?;
+        for (row, wrow) in rows.chunks(ws).zip(wrows.chunks_exact(K)) {
+            taps_k::<N, K, M>(&mut a, row, wrow)?;
+        }
     }
-    Ok(())
+    Ok(a)
 }
 
 /// [`taps`] for a whole kernel row of a kernel size known at compile time: the compiler
@@ -580,6 +735,126 @@ fn taps_k<const N: usize, const K: usize, const M: usize>(
         for (a, &wj) in acc.iter_mut().zip(wv) {
             for (a, &x) in a.iter_mut().zip(xs) {
                 *a += wj * x;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One input-channel group of a 1x1 convolution for one block of [`OC`] output channels.
+struct Pointwise<'a> {
+    /// The group's input planes, `plane` values each.
+    ins: &'a [f32],
+    /// The group's staged weights, `[ic][oc]`.
+    wk: &'a [[f32; OC]],
+    plane: usize,
+    /// The block's biases (used by the first group).
+    bias: &'a [f32; OC],
+    mode: Mode,
+}
+
+impl Pointwise<'_> {
+    /// Pixels `p .. p + N` of the block's output planes (`out`, `plane` values each), over
+    /// the group's input channels. Returns `N`.
+    #[inline(always)]
+    fn block<const N: usize>(&self, p: usize, out: &mut [f32]) -> Result<usize, Error> {
+        let mut acc = [[0f32; N]; OC];
+        if matches!(self.mode, Mode::First | Mode::FirstRelu) {
+            for (a, &bv) in acc.iter_mut().zip(self.bias) {
+                *a = [bv; N];
+            }
+        } else {
+            for (a, op) in acc.iter_mut().zip(out.chunks_exact(self.plane)) {
+                *a = *op
+                    .get(p..)
+                    .and_then(|s| s.first_chunk::<N>())
+                    .ok_or(INTERNAL)?;
+            }
+        }
+        // Input channel i's pixels p.. start at i * plane + p: chunks of `plane` from p (the
+        // last one is shorter by p, still at least N long).
+        let from = self.ins.get(p..).ok_or(INTERNAL)?;
+        pointwise_taps::<N>(&mut acc, from, self.plane, self.wk)?;
+        for (a, op) in acc.iter().zip(out.chunks_exact_mut(self.plane)) {
+            let seg = op
+                .get_mut(p..)
+                .and_then(|s| s.first_chunk_mut::<N>())
+                .ok_or(INTERNAL)?;
+            if matches!(self.mode, Mode::LastRelu | Mode::FirstRelu) {
+                for (d, &v) in seg.iter_mut().zip(a) {
+                    *d = relu_fn(v);
+                }
+            } else {
+                *seg = *a;
+            }
+        }
+        Ok(N)
+    }
+}
+
+/// `acc[j][i] += wk[ic][j] * x[ic][i]` over the input channels in order, `x[ic]` being the
+/// first `N` values of the `ic`-th chunk of `from` (chunks `plane` apart). Not inlined, so
+/// the accumulators get the whole register file.
+#[inline(never)]
+fn pointwise_taps<const N: usize>(
+    acc: &mut [[f32; N]; OC],
+    from: &[f32],
+    plane: usize,
+    wk: &[[f32; OC]],
+) -> Result<(), Error> {
+    #[inline(always)]
+    fn tap<const N: usize>(a: &mut [[f32; N]; OC], xs: &[f32; N], wv: &[f32; OC]) {
+        for (a, &wj) in a.iter_mut().zip(wv) {
+            for (a, &x) in a.iter_mut().zip(xs) {
+                *a += wj * x;
+            }
+        }
+    }
+    let mut a = *acc;
+    // Whole `plane`-long chunks (every channel but the last when p > 0): their length is
+    // loop-invariant, so the per-channel length check leaves the loop.
+    let mut chunks = from.chunks_exact(plane);
+    let mut used = 0;
+    for (xs, wv) in (&mut chunks).zip(wk) {
+        tap(&mut a, xs.first_chunk::<N>().ok_or(INTERNAL)?, wv);
+        used += 1;
+    }
+    // The last channel's shorter chunk (`plane - p` values), if any.
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let wv = wk.get(used).ok_or(INTERNAL)?;
+        tap(&mut a, rest.first_chunk::<N>().ok_or(INTERNAL)?, wv);
+    }
+    *acc = a;
+    Ok(())
+}
+
+/// Widens the 1x1 weights `w[oc0 + j][ic0 + i]` (`j < ocn`, `i < wk.len()`) into
+/// `wk[i][j]`, zeros for the lanes `j >= ocn` of a partial block. Row `oc0 + j` of the
+/// weight matrix is contiguous in the blob, so each is one slice.
+fn stage_pointwise(
+    wk: &mut [[f32; OC]],
+    weight: Tensor<'_>,
+    oc0: usize,
+    ocn: usize,
+    ic0: usize,
+    cin: usize,
+) -> Result<(), Error> {
+    for j in 0..OC {
+        if j < ocn {
+            let row = weight
+                .slice((oc0 + j) * cin + ic0, wk.len())
+                .ok_or(INTERNAL)?;
+            for (slot, v) in wk.iter_mut().zip(row.iter()) {
+                if let Some(s) = slot.get_mut(j) {
+                    *s = v;
+                }
+            }
+        } else {
+            for slot in wk.iter_mut() {
+                if let Some(s) = slot.get_mut(j) {
+                    *s = 0.0;
+                }
             }
         }
     }
@@ -875,6 +1150,108 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The 1x1 path equals the direct one exactly (bias, then input channels in order, no
+    /// fused multiply-add), over partial channel and pixel blocks, planes of every remainder
+    /// modulo the pixel block, more input channels than one staged group ([`WB`]), the Glow
+    /// presets' shapes, f32 and f16; and without a bias it equals the direct path with a
+    /// zero bias.
+    #[test]
+    fn pointwise_equals_direct() {
+        let mut seed = 5u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let shapes: &[(usize, usize, usize, usize)] = &[
+            (1, 1, 1, 1),
+            (3, 5, 1, 7),
+            (2, 6, 3, 3),
+            (4, 4, 14, 14),
+            (8, 8, 7, 7),
+            (64, 64, 14, 14),
+            (64, 64, 7, 7),
+            (WB + 37, 6, 2, 5),
+            (224, 224, 4, 4),
+        ];
+        let shapes = if cfg!(miri) { &shapes[..3] } else { shapes };
+        for &(cin, cout, h, w) in shapes {
+            let c = Conv {
+                cin,
+                cout,
+                height: h,
+                width: w,
+                kernel: 1,
+            };
+            let x: std::vec::Vec<f32> = (0..cin * h * w).map(|_| rnd()).collect();
+            let wt: std::vec::Vec<f32> = (0..cout * cin).map(|_| rnd()).collect();
+            let b: std::vec::Vec<f32> = (0..cout).map(|_| rnd()).collect();
+            let zero = std::vec![0f32; cout];
+            let (mut wb, mut bb, mut zb) = (
+                std::vec::Vec::new(),
+                std::vec::Vec::new(),
+                std::vec::Vec::new(),
+            );
+            for dtype in [DType::F32, DType::F16] {
+                if dtype == DType::F32 {
+                    tensor(&wt, &mut wb);
+                    tensor(&b, &mut bb);
+                    tensor(&zero, &mut zb);
+                } else {
+                    tensor_f16(&wt, &mut wb);
+                    tensor_f16(&b, &mut bb);
+                    tensor_f16(&zero, &mut zb);
+                }
+                let (wten, bten) = (Tensor::new(dtype, &wb), Tensor::new(dtype, &bb));
+                let same = |a: &[f32], e: &[f32], what: &str| {
+                    for (i, (a, e)) in a.iter().zip(e).enumerate() {
+                        assert!(
+                            a.to_bits() == e.to_bits(),
+                            "{c:?} {dtype:?} {what}: output {i}: {a} vs {e}"
+                        );
+                    }
+                };
+                for relu in [false, true] {
+                    let mut fast = std::vec![f32::NAN; cout * h * w];
+                    let mut slow = std::vec![f32::NAN; cout * h * w];
+                    c.forward_pointwise(&x, wten, Some(bten), relu, &mut fast)
+                        .unwrap();
+                    c.forward_direct(&x, wten, bten, relu, &mut slow).unwrap();
+                    same(&fast, &slow, if relu { "relu" } else { "biased" });
+                }
+                let mut fast = std::vec![f32::NAN; cout * h * w];
+                let mut slow = std::vec![f32::NAN; cout * h * w];
+                c.forward_pointwise(&x, wten, None, false, &mut fast)
+                    .unwrap();
+                c.forward_direct(&x, wten, Tensor::new(dtype, &zb), false, &mut slow)
+                    .unwrap();
+                same(&fast, &slow, "unbiased");
+                // The public entry points: within f32 rounding of it on any path (SIMD
+                // builds fuse the multiply-adds).
+                let mut any = std::vec![f32::NAN; cout * h * w];
+                c.forward_unbiased(&x, wten, &mut any).unwrap();
+                for (a, e) in any.iter().zip(&slow) {
+                    assert!((a - e).abs() <= 1e-5 * (cin as f32), "{a} vs {e}");
+                }
+            }
+        }
+        // Sizes are checked, and only 1x1 kernels have no bias.
+        let c = Conv {
+            cin: 2,
+            cout: 3,
+            height: 2,
+            width: 2,
+            kernel: 1,
+        };
+        let (x, wb, mut out) = ([0f32; 8], [0u8; 24], [0f32; 12]);
+        let w = Tensor::new(DType::F32, &wb);
+        assert!(c.forward_unbiased(&x[..7], w, &mut out).is_err());
+        assert!(c.forward_unbiased(&x, w, &mut out[..11]).is_err());
+        assert!(Conv { kernel: 3, ..c }
+            .forward_unbiased(&x, w, &mut out)
+            .is_err());
+        assert!(c.forward_unbiased(&x, w, &mut out).is_ok());
     }
 
     /// The integer fast path of the f16 widening agrees with `half` on all 65,536 bit

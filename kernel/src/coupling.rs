@@ -4,7 +4,7 @@
 //! only `x_a` and gives `(s_raw, t)`; with the log-scale `s = scale * tanh(s_raw)` (the
 //! seed's RealNVP) or, in a Glow architecture, `s = log sigmoid(s_raw + 2)` (Glow's bound:
 //! `exp(s)` in `(0, 1)`, so a coupling never expands and an unusual image cannot be blown up
-//! through many couplings; the `scale` tensor is unused there):
+//! through many couplings; a Glow coupling has no `scale` tensor):
 //!
 //! * forward:  `y_a = x_a`, `y_b = x_b * exp(s) + t`, log-det `+= sum(s)`;
 //! * inverse:  `x_a = y_a`, `x_b = (y_b - t) * exp(-s)`, with the *same* bounded `s`.
@@ -121,12 +121,18 @@ fn apply(
         .split_at_checked(changed.saturating_mul(plane))
         .ok_or(INTERNAL)?;
     let mut log_det = 0.0f32;
-    for (j, ((s_plane, t_plane), scale)) in s_all
+    // A Glow coupling has no scale tensor (its bound is the sigmoid): 1s stand in for it.
+    let mut scales = cw.scale.iter();
+    for (j, (s_plane, t_plane)) in s_all
         .chunks_exact(plane)
         .zip(t_all.chunks_exact(plane))
-        .zip(cw.scale.iter())
         .enumerate()
     {
+        let scale = if arch.glow {
+            1.0
+        } else {
+            scales.next().ok_or(INTERNAL)?
+        };
         let ch = mask.changed_channel(j);
         let xp = x.chunks_exact_mut(plane).nth(ch).ok_or(INTERNAL)?;
         // One changed element: bounded log-scale, |s| <= |scale| (RealNVP) or s < 0 (Glow).

@@ -169,7 +169,7 @@ impl fmt::Display for Error {
             }
             Error::BadMagic => f.write_str("not a clayflow weight blob (magic is not CLAYFLOW)"),
             Error::UnsupportedVersion(v) => {
-                write!(f, "weight blob version {v} is not supported (this kernel reads 1 and 2)")
+                write!(f, "weight blob version {v} is not supported (this kernel reads 1, 2 and 3)")
             }
             Error::UnknownDtype(d) => {
                 write!(f, "weight blob dtype code {d} is unknown (1 = f32, 2 = f16)")

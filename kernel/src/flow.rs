@@ -31,7 +31,7 @@
 
 use crate::arch::{image_len, Arch, ScratchLayout};
 use crate::base::{log_normal, Normal, Pcg32, Rng};
-use crate::conv::INTERNAL;
+use crate::conv::{Conv, INTERNAL};
 use crate::coupling::{self, Work};
 use crate::error::{Buffer, Error};
 use crate::preprocess::{dequantize, logit_forward, logit_inverse, quantize};
@@ -130,22 +130,19 @@ fn actnorm_inverse(g: &GlowWeights<'_>, y: &mut [f32], plane: usize) {
 
 /// The 1x1 convolution `x <- M x` per pixel, `M` a `C x C` row-major matrix (`W` forward,
 /// `W^-1` inverse): `out[o, p] = sum_i M[o][i] x[i, p]`, through `temp` (`x.len()` long).
+/// It runs on the convolution's 1x1 path ([`Conv::forward_unbiased`]), over the plane as one
+/// row.
 fn mix(m: Tensor<'_>, x: &mut [f32], temp: &mut [f32], plane: usize) -> Result<(), Error> {
     let temp = prefix(temp, x.len())?;
     let channels = x.len().checked_div(plane).ok_or(INTERNAL)?;
-    if m.len() != channels.checked_mul(channels).ok_or(INTERNAL)? {
-        return Err(INTERNAL);
-    }
-    let mut entries = m.iter();
-    for out in temp.chunks_exact_mut(plane) {
-        out.fill(0.0);
-        for xp in x.chunks_exact(plane) {
-            let w = entries.next().ok_or(INTERNAL)?;
-            for (o, v) in out.iter_mut().zip(xp) {
-                *o += w * v;
-            }
-        }
-    }
+    let conv = Conv {
+        cin: channels,
+        cout: channels,
+        height: 1,
+        width: plane,
+        kernel: 1,
+    };
+    conv.forward_unbiased(x, m, temp)?;
     x.copy_from_slice(temp);
     Ok(())
 }

@@ -2,9 +2,12 @@
 //! parameter, f32 or f16, checked by CRC-32. `kernel/FORMAT.md` specifies it.
 //!
 //! Version 1 holds the seed's one-level RealNVP architectures; version 2 adds the number of
-//! levels and the Glow flag in two formerly reserved header bytes (18 and 19). The writer
-//! picks the lowest version that can describe the architecture ([`blob_version`]), so every
-//! seed blob is byte-identical to what earlier kernels wrote. Glow tensors (ActNorm, the
+//! levels and the Glow flag in two formerly reserved header bytes (18 and 19); version 3 is
+//! version 2 for Glow models without the coupling `scale` tensor that Glow's sigmoid bound
+//! never reads. The writer picks the one version that describes the architecture
+//! ([`blob_version`]), so every seed blob is byte-identical to what earlier kernels wrote.
+//! The reader also takes the older Glow encoding (version 2 with the Glow flag) and skips
+//! its unused `scale` tensors. Glow tensors (ActNorm, the
 //! invertible 1x1 convolution, its inverse and log-det) are always stored as f32, even in
 //! f16 blobs: `W` and `W^-1` must stay each other's inverse to f32 precision for the flow to
 //! invert exactly.
@@ -24,9 +27,13 @@ pub const MAGIC: [u8; 8] = *b"CLAYFLOW";
 /// The format version of one-level RealNVP blobs (the seed's), which this kernel reads and
 /// writes for every architecture with `levels == 1` and no Glow steps.
 pub const VERSION: u16 = 1;
-/// The format version of multi-level or Glow blobs: byte 18 holds the levels, byte 19 the
-/// flags (bit 0: Glow).
+/// The format version of multi-level blobs without Glow steps: byte 18 holds the levels,
+/// byte 19 the flags (bit 0: Glow). Earlier kernels also wrote Glow models as version 2,
+/// with an unused `scale` tensor per coupling; this one reads those (and skips the tensor).
 pub const VERSION_2: u16 = 2;
+/// The format version of Glow blobs: version 2's header, Glow flag set, and couplings
+/// without the `scale` tensor.
+pub const VERSION_3: u16 = 3;
 /// Flag bit of header byte 19 (version 2): every coupling is preceded by ActNorm and an
 /// invertible 1x1 convolution.
 pub const FLAG_GLOW: u8 = 1;
@@ -75,9 +82,12 @@ const fn align4(n: usize) -> usize {
 }
 
 /// The format version [`write_blob`] uses for `arch`: [`VERSION`] (1) for one level without
-/// Glow steps, so seed blobs stay byte-identical, else [`VERSION_2`].
+/// Glow steps, so seed blobs stay byte-identical, [`VERSION_3`] for Glow steps, else
+/// [`VERSION_2`].
 pub const fn blob_version(arch: &Arch) -> u16 {
-    if arch.levels == 1 && !arch.glow {
+    if arch.glow {
+        VERSION_3
+    } else if arch.levels == 1 {
         VERSION
     } else {
         VERSION_2
@@ -106,10 +116,15 @@ const fn tensor_bytes(len: usize, dtype: DType) -> usize {
 }
 
 /// Bytes of flow step `i` (mask `m`): its Glow tensors (if any) and its coupling tensors, at
-/// the shape of its level.
-const fn step_bytes(arch: &Arch, i: usize, m: Mask, dtype: DType) -> usize {
+/// the shape of its level; with `legacy`, also the unused `scale` tensor that version 2 Glow
+/// blobs store.
+const fn step_bytes(arch: &Arch, i: usize, m: Mask, dtype: DType, legacy: bool) -> usize {
     let view = arch.step_arch(i);
-    let mut n = 0usize;
+    let mut n = if legacy {
+        tensor_bytes(view.changed(m), dtype)
+    } else {
+        0
+    };
     let mut kinds = step_tensors(arch.glow);
     while let [kind, rest @ ..] = kinds {
         kinds = rest;
@@ -120,28 +135,48 @@ const fn step_bytes(arch: &Arch, i: usize, m: Mask, dtype: DType) -> usize {
 }
 
 /// Bytes of the first `count` flow steps' tensors: the offset of step `count`'s first tensor
-/// in the tensor section.
-const fn steps_bytes(arch: &Arch, dtype: DType, count: usize) -> usize {
+/// in the tensor section (`legacy`: of a version 2 Glow blob).
+const fn steps_bytes(arch: &Arch, dtype: DType, count: usize, legacy: bool) -> usize {
     let mut n = 0usize;
     let mut i = 0usize;
     let mut masks = arch.first_masks(count);
     while let [m, rest @ ..] = masks {
         masks = rest;
-        n = n.saturating_add(step_bytes(arch, i, *m, dtype));
+        n = n.saturating_add(step_bytes(arch, i, *m, dtype, legacy));
         i = i.saturating_add(1);
     }
     n
 }
 
 /// Bytes of the tensor section.
-const fn tensors_len(arch: &Arch, dtype: DType) -> usize {
-    steps_bytes(arch, dtype, arch.couplings)
+const fn tensors_len(arch: &Arch, dtype: DType, legacy: bool) -> usize {
+    steps_bytes(arch, dtype, arch.couplings, legacy)
 }
 
-/// Total bytes of the blob for `arch` stored as `dtype` (header + tensors + 4-byte CRC).
+/// Elements of the unused `scale` tensors a version 2 Glow blob stores (`changed` per step),
+/// which its header's parameter count includes.
+const fn legacy_scale_params(arch: &Arch) -> usize {
+    let mut n = 0usize;
+    let mut i = 0usize;
+    let mut masks = arch.first_masks(arch.couplings);
+    while let [m, rest @ ..] = masks {
+        masks = rest;
+        n = n.saturating_add(arch.step_arch(i).changed(*m));
+        i = i.saturating_add(1);
+    }
+    n
+}
+
+/// Total bytes of the blob for `arch` stored as `dtype` (header + tensors + 4-byte CRC), in
+/// the version [`write_blob`] writes ([`blob_version`]).
 pub const fn blob_len(arch: &Arch, dtype: DType) -> usize {
+    stored_len(arch, dtype, false)
+}
+
+/// [`blob_len`], or with `legacy` the length of a version 2 Glow blob (with `scale` tensors).
+const fn stored_len(arch: &Arch, dtype: DType, legacy: bool) -> usize {
     header_len(arch)
-        .saturating_add(tensors_len(arch, dtype))
+        .saturating_add(tensors_len(arch, dtype, legacy))
         .saturating_add(4)
 }
 
@@ -292,7 +327,7 @@ impl ExactSizeIterator for TensorIter<'_> {}
 pub struct CouplingWeights<'a> {
     /// The coupling's mask.
     pub mask: Mask,
-    /// Per-changed-channel scale of `tanh(s_raw)`.
+    /// Per-changed-channel scale of `tanh(s_raw)`; empty in a Glow model.
     pub scale: Tensor<'a>,
     /// Conv weights `[cout][cin][k][k]`, convs 0, 1, 2.
     pub conv_w: [Tensor<'a>; 3],
@@ -342,6 +377,8 @@ pub struct Model<'a> {
     arch: Arch,
     dtype: DType,
     tensors: &'a [u8],
+    /// A version 2 Glow blob: each coupling's tensors start with an unused `scale` tensor.
+    legacy: bool,
 }
 
 /// The `N` bytes at `at`, or `Truncated`.
@@ -385,7 +422,7 @@ impl<'a> Model<'a> {
             return Err(Error::BadMagic);
         }
         let version = read_u16(blob, 8)?;
-        if version != VERSION && version != VERSION_2 {
+        if !matches!(version, VERSION | VERSION_2 | VERSION_3) {
             return Err(Error::UnsupportedVersion(version));
         }
         let code = read_u8(blob, 10)?;
@@ -407,7 +444,7 @@ impl<'a> Model<'a> {
             let code = read_u8(blob, at)?;
             *m = Mask::from_code(code).ok_or(Error::BadHeader("unknown mask code"))?;
         }
-        // Version 1 reserves bytes 18-19; version 2 stores the levels and the flags there.
+        // Version 1 reserves bytes 18-19; versions 2 and 3 store the levels and the flags.
         let (levels, glow) = if version == VERSION {
             if read_u16(blob, 18)? != 0 || read_u16(blob, 30)? != 0 {
                 return Err(Error::BadHeader("reserved bytes 18-19 or 30-31 are not 0"));
@@ -420,7 +457,7 @@ impl<'a> Model<'a> {
             let flags = read_u8(blob, 19)?;
             if flags & !FLAG_GLOW != 0 {
                 return Err(Error::BadHeader(
-                    "unknown flag bits in byte 19 (version 2 defines only bit 0, Glow)",
+                    "unknown flag bits in byte 19 (versions 2 and 3 define only bit 0, Glow)",
                 ));
             }
             (usize::from(read_u8(blob, 18)?), flags & FLAG_GLOW != 0)
@@ -447,19 +484,30 @@ impl<'a> Model<'a> {
             logit_alpha: f32::from_bits(read_u32(blob, 32)?),
         };
         arch.validate()?;
-        if blob_version(&arch) != version {
-            // One encoding per model: a one-level, non-Glow architecture is version 1.
-            return Err(Error::BadHeader(
-                "version 2 blob with 1 level and no Glow flag (must be version 1)",
-            ));
+        // One encoding per model (a one-level, non-Glow architecture is version 1, a Glow one
+        // version 3), except that the Glow encoding of earlier kernels (version 2, with the
+        // unused `scale` tensors) is still read.
+        let legacy = version == VERSION_2 && glow;
+        if blob_version(&arch) != version && !legacy {
+            return Err(Error::BadHeader(if version == VERSION_3 {
+                "version 3 blob without the Glow flag (must be version 1 or 2)"
+            } else {
+                "version 2 blob with 1 level and no Glow flag (must be version 1)"
+            }));
         }
         let stated_params = read_u32(blob, 36)?;
-        if usize::try_from(stated_params).ok() != Some(arch.param_count()) {
+        let params = if legacy {
+            arch.param_count()
+                .saturating_add(legacy_scale_params(&arch))
+        } else {
+            arch.param_count()
+        };
+        if usize::try_from(stated_params).ok() != Some(params) {
             return Err(Error::BadHeader(
                 "parameter count does not match the architecture (wrong shapes)",
             ));
         }
-        let expected = blob_len(&arch, dtype);
+        let expected = stored_len(&arch, dtype, legacy);
         if blob.len() < expected {
             return Err(Error::Truncated {
                 needed: expected,
@@ -486,9 +534,12 @@ impl<'a> Model<'a> {
             arch,
             dtype,
             tensors,
+            legacy,
         };
         // Every weight finite: a corrupt blob cannot smuggle NaN/inf weights in. (Finite but
         // huge weights can still overflow f32 downstream; outputs are then inf/NaN, never a panic.)
+        // A version 2 Glow blob's `scale` tensors are never read, so not checked either; the
+        // flat index counts the weights the model has (as if the blob were version 3).
         let mut first = 0usize;
         let mut tensor = 0usize;
         let no_glow = [None; 5];
@@ -522,6 +573,16 @@ impl<'a> Model<'a> {
         self.dtype
     }
 
+    /// The blob's format version: [`blob_version`] of the architecture, or [`VERSION_2`] for
+    /// a Glow blob written by an earlier kernel.
+    pub fn version(&self) -> u16 {
+        if self.legacy {
+            VERSION_2
+        } else {
+            blob_version(&self.arch)
+        }
+    }
+
     /// The tensor of `kind` (mask `mask`, level view `view`) at byte `*offset` of the
     /// tensor section; advances `*offset` past it and its padding.
     fn take(
@@ -553,7 +614,7 @@ impl<'a> Model<'a> {
             .active_masks()
             .get(i)
             .ok_or(Error::InvalidArgument("coupling index out of range"))?;
-        Ok((mask, steps_bytes(&self.arch, self.dtype, i)))
+        Ok((mask, steps_bytes(&self.arch, self.dtype, i, self.legacy)))
     }
 
     /// The Glow tensors of step `i` (ActNorm, 1x1 conv, its inverse and log-det), at the
@@ -587,7 +648,12 @@ impl<'a> Model<'a> {
                 offset = offset.saturating_add(tensor_bytes(len, DType::F32));
             }
         }
+        if self.legacy {
+            // The unused `scale` tensor of a version 2 Glow blob.
+            offset = offset.saturating_add(tensor_bytes(view.changed(mask), self.dtype));
+        }
         let mut take = |kind: TensorKind| self.take(&view, mask, kind, &mut offset);
+        // Empty in a Glow model (its `tensor_len` is 0).
         let scale = take(TensorKind::Scale)?;
         let w0 = take(TensorKind::ConvWeight(0))?;
         let b0 = take(TensorKind::ConvBias(0))?;
@@ -666,7 +732,7 @@ pub fn write_blob(
     put(out, 12, &narrow(arch.height)?.to_le_bytes())?;
     put(out, 14, &narrow(arch.width)?.to_le_bytes())?;
     put(out, 16, &narrow(arch.channels)?.to_le_bytes())?;
-    if version == VERSION_2 {
+    if version != VERSION {
         let flags = if arch.glow { FLAG_GLOW } else { 0 };
         put(out, 18, &[byte(arch.levels)?, flags])?;
     }
@@ -992,10 +1058,25 @@ mod tests {
 
     /// An independent writer that follows FORMAT.md byte by byte.
     fn spec_blob(arch: &Arch, dtype: DType, params: &[f32]) -> Vec<u8> {
+        spec_blob_as(arch, dtype, params, false)
+    }
+
+    /// [`spec_blob`], or with `legacy` (a Glow `arch`) the version 2 encoding earlier kernels
+    /// wrote: each coupling's tensors start with a `scale` tensor (`changed` values, here
+    /// 0.5, unused), which the header's parameter count includes.
+    fn spec_blob_as(arch: &Arch, dtype: DType, params: &[f32], legacy: bool) -> Vec<u8> {
+        assert!(!legacy || arch.glow);
         let v2 = arch.levels > 1 || arch.glow;
+        let version: u16 = if arch.glow && !legacy {
+            3
+        } else if v2 {
+            2
+        } else {
+            1
+        };
         let mut b = Vec::new();
         b.extend_from_slice(b"CLAYFLOW");
-        b.extend_from_slice(&(if v2 { 2u16 } else { 1 }).to_le_bytes());
+        b.extend_from_slice(&version.to_le_bytes());
         b.extend_from_slice(&[dtype as u8, 0]);
         for v in [arch.height, arch.width, arch.channels] {
             b.extend_from_slice(&(v as u16).to_le_bytes());
@@ -1016,7 +1097,11 @@ mod tests {
             b.extend_from_slice(&(v as u16).to_le_bytes());
         }
         b.extend_from_slice(&arch.logit_alpha.to_le_bytes());
-        b.extend_from_slice(&(params.len() as u32).to_le_bytes());
+        let scales: usize = (0..arch.couplings)
+            .map(|i| arch.step_arch(i).changed(arch.masks[i]))
+            .sum();
+        let count = params.len() + if legacy { scales } else { 0 };
+        b.extend_from_slice(&(count as u32).to_le_bytes());
         assert_eq!(b.len(), 40);
         b.extend(arch.active_masks().iter().map(|&m| m as u8));
         let pad = |b: &mut Vec<u8>| b.resize(b.len().div_ceil(4) * 4, 0);
@@ -1026,6 +1111,18 @@ mod tests {
             let view = arch.step_arch(i);
             let glow: &[TensorKind] = if arch.glow { &GLOW_TENSORS } else { &[] };
             for &kind in glow.iter().chain(&COUPLING_TENSORS) {
+                if legacy && kind == TensorKind::Scale {
+                    for _ in 0..view.changed(m) {
+                        match dtype {
+                            DType::F32 => b.extend_from_slice(&0.5f32.to_le_bytes()),
+                            DType::F16 => {
+                                b.extend_from_slice(&half::f16::from_f32(0.5).to_le_bytes())
+                            }
+                        }
+                    }
+                    pad(&mut b);
+                    continue;
+                }
                 let (t, tail) = rest.split_at(view.tensor_len(m, kind));
                 rest = tail;
                 for &v in t {
@@ -1189,7 +1286,8 @@ mod tests {
     #[test]
     fn glow_blob_sizes_and_header() {
         // MNIST_GLOW: level 0 (16 steps on 4x14x14), level 1 (16 steps on 8x7x7).
-        assert_eq!(MNIST_GLOW.param_count(), 304_320);
+        // No coupling `scale` tensors (version 3).
+        assert_eq!(MNIST_GLOW.param_count(), 304_224);
         assert_eq!(header_len(&MNIST_GLOW), 72);
         // Glow tensors per step: 2C + 2C^2 + 1 f32s (C = 4: 41, C = 8: 145).
         let glow = 16 * (2 * 4 + 2 * 16 + 1) + 16 * (2 * 8 + 2 * 64 + 1);
@@ -1210,7 +1308,7 @@ mod tests {
             blob_len(&COLOR_GLOW, DType::F16)
         );
         let b = valid_glow(DType::F16);
-        assert_eq!(b[8..12], [2, 0, 2, 0]); // version 2, f16
+        assert_eq!(b[8..12], [3, 0, 2, 0]); // version 3, f16
         assert_eq!(b[16..20], [2, 0, 2, 1]); // channels 2, levels 2, flags: Glow
         assert_eq!(b[30..32], [0, 0]);
         assert_eq!(b[40..44], [0, 3, 1, 2]);
@@ -1232,15 +1330,23 @@ mod tests {
         );
         assert_eq!(multi[8..10], [2, 0]);
         assert_eq!(multi[18..20], [2, 0]);
-        // Glow with one level is version 2 too.
+        // Glow with one level is version 3 too.
         let one = Arch {
             levels: 1,
             couplings: 2,
             ..glow_small()
         };
         let b1 = blob(&one, DType::F32, &random_params(&one, 1, 1.0));
-        assert_eq!((b1[8], b1[18], b1[19]), (2, 1, 1));
-        assert_eq!(blob_version(&one), VERSION_2);
+        assert_eq!((b1[8], b1[18], b1[19]), (3, 1, 1));
+        assert_eq!(blob_version(&one), VERSION_3);
+        assert_eq!(blob_version(&glow_small()), VERSION_3);
+        assert_eq!(
+            blob_version(&Arch {
+                glow: false,
+                ..glow_small()
+            }),
+            VERSION_2
+        );
         assert_eq!(blob_version(&MNIST), VERSION);
     }
 
@@ -1307,6 +1413,69 @@ mod tests {
         );
     }
 
+    /// A version 2 Glow blob (what earlier kernels wrote: an unused `scale` tensor per
+    /// coupling) still loads, with exactly the weights and results of the version 3 blob of
+    /// the same parameters; its own corruptions are still caught.
+    #[test]
+    fn version_2_glow_blobs_still_load() {
+        let arch = glow_small();
+        let params = random_params(&arch, 31, 1.0);
+        for dtype in [DType::F32, DType::F16] {
+            let old = spec_blob_as(&arch, dtype, &params, true);
+            let new = blob(&arch, dtype, &params);
+            assert_eq!(new, spec_blob(&arch, dtype, &params));
+            // The only difference in length: the scale tensors, each padded to 4 bytes.
+            assert_eq!(old.len() - new.len(), {
+                let size = dtype.size();
+                (0..4)
+                    .map(|i| (arch.step_arch(i).changed(arch.masks[i]) * size).div_ceil(4) * 4)
+                    .sum::<usize>()
+            });
+            let (a, b) = (
+                Model::from_blob(&old).unwrap(),
+                Model::from_blob(&new).unwrap(),
+            );
+            assert_eq!((a.version(), b.version()), (VERSION_2, VERSION_3));
+            assert_same_arch(a.arch(), &arch);
+            let (wa, wb) = (all_weights(&a), all_weights(&b));
+            assert_eq!(wa.len(), arch.param_count());
+            assert!(wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits()));
+            assert_eq!(a.coupling(0).unwrap().scale.len(), 0);
+            let mut scratch = std::vec![0f32; scratch_len(&arch)];
+            let d = arch.dim();
+            let (mut pa, mut va, mut pb, mut vb) = (
+                std::vec![0u8; d],
+                std::vec![0f32; d],
+                std::vec![0u8; d],
+                std::vec![0f32; d],
+            );
+            sample(&a, 3, 0.9, &mut scratch, &mut pa, &mut va).unwrap();
+            sample(&b, 3, 0.9, &mut scratch, &mut pb, &mut vb).unwrap();
+            assert_eq!(
+                va.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                vb.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            // Its checks: truncation, a changed byte, a wrong parameter count.
+            assert!(matches!(
+                err(&old[..old.len() - 1]),
+                Error::Truncated { .. }
+            ));
+            let mut m = old.clone();
+            let last = m.len() - 5;
+            m[last] ^= 1;
+            assert!(matches!(err(&m), Error::ChecksumMismatch { .. }));
+            let mut m = old.clone();
+            set_u32(&mut m, 36, arch.param_count() as u32);
+            fix_crc(&mut m);
+            assert!(matches!(err(&m), Error::BadHeader(s) if s.contains("parameter count")));
+        }
+        // The seed's models and multi-level RealNVPs keep their versions.
+        assert_eq!(
+            Model::from_blob(&valid(DType::F32)).unwrap().version(),
+            VERSION
+        );
+    }
+
     /// Version 2 corruption: bad levels, bad flags, a version 2 header for a version 1
     /// architecture, a relabelled version, truncation, a non-finite Glow weight.
     #[test]
@@ -1333,7 +1502,7 @@ mod tests {
             assert_eq!(
                 err(&m),
                 Error::BadHeader(
-                    "unknown flag bits in byte 19 (version 2 defines only bit 0, Glow)"
+                    "unknown flag bits in byte 19 (versions 2 and 3 define only bit 0, Glow)"
                 ),
                 "flags {flags:#x}"
             );
@@ -1349,11 +1518,19 @@ mod tests {
             err(&m),
             Error::BadHeader("version 2 blob with 1 level and no Glow flag (must be version 1)")
         );
-        // Glow flag cleared: the shapes (parameter count) no longer match.
+        // Glow flag cleared: version 3 is only for Glow models.
         let mut m = b.clone();
         m[19] = 0;
+        assert_eq!(
+            err(&m),
+            Error::BadHeader("version 3 blob without the Glow flag (must be version 1 or 2)")
+        );
+        // Relabelled version 2 (the older Glow encoding): its parameter count includes the
+        // `scale` tensors, so this header's does not match.
+        let mut m = b.clone();
+        m[8] = 2;
         assert!(matches!(err(&m), Error::BadHeader(s) if s.contains("parameter count")));
-        // A version 2 blob relabelled 1: bytes 18-19 are reserved there.
+        // A version 3 blob relabelled 1: bytes 18-19 are reserved there.
         let mut m = b.clone();
         m[8] = 1;
         assert_eq!(
@@ -1381,7 +1558,7 @@ mod tests {
                 5,                                // step 0 W
                 arch.coupling_offset(2) + 8 + 16, // step 2 W^-1
                 arch.coupling_offset(3) + 40,     // step 3 log-det
-                arch.coupling_offset(1) + 20,     // step 1 coupling scale
+                arch.coupling_offset(1) + 20,     // step 1 conv 0 weight
                 arch.param_count() - 1,           // last conv bias
             ];
             for index in targets {
@@ -1520,14 +1697,14 @@ mod tests {
     #[test]
     fn unsupported_version_is_rejected() {
         let mut b = valid(DType::F32);
-        for v in [0u16, 3, 0x0100, 0x0200, u16::MAX] {
+        for v in [0u16, 4, 0x0100, 0x0200, 0x0300, u16::MAX] {
             set_u16(&mut b, 8, v);
             assert_eq!(err(&b), Error::UnsupportedVersion(v));
         }
-        set_u16(&mut b, 8, 3);
+        set_u16(&mut b, 8, 4);
         assert_eq!(
             err(&b).to_string(),
-            "weight blob version 3 is not supported (this kernel reads 1 and 2)"
+            "weight blob version 4 is not supported (this kernel reads 1, 2 and 3)"
         );
         // A version 1 blob relabelled 2: byte 18 (levels in version 2) is 0.
         set_u16(&mut b, 8, 2);

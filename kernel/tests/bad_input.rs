@@ -107,7 +107,7 @@ fn wrong_magic_is_named() {
 
 #[test]
 fn wrong_version_is_named() {
-    for v in [0u16, 3, 0x0100, u16::MAX] {
+    for v in [0u16, 4, 0x0100, u16::MAX] {
         let mut b = blob(DType::F32);
         b[8..10].copy_from_slice(&v.to_le_bytes());
         fix_crc(&mut b);

@@ -18,5 +18,6 @@ fn main() {
     println!("cargo:rerun-if-changed=ld/memory-4mib.x");
     println!("cargo:rerun-if-changed=model-f16.cfw");
     println!("cargo:rerun-if-changed=model-f32.cfw");
+    println!("cargo:rerun-if-changed=model-glow-f16.cfw");
     println!("cargo:rerun-if-changed=digit.bin");
 }

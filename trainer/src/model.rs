@@ -336,7 +336,9 @@ impl Flow {
             out.extend(w.iter().map(|&v| v as f32));
             out.extend(w_inv.iter().map(|&v| v as f32));
             out.push(ld as f32);
-            for t in &host[cb..cb + COUPLING_TENSORS.len()] {
+            // The coupling's tensors but its `scale` (the first), which the checkpoint keeps
+            // and Glow's sigmoid bound never reads: blob version 3 has no such tensor.
+            for t in &host[cb + 1..cb + COUPLING_TENSORS.len()] {
                 out.extend_from_slice(t);
             }
         }

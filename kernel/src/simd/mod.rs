@@ -198,10 +198,29 @@ struct Mode {
 }
 
 /// The SIMD convolution; same contract as [`Conv::forward`] (whose checks have passed:
-/// every buffer has exactly the length the shape needs) for shapes [`takes`] accepts.
-/// Not inlined: its 96 KiB of stack buffers stay in its own frame.
-#[inline(never)]
+/// every buffer has exactly the length the shape needs) for shapes [`takes`] accepts:
+/// [`pointwise`] for 1x1 kernels, else [`windowed`]. (Each keeps its stack buffers in its
+/// own frame; neither calls the other.)
+#[inline(always)]
 pub(crate) fn forward(
+    conv: &Conv,
+    input: &[f32],
+    weight: Tensor<'_>,
+    bias: Tensor<'_>,
+    relu: bool,
+    out: &mut [f32],
+) -> Result<(), Error> {
+    if conv.kernel == 1 {
+        pointwise(conv, input, weight, Some(bias), relu, out)
+    } else {
+        windowed(conv, input, weight, bias, relu, out)
+    }
+}
+
+/// The windowed algorithm (module docs), for any kernel size [`takes`] accepts. Not
+/// inlined: its 96 KiB of stack buffers stay in its own frame.
+#[inline(never)]
+fn windowed(
     conv: &Conv,
     input: &[f32],
     weight: Tensor<'_>,
@@ -336,6 +355,217 @@ pub(crate) fn forward(
         }
     }
     Ok(())
+}
+
+/// The 1x1 convolution as a matrix product over the flattened plane: `out[o][p] = bias[o]
+/// + sum_i w[o][i] in[i][p]` (sums from 0 without a bias), ReLU when `relu`. Same contract
+/// as [`forward`] (the bias, when given, has `cout` values).
+///
+/// No window: a 1x1 kernel reads no padding, so the input planes are read in place. The
+/// flattened plane is cut into chunks of `LANES` pixels; a register block is `R` consecutive
+/// chunks (`R <= V::ROWS`) x [`C`] output channels, held over every input channel: per input
+/// channel `R` vector loads, [`C`] weight broadcasts, `R x C` fused multiply-adds. Weights
+/// are read from the blob's `[o][i]` rows (f32) or widened once per channel block and input
+/// group into the stack buffer (f16). Same order as the scalar path (bias, then input
+/// channel), with fused multiply-adds.
+#[inline(never)]
+pub(crate) fn pointwise(
+    conv: &Conv,
+    input: &[f32],
+    weight: Tensor<'_>,
+    bias: Option<Tensor<'_>>,
+    relu: bool,
+    out: &mut [f32],
+) -> Result<(), Error> {
+    let (cin, cout) = (conv.cin, conv.cout);
+    let plane = conv.height.checked_mul(conv.width).ok_or(INTERNAL)?;
+    if conv.kernel != 1
+        || cin == 0
+        || input.len() != cin.checked_mul(plane).ok_or(INTERNAL)?
+        || out.len() != cout.checked_mul(plane).ok_or(INTERNAL)?
+        || weight.len() != cout.checked_mul(cin).ok_or(INTERNAL)?
+        || bias.is_some_and(|b| b.len() != cout)
+    {
+        return Err(INTERNAL);
+    }
+    if plane == 0 || cout == 0 {
+        return Ok(());
+    }
+    let mut stage = Aligned([const { MaybeUninit::<f32>::uninit() }; STAGE]);
+    // Input channels per group: C rows of widened f16 weights fit the stage buffer.
+    let group = STAGE / C;
+    let chunks = plane.div_ceil(V::LANES);
+    for ic0 in (0..cin).step_by(group) {
+        let g = group.min(cin - ic0);
+        let mode = Mode {
+            first: ic0 == 0,
+            relu: relu && ic0 + g == cin,
+        };
+        let ins = input.get(ic0 * plane..(ic0 + g) * plane).ok_or(INTERNAL)?;
+        for oc0 in (0..cout).step_by(C) {
+            let cn = C.min(cout - oc0);
+            let (wp, wstride) = match weight.raw() {
+                (DType::F32, bytes) => {
+                    let first = oc0 * cin + ic0;
+                    let last = (oc0 + cn - 1) * cin + ic0 + g;
+                    let span = bytes.get(first * 4..last * 4).ok_or(INTERNAL)?;
+                    (span.as_ptr().cast::<f32>(), cin)
+                }
+                (DType::F16, bytes) => {
+                    // Every value of the cn * g prefix is written here.
+                    let st = stage.0.get_mut(..cn * g).ok_or(INTERNAL)?;
+                    for (j, dst) in st.chunks_exact_mut(g).enumerate() {
+                        let at = (oc0 + j) * cin + ic0;
+                        let src = bytes.get(at * 2..(at + g) * 2).ok_or(INTERNAL)?;
+                        if src.len() != 2 * dst.len() {
+                            return Err(INTERNAL);
+                        }
+                        V::widen_f16(src, dst);
+                    }
+                    (st.as_ptr().cast::<f32>(), g)
+                }
+            };
+            let mut bv = [0f32; C];
+            if let (true, Some(bias)) = (mode.first, bias) {
+                for (j, b) in bv.iter_mut().enumerate().take(cn) {
+                    *b = bias
+                        .slice(oc0 + j, 1)
+                        .and_then(|t| t.iter().next())
+                        .ok_or(INTERNAL)?;
+                }
+            }
+            let outs = out
+                .get_mut(oc0 * plane..(oc0 + cn) * plane)
+                .ok_or(INTERNAL)?;
+            let blk = PwBlock {
+                ins: ins.as_ptr(),
+                g,
+                wp,
+                wstride,
+                out: outs.as_mut_ptr(),
+                plane,
+                bias: bv,
+                mode,
+            };
+            let mut ch = 0;
+            while ch < chunks {
+                let r = V::ROWS.min(chunks - ch);
+                // SAFETY: chunks ch .. ch + r lie in the plane (the last may be partial: its
+                // lanes are clamped to the plane inside), cn <= C, and `blk` was built from
+                // buffers checked above to hold g input planes, cn rows of g weights at
+                // wstride from wp, and cn output planes.
+                unsafe { pw_dispatch(&blk, ch, r, cn) };
+                ch += r;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One output-channel block of a 1x1 convolution (raw pointers into buffers whose sizes
+/// [`pointwise`] checked).
+struct PwBlock {
+    /// The group's `g` input planes, `plane` values each.
+    ins: *const f32,
+    g: usize,
+    /// Channel `j`'s weight for the group's input channel `i` is at `wp + j * wstride + i`
+    /// (f32, maybe unaligned).
+    wp: *const f32,
+    wstride: usize,
+    /// Channel `j`'s output plane starts at `out + j * plane`.
+    out: *mut f32,
+    plane: usize,
+    bias: [f32; C],
+    mode: Mode,
+}
+
+/// [`pw_tile`] with the chunk and channel counts as compile-time constants.
+///
+/// # Safety
+/// As for [`pw_tile`].
+#[inline(always)]
+unsafe fn pw_dispatch(b: &PwBlock, ch: usize, chunks: usize, cn: usize) {
+    macro_rules! by_chunks {
+        ($c:literal) => {
+            // SAFETY: the caller's contract, with R = chunks and cn = $c.
+            unsafe {
+                match chunks {
+                    1 => pw_tile::<1, $c>(b, ch),
+                    2 => pw_tile::<2, $c>(b, ch),
+                    3 => pw_tile::<3, $c>(b, ch),
+                    4 => pw_tile::<4, $c>(b, ch),
+                    5 => pw_tile::<5, $c>(b, ch),
+                    _ => pw_tile::<6, $c>(b, ch),
+                }
+            }
+        };
+    }
+    match cn {
+        1 => by_chunks!(1),
+        2 => by_chunks!(2),
+        3 => by_chunks!(3),
+        _ => by_chunks!(4),
+    }
+}
+
+/// Chunks `ch .. ch + R` of `LANES` pixels of the flattened plane (the last may be partial),
+/// channels `0 .. N` of the block, over the group's input channels: `R x N` accumulators in
+/// registers.
+///
+/// # Safety
+/// `R <= V::ROWS`, chunk `ch + R - 1` starts inside the plane, `N` is at most the block's
+/// channel count, and the block's pointers are valid for the extents documented on
+/// [`PwBlock`].
+#[inline(never)]
+unsafe fn pw_tile<const R: usize, const N: usize>(b: &PwBlock, ch: usize) {
+    let lanes = |r: usize| V::LANES.min(b.plane - (ch + r) * V::LANES);
+    // Only the last chunk of the plane can be partial.
+    let full = (ch + R) * V::LANES <= b.plane;
+    let mut acc = [[V::splat(0.0); N]; R];
+    for (r, row) in acc.iter_mut().enumerate() {
+        let at = (ch + r) * V::LANES;
+        for (j, a) in row.iter_mut().enumerate() {
+            *a = if b.mode.first {
+                V::splat(b.bias.get(j).copied().unwrap_or(0.0))
+            } else {
+                // SAFETY: channel j < N of the block, pixels at .. at + lanes(r) <= plane.
+                unsafe { V::load_n(b.out.add(j * b.plane + at), lanes(r)) }
+            };
+        }
+    }
+    for i in 0..b.g {
+        // SAFETY: input plane i < g of the group.
+        let xp = unsafe { b.ins.add(i * b.plane + ch * V::LANES) };
+        let mut xs = [V::splat(0.0); R];
+        for (r, x) in xs.iter_mut().enumerate() {
+            // SAFETY: pixels (ch + r) * LANES .. + LANES of plane i when full, else only the
+            // lanes(r) that lie in the plane.
+            *x = unsafe {
+                if full {
+                    V::load(xp.add(r * V::LANES))
+                } else {
+                    V::load_n(xp.add(r * V::LANES), lanes(r))
+                }
+            };
+        }
+        for j in 0..N {
+            // SAFETY: weight i < g of channel j < N; may be unaligned.
+            let wv = V::splat(unsafe { b.wp.add(j * b.wstride + i).read_unaligned() });
+            for (row, x) in acc.iter_mut().zip(&xs) {
+                if let Some(a) = row.get_mut(j) {
+                    *a = a.fma(*x, wv);
+                }
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        let at = (ch + r) * V::LANES;
+        for (j, a) in row.iter().enumerate() {
+            let v = if b.mode.relu { a.relu() } else { *a };
+            // SAFETY: as for the loads above: channel j, pixels at .. at + lanes(r).
+            unsafe { v.store_n(b.out.add(j * b.plane + at), lanes(r)) };
+        }
+    }
 }
 
 /// 64-byte aligned stack buffer (whole cache lines; aligned vector loads where they fall).
@@ -528,6 +758,17 @@ mod tests {
             (1, 2, 20, 33, 15),
             (4, 6, 5, 50, 1),
             (3, 4, 2, 70, 11),
+            // The 1x1 path: the Glow presets' shapes (coupling middle layer, invertible
+            // 1x1 convolution), partial chunks and channel blocks, two input groups.
+            (64, 64, 14, 14, 1),
+            (64, 64, 7, 7, 1),
+            (4, 4, 14, 14, 1),
+            (8, 8, 7, 7, 1),
+            (224, 224, 16, 16, 1),
+            (224, 224, 8, 8, 1),
+            (224, 224, 4, 4, 1),
+            (STAGE / C + 3, 5, 3, 3, 1),
+            (2, 3, 1, 1, 1),
         ];
         let mut worst = 0f64;
         for &(cin, cout, h, w, k) in shapes {

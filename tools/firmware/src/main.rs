@@ -1,8 +1,12 @@
 //! clayflow on a Cortex-M4F: samples one MNIST digit with the `no_std` kernel from a fixed
 //! seed, prints it as ASCII art, writes it as a PGM file on the host, prints a checksum of
-//! the f32 sample, scores one real held-out digit with `log_prob`, and reports the
+//! the f32 sample, scores one real held-out digit with `log_prob` and, as an anomaly score,
+//! two inputs that are not digits (its negative and uniform noise), and reports the
 //! instructions each step took and the peak stack. Exits through semihosting: status 0 when
 //! everything ran, 1 on any error (kernel error, host I/O failure, panic, fault).
+//!
+//! The default build embeds the trained `mnist-glow` model (what `clayflow train` trains by
+//! default); `--no-default-features` the seed's `mnist` RealNVP.
 //!
 //! Runs under `qemu-system-arm -machine mps2-an386 -cpu cortex-m4` (the cargo runner in
 //! `.cargo/config.toml`); see `README.md`.
@@ -26,29 +30,29 @@ use shared::{Results, PGM_HEADER, PGM_NAME, SEED, SIDE, TEMPERATURE};
 #[repr(C, align(4))]
 struct Aligned<B: ?Sized>(B);
 
-/// The architecture the buffers are sized for: the MNIST preset, or with the `glow`
-/// feature the two-level Glow preset `MNIST_GLOW`.
+/// The architecture the buffers are sized for: with the `glow` feature (the default) the
+/// two-level Glow preset `MNIST_GLOW`, else the seed's MNIST preset.
 #[cfg(not(feature = "glow"))]
 const ARCH: Arch = clayflow_kernel::MNIST;
 #[cfg(not(feature = "glow"))]
-const ARCH_NAME: &str = "MNIST preset";
+const ARCH_NAME: &str = "MNIST preset (the seed's RealNVP, 12 couplings)";
 #[cfg(feature = "glow")]
 const ARCH: Arch = clayflow_kernel::MNIST_GLOW;
 #[cfg(feature = "glow")]
-const ARCH_NAME: &str = "MNIST_GLOW preset (2 levels x 16 Glow steps, random weights)";
+const ARCH_NAME: &str = "MNIST_GLOW preset (mnist-glow: 2 levels x 16 Glow steps)";
 
 #[cfg(not(any(feature = "f32-weights", feature = "glow")))]
 static BLOB: &Aligned<[u8]> = &Aligned(*include_bytes!("../model-f16.cfw"));
 #[cfg(not(feature = "f32-weights"))]
 const DTYPE: &str = "f16";
 
-/// The Glow variant's f16 blob (Glow tensors f32): `MNIST_GLOW` with the deterministic
-/// random weights that `tests/firmware_checksum.rs` generates.
+/// The Glow variant's f16 blob (Glow tensors f32): the trained `mnist-glow` model
+/// (`README.md` says which run exported it).
 #[cfg(all(feature = "glow", not(feature = "f32-weights")))]
 static BLOB: &Aligned<[u8]> = &Aligned(*include_bytes!("../model-glow-f16.cfw"));
 
 #[cfg(all(feature = "f32-weights", feature = "glow"))]
-compile_error!("the glow variant has only an f16 blob");
+compile_error!("the glow variant has only an f16 blob (f32-weights needs --no-default-features)");
 #[cfg(feature = "f32-weights")]
 static BLOB: &Aligned<[u8]> = &Aligned(*include_bytes!("../model-f32.cfw"));
 #[cfg(feature = "f32-weights")]
@@ -122,7 +126,7 @@ fn run() -> Result<(), Failure> {
     if cfg!(feature = "profile") {
         // Profiling build: only the convolution breakdown, so that a QEMU `-d exec` log
         // holds little else.
-        let convs = conv_breakdown(&clock, &model, &mut bufs.scratch)?;
+        let convs = conv_breakdown(&clock, &model, 0, &mut bufs.scratch)?;
         writeln!(
             out,
             "profile: conv ticks {convs:?}, parse {parse}, {per_tick} insn/tick"
@@ -139,6 +143,14 @@ fn run() -> Result<(), Failure> {
     let t = clock.ticks();
     let log_prob = bufs.log_prob(&model, &DIGIT)?;
     let score = clock.ticks() - t;
+    let mut bpd = [bits_per_dim(model.arch(), log_prob), 0.0, 0.0];
+    for (b, image) in bpd
+        .iter_mut()
+        .skip(1)
+        .zip([shared::negative(&DIGIT), shared::noise()])
+    {
+        *b = bits_per_dim(model.arch(), bufs.log_prob(&model, &image)?);
+    }
     let results = Results {
         checksum,
         log_prob,
@@ -158,20 +170,28 @@ fn run() -> Result<(), Failure> {
     write_pgm(&pixels)?;
     writeln!(out, "pgm: wrote {PGM_NAME} on the host")?;
     shared::write_results(&mut out, DTYPE, &results)?;
+    shared::write_scores(&mut out, &bpd)?;
     let insn = |ticks: u64| (ticks as f64 * per_tick) as u64;
     writeln!(
         out,
         "icount: {per_tick:.3} instructions per SysTick tick (calibrated on a known loop)"
     )?;
-    let convs = conv_breakdown(&clock, &model, &mut bufs.scratch)?;
     writeln!(out, "instructions: parse {}", insn(parse))?;
-    for (j, ticks) in convs.iter().enumerate() {
-        let (cin, cout, k) = ARCH.conv_shape(ARCH.masks[0], j);
-        writeln!(
-            out,
-            "instructions: conv{j} of one coupling ({cin}->{cout}, {k}x{k}) {}",
-            insn(*ticks)
-        )?;
+    // One coupling's convolutions on each level (first step of the level).
+    for level in 0..ARCH.levels {
+        let step = level * ARCH.steps_per_level();
+        let convs = conv_breakdown(&clock, &model, step, &mut bufs.scratch)?;
+        let view = ARCH.step_arch(step);
+        let (_, h, w) = view.flow_shape();
+        for (j, ticks) in convs.iter().enumerate() {
+            let (cin, cout, k) = view.conv_shape(ARCH.masks[step], j);
+            writeln!(
+                out,
+                "instructions: step {step} conv{j} ({cin}->{cout}, {k}x{k} on {h}x{w}) {} ({:.2} per multiply-add)",
+                insn(*ticks),
+                insn(*ticks) as f64 / (cin * cout * k * k * h * w) as f64
+            )?;
+        }
     }
     writeln!(out, "instructions: sample {}", insn(sample))?;
     writeln!(out, "instructions: log_prob {}", insn(score))?;
@@ -189,19 +209,21 @@ fn run() -> Result<(), Failure> {
     Ok(())
 }
 
-/// Ticks of each of coupling 0's three convolutions, run alone on its real weights (the
-/// input is whatever the scratch holds: the count does not depend on the values).
+/// Ticks of each of step `step`'s three coupling convolutions, run alone on its real weights
+/// (the input is whatever the scratch holds: the count does not depend on the values).
 fn conv_breakdown(
     clock: &icount::Clock,
     model: &Model<'_>,
+    step: usize,
     scratch: &mut [f32],
 ) -> Result<[u64; 3], Failure> {
-    let cw = model.coupling(0)?;
-    let (_, h, w) = model.arch().flow_shape();
+    let cw = model.coupling(step)?;
+    let view = model.arch().step_arch(step);
+    let (_, h, w) = view.flow_shape();
     let plane = h * w;
     let mut ticks = [0u64; 3];
     for (j, t) in ticks.iter_mut().enumerate() {
-        let (cin, cout, k) = model.arch().conv_shape(cw.mask, j);
+        let (cin, cout, k) = view.conv_shape(cw.mask, j);
         let conv = Conv {
             cin,
             cout,

@@ -1,9 +1,11 @@
 //! What the firmware and its host twin (`examples/firmware_host.rs`, which includes this
-//! file) share: the fixed inputs and the exact text of the result lines, so that the CI can
-//! compare the device's lines with the host's byte for byte.
+//! file) share: the fixed inputs, the two non-digit inputs the firmware scores, and the exact
+//! text of the result lines, so that the CI can compare the device's lines with the host's
+//! byte for byte.
 //!
-//! `no_std`-clean: only `core`.
+//! `no_std`-clean: only `core` and the kernel.
 
+use clayflow_kernel::{Pcg32, Rng};
 use core::fmt::{self, Write};
 
 /// Seed of the kernel's PCG32 for the sampled digit.
@@ -21,6 +23,29 @@ pub const DIGIT_LABEL: u8 = 9;
 
 /// Image side of the MNIST preset.
 pub const SIDE: usize = 28;
+
+/// Pixels of one image.
+pub const PIXELS: usize = SIDE * SIDE;
+
+/// Seed of the kernel's PCG32 for the uniform-noise image ([`noise`]).
+pub const NOISE_SEED: u64 = 7;
+
+/// The digit's photographic negative, `255 - p`: the same strokes, white on black turned
+/// black on white, which no MNIST digit looks like.
+pub fn negative(digit: &[u8; PIXELS]) -> [u8; PIXELS] {
+    digit.map(|p| 255 - p)
+}
+
+/// Uniform noise: every pixel the top byte of the next PCG32 output (seed [`NOISE_SEED`]).
+pub fn noise() -> [u8; PIXELS] {
+    let mut rng = Pcg32::new(NOISE_SEED);
+    core::array::from_fn(|_| rng.next_u32().to_be_bytes()[0])
+}
+
+/// The inputs the firmware scores, in the order of its `score:` lines: the held-out digit
+/// and two that are not digits. A flow's exact likelihood is an anomaly score: the digit
+/// must come out clearly lowest in bits/dim.
+pub const SCORED: [&str; 3] = ["digit", "negative", "noise"];
 
 /// File the firmware writes on the host (in QEMU's working directory) through semihosting.
 pub const PGM_NAME: &str = "clayflow-sample.pgm";
@@ -73,6 +98,15 @@ pub struct Results {
     pub log_prob: f32,
     /// Its bits per dimension.
     pub bits_per_dim: f32,
+}
+
+/// Writes the `score:` lines: bits/dim of each of [`SCORED`] (`bpd` in that order), with
+/// their bit patterns, identical on device and host.
+pub fn write_scores(out: &mut impl Write, bpd: &[f32; 3]) -> fmt::Result {
+    for (name, b) in SCORED.iter().zip(bpd) {
+        writeln!(out, "score: {name:<8} {b} bits/dim (0x{:08x})", b.to_bits())?;
+    }
+    Ok(())
 }
 
 /// Writes the result lines (`checksum:` and `digit:`), identical on device and host.
