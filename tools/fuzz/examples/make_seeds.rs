@@ -10,6 +10,10 @@
 //! saved by the trainer's `checkpoint::save`, and (with `--full`) the trained MNIST run at
 //! `$CLAYFLOW_RUN` (default `/work/main/runs/mnist`): its f16/f32 blobs and a checkpoint.
 //! Every file is the target's input: mode byte(s) first (see `src/lib.rs`).
+//!
+//! The blob seeds `glow-v2-*` are not made here: they are the `glow-sq1x4x4-l2` seeds as
+//! kernels before blob version 3 wrote them (Glow in version 2, with the couplings' unused
+//! `scale` tensors), kept so the fuzzer keeps exercising the reader's older encoding.
 
 use std::fs;
 use std::io::Read;
@@ -93,7 +97,8 @@ fn small_archs() -> Vec<(&'static str, Arch)> {
     color.hidden = [5, 1];
     color.bits = 1;
     color.logit_alpha = 0.25;
-    // Version 2: two levels (4x2x2, then 8x1x1) with Glow steps; and two levels without.
+    // Version 3: two levels (4x2x2, then 8x1x1) with Glow steps; version 2: two levels
+    // without.
     let mut glow = base;
     glow.levels = 2;
     glow.glow = true;
