@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CI for the web page's WebAssembly module: runs its unit tests on the host (the error texts
+# CI for the web page's WebAssembly module (its own cargo workspace, so the root's fmt and
+# clippy do not cover it): fmt and clippy, its unit tests on the host (the error texts
 # against the kernel's Display, the MNIST-shape check), builds it for wasm32-unknown-unknown,
 # checks that it has no imports, then has Node load it with the default blob
 # (tools/firmware/model-glow-f16.cfw), sample with the firmware's seed and temperature and
@@ -21,8 +22,14 @@ fi
 node --version
 rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
 
-step "the module's unit tests (host)"
-(cd "$here" && cargo test --release --locked --quiet)
+step "fmt, clippy (wasm32 and the host tests), the module's unit tests (host)"
+(
+    cd "$here"
+    cargo fmt --check
+    cargo clippy --release --locked --quiet --target wasm32-unknown-unknown -- -D warnings
+    cargo clippy --release --locked --quiet --tests -- -D warnings
+    cargo test --release --locked --quiet
+)
 
 step "build the module (wasm32-unknown-unknown)"
 bash "$here/build.sh"

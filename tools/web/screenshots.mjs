@@ -21,7 +21,7 @@ const profile = mkdtempSync(join(tmpdir(), "clayflow-chromium-"));
 const context = await chromium.launchPersistentContext(profile, {
   executablePath: "/usr/bin/chromium",
   headless: true,
-  viewport: { width: 1040, height: 960 },
+  viewport: { width: 1120, height: 900 },
   deviceScaleFactor: 1,
   args: [
     "--no-sandbox",

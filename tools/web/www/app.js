@@ -268,7 +268,9 @@ function updateReferences() {
     parts.push(`(reference scores failed: ${e.message})`);
   }
   $("score-hint").textContent =
-    `The density of the drawing under the model: lower is more digit-like. For scale, ${parts.join("; ")}.`;
+    `The density of the drawing under the model: lower means more likely, roughly more ` +
+    `digit-like, but a flow also rates blank and very simple images highly. For scale, ` +
+    `${parts.join("; ")}.`;
 }
 
 async function fetchBytes(url) {
