@@ -3,9 +3,10 @@
 //! Its lines must equal the module's byte for byte (`tools/web/ci.sh` compares them).
 //!
 //! ```text
-//! cargo run --release --example web_host -- tools/firmware/model-glow-f16.cfw            # result lines
-//! cargo run --release --example web_host -- tools/firmware/model-glow-f16.cfw --time 200 # samples/s, batch 1
+//! cargo run --release --example web_host -- tools/firmware/model-glow-f16.cfw
 //! ```
+//!
+//! (The native side of the speed comparison is `tools/web/examples/native_speed.rs`.)
 //!
 //! The result lines: the firmware's `checksum:` and `digit:` lines (`shared::write_results`),
 //! then the kernel's error message for two damaged copies of the blob (one byte flipped in
@@ -19,11 +20,10 @@ mod shared;
 use clayflow_kernel::{bits_per_dim, image_len, log_prob, sample, scratch_len, DType, Model};
 use shared::{Results, SEED, TEMPERATURE};
 use std::process::ExitCode;
-use std::time::Instant;
 
 static DIGIT: &[u8; 784] = include_bytes!("../tools/firmware/digit.bin");
 
-const USAGE: &str = "usage: web_host BLOB [--time N]";
+const USAGE: &str = "usage: web_host BLOB";
 
 fn dtype_name(d: DType) -> &'static str {
     match d {
@@ -79,40 +79,6 @@ fn results(blob: &[u8]) -> Result<String, String> {
     Ok(s)
 }
 
-/// Samples per second at batch 1 over `n` samples (seeds `SEED..SEED + n`), one thread.
-fn timing(blob: &[u8], n: u64) -> Result<String, String> {
-    let model = Model::from_blob(blob).map_err(|e| e.to_string())?;
-    let arch = model.arch();
-    let mut scratch = vec![0f32; scratch_len(arch)];
-    let d = image_len(arch);
-    let (mut pixels, mut values) = (vec![0u8; d], vec![0f32; d]);
-    let mut draw = |seed| {
-        sample(
-            &model,
-            seed,
-            TEMPERATURE,
-            &mut scratch,
-            &mut pixels,
-            &mut values,
-        )
-        .map_err(|e| e.to_string())
-    };
-    // One untimed sample first (page faults, caches), as the browser's measurement does.
-    draw(SEED)?;
-    let t = Instant::now();
-    for seed in SEED..SEED + n {
-        draw(seed)?;
-    }
-    let s = t.elapsed().as_secs_f64();
-    Ok(format!(
-        "native: {n} samples (batch 1, one thread, conv path {}) in {:.3} s: {:.1} samples/s, {:.2} ms per sample\n",
-        clayflow_kernel::conv::PATH,
-        s,
-        n as f64 / s,
-        s * 1e3 / n as f64
-    ))
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -120,14 +86,6 @@ fn main() -> ExitCode {
         [path] => std::fs::read(path)
             .map_err(|e| format!("{path}: {e}"))
             .and_then(|b| results(&b)),
-        [path, "--time", n] => match n.parse::<u64>() {
-            Ok(n) if n > 0 => std::fs::read(path)
-                .map_err(|e| format!("{path}: {e}"))
-                .and_then(|b| timing(&b, n)),
-            _ => Err(format!(
-                "--time {n}: expected a positive number of samples\n{USAGE}"
-            )),
-        },
         _ => Err(USAGE.to_string()),
     };
     match result {

@@ -22,12 +22,12 @@ fi
 node --version
 rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
 
-step "fmt, clippy (wasm32 and the host tests), the module's unit tests (host)"
+step "fmt, clippy (wasm32, and host: tests and examples), the module's unit tests (host)"
 (
     cd "$here"
     cargo fmt --check
     cargo clippy --release --locked --quiet --target wasm32-unknown-unknown -- -D warnings
-    cargo clippy --release --locked --quiet --tests -- -D warnings
+    cargo clippy --release --locked --quiet --all-targets -- -D warnings
     cargo test --release --locked --quiet
 )
 
