@@ -112,6 +112,22 @@ try {
   console.log(`error shown: ${await page.textContent("#error")}`);
   await shot("web-5-error.png");
 
+  // Drag and drop: a truncated copy (refused), then the intact blob (accepted again).
+  const drop = (cut) =>
+    page.evaluate(async (cut) => {
+      const b = new Uint8Array(await (await fetch("model.cfw")).arrayBuffer());
+      const data = new DataTransfer();
+      data.items.add(new File([b.slice(0, b.length - cut)], cut ? "cut.cfw" : "intact.cfw"));
+      document.dispatchEvent(new DragEvent("drop", { dataTransfer: data, cancelable: true }));
+    }, cut);
+  await drop(100);
+  await page.waitForFunction(() => document.querySelector("#error").textContent.startsWith("cut.cfw"));
+  console.log(`dropped a truncated blob: ${await page.textContent("#error")}`);
+  await drop(0);
+  await page.waitForSelector("#error", { state: "hidden" });
+  await gridDone();
+  console.log(`dropped the intact blob: ${await page.textContent("#model-info")}`);
+
   const n = Number(benchArg);
   const ua = await page.evaluate(() => navigator.userAgent);
   const bench = await page.evaluate((n) => window.clayflow.bench(n), n);

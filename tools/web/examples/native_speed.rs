@@ -25,6 +25,19 @@ fn run(path: &str, n: u64) -> Result<String, String> {
     let mut scratch = vec![0f32; scratch_len(arch)];
     let d = image_len(arch);
     let (mut pixels, mut values) = (vec![0u8; d], vec![0f32; d]);
+    // One untimed sample first, as the browser's and Node's measurements do. Its checksum
+    // is the CI check's: equal to the module's on the scalar path, different on a SIMD path
+    // (fused multiply-adds).
+    sample(
+        &model,
+        SEED,
+        TEMPERATURE,
+        &mut scratch,
+        &mut pixels,
+        &mut values,
+    )
+    .map_err(|e| e.to_string())?;
+    let checksum = shared::fnv1a32(&values);
     let mut draw = |seed| {
         sample(
             &model,
@@ -36,14 +49,13 @@ fn run(path: &str, n: u64) -> Result<String, String> {
         )
         .map_err(|e| e.to_string())
     };
-    draw(SEED)?; // untimed, as the browser's and Node's measurements do
     let t = Instant::now();
     for seed in SEED..SEED + n {
         draw(seed)?;
     }
     let s = t.elapsed().as_secs_f64();
     Ok(format!(
-        "native ({} path): {n} samples (batch 1, one thread) in {s:.3} s: {:.1} samples/s, {:.2} ms per sample",
+        "native ({} path): {n} samples (batch 1, one thread) in {s:.3} s: {:.1} samples/s, {:.2} ms per sample; checksum of seed {SEED}: 0x{checksum:08x}",
         clayflow_kernel::conv::PATH,
         n as f64 / s,
         s * 1e3 / n as f64
