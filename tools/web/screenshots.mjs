@@ -1,7 +1,7 @@
 // Drives the served page in headless Chromium (playwright-core): waits for the grid, moves
-// the temperature slider, draws a stroke on the pad, loads the held-out digit, drops a
-// damaged blob, and saves a screenshot after each step; then measures sampling speed at
-// batch 1 in the page. Run by screenshots.sh, which serves the page and installs what this
+// the temperature slider, draws a stroke on the pad, loads the held-out digit, chooses and
+// drops damaged blobs, opens the page with a default blob it refuses, and saves a
+// screenshot after each step; then measures sampling speed at batch 1 in the page. Run by screenshots.sh, which serves the page and installs what this
 // needs.
 //
 //   node tools/web/screenshots.mjs URL OUTDIR [BENCH_SAMPLES]
@@ -127,6 +127,36 @@ try {
   await page.waitForSelector("#error", { state: "hidden" });
   await gridDone();
   console.log(`dropped the intact blob: ${await page.textContent("#model-info")}`);
+
+  // A default blob the page refuses, on a fresh load (no previous model to keep): the
+  // default one with its image size patched to 32x32 and its CRC-32 recomputed. That is a
+  // valid blob (the parameter count does not depend on the image size), but not MNIST-shaped.
+  const patched = await page.evaluate(async () => {
+    const b = new Uint8Array(await (await fetch("model.cfw")).arrayBuffer());
+    const v = new DataView(b.buffer);
+    v.setUint16(12, 32, true);
+    v.setUint16(14, 32, true);
+    let crc = ~0;
+    for (const x of b.subarray(0, b.length - 4)) {
+      crc ^= x;
+      for (let k = 0; k < 8; k++) crc = (crc >>> 1) ^ (0xedb88320 & -(crc & 1));
+    }
+    v.setUint32(b.length - 4, ~crc >>> 0, true);
+    return Array.from(b);
+  });
+  const refused = await context.newPage();
+  refused.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  await refused.route("**/model.cfw", (route) =>
+    route.fulfill({ status: 200, contentType: "application/octet-stream", body: Buffer.from(patched) }),
+  );
+  await refused.goto(url);
+  await refused.evaluate(() => window.clayflow.ready);
+  await refused.waitForSelector("#grid-overlay:not([hidden])");
+  console.log(`refused default blob: ${await refused.textContent("#error")}`);
+  const path = join(outDir, "web-6-refused.png");
+  await refused.screenshot({ path, fullPage: true });
+  console.log(`saved ${path}`);
+  await refused.close();
 
   const n = Number(benchArg);
   const ua = await page.evaluate(() => navigator.userAgent);
