@@ -22,7 +22,9 @@ use clayflow_cuda_sim::{Schedule, SimDevice};
 use clayflow_kernel::{Mask, Pcg32, Rng};
 use clayflow_trainer::backend::cpu::CpuBackend;
 use clayflow_trainer::backend::cuda::{KernelDevice, LaunchCfg, Param};
-use clayflow_trainer::backend::{AdamStep, Backend, Buffer, ConvShape, Shape4};
+use clayflow_trainer::backend::{
+    hi_lo, AdamStep, Backend, Buffer, ConvShape, CouplingScale, Shape4,
+};
 
 const MASKS: [Mask; 4] = [
     Mask::ChannelEven,
@@ -274,9 +276,13 @@ impl Launcher {
         Self::hi_lo(&host(&part)).iter().sum()
     }
 
+    /// Image n's sum of squares added to the running total `(hi, lo)` = (0.5, 0).
     fn per_image_sum_squares(&self, shape: Shape4, z: &[f32]) -> Vec<f64> {
         let z = cpu_buf(z);
-        let mut part = cpu_buf(&vec![f32::NAN; 2 * shape.batch]);
+        let start: Vec<f32> = (0..2 * shape.batch)
+            .map(|k| if k % 2 == 0 { 0.5 } else { 0.0 })
+            .collect();
+        let mut part = cpu_buf(&start);
         self.go(
             "cf_per_image_sum_squares",
             per_image(shape.batch),
@@ -575,9 +581,15 @@ fn logit_squeeze_and_per_image_sums_match_cpu() {
         assert_close("logit_inverse", &host(&x), &host(&xc), 2e-6);
         // per-image sum of squares
         let got = l.per_image_sum_squares(shape, &z);
-        let want = CpuBackend
-            .per_image_sum_squares(shape, &cpu_buf(&z))
+        let mut acc = cpu_buf(
+            &(0..2 * shape.batch)
+                .map(|k| if k % 2 == 0 { 0.5 } else { 0.0 })
+                .collect::<Vec<f32>>(),
+        );
+        CpuBackend
+            .per_image_sum_squares(shape, &cpu_buf(&z), &mut acc)
             .unwrap();
+        let want = hi_lo(&host(&acc));
         for (g, w) in got.iter().zip(&want) {
             assert!(
                 (g - w).abs() <= 1e-9 * w,
@@ -669,112 +681,143 @@ fn coupling_forward_inverse_backward_match_cpu() {
             let scale = cpu_buf(&rand_vec(&mut rng, cc, 0.5, 1.5));
             let x0 = rand_vec(&mut rng, shape.len(), -2.0, 2.0);
             let ld0 = rand_vec(&mut rng, shape.batch, -1.0, 1.0);
-            let geo = [
-                i(shape.channels),
-                i(shape.height),
-                i(shape.width),
-                i(mask as usize),
-            ];
-            let what = format!("{shape:?} {mask:?}");
+            // Both scale functions; the sigmoid's kernels get null `scale` and partial-sum
+            // pointers, which they must not touch (the simulator would crash).
+            for mode in [0, 1] {
+                let f = if mode == 0 {
+                    CouplingScale::Tanh(&scale)
+                } else {
+                    CouplingScale::Sigmoid
+                };
+                let scale_p = if mode == 0 {
+                    l.p(&scale)
+                } else {
+                    Param::Ptr(0)
+                };
+                let geo = [
+                    i(shape.channels),
+                    i(shape.height),
+                    i(shape.width),
+                    i(mask as usize),
+                    i(mode),
+                ];
+                let what = format!("{shape:?} {mask:?} mode {mode}");
 
-            // forward: x in place, log_det accumulated
-            let (mut x, mut ld) = (cpu_buf(&x0), cpu_buf(&ld0));
-            let mut params = geo.to_vec();
-            params.extend([l.p(&st), l.p(&scale), l.pm(&mut x), l.pm(&mut ld)]);
-            l.go("cf_coupling_forward", per_image(shape.batch), &params);
-            let (mut xc, mut ldc) = (cpu_buf(&x0), cpu_buf(&ld0));
-            CpuBackend
-                .coupling_forward(shape, mask, &st, &scale, &mut xc, &mut ldc)
-                .unwrap();
-            assert_close(
-                &format!("coupling_forward x {what}"),
-                &host(&x),
-                &host(&xc),
-                2e-6,
-            );
-            assert_close(
-                &format!("coupling_forward ld {what}"),
-                &host(&ld),
-                &host(&ldc),
-                2e-6,
-            );
+                // forward: x in place, log_det accumulated
+                let (mut x, mut ld) = (cpu_buf(&x0), cpu_buf(&ld0));
+                let mut params = geo.to_vec();
+                params.extend([l.p(&st), scale_p, l.pm(&mut x), l.pm(&mut ld)]);
+                l.go("cf_coupling_forward", per_image(shape.batch), &params);
+                let (mut xc, mut ldc) = (cpu_buf(&x0), cpu_buf(&ld0));
+                CpuBackend
+                    .coupling_forward(shape, mask, f, &st, &mut xc, &mut ldc)
+                    .unwrap();
+                assert_close(
+                    &format!("coupling_forward x {what}"),
+                    &host(&x),
+                    &host(&xc),
+                    2e-6,
+                );
+                assert_close(
+                    &format!("coupling_forward ld {what}"),
+                    &host(&ld),
+                    &host(&ldc),
+                    2e-6,
+                );
 
-            // inverse
-            let mut y = cpu_buf(&host(&xc));
-            let mut params = vec![i(shape.batch)];
-            params.extend(geo);
-            params.extend([l.p(&st), l.p(&scale), l.pm(&mut y)]);
-            l.go("cf_coupling_inverse", ew(shape.batch * cc * p), &params);
-            let mut yc = cpu_buf(&host(&xc));
-            CpuBackend
-                .coupling_inverse(shape, mask, &st, &scale, &mut yc)
-                .unwrap();
-            assert_close(
-                &format!("coupling_inverse {what}"),
-                &host(&y),
-                &host(&yc),
-                2e-6,
-            );
+                // inverse
+                let mut y = cpu_buf(&host(&xc));
+                let mut params = vec![i(shape.batch)];
+                params.extend(geo);
+                params.extend([l.p(&st), scale_p, l.pm(&mut y)]);
+                l.go("cf_coupling_inverse", ew(shape.batch * cc * p), &params);
+                let mut yc = cpu_buf(&host(&xc));
+                CpuBackend
+                    .coupling_inverse(shape, mask, f, &st, &mut yc)
+                    .unwrap();
+                assert_close(
+                    &format!("coupling_inverse {what}"),
+                    &host(&y),
+                    &host(&yc),
+                    2e-6,
+                );
+                assert_close(
+                    &format!("coupling_inverse undoes forward {what}"),
+                    &host(&y),
+                    &x0,
+                    2e-5,
+                );
 
-            // backward: dy in place, d_st written, d_scale accumulated (two passes)
-            let dy0 = rand_vec(&mut rng, shape.len(), -1.0, 1.0);
-            let ds0 = rand_vec(&mut rng, cc, -1.0, 1.0);
-            let x0b = cpu_buf(&x0);
-            let (mut dy, mut dst, mut part) = (
-                cpu_buf(&dy0),
-                cpu_buf(&vec![f32::NAN; shape.batch * 2 * cc * p]),
-                cpu_buf(&vec![f32::NAN; shape.batch * cc]),
-            );
-            let mut params = geo.to_vec();
-            params.extend([
-                Param::F32(-0.3),
-                l.p(&x0b),
-                l.p(&st),
-                l.p(&scale),
-                l.pm(&mut dy),
-                l.pm(&mut dst),
-                l.pm(&mut part),
-            ]);
-            l.go("cf_coupling_backward", per_image(shape.batch), &params);
-            let mut ds = cpu_buf(&ds0);
-            let cfg = LaunchCfg {
-                grid: (cc.div_ceil(256) as u32, 1, 1),
-                block: (256, 1, 1),
-                shared_bytes: 0,
-            };
-            l.go(
-                "cf_col_sum_add",
-                cfg,
-                &[i(shape.batch), i(cc), l.p(&part), l.pm(&mut ds)],
-            );
-            let (mut dyc, mut dstc, mut dsc) = (
-                cpu_buf(&dy0),
-                cpu_buf(&vec![0.0; shape.batch * 2 * cc * p]),
-                cpu_buf(&ds0),
-            );
-            CpuBackend
-                .coupling_backward(
-                    shape, mask, &x0b, &st, &scale, -0.3, &mut dyc, &mut dstc, &mut dsc,
-                )
-                .unwrap();
-            assert_close(
-                &format!("coupling_backward dy {what}"),
-                &host(&dy),
-                &host(&dyc),
-                2e-6,
-            );
-            assert_close(
-                &format!("coupling_backward d_st {what}"),
-                &host(&dst),
-                &host(&dstc),
-                2e-6,
-            );
-            assert_close(
-                &format!("coupling_backward d_scale {what}"),
-                &host(&ds),
-                &host(&dsc),
-                2e-6,
-            );
+                // backward: dy in place, d_st written, d_scale accumulated (two passes, tanh)
+                let dy0 = rand_vec(&mut rng, shape.len(), -1.0, 1.0);
+                let ds0 = rand_vec(&mut rng, cc, -1.0, 1.0);
+                let x0b = cpu_buf(&x0);
+                let (mut dy, mut dst, mut part) = (
+                    cpu_buf(&dy0),
+                    cpu_buf(&vec![f32::NAN; shape.batch * 2 * cc * p]),
+                    cpu_buf(&vec![f32::NAN; shape.batch * cc]),
+                );
+                let part_p = if mode == 0 {
+                    l.pm(&mut part)
+                } else {
+                    Param::Ptr(0)
+                };
+                let mut params = geo.to_vec();
+                params.extend([
+                    Param::F32(-0.3),
+                    l.p(&x0b),
+                    l.p(&st),
+                    scale_p,
+                    l.pm(&mut dy),
+                    l.pm(&mut dst),
+                    part_p,
+                ]);
+                l.go("cf_coupling_backward", per_image(shape.batch), &params);
+                let mut ds = cpu_buf(&ds0);
+                if mode == 0 {
+                    let cfg = LaunchCfg {
+                        grid: (cc.div_ceil(256) as u32, 1, 1),
+                        block: (256, 1, 1),
+                        shared_bytes: 0,
+                    };
+                    l.go(
+                        "cf_col_sum_add",
+                        cfg,
+                        &[i(shape.batch), i(cc), l.p(&part), l.pm(&mut ds)],
+                    );
+                }
+                let (mut dyc, mut dstc, mut dsc) = (
+                    cpu_buf(&dy0),
+                    cpu_buf(&vec![0.0; shape.batch * 2 * cc * p]),
+                    cpu_buf(&ds0),
+                );
+                CpuBackend
+                    .coupling_backward(
+                        shape, mask, f, &x0b, &st, -0.3, &mut dyc, &mut dstc, &mut dsc,
+                    )
+                    .unwrap();
+                assert_close(
+                    &format!("coupling_backward dy {what}"),
+                    &host(&dy),
+                    &host(&dyc),
+                    2e-6,
+                );
+                assert_close(
+                    &format!("coupling_backward d_st {what}"),
+                    &host(&dst),
+                    &host(&dstc),
+                    2e-6,
+                );
+                assert_close(
+                    &format!("coupling_backward d_scale {what}"),
+                    &host(&ds),
+                    &host(&dsc),
+                    2e-6,
+                );
+                if mode == 1 {
+                    assert_eq!(host(&dsc), ds0, "the sigmoid scale leaves d_scale alone");
+                }
+            }
         }
     }
 }
@@ -905,8 +948,12 @@ fn backend_flow_ops_match_cpu() {
             let mut zi = up(b, &z);
             b.logit_inverse(0.05, &mut zi).unwrap();
             out.push(down(b, &zi));
-            let sq = b.per_image_sum_squares(shape, &up(b, &z)).unwrap();
-            out.push(sq.iter().map(|&v| v as f32).collect());
+            let mut acc = b.zeros(2 * shape.batch).unwrap();
+            b.per_image_sum_squares(shape, &up(b, &z), &mut acc)
+                .unwrap();
+            b.per_image_sum_squares(shape, &up(b, &u), &mut acc)
+                .unwrap();
+            out.push(hi_lo(&down(b, &acc)).iter().map(|&v| v as f32).collect());
             if shape.height % 2 == 0 && shape.width % 2 == 0 {
                 let mut y = b.zeros(n).unwrap();
                 b.squeeze(shape, false, &up(b, &z), &mut y).unwrap();
@@ -936,37 +983,39 @@ fn backend_flow_ops_match_cpu() {
                     b.mask_scatter_add(shape, mask, &up(b, &dcnn), &mut dx)
                         .unwrap();
                     let (stb, scb) = (up(b, &st), up(b, &scale));
-                    let mut y = up(b, &x0);
-                    let mut ld = up(b, &vec![0.5; shape.batch]);
-                    b.coupling_forward(shape, mask, &stb, &scb, &mut y, &mut ld)
+                    let mut out = vec![down(b, &cnn_in), down(b, &dx)];
+                    for f in [CouplingScale::Tanh(&scb), CouplingScale::Sigmoid] {
+                        let mut y = up(b, &x0);
+                        let mut ld = up(b, &vec![0.5; shape.batch]);
+                        b.coupling_forward(shape, mask, f, &stb, &mut y, &mut ld)
+                            .unwrap();
+                        let fwd = down(b, &y);
+                        b.coupling_inverse(shape, mask, f, &stb, &mut y).unwrap();
+                        let mut dy = up(b, &dy0);
+                        let mut dst = b.zeros(shape.batch * 2 * cc * p).unwrap();
+                        let mut dscale = up(b, &vec![0.25; cc]);
+                        b.coupling_backward(
+                            shape,
+                            mask,
+                            f,
+                            &xb,
+                            &stb,
+                            -0.7,
+                            &mut dy,
+                            &mut dst,
+                            &mut dscale,
+                        )
                         .unwrap();
-                    let fwd = down(b, &y);
-                    b.coupling_inverse(shape, mask, &stb, &scb, &mut y).unwrap();
-                    let mut dy = up(b, &dy0);
-                    let mut dst = b.zeros(shape.batch * 2 * cc * p).unwrap();
-                    let mut dscale = up(b, &vec![0.25; cc]);
-                    b.coupling_backward(
-                        shape,
-                        mask,
-                        &xb,
-                        &stb,
-                        &scb,
-                        -0.7,
-                        &mut dy,
-                        &mut dst,
-                        &mut dscale,
-                    )
-                    .unwrap();
-                    vec![
-                        down(b, &cnn_in),
-                        down(b, &dx),
-                        fwd,
-                        down(b, &ld),
-                        down(b, &y),
-                        down(b, &dy),
-                        down(b, &dst),
-                        down(b, &dscale),
-                    ]
+                        out.extend([
+                            fwd,
+                            down(b, &ld),
+                            down(b, &y),
+                            down(b, &dy),
+                            down(b, &dst),
+                            down(b, &dscale),
+                        ]);
+                    }
+                    out
                 },
             );
         }

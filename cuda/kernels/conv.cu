@@ -9,13 +9,7 @@
 // The weight gradient is a deterministic two-pass reduction: pass 1 writes one partial per
 // (chunk of images, weight) with no atomics, pass 2 sums the chunks in a fixed order.
 
-#ifndef CLAYFLOW_SIM
-#define CF_DYNAMIC_SHARED(T, name)                                                           \
-    extern __shared__ __align__(16) unsigned char cf_dyn_smem[];                             \
-    T* name = reinterpret_cast<T*>(cf_dyn_smem)
-#endif
-
-typedef unsigned long long cf_u64;
+#include "common.cuh"
 
 // Output tile: 16 x 16 pixels.
 #define CF_TILE 16
@@ -345,3 +339,4 @@ extern "C" __global__ void __launch_bounds__(256)
         db[i - wlen] = acc;
     }
 }
+

@@ -1,17 +1,7 @@
 // Elementwise kernels: one grid-stride loop each. Launch (see cuda/KERNELS.md, "EW launch"):
-// block 256, grid min(ceil(n / 256), 4096). Indices are unsigned so that `i + stride` cannot
-// overflow for n < 2^31.
+// block 256, grid min(ceil(n / 256), 4096).
 
-#define CF_GRID_STRIDE(i, n)                                                                 \
-    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(n);              \
-         i += gridDim.x * blockDim.x)
-
-// True when pixel (row, col) of a changed channel is changed by `mask` (channel masks change
-// every pixel; checkerboards change the colour whose (row + col) parity differs from the
-// mask's parity). Mask codes: 0 ChannelEven, 1 ChannelOdd, 2 CheckerEven, 3 CheckerOdd.
-static __device__ __forceinline__ bool cf_changes_pixel(int mask, int row, int col) {
-    return mask < 2 || ((row + col) & 1) != (mask & 1);
-}
+#include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256) cf_fill(int n, float value, float* dst) {
     CF_GRID_STRIDE(i, n) { dst[i] = value; }
@@ -76,7 +66,7 @@ extern "C" __global__ void __launch_bounds__(256)
     cf_mask_gather(int batch, int c, int h, int w, int mask, const float* __restrict__ x,
                    float* __restrict__ cnn_in) {
     const int p = h * w;
-    const int cin = mask < 2 ? (c + 1 - (mask & 1)) / 2 : c;
+    const int cin = cf_kept_count(mask, c);
     const int per = cin * p;
     CF_GRID_STRIDE(e, batch * per) {
         int n = (int)(e / (unsigned)per);
@@ -98,7 +88,7 @@ extern "C" __global__ void __launch_bounds__(256)
     cf_mask_scatter_add(int batch, int c, int h, int w, int mask,
                         const float* __restrict__ d_cnn_in, float* __restrict__ dx) {
     const int p = h * w;
-    const int cin = mask < 2 ? (c + 1 - (mask & 1)) / 2 : c;
+    const int cin = cf_kept_count(mask, c);
     const int per = cin * p;
     CF_GRID_STRIDE(e, batch * per) {
         int n = (int)(e / (unsigned)per);
@@ -114,12 +104,14 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // Inverse affine coupling in place on the changed half: y_b = (y_b - t) exp(-s) with
-// s = scale * tanh(s_raw), (s_raw, t) = st[n] ([2cc][h][w]). One thread per (n, j, i).
+// s = cf_coupling_s(mode, scale[j], s_raw), (s_raw, t) = st[n] ([2cc][h][w]). One thread per
+// (n, j, i). `scale` is not read in mode 1 (Glow).
 extern "C" __global__ void __launch_bounds__(256)
-    cf_coupling_inverse(int batch, int c, int h, int w, int mask, const float* __restrict__ st,
-                        const float* __restrict__ scale, float* __restrict__ y) {
+    cf_coupling_inverse(int batch, int c, int h, int w, int mask, int mode,
+                        const float* __restrict__ st, const float* __restrict__ scale,
+                        float* __restrict__ y) {
     const int p = h * w;
-    const int cc = mask < 2 ? c - (c + 1 - (mask & 1)) / 2 : c;
+    const int cc = cf_changed_count(mask, c);
     const int per = cc * p;
     CF_GRID_STRIDE(e, batch * per) {
         int n = (int)(e / (unsigned)per);
@@ -127,11 +119,11 @@ extern "C" __global__ void __launch_bounds__(256)
         int j = r / p, i = r - (r / p) * p;
         int row = i / w, col = i - (i / w) * w;
         if (!cf_changes_pixel(mask, row, col)) continue;
-        int ch = mask < 2 ? 2 * j + 1 - (mask & 1) : j;
-        const float* stn = st + (unsigned)n * (unsigned)(2 * per);
-        float s = scale[j] * tanhf(stn[r]);
+        int ch = cf_changed_channel(mask, j);
+        const float* stn = st + (cf_u64)n * (cf_u64)(2 * per);
+        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : 0.0f, stn[r]);
         float t = stn[per + r];
-        unsigned yi = (unsigned)n * (unsigned)(c * p) + (unsigned)(ch * p + i);
+        cf_u64 yi = (cf_u64)n * (cf_u64)(c * p) + (cf_u64)(ch * p + i);
         y[yi] = (y[yi] - t) * expf(-s);
     }
 }
