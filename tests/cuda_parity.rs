@@ -887,6 +887,57 @@ fn backend_convolutions_match_cpu() {
     }
 }
 
+/// 1x1 convolutions, which run as GEMMs over the batch's pixels: the Glow presets' shapes
+/// (color-glow's 224 -> 224 coupling layer at each level's 16x16, 8x8 and 4x4 images,
+/// mnist-glow's 64 -> 64 at 14x14 and 7x7, the invertible 1x1 convolutions) and ragged sizes
+/// around the 16- and 64-row tiles and the 16-pixel reduction steps.
+#[test]
+fn backend_1x1_convolutions_match_cpu() {
+    let mut rng = Pcg32::new(14);
+    let s = |batch, cin, cout, height, width| ConvShape {
+        batch,
+        cin,
+        cout,
+        height,
+        width,
+        kernel: 1,
+    };
+    for s in [
+        s(1, 224, 224, 16, 16),
+        s(2, 224, 224, 8, 8),
+        s(3, 224, 224, 4, 4),
+        s(2, 64, 64, 14, 14),
+        s(2, 64, 64, 7, 7),
+        s(5, 4, 4, 14, 14),
+        s(3, 48, 48, 4, 4),
+        s(2, 17, 70, 5, 3),
+        s(1, 3, 1, 2, 2),
+    ] {
+        let bound = 1.0 / (s.cin as f32).sqrt();
+        let x = rand_vec(&mut rng, s.input_len(), -1.0, 1.0);
+        let w = rand_vec(&mut rng, s.weight_len(), -bound, bound);
+        let bias = rand_vec(&mut rng, s.cout, -0.5, 0.5);
+        let dy = rand_vec(&mut rng, s.output_len(), -1.0, 1.0);
+        both(&format!("Backend 1x1 conv {s:?}"), 2e-5, |b| {
+            let (xb, wb, bb, dyb) = (up(b, &x), up(b, &w), up(b, &bias), up(b, &dy));
+            let mut out = Vec::new();
+            for relu in [false, true] {
+                let mut y = up(b, &vec![f32::NAN; s.output_len()]);
+                b.conv_forward(&s, &xb, &wb, &bb, relu, &mut y).unwrap();
+                out.push(down(b, &y));
+            }
+            let mut dx = up(b, &vec![f32::NAN; s.input_len()]);
+            b.conv_backward_data(&s, &dyb, &wb, &mut dx).unwrap();
+            let mut dw = up(b, &vec![f32::NAN; s.weight_len()]);
+            let mut db = up(b, &vec![f32::NAN; s.cout]);
+            b.conv_backward_weight(&s, &xb, &dyb, &mut dw, &mut db)
+                .unwrap();
+            out.extend([down(b, &dx), down(b, &dw), down(b, &db)]);
+            out
+        });
+    }
+}
+
 #[test]
 fn backend_elementwise_reductions_and_adam_match_cpu() {
     let mut rng = Pcg32::new(12);

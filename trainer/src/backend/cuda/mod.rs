@@ -139,6 +139,23 @@ fn tile_launch(s: &ConvShape, outs: usize, t: usize) -> (LaunchCfg, usize) {
     (cfg, cic)
 }
 
+/// Launch of a 1x1 convolution as a GEMM (`cf_conv1x1_m{16,64}`) with `m` output rows over
+/// the `batch * plane` pixels: the kernel name and its configuration.
+fn conv1x1_launch(s: &ConvShape, m: usize) -> (&'static str, LaunchCfg) {
+    let (name, tm) = if m <= 16 {
+        ("cf_conv1x1_m16", 16)
+    } else {
+        ("cf_conv1x1_m64", 64)
+    };
+    let pixels = s.batch * s.height * s.width;
+    let cfg = LaunchCfg {
+        grid: (pixels.div_ceil(4096 / tm) as u32, m.div_ceil(tm) as u32, 1),
+        block: (BLOCK, 1, 1),
+        shared_bytes: 0,
+    };
+    (name, cfg)
+}
+
 /// Checks a conv shape against the kernels' limits.
 fn check_conv(op: &'static str, s: &ConvShape) -> Result<()> {
     if s.kernel.is_multiple_of(2) || !(1..=15).contains(&s.kernel) {
@@ -293,6 +310,67 @@ impl<D: KernelDevice> CudaBackend<D> {
             self.launch_ew("cf_actnorm_finish", c, &p)
         })();
         self.put_scratch("actnorm", part);
+        r
+    }
+
+    /// `conv_backward_weight` of a 1x1 convolution (checked, non-empty): a GEMM over the
+    /// batch's pixels in 64 x 64 output tiles, the pixels split into chunks so that about
+    /// 264 blocks run, then the chunks summed in order (`cf_conv1x1_wgrad`,
+    /// `cf_conv_bwd_weight_reduce`).
+    fn conv1x1_backward_weight(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        dy: &Buffer,
+        dw: &mut Buffer,
+        db: &mut Buffer,
+    ) -> Result<()> {
+        let op = "conv_backward_weight";
+        let pixels = s.batch * s.height * s.width;
+        let (gx, gy) = (s.cout.div_ceil(64), s.cin.div_ceil(64));
+        let n0 = 264usize
+            .div_ceil(gx * gy)
+            .clamp(1, pixels.div_ceil(64).max(1))
+            .min(MAX_GRID_YZ);
+        let per_chunk = pixels.div_ceil(n0);
+        let nchunks = pixels.div_ceil(per_chunk);
+        let wlen = s.weight_len();
+        let part_len = nchunks * (wlen + s.cout);
+        int(op, "partial length", part_len)?;
+        let mut part = self.take_scratch("conv_backward_weight", part_len)?;
+        let r = (|| {
+            let cfg = LaunchCfg {
+                grid: (gx as u32, gy as u32, nchunks as u32),
+                block: (BLOCK, 1, 1),
+                shared_bytes: 0,
+            };
+            let p = [
+                int(op, "batch", s.batch)?,
+                int(op, "cin", s.cin)?,
+                int(op, "cout", s.cout)?,
+                int(op, "plane", s.height * s.width)?,
+                int(op, "pixels per chunk", per_chunk)?,
+                Param::Ptr(self.dev.ptr(x)?),
+                Param::Ptr(self.dev.ptr(dy)?),
+                Param::Ptr(self.dev.ptr_mut(&mut part)?),
+            ];
+            self.dev.launch("cf_conv1x1_wgrad", cfg, &p)?;
+            let cfg = LaunchCfg {
+                grid: ((wlen + s.cout).div_ceil(256) as u32, 1, 1),
+                block: (BLOCK, 1, 1),
+                shared_bytes: 0,
+            };
+            let p = [
+                int(op, "chunks", nchunks)?,
+                int(op, "weight length", wlen)?,
+                int(op, "cout", s.cout)?,
+                Param::Ptr(self.dev.ptr(&part)?),
+                Param::Ptr(self.dev.ptr_mut(dw)?),
+                Param::Ptr(self.dev.ptr_mut(db)?),
+            ];
+            self.dev.launch("cf_conv_bwd_weight_reduce", cfg, &p)
+        })();
+        self.put_scratch("conv_backward_weight", part);
         r
     }
 
@@ -472,6 +550,23 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         if s.output_len() == 0 {
             return Ok(());
         }
+        if s.kernel == 1 {
+            // A GEMM over the batch's pixels: no tile straddles an image border.
+            let (name, cfg) = conv1x1_launch(s, s.cout);
+            let p = [
+                int(op, "batch", s.batch)?,
+                int(op, "cin", s.cin)?,
+                int(op, "cout", s.cout)?,
+                int(op, "plane", s.height * s.width)?,
+                Param::I32(0),
+                Param::Ptr(self.dev.ptr(x)?),
+                Param::Ptr(self.dev.ptr(w)?),
+                Param::Ptr(self.dev.ptr(b)?),
+                Param::I32(i32::from(relu)),
+                Param::Ptr(self.dev.ptr_mut(y)?),
+            ];
+            return self.dev.launch(name, cfg, &p);
+        }
         let t = tco(s.cout);
         let (cfg, cic) = tile_launch(s, s.cout, t);
         let mut p = conv_dims(op, s)?.to_vec();
@@ -502,6 +597,23 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         if s.cout == 0 {
             // No output channels: nothing flows back.
             return self.fill(dx, 0.0);
+        }
+        if s.kernel == 1 {
+            // dx = W^T dy, the GEMM with the weights transposed.
+            let (name, cfg) = conv1x1_launch(s, s.cin);
+            let p = [
+                int(op, "batch", s.batch)?,
+                int(op, "cin", s.cin)?,
+                int(op, "cout", s.cout)?,
+                int(op, "plane", s.height * s.width)?,
+                Param::I32(1),
+                Param::Ptr(self.dev.ptr(dy)?),
+                Param::Ptr(self.dev.ptr(w)?),
+                Param::Ptr(0),
+                Param::I32(0),
+                Param::Ptr(self.dev.ptr_mut(dx)?),
+            ];
+            return self.dev.launch(name, cfg, &p);
         }
         // The forward kernel's body with flipped, transposed weights: TCO by cin, reducing
         // over cout.
@@ -540,6 +652,9 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
             return Err(BackendError::Device(format!(
                 "{op}: a convolution with 0 input channels is not supported by the CUDA kernels"
             )));
+        }
+        if s.kernel == 1 {
+            return self.conv1x1_backward_weight(s, x, dy, dw, db);
         }
         let (k, t) = (s.kernel, tco(s.cout));
         let cit = s.cin.min(16).min(256 / (k * k)).max(1);
