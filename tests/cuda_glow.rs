@@ -20,8 +20,8 @@
 use clayflow_cuda_sim::{Counts, SimDevice};
 use clayflow_kernel::{Arch, Pcg32, Rng};
 use clayflow_trainer::backend::cpu::CpuBackend;
-use clayflow_trainer::backend::cuda::CudaBackend;
-use clayflow_trainer::backend::{AdamStep, Backend, Buffer, LuFactors, Shape4};
+use clayflow_trainer::backend::cuda::{CudaBackend, KernelDevice, LaunchCfg, Param};
+use clayflow_trainer::backend::{select, AdamStep, Backend, Buffer, LuFactors, Shape4};
 use clayflow_trainer::config::{tensor_specs, ModelConfig};
 use clayflow_trainer::invconv;
 use clayflow_trainer::model::{init_params, Flow};
@@ -383,4 +383,64 @@ fn color_trains_on_the_device() {
 fn color_glow_trains_on_the_device() {
     let (c, _) = preset_on_the_device("color-glow", 2);
     assert_bounded("color-glow", c);
+}
+
+/// A simulator with one broken kernel launch: `cf_logit_forward` gets a wrong `alpha`, the
+/// kind of bug a mis-launched or miscompiled kernel makes.
+#[derive(Debug)]
+struct BrokenDevice(SimDevice);
+
+impl KernelDevice for BrokenDevice {
+    fn name(&self) -> String {
+        "broken cuda-sim".into()
+    }
+    fn alloc_zeros(&self, len: usize) -> clayflow_trainer::backend::Result<Buffer> {
+        self.0.alloc_zeros(len)
+    }
+    fn upload(&self, data: &[f32]) -> clayflow_trainer::backend::Result<Buffer> {
+        self.0.upload(data)
+    }
+    fn upload_into(&self, data: &[f32], dst: &mut Buffer) -> clayflow_trainer::backend::Result<()> {
+        self.0.upload_into(data, dst)
+    }
+    fn download(&self, buf: &Buffer) -> clayflow_trainer::backend::Result<Vec<f32>> {
+        self.0.download(buf)
+    }
+    fn ptr(&self, buf: &Buffer) -> clayflow_trainer::backend::Result<u64> {
+        self.0.ptr(buf)
+    }
+    fn ptr_mut(&self, buf: &mut Buffer) -> clayflow_trainer::backend::Result<u64> {
+        self.0.ptr_mut(buf)
+    }
+    fn launch(
+        &self,
+        name: &'static str,
+        cfg: LaunchCfg,
+        params: &[Param],
+    ) -> clayflow_trainer::backend::Result<()> {
+        let mut p = params.to_vec();
+        if name == "cf_logit_forward" {
+            // alpha 0.05 -> 0.06
+            p[1] = Param::F32(0.06);
+        }
+        self.0.launch(name, cfg, &p)
+    }
+    fn synchronize(&self) -> clayflow_trainer::backend::Result<()> {
+        self.0.synchronize()
+    }
+}
+
+/// `--device auto|cuda` trusts a GPU only after `select::verify` (one tiny forward and
+/// backward on the GPU and the CPU, compared): the simulated GPU passes, one with a wrong
+/// kernel is caught.
+#[test]
+fn the_self_check_passes_the_simulator_and_catches_a_wrong_kernel() {
+    let t0 = std::time::Instant::now();
+    select::verify(Arc::new(CudaBackend::new(SimDevice::new()))).unwrap();
+    println!(
+        "self-check on the simulator: {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let e = select::verify(Arc::new(CudaBackend::new(BrokenDevice(SimDevice::new())))).unwrap_err();
+    assert!(e.contains("differs from the CPU"), "{e}");
 }
