@@ -887,38 +887,49 @@ fn backend_convolutions_match_cpu() {
     }
 }
 
-/// 1x1 convolutions, which run as GEMMs over the batch's pixels: the Glow presets' shapes
-/// (color-glow's 224 -> 224 coupling layer at each level's 16x16, 8x8 and 4x4 images,
-/// mnist-glow's 64 -> 64 at 14x14 and 7x7, the invertible 1x1 convolutions) and ragged sizes
-/// around the 16- and 64-row tiles and the 16-pixel reduction steps.
+/// Convolutions that run as implicit GEMMs over the batch's pixels (every 1x1 convolution,
+/// images of at most 64 pixels, and weight gradients the tiled kernel would run with most
+/// threads idle): the Glow presets' shapes (color-glow's 224 -> 224 coupling layer at each
+/// level's 16x16, 8x8 and 4x4 images and its 3x3 layers at 8x8 and 4x4, mnist-glow's 64 -> 64
+/// and 3x3 layers at 14x14 and 7x7, the invertible 1x1 convolutions) and ragged sizes around
+/// the 16- and 64-row tiles and the 16-deep reduction steps.
 #[test]
-fn backend_1x1_convolutions_match_cpu() {
+fn backend_gemm_convolutions_match_cpu() {
     let mut rng = Pcg32::new(14);
-    let s = |batch, cin, cout, height, width| ConvShape {
+    let s = |batch, cin, cout, height, width, kernel| ConvShape {
         batch,
         cin,
         cout,
         height,
         width,
-        kernel: 1,
+        kernel,
     };
     for s in [
-        s(1, 224, 224, 16, 16),
-        s(2, 224, 224, 8, 8),
-        s(3, 224, 224, 4, 4),
-        s(2, 64, 64, 14, 14),
-        s(2, 64, 64, 7, 7),
-        s(5, 4, 4, 14, 14),
-        s(3, 48, 48, 4, 4),
-        s(2, 17, 70, 5, 3),
-        s(1, 3, 1, 2, 2),
+        s(1, 224, 224, 16, 16, 1),
+        s(2, 224, 224, 8, 8, 1),
+        s(3, 224, 224, 4, 4, 1),
+        s(2, 64, 64, 14, 14, 1),
+        s(2, 64, 64, 7, 7, 1),
+        s(5, 4, 4, 14, 14, 1),
+        s(3, 48, 48, 4, 4, 1),
+        s(2, 17, 70, 5, 3, 1),
+        s(1, 3, 1, 2, 2, 1),
+        s(1, 6, 224, 16, 16, 3),
+        s(2, 12, 224, 8, 8, 3),
+        s(2, 224, 24, 8, 8, 3),
+        s(3, 24, 224, 4, 4, 3),
+        s(2, 224, 48, 4, 4, 3),
+        s(2, 4, 64, 7, 7, 3),
+        s(2, 64, 8, 7, 7, 3),
+        s(2, 2, 64, 14, 14, 3),
+        s(3, 5, 9, 3, 5, 5),
     ] {
-        let bound = 1.0 / (s.cin as f32).sqrt();
+        let bound = 1.0 / ((s.cin * s.kernel * s.kernel) as f32).sqrt();
         let x = rand_vec(&mut rng, s.input_len(), -1.0, 1.0);
         let w = rand_vec(&mut rng, s.weight_len(), -bound, bound);
         let bias = rand_vec(&mut rng, s.cout, -0.5, 0.5);
         let dy = rand_vec(&mut rng, s.output_len(), -1.0, 1.0);
-        both(&format!("Backend 1x1 conv {s:?}"), 2e-5, |b| {
+        both(&format!("Backend GEMM conv {s:?}"), 2e-5, |b| {
             let (xb, wb, bb, dyb) = (up(b, &x), up(b, &w), up(b, &bias), up(b, &dy));
             let mut out = Vec::new();
             for relu in [false, true] {

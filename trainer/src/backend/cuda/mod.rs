@@ -139,13 +139,32 @@ fn tile_launch(s: &ConvShape, outs: usize, t: usize) -> (LaunchCfg, usize) {
     (cfg, cic)
 }
 
-/// Launch of a 1x1 convolution as a GEMM (`cf_conv1x1_m{16,64}`) with `m` output rows over
-/// the `batch * plane` pixels: the kernel name and its configuration.
-fn conv1x1_launch(s: &ConvShape, m: usize) -> (&'static str, LaunchCfg) {
+/// Images of at most this many pixels run as implicit GEMMs: a 16x16 tile would leave at least
+/// 75% of its threads idle (7x7: 81%, 4x4: 94%).
+const GEMM_MAX_PLANE: usize = 64;
+
+/// Whether the forward / backward-data convolution runs as an implicit GEMM over the batch's
+/// pixels (`cf_conv_gemm_m*`) rather than in 16x16 tiles: every 1x1 convolution, and small
+/// images.
+fn conv_as_gemm(s: &ConvShape) -> bool {
+    s.kernel == 1 || s.height * s.width <= GEMM_MAX_PLANE
+}
+
+/// Whether the weight gradient runs as a GEMM (`cf_conv_gemm_wgrad`): as above, and whenever
+/// the tiled kernel would keep fewer than half of its 256 threads busy (one thread per
+/// (input channel, tap) of a block's `min(cin, 16, 256 / k^2)` channels).
+fn wgrad_as_gemm(s: &ConvShape) -> bool {
+    let kk = s.kernel * s.kernel;
+    conv_as_gemm(s) || s.cin.min(16).min(256 / kk).max(1) * kk < 128
+}
+
+/// Launch of an implicit-GEMM convolution with `m` output rows over the `batch * plane`
+/// pixels: the kernel name and its configuration.
+fn gemm_launch(s: &ConvShape, m: usize) -> (&'static str, LaunchCfg) {
     let (name, tm) = if m <= 16 {
-        ("cf_conv1x1_m16", 16)
+        ("cf_conv_gemm_m16", 16)
     } else {
-        ("cf_conv1x1_m64", 64)
+        ("cf_conv_gemm_m64", 64)
     };
     let pixels = s.batch * s.height * s.width;
     let cfg = LaunchCfg {
@@ -313,11 +332,11 @@ impl<D: KernelDevice> CudaBackend<D> {
         r
     }
 
-    /// `conv_backward_weight` of a 1x1 convolution (checked, non-empty): a GEMM over the
-    /// batch's pixels in 64 x 64 output tiles, the pixels split into chunks so that about
-    /// 264 blocks run, then the chunks summed in order (`cf_conv1x1_wgrad`,
+    /// `conv_backward_weight` (checked, non-empty) as a GEMM over the batch's pixels in
+    /// 64 x 64 output tiles of `cout x (cin * k * k)`, the pixels split into chunks so that
+    /// about 264 blocks run, then the chunks summed in order (`cf_conv_gemm_wgrad`,
     /// `cf_conv_bwd_weight_reduce`).
-    fn conv1x1_backward_weight(
+    fn gemm_backward_weight(
         &self,
         s: &ConvShape,
         x: &Buffer,
@@ -327,7 +346,10 @@ impl<D: KernelDevice> CudaBackend<D> {
     ) -> Result<()> {
         let op = "conv_backward_weight";
         let pixels = s.batch * s.height * s.width;
-        let (gx, gy) = (s.cout.div_ceil(64), s.cin.div_ceil(64));
+        let (gx, gy) = (
+            s.cout.div_ceil(64),
+            (s.cin * s.kernel * s.kernel).div_ceil(64),
+        );
         let n0 = 264usize
             .div_ceil(gx * gy)
             .clamp(1, pixels.div_ceil(64).max(1))
@@ -344,17 +366,14 @@ impl<D: KernelDevice> CudaBackend<D> {
                 block: (BLOCK, 1, 1),
                 shared_bytes: 0,
             };
-            let p = [
-                int(op, "batch", s.batch)?,
-                int(op, "cin", s.cin)?,
-                int(op, "cout", s.cout)?,
-                int(op, "plane", s.height * s.width)?,
+            let mut p = conv_dims(op, s)?.to_vec();
+            p.extend([
                 int(op, "pixels per chunk", per_chunk)?,
                 Param::Ptr(self.dev.ptr(x)?),
                 Param::Ptr(self.dev.ptr(dy)?),
                 Param::Ptr(self.dev.ptr_mut(&mut part)?),
-            ];
-            self.dev.launch("cf_conv1x1_wgrad", cfg, &p)?;
+            ]);
+            self.dev.launch("cf_conv_gemm_wgrad", cfg, &p)?;
             let cfg = LaunchCfg {
                 grid: ((wlen + s.cout).div_ceil(256) as u32, 1, 1),
                 block: (BLOCK, 1, 1),
@@ -550,21 +569,18 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         if s.output_len() == 0 {
             return Ok(());
         }
-        if s.kernel == 1 {
+        if conv_as_gemm(s) {
             // A GEMM over the batch's pixels: no tile straddles an image border.
-            let (name, cfg) = conv1x1_launch(s, s.cout);
-            let p = [
-                int(op, "batch", s.batch)?,
-                int(op, "cin", s.cin)?,
-                int(op, "cout", s.cout)?,
-                int(op, "plane", s.height * s.width)?,
+            let (name, cfg) = gemm_launch(s, s.cout);
+            let mut p = conv_dims(op, s)?.to_vec();
+            p.extend([
                 Param::I32(0),
                 Param::Ptr(self.dev.ptr(x)?),
                 Param::Ptr(self.dev.ptr(w)?),
                 Param::Ptr(self.dev.ptr(b)?),
                 Param::I32(i32::from(relu)),
                 Param::Ptr(self.dev.ptr_mut(y)?),
-            ];
+            ]);
             return self.dev.launch(name, cfg, &p);
         }
         let t = tco(s.cout);
@@ -598,21 +614,18 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
             // No output channels: nothing flows back.
             return self.fill(dx, 0.0);
         }
-        if s.kernel == 1 {
-            // dx = W^T dy, the GEMM with the weights transposed.
-            let (name, cfg) = conv1x1_launch(s, s.cin);
-            let p = [
-                int(op, "batch", s.batch)?,
-                int(op, "cin", s.cin)?,
-                int(op, "cout", s.cout)?,
-                int(op, "plane", s.height * s.width)?,
+        if conv_as_gemm(s) {
+            // dx = the GEMM with the weights flipped and transposed.
+            let (name, cfg) = gemm_launch(s, s.cin);
+            let mut p = conv_dims(op, s)?.to_vec();
+            p.extend([
                 Param::I32(1),
                 Param::Ptr(self.dev.ptr(dy)?),
                 Param::Ptr(self.dev.ptr(w)?),
                 Param::Ptr(0),
                 Param::I32(0),
                 Param::Ptr(self.dev.ptr_mut(dx)?),
-            ];
+            ]);
             return self.dev.launch(name, cfg, &p);
         }
         // The forward kernel's body with flipped, transposed weights: TCO by cin, reducing
@@ -653,8 +666,8 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
                 "{op}: a convolution with 0 input channels is not supported by the CUDA kernels"
             )));
         }
-        if s.kernel == 1 {
-            return self.conv1x1_backward_weight(s, x, dy, dw, db);
+        if wgrad_as_gemm(s) {
+            return self.gemm_backward_weight(s, x, dy, dw, db);
         }
         let (k, t) = (s.kernel, tco(s.cout));
         let cit = s.cin.min(16).min(256 / (k * k)).max(1);
