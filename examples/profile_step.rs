@@ -412,6 +412,21 @@ impl Backend for Timed {
             || self.inner.add_log_det(plane, v, log_det),
         )
     }
+    fn adam_all(
+        &self,
+        hp: &AdamStep,
+        params: &mut [Buffer],
+        grads: &[Buffer],
+        m: &mut [Buffer],
+        v: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()> {
+        self.time(
+            || "opt: adam".into(),
+            0,
+            || self.inner.adam_all(hp, params, grads, m, v, trainable),
+        )
+    }
     fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer, acc: &mut Buffer) -> Result<()> {
         self.time(
             || "misc: log p (sum z^2)".into(),

@@ -214,7 +214,8 @@ fn settled_params(arch: &Arch, seed: u64) -> Vec<Vec<f32>> {
     p
 }
 
-/// A model with its optimiser, stepped as `train.rs` steps it.
+/// A model with its optimiser, stepped as `train.rs` steps it (forward, backward, the
+/// gradient norm with `sum_squares_all`, `adam_all` on the trainable tensors).
 struct Trainer {
     backend: Arc<dyn Backend>,
     flow: Flow,
@@ -263,18 +264,15 @@ impl Trainer {
                 1.0
             },
         };
-        for ((((p, g), m), v), _) in self
-            .flow
-            .params
-            .iter_mut()
-            .zip(&self.grads)
-            .zip(&mut self.m)
-            .zip(&mut self.v)
-            .zip(&self.trainable)
-            .filter(|t| *t.1)
-        {
-            b.adam(&hp, p, g, m, v).unwrap();
-        }
+        b.adam_all(
+            &hp,
+            &mut self.flow.params,
+            &self.grads,
+            &mut self.m,
+            &mut self.v,
+            &self.trainable,
+        )
+        .unwrap();
         (stats.mean_bpd, norm)
     }
 

@@ -981,16 +981,39 @@ fn backend_elementwise_reductions_and_adam_match_cpu() {
                 };
                 b.adam(&hp, &mut p, &gb, &mut m, &mut v).unwrap();
             }
-            vec![
+            // The multi-tensor forms: Adam on three tensors (one skipped) and the sum of
+            // squares of several buffers, each in one launch on the device.
+            let mut ps: Vec<Buffer> = [&x, &y0, &g].iter().map(|t| up(b, t)).collect();
+            let gs: Vec<Buffer> = [&g, &x, &y0].iter().map(|t| up(b, t)).collect();
+            let mut ms: Vec<Buffer> = (0..3).map(|_| b.zeros(n).unwrap()).collect();
+            let mut vs: Vec<Buffer> = (0..3).map(|_| b.zeros(n).unwrap()).collect();
+            for step in 1..=2 {
+                let hp = AdamStep {
+                    lr: 1e-2,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    step,
+                    grad_scale: 0.7,
+                };
+                b.adam_all(&hp, &mut ps, &gs, &mut ms, &mut vs, &[true, false, true])
+                    .unwrap();
+            }
+            let all = b.sum_squares_all(&gs).unwrap();
+            let mut out = vec![
                 a,
                 r,
                 c,
                 f,
-                vec![ss as f32],
+                vec![ss as f32, all as f32],
                 down(b, &p),
                 down(b, &m),
                 down(b, &v),
-            ]
+            ];
+            for k in 0..3 {
+                out.extend([down(b, &ps[k]), down(b, &ms[k]), down(b, &vs[k])]);
+            }
+            out
         });
     }
 }

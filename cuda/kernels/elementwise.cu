@@ -143,3 +143,25 @@ extern "C" __global__ void __launch_bounds__(256)
         param[i] -= step * mi / (sqrtf(vi / bc2) + eps);
     }
 }
+
+// Adam on several tensors in one launch: block b reads its task, 8 u64 at tasks[8b]:
+// (param, grad, m, v addresses, length n, g, G, 0), and updates elements
+// i = g * 256 + t + k * G * 256 exactly as block g of cf_adam with G blocks would.
+extern "C" __global__ void __launch_bounds__(256)
+    cf_adam_multi(float step, float beta1, float beta2, float eps, float bc2, float grad_scale,
+                  const unsigned long long* __restrict__ tasks) {
+    const unsigned long long* task = tasks + 8 * (cf_u64)blockIdx.x;
+    float* param = reinterpret_cast<float*>(task[0]);
+    const float* grad = reinterpret_cast<const float*>(task[1]);
+    float* m = reinterpret_cast<float*>(task[2]);
+    float* v = reinterpret_cast<float*>(task[3]);
+    const unsigned n = (unsigned)task[4], g = (unsigned)task[5], G = (unsigned)task[6];
+    for (unsigned i = g * 256 + threadIdx.x; i < n; i += G * 256) {
+        float gi = grad[i] * grad_scale;
+        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        param[i] -= step * mi / (sqrtf(vi / bc2) + eps);
+    }
+}

@@ -32,3 +32,21 @@ extern "C" __global__ void __launch_bounds__(256)
         cf_write_hi_lo(pair, cf_read_hi_lo(pair) + s);
     }
 }
+
+// Several tensors' sums of squares in one launch: block b reads its task, 4 u64 at
+// tasks[4b]: (tensor address, length n, g, G), and writes (hi, lo) of the f64 sum of x[i]^2 over
+// i = g * 256 + t + k * G * 256 to part[2b], part[2b + 1]: exactly block g of
+// cf_sum_squares_partial on that tensor with G blocks, so the sums are bitwise the same.
+extern "C" __global__ void __launch_bounds__(256)
+    cf_sum_squares_multi(const unsigned long long* __restrict__ tasks, float* __restrict__ part) {
+    const unsigned long long* task = tasks + 4 * (cf_u64)blockIdx.x;
+    const float* x = reinterpret_cast<const float*>(task[0]);
+    const unsigned n = (unsigned)task[1], g = (unsigned)task[2], G = (unsigned)task[3];
+    double acc = 0.0;
+    for (unsigned i = g * 256 + threadIdx.x; i < n; i += G * 256) {
+        double v = (double)x[i];
+        acc += v * v;
+    }
+    double s = cf_block_sum(acc);
+    if (threadIdx.x == 0) cf_write_hi_lo(part + 2 * (cf_u64)blockIdx.x, s);
+}

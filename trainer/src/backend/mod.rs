@@ -383,6 +383,44 @@ pub trait Backend: Send + Sync + Debug {
         m: &mut Buffer,
         v: &mut Buffer,
     ) -> Result<()>;
+    /// [`Backend::adam`] on every tensor `i` with `trainable[i]` (all slices of one length);
+    /// a device does them all in one launch.
+    fn adam_all(
+        &self,
+        hp: &AdamStep,
+        params: &mut [Buffer],
+        grads: &[Buffer],
+        m: &mut [Buffer],
+        v: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()>;
+}
+
+/// Checks that the slices of [`Backend::adam_all`] have one length.
+pub(crate) fn check_adam_all(
+    params: &[Buffer],
+    grads: &[Buffer],
+    m: &[Buffer],
+    v: &[Buffer],
+    trainable: &[bool],
+) -> Result<()> {
+    let n = params.len();
+    for (what, len) in [
+        ("grads", grads.len()),
+        ("m", m.len()),
+        ("v", v.len()),
+        ("trainable", trainable.len()),
+    ] {
+        if len != n {
+            return Err(BackendError::Size {
+                op: "adam_all",
+                what,
+                expected: n,
+                got: len,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The f64 values of `(hi, lo)` float pairs (see [`Backend::per_image_sum_squares`]).

@@ -6,8 +6,8 @@ pub mod conv;
 
 use super::check;
 use super::{
-    actnorm, check_actnorm, check_lu, expect_len, to_hi_lo, AdamStep, Backend, BackendError,
-    Buffer, ConvShape, CouplingScale, LuFactors, Result, Shape4, Storage,
+    actnorm, check_actnorm, check_adam_all, check_lu, expect_len, to_hi_lo, AdamStep, Backend,
+    BackendError, Buffer, ConvShape, CouplingScale, LuFactors, Result, Shape4, Storage,
 };
 use crate::invconv;
 use clayflow_kernel::coupling::log_sigmoid;
@@ -707,6 +707,29 @@ impl Backend for CpuBackend {
                     p[i] -= step * m[i] / ((v[i] / bc2).sqrt() + hp.eps);
                 }
             });
+        Ok(())
+    }
+
+    fn adam_all(
+        &self,
+        hp: &AdamStep,
+        params: &mut [Buffer],
+        grads: &[Buffer],
+        m: &mut [Buffer],
+        v: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()> {
+        check_adam_all(params, grads, m, v, trainable)?;
+        for ((((p, g), m), v), _) in params
+            .iter_mut()
+            .zip(grads)
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+            .zip(trainable)
+            .filter(|t| *t.1)
+        {
+            self.adam(hp, p, g, m, v)?;
+        }
         Ok(())
     }
 }

@@ -14,8 +14,8 @@ pub use device::{KernelDevice, LaunchCfg, Param};
 
 use super::check;
 use super::{
-    check_actnorm, check_lu, expect_len, AdamStep, Backend, BackendError, Buffer, ConvShape,
-    CouplingScale, LuFactors, Result, Shape4,
+    check_actnorm, check_adam_all, check_lu, expect_len, AdamStep, Backend, BackendError, Buffer,
+    ConvShape, CouplingScale, LuFactors, Result, Shape4,
 };
 use clayflow_kernel::Mask;
 use std::collections::HashMap;
@@ -34,6 +34,10 @@ pub struct CudaBackend<D: KernelDevice> {
     /// Scratch buffers by (purpose, exact length), reused across calls. Kernels write every
     /// element they later read, so stale contents never matter.
     scratch: Mutex<HashMap<(&'static str, usize), Buffer>>,
+    /// Task tables of the multi-tensor kernels by purpose: the u64 words and the device
+    /// buffer holding them. A training run passes the same parameter, gradient and moment
+    /// buffers every step, so the table is uploaded once and reused.
+    tables: Mutex<HashMap<&'static str, (Vec<u64>, Buffer)>>,
 }
 
 /// An `int` kernel parameter from a size, or an error when it does not fit.
@@ -207,6 +211,7 @@ impl<D: KernelDevice> CudaBackend<D> {
         CudaBackend {
             dev,
             scratch: Mutex::new(HashMap::new()),
+            tables: Mutex::new(HashMap::new()),
         }
     }
 
@@ -234,6 +239,26 @@ impl<D: KernelDevice> CudaBackend<D> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert((purpose, len), buf);
+    }
+
+    /// The device address of a task table holding `words` for `purpose`: the cached one when
+    /// the words are unchanged, else a new upload (u64 words as pairs of f32 bit patterns,
+    /// little-endian, which no kernel treats as floats).
+    fn task_table(&self, purpose: &'static str, words: Vec<u64>) -> Result<u64> {
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached, buf)) = tables.get(purpose) {
+            if *cached == words {
+                return self.dev.ptr(buf);
+            }
+        }
+        let bits: Vec<f32> = words
+            .iter()
+            .flat_map(|&w| [f32::from_bits(w as u32), f32::from_bits((w >> 32) as u32)])
+            .collect();
+        let buf = self.dev.upload(&bits)?;
+        let ptr = self.dev.ptr(&buf)?;
+        tables.insert(purpose, (words, buf));
+        Ok(ptr)
     }
 
     /// The `scale` pointer of a coupling kernel: the learned scale (tanh) or null (Glow's
@@ -518,28 +543,31 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         if total == 0 {
             return Ok(0.0);
         }
+        // One launch for all buffers: block b's task is (address, length, g, G) of its
+        // buffer's block g of G (cf_sum_squares_multi), the same blocks as one
+        // cf_sum_squares_partial launch per buffer; the pairs land in one scratch buffer in
+        // buffer order, so one download serves them all.
+        let mut words = Vec::with_capacity(4 * total);
+        for (x, &g) in xs.iter().zip(&blocks) {
+            if g > 0 {
+                int(op, "length", x.len())?;
+                let at = self.dev.ptr(x)?;
+                for b in 0..g {
+                    words.extend([at, x.len() as u64, b as u64, g as u64]);
+                }
+            }
+        }
+        int(op, "blocks", total)?;
+        let tasks = self.task_table("sum_squares", words)?;
         let mut part = self.take_scratch("sum_squares", 2 * total)?;
         let r = (|| {
-            let base = self.dev.ptr_mut(&mut part)?;
-            let mut offset = 0u64;
-            for (x, &g) in xs.iter().zip(&blocks) {
-                if g == 0 {
-                    continue;
-                }
-                let p = [
-                    int(op, "length", x.len())?,
-                    Param::Ptr(self.dev.ptr(x)?),
-                    // 4 bytes per float: the pairs of this buffer's blocks.
-                    Param::Ptr(base + offset * 4),
-                ];
-                let cfg = LaunchCfg {
-                    grid: (g as u32, 1, 1),
-                    block: (BLOCK, 1, 1),
-                    shared_bytes: 0,
-                };
-                self.dev.launch("cf_sum_squares_partial", cfg, &p)?;
-                offset += 2 * g as u64;
-            }
+            let cfg = LaunchCfg {
+                grid: (total as u32, 1, 1),
+                block: (BLOCK, 1, 1),
+                shared_bytes: 0,
+            };
+            let p = [Param::Ptr(tasks), Param::Ptr(self.dev.ptr_mut(&mut part)?)];
+            self.dev.launch("cf_sum_squares_multi", cfg, &p)?;
             self.dev.download(&part)
         })();
         self.put_scratch("sum_squares", part);
@@ -1190,5 +1218,72 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
             Param::Ptr(self.dev.ptr_mut(v)?),
         ];
         self.launch_ew("cf_adam", n, &p)
+    }
+
+    fn adam_all(
+        &self,
+        hp: &AdamStep,
+        params: &mut [Buffer],
+        grads: &[Buffer],
+        m: &mut [Buffer],
+        v: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()> {
+        let op = "adam";
+        check_adam_all(params, grads, m, v, trainable)?;
+        // One launch: block b's task is (param, grad, m, v, length, g, G, 0) for block g of
+        // the G = min(ceil(n / 256), 4096) blocks cf_adam would use on that tensor.
+        let mut words = Vec::new();
+        for ((((p, g), m), v), _) in params
+            .iter_mut()
+            .zip(grads)
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+            .zip(trainable)
+            .filter(|t| *t.1)
+        {
+            check::adam(p, g, m, v)?;
+            let n = p.len();
+            if n == 0 {
+                continue;
+            }
+            int(op, "length", n)?;
+            let blocks = n.div_ceil(BLOCK as usize).min(4096) as u64;
+            let addrs = [
+                self.dev.ptr_mut(p)?,
+                self.dev.ptr(g)?,
+                self.dev.ptr_mut(m)?,
+                self.dev.ptr_mut(v)?,
+            ];
+            for b in 0..blocks {
+                words.extend(addrs);
+                words.extend([n as u64, b, blocks, 0]);
+            }
+        }
+        let total = words.len() / 8;
+        if total == 0 {
+            return Ok(());
+        }
+        int(op, "blocks", total)?;
+        let tasks = self.task_table("adam", words)?;
+        // Bias corrections in f32 exactly as the CPU backend computes them.
+        let t = hp.step.max(1) as i32;
+        let bc1 = 1.0 - hp.beta1.powi(t);
+        let bc2 = 1.0 - hp.beta2.powi(t);
+        let p = [
+            Param::F32(hp.lr / bc1),
+            Param::F32(hp.beta1),
+            Param::F32(hp.beta2),
+            Param::F32(hp.eps),
+            Param::F32(bc2),
+            Param::F32(hp.grad_scale),
+            Param::Ptr(tasks),
+        ];
+        let cfg = LaunchCfg {
+            grid: (total as u32, 1, 1),
+            block: (BLOCK, 1, 1),
+            shared_bytes: 0,
+        };
+        self.dev.launch("cf_adam_multi", cfg, &p)
     }
 }
