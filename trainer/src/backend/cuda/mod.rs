@@ -524,7 +524,31 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
     }
 
     fn sum_squares(&self, x: &Buffer) -> Result<f64> {
-        self.sum_squares_all(std::slice::from_ref(x))
+        // One buffer: one cf_sum_squares_partial launch (the multi-tensor form's task table
+        // is kept for the gradient's fixed set of buffers, not rebuilt for each lone buffer).
+        let op = "sum_squares";
+        let n = x.len();
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let g = n.div_ceil(4096).clamp(1, 1024);
+        let mut part = self.take_scratch(op, 2 * g)?;
+        let r = (|| {
+            let p = [
+                int(op, "length", n)?,
+                Param::Ptr(self.dev.ptr(x)?),
+                Param::Ptr(self.dev.ptr_mut(&mut part)?),
+            ];
+            let cfg = LaunchCfg {
+                grid: (g as u32, 1, 1),
+                block: (BLOCK, 1, 1),
+                shared_bytes: 0,
+            };
+            self.dev.launch("cf_sum_squares_partial", cfg, &p)?;
+            self.dev.download(&part)
+        })();
+        self.put_scratch(op, part);
+        Ok(sum_hi_lo(&r?))
     }
 
     fn sum_squares_all(&self, xs: &[Buffer]) -> Result<f64> {
