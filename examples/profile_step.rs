@@ -23,7 +23,7 @@
 
 use clayflow_kernel::{Arch, Mask, Pcg32, COLOR, MNIST};
 use clayflow_trainer::backend::{
-    cpu::CpuBackend, AdamStep, Backend, Buffer, ConvShape, Result, Shape4,
+    cpu::CpuBackend, AdamStep, Backend, Buffer, ConvShape, CouplingScale, LuFactors, Result, Shape4,
 };
 use clayflow_trainer::data::{epoch_order, load_idx_images, Dataset};
 use clayflow_trainer::model::{init_params, Flow};
@@ -115,11 +115,25 @@ impl Backend for Timed {
             || self.inner.upload(data),
         )
     }
+    fn upload_into(&self, data: &[f32], dst: &mut Buffer) -> Result<()> {
+        self.time(
+            || "misc: alloc/upload/download".into(),
+            0,
+            || self.inner.upload_into(data, dst),
+        )
+    }
     fn download(&self, buf: &Buffer) -> Result<Vec<f32>> {
         self.time(
             || "misc: alloc/upload/download".into(),
             0,
             || self.inner.download(buf),
+        )
+    }
+    fn download_all(&self, bufs: &[&Buffer]) -> Result<Vec<Vec<f32>>> {
+        self.time(
+            || "misc: alloc/upload/download".into(),
+            0,
+            || self.inner.download_all(bufs),
         )
     }
     fn copy(&self, src: &Buffer, dst: &mut Buffer) -> Result<()> {
@@ -145,6 +159,13 @@ impl Backend for Timed {
     }
     fn sum_squares(&self, x: &Buffer) -> Result<f64> {
         self.time(|| "opt: grad norm".into(), 0, || self.inner.sum_squares(x))
+    }
+    fn sum_squares_all(&self, xs: &[Buffer]) -> Result<f64> {
+        self.time(
+            || "opt: grad norm".into(),
+            0,
+            || self.inner.sum_squares_all(xs),
+        )
     }
     fn conv_forward(
         &self,
@@ -242,8 +263,8 @@ impl Backend for Timed {
         &self,
         shape: Shape4,
         mask: Mask,
+        scale: CouplingScale<'_>,
         st: &Buffer,
-        scale: &Buffer,
         x: &mut Buffer,
         log_det: &mut Buffer,
     ) -> Result<()> {
@@ -252,7 +273,7 @@ impl Backend for Timed {
             0,
             || {
                 self.inner
-                    .coupling_forward(shape, mask, st, scale, x, log_det)
+                    .coupling_forward(shape, mask, scale, st, x, log_det)
             },
         )
     }
@@ -260,23 +281,23 @@ impl Backend for Timed {
         &self,
         shape: Shape4,
         mask: Mask,
+        scale: CouplingScale<'_>,
         st: &Buffer,
-        scale: &Buffer,
         y: &mut Buffer,
     ) -> Result<()> {
         self.time(
             || "coupling inv".into(),
             0,
-            || self.inner.coupling_inverse(shape, mask, st, scale, y),
+            || self.inner.coupling_inverse(shape, mask, scale, st, y),
         )
     }
     fn coupling_backward(
         &self,
         shape: Shape4,
         mask: Mask,
+        scale: CouplingScale<'_>,
         x: &Buffer,
         st: &Buffer,
-        scale: &Buffer,
         g_log_det: f32,
         dy: &mut Buffer,
         d_st: &mut Buffer,
@@ -287,15 +308,130 @@ impl Backend for Timed {
             0,
             || {
                 self.inner
-                    .coupling_backward(shape, mask, x, st, scale, g_log_det, dy, d_st, d_scale)
+                    .coupling_backward(shape, mask, scale, x, st, g_log_det, dy, d_st, d_scale)
             },
         )
     }
-    fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer) -> Result<Vec<f64>> {
+    fn actnorm_forward(
+        &self,
+        shape: Shape4,
+        logs: &Buffer,
+        bias: &Buffer,
+        x: &mut Buffer,
+        log_det: &mut Buffer,
+    ) -> Result<()> {
+        self.time(
+            || "glow: actnorm".into(),
+            0,
+            || self.inner.actnorm_forward(shape, logs, bias, x, log_det),
+        )
+    }
+    fn actnorm_inverse(
+        &self,
+        shape: Shape4,
+        logs: &Buffer,
+        bias: &Buffer,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        self.time(
+            || "glow: actnorm".into(),
+            0,
+            || self.inner.actnorm_inverse(shape, logs, bias, y),
+        )
+    }
+    fn actnorm_backward(
+        &self,
+        shape: Shape4,
+        x: &Buffer,
+        logs: &Buffer,
+        g_log_det: f32,
+        dy: &mut Buffer,
+        d_logs: &mut Buffer,
+        d_bias: &mut Buffer,
+    ) -> Result<()> {
+        self.time(
+            || "glow: actnorm".into(),
+            0,
+            || {
+                self.inner
+                    .actnorm_backward(shape, x, logs, g_log_det, dy, d_logs, d_bias)
+            },
+        )
+    }
+    fn actnorm_init(
+        &self,
+        shape: Shape4,
+        x: &Buffer,
+        logs: &mut Buffer,
+        bias: &mut Buffer,
+    ) -> Result<()> {
+        self.time(
+            || "glow: actnorm".into(),
+            0,
+            || self.inner.actnorm_init(shape, x, logs, bias),
+        )
+    }
+    fn invconv_weight(&self, c: usize, lu: LuFactors<'_>, w: &mut Buffer) -> Result<()> {
+        self.time(
+            || "glow: invconv factors".into(),
+            0,
+            || self.inner.invconv_weight(c, lu, w),
+        )
+    }
+    fn invconv_inverse(&self, c: usize, lu: LuFactors<'_>, w_inv: &mut Buffer) -> Result<()> {
+        self.time(
+            || "glow: invconv factors".into(),
+            0,
+            || self.inner.invconv_inverse(c, lu, w_inv),
+        )
+    }
+    fn invconv_backward(
+        &self,
+        c: usize,
+        lu: LuFactors<'_>,
+        d_w: &Buffer,
+        g_log_det: f32,
+        count: usize,
+        d_lower: &mut Buffer,
+        d_upper: &mut Buffer,
+        d_log_s: &mut Buffer,
+    ) -> Result<()> {
+        self.time(
+            || "glow: invconv factors".into(),
+            0,
+            || {
+                self.inner
+                    .invconv_backward(c, lu, d_w, g_log_det, count, d_lower, d_upper, d_log_s)
+            },
+        )
+    }
+    fn add_log_det(&self, plane: usize, v: &Buffer, log_det: &mut Buffer) -> Result<()> {
+        self.time(
+            || "glow: invconv factors".into(),
+            0,
+            || self.inner.add_log_det(plane, v, log_det),
+        )
+    }
+    fn adam_all(
+        &self,
+        hp: &AdamStep,
+        params: &mut [Buffer],
+        grads: &[Buffer],
+        m: &mut [Buffer],
+        v: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()> {
+        self.time(
+            || "opt: adam".into(),
+            0,
+            || self.inner.adam_all(hp, params, grads, m, v, trainable),
+        )
+    }
+    fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer, acc: &mut Buffer) -> Result<()> {
         self.time(
             || "misc: log p (sum z^2)".into(),
             0,
-            || self.inner.per_image_sum_squares(shape, z),
+            || self.inner.per_image_sum_squares(shape, z, acc),
         )
     }
     fn adam(

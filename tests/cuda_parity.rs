@@ -22,7 +22,9 @@ use clayflow_cuda_sim::{Schedule, SimDevice};
 use clayflow_kernel::{Mask, Pcg32, Rng};
 use clayflow_trainer::backend::cpu::CpuBackend;
 use clayflow_trainer::backend::cuda::{KernelDevice, LaunchCfg, Param};
-use clayflow_trainer::backend::{AdamStep, Backend, Buffer, ConvShape, Shape4};
+use clayflow_trainer::backend::{
+    hi_lo, AdamStep, Backend, Buffer, ConvShape, CouplingScale, Shape4,
+};
 
 const MASKS: [Mask; 4] = [
     Mask::ChannelEven,
@@ -274,9 +276,13 @@ impl Launcher {
         Self::hi_lo(&host(&part)).iter().sum()
     }
 
+    /// Image n's sum of squares added to the running total `(hi, lo)` = (0.5, 0).
     fn per_image_sum_squares(&self, shape: Shape4, z: &[f32]) -> Vec<f64> {
         let z = cpu_buf(z);
-        let mut part = cpu_buf(&vec![f32::NAN; 2 * shape.batch]);
+        let start: Vec<f32> = (0..2 * shape.batch)
+            .map(|k| if k % 2 == 0 { 0.5 } else { 0.0 })
+            .collect();
+        let mut part = cpu_buf(&start);
         self.go(
             "cf_per_image_sum_squares",
             per_image(shape.batch),
@@ -575,9 +581,15 @@ fn logit_squeeze_and_per_image_sums_match_cpu() {
         assert_close("logit_inverse", &host(&x), &host(&xc), 2e-6);
         // per-image sum of squares
         let got = l.per_image_sum_squares(shape, &z);
-        let want = CpuBackend
-            .per_image_sum_squares(shape, &cpu_buf(&z))
+        let mut acc = cpu_buf(
+            &(0..2 * shape.batch)
+                .map(|k| if k % 2 == 0 { 0.5 } else { 0.0 })
+                .collect::<Vec<f32>>(),
+        );
+        CpuBackend
+            .per_image_sum_squares(shape, &cpu_buf(&z), &mut acc)
             .unwrap();
+        let want = hi_lo(&host(&acc));
         for (g, w) in got.iter().zip(&want) {
             assert!(
                 (g - w).abs() <= 1e-9 * w,
@@ -669,112 +681,143 @@ fn coupling_forward_inverse_backward_match_cpu() {
             let scale = cpu_buf(&rand_vec(&mut rng, cc, 0.5, 1.5));
             let x0 = rand_vec(&mut rng, shape.len(), -2.0, 2.0);
             let ld0 = rand_vec(&mut rng, shape.batch, -1.0, 1.0);
-            let geo = [
-                i(shape.channels),
-                i(shape.height),
-                i(shape.width),
-                i(mask as usize),
-            ];
-            let what = format!("{shape:?} {mask:?}");
+            // Both scale functions; the sigmoid's kernels get null `scale` and partial-sum
+            // pointers, which they must not touch (the simulator would crash).
+            for mode in [0, 1] {
+                let f = if mode == 0 {
+                    CouplingScale::Tanh(&scale)
+                } else {
+                    CouplingScale::Sigmoid
+                };
+                let scale_p = if mode == 0 {
+                    l.p(&scale)
+                } else {
+                    Param::Ptr(0)
+                };
+                let geo = [
+                    i(shape.channels),
+                    i(shape.height),
+                    i(shape.width),
+                    i(mask as usize),
+                    i(mode),
+                ];
+                let what = format!("{shape:?} {mask:?} mode {mode}");
 
-            // forward: x in place, log_det accumulated
-            let (mut x, mut ld) = (cpu_buf(&x0), cpu_buf(&ld0));
-            let mut params = geo.to_vec();
-            params.extend([l.p(&st), l.p(&scale), l.pm(&mut x), l.pm(&mut ld)]);
-            l.go("cf_coupling_forward", per_image(shape.batch), &params);
-            let (mut xc, mut ldc) = (cpu_buf(&x0), cpu_buf(&ld0));
-            CpuBackend
-                .coupling_forward(shape, mask, &st, &scale, &mut xc, &mut ldc)
-                .unwrap();
-            assert_close(
-                &format!("coupling_forward x {what}"),
-                &host(&x),
-                &host(&xc),
-                2e-6,
-            );
-            assert_close(
-                &format!("coupling_forward ld {what}"),
-                &host(&ld),
-                &host(&ldc),
-                2e-6,
-            );
+                // forward: x in place, log_det accumulated
+                let (mut x, mut ld) = (cpu_buf(&x0), cpu_buf(&ld0));
+                let mut params = geo.to_vec();
+                params.extend([l.p(&st), scale_p, l.pm(&mut x), l.pm(&mut ld)]);
+                l.go("cf_coupling_forward", per_image(shape.batch), &params);
+                let (mut xc, mut ldc) = (cpu_buf(&x0), cpu_buf(&ld0));
+                CpuBackend
+                    .coupling_forward(shape, mask, f, &st, &mut xc, &mut ldc)
+                    .unwrap();
+                assert_close(
+                    &format!("coupling_forward x {what}"),
+                    &host(&x),
+                    &host(&xc),
+                    2e-6,
+                );
+                assert_close(
+                    &format!("coupling_forward ld {what}"),
+                    &host(&ld),
+                    &host(&ldc),
+                    2e-6,
+                );
 
-            // inverse
-            let mut y = cpu_buf(&host(&xc));
-            let mut params = vec![i(shape.batch)];
-            params.extend(geo);
-            params.extend([l.p(&st), l.p(&scale), l.pm(&mut y)]);
-            l.go("cf_coupling_inverse", ew(shape.batch * cc * p), &params);
-            let mut yc = cpu_buf(&host(&xc));
-            CpuBackend
-                .coupling_inverse(shape, mask, &st, &scale, &mut yc)
-                .unwrap();
-            assert_close(
-                &format!("coupling_inverse {what}"),
-                &host(&y),
-                &host(&yc),
-                2e-6,
-            );
+                // inverse
+                let mut y = cpu_buf(&host(&xc));
+                let mut params = vec![i(shape.batch)];
+                params.extend(geo);
+                params.extend([l.p(&st), scale_p, l.pm(&mut y)]);
+                l.go("cf_coupling_inverse", ew(shape.batch * cc * p), &params);
+                let mut yc = cpu_buf(&host(&xc));
+                CpuBackend
+                    .coupling_inverse(shape, mask, f, &st, &mut yc)
+                    .unwrap();
+                assert_close(
+                    &format!("coupling_inverse {what}"),
+                    &host(&y),
+                    &host(&yc),
+                    2e-6,
+                );
+                assert_close(
+                    &format!("coupling_inverse undoes forward {what}"),
+                    &host(&y),
+                    &x0,
+                    2e-5,
+                );
 
-            // backward: dy in place, d_st written, d_scale accumulated (two passes)
-            let dy0 = rand_vec(&mut rng, shape.len(), -1.0, 1.0);
-            let ds0 = rand_vec(&mut rng, cc, -1.0, 1.0);
-            let x0b = cpu_buf(&x0);
-            let (mut dy, mut dst, mut part) = (
-                cpu_buf(&dy0),
-                cpu_buf(&vec![f32::NAN; shape.batch * 2 * cc * p]),
-                cpu_buf(&vec![f32::NAN; shape.batch * cc]),
-            );
-            let mut params = geo.to_vec();
-            params.extend([
-                Param::F32(-0.3),
-                l.p(&x0b),
-                l.p(&st),
-                l.p(&scale),
-                l.pm(&mut dy),
-                l.pm(&mut dst),
-                l.pm(&mut part),
-            ]);
-            l.go("cf_coupling_backward", per_image(shape.batch), &params);
-            let mut ds = cpu_buf(&ds0);
-            let cfg = LaunchCfg {
-                grid: (cc.div_ceil(256) as u32, 1, 1),
-                block: (256, 1, 1),
-                shared_bytes: 0,
-            };
-            l.go(
-                "cf_col_sum_add",
-                cfg,
-                &[i(shape.batch), i(cc), l.p(&part), l.pm(&mut ds)],
-            );
-            let (mut dyc, mut dstc, mut dsc) = (
-                cpu_buf(&dy0),
-                cpu_buf(&vec![0.0; shape.batch * 2 * cc * p]),
-                cpu_buf(&ds0),
-            );
-            CpuBackend
-                .coupling_backward(
-                    shape, mask, &x0b, &st, &scale, -0.3, &mut dyc, &mut dstc, &mut dsc,
-                )
-                .unwrap();
-            assert_close(
-                &format!("coupling_backward dy {what}"),
-                &host(&dy),
-                &host(&dyc),
-                2e-6,
-            );
-            assert_close(
-                &format!("coupling_backward d_st {what}"),
-                &host(&dst),
-                &host(&dstc),
-                2e-6,
-            );
-            assert_close(
-                &format!("coupling_backward d_scale {what}"),
-                &host(&ds),
-                &host(&dsc),
-                2e-6,
-            );
+                // backward: dy in place, d_st written, d_scale accumulated (two passes, tanh)
+                let dy0 = rand_vec(&mut rng, shape.len(), -1.0, 1.0);
+                let ds0 = rand_vec(&mut rng, cc, -1.0, 1.0);
+                let x0b = cpu_buf(&x0);
+                let (mut dy, mut dst, mut part) = (
+                    cpu_buf(&dy0),
+                    cpu_buf(&vec![f32::NAN; shape.batch * 2 * cc * p]),
+                    cpu_buf(&vec![f32::NAN; shape.batch * cc]),
+                );
+                let part_p = if mode == 0 {
+                    l.pm(&mut part)
+                } else {
+                    Param::Ptr(0)
+                };
+                let mut params = geo.to_vec();
+                params.extend([
+                    Param::F32(-0.3),
+                    l.p(&x0b),
+                    l.p(&st),
+                    scale_p,
+                    l.pm(&mut dy),
+                    l.pm(&mut dst),
+                    part_p,
+                ]);
+                l.go("cf_coupling_backward", per_image(shape.batch), &params);
+                let mut ds = cpu_buf(&ds0);
+                if mode == 0 {
+                    let cfg = LaunchCfg {
+                        grid: (cc.div_ceil(256) as u32, 1, 1),
+                        block: (256, 1, 1),
+                        shared_bytes: 0,
+                    };
+                    l.go(
+                        "cf_col_sum_add",
+                        cfg,
+                        &[i(shape.batch), i(cc), l.p(&part), l.pm(&mut ds)],
+                    );
+                }
+                let (mut dyc, mut dstc, mut dsc) = (
+                    cpu_buf(&dy0),
+                    cpu_buf(&vec![0.0; shape.batch * 2 * cc * p]),
+                    cpu_buf(&ds0),
+                );
+                CpuBackend
+                    .coupling_backward(
+                        shape, mask, f, &x0b, &st, -0.3, &mut dyc, &mut dstc, &mut dsc,
+                    )
+                    .unwrap();
+                assert_close(
+                    &format!("coupling_backward dy {what}"),
+                    &host(&dy),
+                    &host(&dyc),
+                    2e-6,
+                );
+                assert_close(
+                    &format!("coupling_backward d_st {what}"),
+                    &host(&dst),
+                    &host(&dstc),
+                    2e-6,
+                );
+                assert_close(
+                    &format!("coupling_backward d_scale {what}"),
+                    &host(&ds),
+                    &host(&dsc),
+                    2e-6,
+                );
+                if mode == 1 {
+                    assert_eq!(host(&dsc), ds0, "the sigmoid scale leaves d_scale alone");
+                }
+            }
         }
     }
 }
@@ -844,6 +887,68 @@ fn backend_convolutions_match_cpu() {
     }
 }
 
+/// Convolutions that run as implicit GEMMs over the batch's pixels (every 1x1 convolution,
+/// images of at most 64 pixels, and weight gradients the tiled kernel would run with most
+/// threads idle): the Glow presets' shapes (color-glow's 224 -> 224 coupling layer at each
+/// level's 16x16, 8x8 and 4x4 images and its 3x3 layers at 8x8 and 4x4, mnist-glow's 64 -> 64
+/// and 3x3 layers at 14x14 and 7x7, the invertible 1x1 convolutions) and ragged sizes around
+/// the 16- and 64-row tiles and the 16-deep reduction steps.
+#[test]
+fn backend_gemm_convolutions_match_cpu() {
+    let mut rng = Pcg32::new(14);
+    let s = |batch, cin, cout, height, width, kernel| ConvShape {
+        batch,
+        cin,
+        cout,
+        height,
+        width,
+        kernel,
+    };
+    for s in [
+        s(1, 224, 224, 16, 16, 1),
+        s(2, 224, 224, 8, 8, 1),
+        s(3, 224, 224, 4, 4, 1),
+        s(2, 64, 64, 14, 14, 1),
+        s(2, 64, 64, 7, 7, 1),
+        s(5, 4, 4, 14, 14, 1),
+        s(3, 48, 48, 4, 4, 1),
+        s(2, 17, 70, 5, 3, 1),
+        s(1, 3, 1, 2, 2, 1),
+        s(1, 6, 224, 16, 16, 3),
+        s(2, 12, 224, 8, 8, 3),
+        s(2, 224, 24, 8, 8, 3),
+        s(3, 24, 224, 4, 4, 3),
+        s(2, 224, 48, 4, 4, 3),
+        s(2, 4, 64, 7, 7, 3),
+        s(2, 64, 8, 7, 7, 3),
+        s(2, 2, 64, 14, 14, 3),
+        s(3, 5, 9, 3, 5, 5),
+    ] {
+        let bound = 1.0 / ((s.cin * s.kernel * s.kernel) as f32).sqrt();
+        let x = rand_vec(&mut rng, s.input_len(), -1.0, 1.0);
+        let w = rand_vec(&mut rng, s.weight_len(), -bound, bound);
+        let bias = rand_vec(&mut rng, s.cout, -0.5, 0.5);
+        let dy = rand_vec(&mut rng, s.output_len(), -1.0, 1.0);
+        both(&format!("Backend GEMM conv {s:?}"), 2e-5, |b| {
+            let (xb, wb, bb, dyb) = (up(b, &x), up(b, &w), up(b, &bias), up(b, &dy));
+            let mut out = Vec::new();
+            for relu in [false, true] {
+                let mut y = up(b, &vec![f32::NAN; s.output_len()]);
+                b.conv_forward(&s, &xb, &wb, &bb, relu, &mut y).unwrap();
+                out.push(down(b, &y));
+            }
+            let mut dx = up(b, &vec![f32::NAN; s.input_len()]);
+            b.conv_backward_data(&s, &dyb, &wb, &mut dx).unwrap();
+            let mut dw = up(b, &vec![f32::NAN; s.weight_len()]);
+            let mut db = up(b, &vec![f32::NAN; s.cout]);
+            b.conv_backward_weight(&s, &xb, &dyb, &mut dw, &mut db)
+                .unwrap();
+            out.extend([down(b, &dx), down(b, &dw), down(b, &db)]);
+            out
+        });
+    }
+}
+
 #[test]
 fn backend_elementwise_reductions_and_adam_match_cpu() {
     let mut rng = Pcg32::new(12);
@@ -876,16 +981,39 @@ fn backend_elementwise_reductions_and_adam_match_cpu() {
                 };
                 b.adam(&hp, &mut p, &gb, &mut m, &mut v).unwrap();
             }
-            vec![
+            // The multi-tensor forms: Adam on three tensors (one skipped) and the sum of
+            // squares of several buffers, each in one launch on the device.
+            let mut ps: Vec<Buffer> = [&x, &y0, &g].iter().map(|t| up(b, t)).collect();
+            let gs: Vec<Buffer> = [&g, &x, &y0].iter().map(|t| up(b, t)).collect();
+            let mut ms: Vec<Buffer> = (0..3).map(|_| b.zeros(n).unwrap()).collect();
+            let mut vs: Vec<Buffer> = (0..3).map(|_| b.zeros(n).unwrap()).collect();
+            for step in 1..=2 {
+                let hp = AdamStep {
+                    lr: 1e-2,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    step,
+                    grad_scale: 0.7,
+                };
+                b.adam_all(&hp, &mut ps, &gs, &mut ms, &mut vs, &[true, false, true])
+                    .unwrap();
+            }
+            let all = b.sum_squares_all(&gs).unwrap();
+            let mut out = vec![
                 a,
                 r,
                 c,
                 f,
-                vec![ss as f32],
+                vec![ss as f32, all as f32],
                 down(b, &p),
                 down(b, &m),
                 down(b, &v),
-            ]
+            ];
+            for k in 0..3 {
+                out.extend([down(b, &ps[k]), down(b, &ms[k]), down(b, &vs[k])]);
+            }
+            out
         });
     }
 }
@@ -905,8 +1033,12 @@ fn backend_flow_ops_match_cpu() {
             let mut zi = up(b, &z);
             b.logit_inverse(0.05, &mut zi).unwrap();
             out.push(down(b, &zi));
-            let sq = b.per_image_sum_squares(shape, &up(b, &z)).unwrap();
-            out.push(sq.iter().map(|&v| v as f32).collect());
+            let mut acc = b.zeros(2 * shape.batch).unwrap();
+            b.per_image_sum_squares(shape, &up(b, &z), &mut acc)
+                .unwrap();
+            b.per_image_sum_squares(shape, &up(b, &u), &mut acc)
+                .unwrap();
+            out.push(hi_lo(&down(b, &acc)).iter().map(|&v| v as f32).collect());
             if shape.height % 2 == 0 && shape.width % 2 == 0 {
                 let mut y = b.zeros(n).unwrap();
                 b.squeeze(shape, false, &up(b, &z), &mut y).unwrap();
@@ -936,37 +1068,39 @@ fn backend_flow_ops_match_cpu() {
                     b.mask_scatter_add(shape, mask, &up(b, &dcnn), &mut dx)
                         .unwrap();
                     let (stb, scb) = (up(b, &st), up(b, &scale));
-                    let mut y = up(b, &x0);
-                    let mut ld = up(b, &vec![0.5; shape.batch]);
-                    b.coupling_forward(shape, mask, &stb, &scb, &mut y, &mut ld)
+                    let mut out = vec![down(b, &cnn_in), down(b, &dx)];
+                    for f in [CouplingScale::Tanh(&scb), CouplingScale::Sigmoid] {
+                        let mut y = up(b, &x0);
+                        let mut ld = up(b, &vec![0.5; shape.batch]);
+                        b.coupling_forward(shape, mask, f, &stb, &mut y, &mut ld)
+                            .unwrap();
+                        let fwd = down(b, &y);
+                        b.coupling_inverse(shape, mask, f, &stb, &mut y).unwrap();
+                        let mut dy = up(b, &dy0);
+                        let mut dst = b.zeros(shape.batch * 2 * cc * p).unwrap();
+                        let mut dscale = up(b, &vec![0.25; cc]);
+                        b.coupling_backward(
+                            shape,
+                            mask,
+                            f,
+                            &xb,
+                            &stb,
+                            -0.7,
+                            &mut dy,
+                            &mut dst,
+                            &mut dscale,
+                        )
                         .unwrap();
-                    let fwd = down(b, &y);
-                    b.coupling_inverse(shape, mask, &stb, &scb, &mut y).unwrap();
-                    let mut dy = up(b, &dy0);
-                    let mut dst = b.zeros(shape.batch * 2 * cc * p).unwrap();
-                    let mut dscale = up(b, &vec![0.25; cc]);
-                    b.coupling_backward(
-                        shape,
-                        mask,
-                        &xb,
-                        &stb,
-                        &scb,
-                        -0.7,
-                        &mut dy,
-                        &mut dst,
-                        &mut dscale,
-                    )
-                    .unwrap();
-                    vec![
-                        down(b, &cnn_in),
-                        down(b, &dx),
-                        fwd,
-                        down(b, &ld),
-                        down(b, &y),
-                        down(b, &dy),
-                        down(b, &dst),
-                        down(b, &dscale),
-                    ]
+                        out.extend([
+                            fwd,
+                            down(b, &ld),
+                            down(b, &y),
+                            down(b, &dy),
+                            down(b, &dst),
+                            down(b, &dscale),
+                        ]);
+                    }
+                    out
                 },
             );
         }

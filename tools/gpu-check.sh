@@ -6,12 +6,15 @@
 #
 # 1. builds the release binary, the throughput example and the GPU tests;
 # 2. CUDA-vs-CPU parity on the GPU (cargo test --release --test gpu -- --ignored gpu_): every
-#    backend op on random problems, and the loss and every gradient of a training step of the
-#    MNIST and colour presets, relative error <= 1e-4;
-# 3. trains the MNIST preset for $STEPS steps on the GPU (--device cuda), scores the run on
-#    the GPU and on the CPU, and resumes it on the CPU (checkpoints are device-agnostic);
-# 4. times a training step at batch 256 (MNIST) against PyTorch eager on the same GPU, and
-#    the colour preset on the GPU against the CPU; prints the ratios.
+#    backend op on random problems (both coupling scale functions), and the loss and every
+#    gradient of a training step of all four presets (mnist, color, mnist-glow, color-glow),
+#    relative error <= 1e-4;
+# 3. trains the default preset (mnist-glow) for $STEPS steps on the GPU (--device cuda), scores
+#    the run on the GPU and on the CPU, and resumes it on the CPU (checkpoints are
+#    device-agnostic);
+# 4. times a training step at batch 256 (MNIST) against PyTorch eager on the same GPU, the
+#    colour preset on the GPU against the CPU, and mnist-glow (batch 256) and color-glow
+#    (batch 64) on the GPU against the CPU; prints the ratios.
 # Budget: under 8 minutes on an H200 (16 cores). Exit status non-zero on any failure.
 #
 # Env: PYTHON (default: python3, must import torch for step 4; SKIP_TORCH=1 skips it),
@@ -88,9 +91,9 @@ grep -q "test result: ok" "$WORK/parity.log" || die "parity tests failed (see ab
 while read -r l; do note "parity: $l"; done < <(grep -E "worst relative error|loss GPU" "$WORK/parity.log")
 note "parity: $(grep -E '^test result' "$WORK/parity.log" | tail -1)"
 
-# --- 3. train MNIST on the GPU, score on both, resume on the CPU -----------------------------
-log "training the MNIST preset for $STEPS steps on the GPU"
-"$BIN" train --device cuda --steps "$STEPS" --batch-size 64 --out "$WORK/run" --quiet \
+# --- 3. train mnist-glow on the GPU, score on both, resume on the CPU -------------------------
+log "training the mnist-glow preset for $STEPS steps on the GPU"
+"$BIN" train --device cuda --preset mnist-glow --steps "$STEPS" --batch-size 64 --out "$WORK/run" --quiet \
     --checkpoint-secs 1000000 --samples 16 2>&1 | tee "$WORK/train.log"
 grep -q "on cuda:" "$WORK/train.log" || die "training did not run on the GPU"
 note "train: $(grep '^trained' "$WORK/train.log")"
@@ -129,6 +132,15 @@ log "timing: colour preset, batch 64, GPU vs CPU"
 CG=$(step_ms <"$WORK/tp_color_gpu.txt")
 CC=$(step_ms <"$WORK/tp_color_cpu.txt")
 note "colour batch 64: GPU $CG ms/step, CPU ($(nproc) cores) $CC ms/step: GPU is $(awk -v g="$CG" -v c="$CC" 'BEGIN { printf "%.1f", c / g }')x faster (target >= 10x)"
+for pb in mnist-glow:256 color-glow:64; do
+    p=${pb%%:*} b=${pb##*:}
+    log "timing: $p preset, batch $b, GPU vs CPU"
+    "$TP" "$p" "$b" 20 cuda | tee "$WORK/tp_${p}_gpu.txt"
+    "$TP" "$p" "$b" 3 cpu | tee "$WORK/tp_${p}_cpu.txt"
+    G=$(step_ms <"$WORK/tp_${p}_gpu.txt")
+    C=$(step_ms <"$WORK/tp_${p}_cpu.txt")
+    note "$p batch $b: GPU $G ms/step, CPU ($(nproc) cores) $C ms/step: GPU is $(awk -v g="$G" -v c="$C" 'BEGIN { printf "%.1f", c / g }')x faster"
+done
 
 echo
 echo "=== gpu-check summary ($(($(date +%s) - T0)) s) ==="

@@ -9,13 +9,7 @@
 // The weight gradient is a deterministic two-pass reduction: pass 1 writes one partial per
 // (chunk of images, weight) with no atomics, pass 2 sums the chunks in a fixed order.
 
-#ifndef CLAYFLOW_SIM
-#define CF_DYNAMIC_SHARED(T, name)                                                           \
-    extern __shared__ __align__(16) unsigned char cf_dyn_smem[];                             \
-    T* name = reinterpret_cast<T*>(cf_dyn_smem)
-#endif
-
-typedef unsigned long long cf_u64;
+#include "common.cuh"
 
 // Output tile: 16 x 16 pixels.
 #define CF_TILE 16
@@ -343,5 +337,233 @@ extern "C" __global__ void __launch_bounds__(256)
         dw[i] = acc;
     } else {
         db[i - wlen] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolutions as implicit GEMMs over the pixels of the whole batch (q = n * plane + p): the
+// reduction index is (input channel, tap), the input pixel shifted by the tap (zero outside
+// the image) is gathered while staging. No block straddles an image border, so 7x7, 8x8 or
+// 4x4 images fill every block as well as large ones. Used for every k = 1 convolution (the
+// Glow coupling's middle layer, the invertible 1x1 convolutions) and for images of at most
+// 64 pixels, where the 16x16 tiles above would leave most threads idle; the weight gradient
+// also whenever the tiled kernel would keep fewer than half of its threads busy.
+// ---------------------------------------------------------------------------------------------
+
+// Reduction depth staged per step.
+#define CF_GK 16
+
+// The input value for reduction index k = ci * k * k + tap at pixel (n, p) of an h x w image
+// with `chans` channels: x[n][ci][row + ky - pad][col + kx - pad], 0 outside the image. With
+// `flip`, the tap is mirrored (backward-data reads dy at the flipped offsets).
+static __device__ __forceinline__ float cf_gather(const float* __restrict__ in, int chans, int h,
+                                                  int w, int ksz, unsigned n, unsigned p,
+                                                  int k) {
+    const int kk = ksz * ksz;
+    const int ci = k / kk, tap = k - (k / kk) * kk;
+    const int ky = tap / ksz, kx = tap - (tap / ksz) * ksz;
+    const int pad = ksz / 2;
+    const int row = (int)(p / (unsigned)w) + ky - pad;
+    const int col = (int)(p - (p / (unsigned)w) * (unsigned)w) + kx - pad;
+    if (row < 0 || row >= h || col < 0 || col >= w) return 0.0f;
+    return in[((cf_u64)n * (cf_u64)chans + (cf_u64)ci) * (cf_u64)(h * w) + (cf_u64)(row * w + col)];
+}
+
+// out[n][m][p] = sum_k A[m][k] B[k][(n, p)] (+ bias[m], ReLU). Forward (transpose = 0):
+// M = cout, K = cin * k * k, A = wt ([cout][cin * k * k]), B = x gathered. Backward-data
+// (transpose = 1): M = cin, K = cout * k * k, A[ci][(co, tap)] = wt[co][ci][kk - 1 - tap]
+// (flipped, transposed), B = dy gathered; no bias/ReLU. Block (256 threads) = TM rows m x
+// TQ = 4096 / TM pixels q; thread (tm, tq) owns rows m0 + 4 tm .. + 4 and pixels
+// q0 + tq + j * QT (j < 4), so a warp's stores are consecutive pixels. Per reduction step
+// s_a = [CF_GK][TM] (float4 = 4 rows, a broadcast) and s_b = [CF_GK][TQ] (consecutive pixels
+// per thread, no bank conflicts).
+template <int TM>
+static __device__ __forceinline__ void cf_conv_gemm_body(int batch, int cin, int cout, int h,
+                                                         int w, int ksz, int transpose,
+                                                         const float* __restrict__ in,
+                                                         const float* __restrict__ wt,
+                                                         const float* __restrict__ bias,
+                                                         int relu, float* __restrict__ out) {
+    constexpr int TQ = 4096 / TM;
+    constexpr int MT = TM / 4;
+    constexpr int QT = 256 / MT;
+    __shared__ float4 s_a4[CF_GK][TM / 4];
+    __shared__ float s_b[CF_GK][TQ];
+    float* s_a = reinterpret_cast<float*>(&s_a4[0][0]);
+    const int kk = ksz * ksz;
+    const int M = transpose ? cin : cout;
+    const int C = transpose ? cout : cin;
+    const int K = C * kk;
+    const int plane = h * w;
+    const unsigned Q = (unsigned)batch * (unsigned)plane;
+    const int tid = threadIdx.x;
+    const int tm = tid / QT, tq = tid - (tid / QT) * QT;
+    const int m0 = blockIdx.y * TM;
+    const unsigned q0 = blockIdx.x * (unsigned)TQ;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    }
+    for (int k0 = 0; k0 < K; k0 += CF_GK) {
+        for (int idx = tid; idx < CF_GK * TM; idx += 256) {
+            int kq, mm;
+            if (transpose) {
+                kq = idx / TM;
+                mm = idx - kq * TM;
+            } else {
+                // Along the weights' rows (k contiguous in wt[m][k]).
+                mm = idx / CF_GK;
+                kq = idx - mm * CF_GK;
+            }
+            const int m = m0 + mm, k = k0 + kq;
+            float v = 0.0f;
+            if (m < M && k < K) {
+                if (transpose) {
+                    const int co = k / kk, tap = k - (k / kk) * kk;
+                    v = wt[((cf_u64)co * (cf_u64)cin + (cf_u64)m) * (cf_u64)kk +
+                           (cf_u64)(kk - 1 - tap)];
+                } else {
+                    v = wt[(cf_u64)m * (cf_u64)K + (cf_u64)k];
+                }
+            }
+            s_a[kq * TM + mm] = v;
+        }
+        for (int idx = tid; idx < CF_GK * TQ; idx += 256) {
+            const int kq = idx / TQ, qq = idx - (idx / TQ) * TQ;
+            const unsigned q = q0 + (unsigned)qq;
+            const int k = k0 + kq;
+            float v = 0.0f;
+            if (q < Q && k < K) {
+                const unsigned n = q / (unsigned)plane, p = q - n * (unsigned)plane;
+                v = cf_gather(in, C, h, w, ksz, n, p, k);
+            }
+            s_b[kq][qq] = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kq = 0; kq < CF_GK; ++kq) {
+            const float4 a = s_a4[kq][tm];
+            float b[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) b[j] = s_b[kq][tq + j * QT];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                acc[0][j] += a.x * b[j];
+                acc[1][j] += a.y * b[j];
+                acc[2][j] += a.z * b[j];
+                acc[3][j] += a.w * b[j];
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m0 + tm * 4 + i;
+        if (m >= M) break;
+        const float bm = transpose ? 0.0f : bias[m];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const unsigned q = q0 + (unsigned)(tq + j * QT);
+            if (q >= Q) continue;
+            const unsigned n = q / (unsigned)plane, p = q - n * (unsigned)plane;
+            float v = acc[i][j] + bm;
+            if (relu) v = fmaxf(v, 0.0f);
+            out[((cf_u64)n * (cf_u64)M + (cf_u64)m) * (cf_u64)plane + p] = v;
+        }
+    }
+}
+
+// TM = 16 (at most 16 output rows: 256 pixels per tile) and TM = 64 (64 pixels per tile).
+extern "C" __global__ void __launch_bounds__(256)
+    cf_conv_gemm_m16(int batch, int cin, int cout, int h, int w, int k, int transpose,
+                     const float* __restrict__ in, const float* __restrict__ wt,
+                     const float* __restrict__ bias, int relu, float* __restrict__ out) {
+    cf_conv_gemm_body<16>(batch, cin, cout, h, w, k, transpose, in, wt, bias, relu, out);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    cf_conv_gemm_m64(int batch, int cin, int cout, int h, int w, int k, int transpose,
+                     const float* __restrict__ in, const float* __restrict__ wt,
+                     const float* __restrict__ bias, int relu, float* __restrict__ out) {
+    cf_conv_gemm_body<64>(batch, cin, cout, h, w, k, transpose, in, wt, bias, relu, out);
+}
+
+// Weight gradient as a GEMM, pass 1: dW[co][j] = sum_q dy[n][co][p] B[j][(n, p)] with
+// j = ci * k * k + tap and B = x gathered at the tap's offset, and db[co] = sum_q dy over the
+// pixels q of chunk blockIdx.z ([z * q_per_chunk, min(Q, (z + 1) * q_per_chunk))). Block
+// (256 threads) = 64 output channels (blockIdx.x) x 64 columns j (blockIdx.y); thread
+// (tm, tn) owns the 4 x 4 outputs co0 + 4 tm + i, j0 + 4 tn + jj, every thread busy. Partials
+// go to part[z][wlen + cout] as for cf_conv_bwd_weight_c* (every element written: dW by every
+// block, db by the blockIdx.y == 0 blocks), summed by cf_conv_bwd_weight_reduce.
+extern "C" __global__ void __launch_bounds__(256)
+    cf_conv_gemm_wgrad(int batch, int cin, int cout, int h, int w, int k, int q_per_chunk,
+                       const float* __restrict__ x, const float* __restrict__ dy,
+                       float* __restrict__ part) {
+    __shared__ float4 s_d4[CF_GK][16];
+    __shared__ float4 s_x4[CF_GK][16];
+    float* s_d = reinterpret_cast<float*>(&s_d4[0][0]);
+    float* s_x = reinterpret_cast<float*>(&s_x4[0][0]);
+    const int plane = h * w;
+    const int N = cin * k * k;
+    const unsigned Q = (unsigned)batch * (unsigned)plane;
+    const int tid = threadIdx.x;
+    const int tm = tid / 16, tn = tid - (tid / 16) * 16;
+    const int co0 = blockIdx.x * 64, j0 = blockIdx.y * 64;
+    const unsigned qb = blockIdx.z * (unsigned)q_per_chunk;
+    const unsigned qe = qb + (unsigned)q_per_chunk < Q ? qb + (unsigned)q_per_chunk : Q;
+    const bool bias_block = blockIdx.y == 0;
+    float acc[4][4], bacc[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        bacc[i] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    }
+    for (unsigned q0 = qb; q0 < qe; q0 += CF_GK) {
+        // 16 consecutive pixels of one channel per 16 threads (coalesced for dy).
+        for (int idx = tid; idx < CF_GK * 64; idx += 256) {
+            const int ch = idx / CF_GK, qq = idx - (idx / CF_GK) * CF_GK;
+            const unsigned q = q0 + (unsigned)qq;
+            float d = 0.0f, v = 0.0f;
+            if (q < qe) {
+                const unsigned n = q / (unsigned)plane, p = q - n * (unsigned)plane;
+                if (co0 + ch < cout) {
+                    d = dy[((cf_u64)n * (cf_u64)cout + (cf_u64)(co0 + ch)) * (cf_u64)plane + p];
+                }
+                if (j0 + ch < N) v = cf_gather(x, cin, h, w, k, n, p, j0 + ch);
+            }
+            s_d[qq * 64 + ch] = d;
+            s_x[qq * 64 + ch] = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int qq = 0; qq < CF_GK; ++qq) {
+            const float4 d = s_d4[qq][tm];
+            const float4 v = s_x4[qq][tn];
+            const float dv[4] = {d.x, d.y, d.z, d.w};
+            const float xv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += dv[i] * xv[j];
+                bacc[i] += dv[i];
+            }
+        }
+        __syncthreads();
+    }
+    const int wlen = cout * N;
+    float* part_c = part + (cf_u64)blockIdx.z * (cf_u64)(wlen + cout);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int co = co0 + tm * 4 + i;
+        if (co >= cout) break;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int jj = j0 + tn * 4 + j;
+            if (jj < N) part_c[(cf_u64)co * (cf_u64)N + (cf_u64)jj] = acc[i][j];
+        }
+        if (bias_block && tn == 0) part_c[wlen + co] = bacc[i];
     }
 }

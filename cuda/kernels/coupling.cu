@@ -2,54 +2,30 @@
 // log-det and d_scale reductions) and the dequantisation logit with its log-det. One block of
 // exactly 256 threads per image (grid = batch); reductions are fixed-order f64 trees in
 // shared memory, so results are deterministic and need no atomics.
+//
+// The coupling takes its scale function as `mode` (common.cuh): 0 RealNVP's
+// s = scale[j] * tanh(s_raw), 1 Glow's s = log sigmoid(s_raw + 2) (then `scale` and
+// `d_scale_part` are not touched and may be null).
 
-// Sum of `v` over the block's 256 threads (fixed tree). Every thread gets the result.
-static __device__ __forceinline__ double cf_block_sum(double v) {
-    __shared__ double red[256];
-    const unsigned t = threadIdx.x;
-    red[t] = v;
-    __syncthreads();
-    for (unsigned s = 128; s > 0; s >>= 1) {
-        if (t < s) red[t] += red[t + s];
-        __syncthreads();
-    }
-    double r = red[0];
-    __syncthreads();  // `red` is reused by the next call
-    return r;
-}
+#include "common.cuh"
 
-static __device__ __forceinline__ bool cf_changes_pixel(int mask, int row, int col) {
-    return mask < 2 || ((row + col) & 1) != (mask & 1);
-}
-
-// (changed channels, CNN input channels) of a mask for c channels, as Mask::split_channels.
-static __device__ __forceinline__ int cf_changed_count(int mask, int c) {
-    return mask < 2 ? c - (c + 1 - (mask & 1)) / 2 : c;
-}
-
-// The channel that the j-th s/t plane acts on (Mask::changed_channel).
-static __device__ __forceinline__ int cf_changed_channel(int mask, int j) {
-    return mask < 2 ? 2 * j + 1 - (mask & 1) : j;
-}
-
-// x_b = x_b exp(s) + t on the changed half of image blockIdx.x, s = scale * tanh(s_raw);
-// log_det[n] += sum(s).
+// x_b = x_b exp(s) + t on the changed half of image blockIdx.x; log_det[n] += sum(s).
 extern "C" __global__ void __launch_bounds__(256)
-    cf_coupling_forward(int c, int h, int w, int mask, const float* __restrict__ st,
+    cf_coupling_forward(int c, int h, int w, int mask, int mode, const float* __restrict__ st,
                         const float* __restrict__ scale, float* __restrict__ x,
                         float* __restrict__ log_det) {
     const int n = blockIdx.x;
     const int p = h * w;
     const int cc = cf_changed_count(mask, c);
     const int per = cc * p;
-    const float* stn = st + (unsigned long long)n * (unsigned long long)(2 * per);
-    float* xn = x + (unsigned long long)n * (unsigned long long)(c * p);
+    const float* stn = st + (cf_u64)n * (cf_u64)(2 * per);
+    float* xn = x + (cf_u64)n * (cf_u64)(c * p);
     double acc = 0.0;
     for (int e = threadIdx.x; e < per; e += 256) {
         int j = e / p, i = e - (e / p) * p;
         int row = i / w, col = i - (i / w) * w;
         if (!cf_changes_pixel(mask, row, col)) continue;
-        float s = scale[j] * tanhf(stn[e]);
+        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : 0.0f, stn[e]);
         float* xp = xn + cf_changed_channel(mask, j) * p + i;
         *xp = *xp * expf(s) + stn[per + e];
         acc += (double)s;
@@ -59,11 +35,14 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // Backward of cf_coupling_forward for image blockIdx.x given the coupling's input x. With
-// y = x e^s + t and log_det += s:  dL/ds = g x e^s + g_log_det, dL/ds_raw = dL/ds * scale *
-// (1 - tanh^2), dL/dt = g, dL/dscale += dL/ds * tanh, dL/dx_b = g e^s (kept half: identity).
-// d_scale_part[n][j] receives the image's per-channel dL/dscale (summed by cf_col_sum_add).
+// y = x e^s + t and log_det += s:  dL/ds = g x e^s + g_log_det, dL/dt = g,
+// dL/dx_b = g e^s (kept half: identity), and
+//   mode 0: dL/ds_raw = dL/ds * scale * (1 - tanh^2), dL/dscale += dL/ds * tanh;
+//   mode 1: dL/ds_raw = dL/ds * (1 - e^s)   (d/dx log sigmoid(x) = 1 - sigmoid(x)).
+// Mode 0 writes the image's per-channel dL/dscale to d_scale_part[n][j] (summed by
+// cf_col_sum_add).
 extern "C" __global__ void __launch_bounds__(256)
-    cf_coupling_backward(int c, int h, int w, int mask, float g_log_det,
+    cf_coupling_backward(int c, int h, int w, int mask, int mode, float g_log_det,
                          const float* __restrict__ x, const float* __restrict__ st,
                          const float* __restrict__ scale, float* __restrict__ dy,
                          float* __restrict__ d_st, float* __restrict__ d_scale_part) {
@@ -71,10 +50,30 @@ extern "C" __global__ void __launch_bounds__(256)
     const int p = h * w;
     const int cc = cf_changed_count(mask, c);
     const int per = cc * p;
-    const float* stn = st + (unsigned long long)n * (unsigned long long)(2 * per);
-    float* dstn = d_st + (unsigned long long)n * (unsigned long long)(2 * per);
-    const float* xn = x + (unsigned long long)n * (unsigned long long)(c * p);
-    float* dyn = dy + (unsigned long long)n * (unsigned long long)(c * p);
+    const float* stn = st + (cf_u64)n * (cf_u64)(2 * per);
+    float* dstn = d_st + (cf_u64)n * (cf_u64)(2 * per);
+    const float* xn = x + (cf_u64)n * (cf_u64)(c * p);
+    float* dyn = dy + (cf_u64)n * (cf_u64)(c * p);
+    if (mode == CF_SCALE_SIGMOID) {
+        // No scale parameter, so no per-channel reduction: one pass over the image.
+        for (int e = threadIdx.x; e < per; e += 256) {
+            int j = e / p, i = e - (e / p) * p;
+            int row = i / w, col = i - (i / w) * w;
+            if (!cf_changes_pixel(mask, row, col)) {
+                dstn[e] = 0.0f;
+                dstn[per + e] = 0.0f;
+                continue;
+            }
+            const int xi = cf_changed_channel(mask, j) * p + i;
+            float ex = expf(cf_log_sigmoid(stn[e] + 2.0f));
+            float g = dyn[xi];
+            float ds = g * xn[xi] * ex + g_log_det;
+            dstn[e] = ds * (1.0f - ex);
+            dstn[per + e] = g;
+            dyn[xi] = g * ex;
+        }
+        return;
+    }
     for (int j = 0; j < cc; ++j) {
         const float sc = scale[j];
         const int ch = cf_changed_channel(mask, j);
@@ -97,7 +96,7 @@ extern "C" __global__ void __launch_bounds__(256)
             dyn[ch * p + i] = g * ex;
         }
         double sum = cf_block_sum(acc);
-        if (threadIdx.x == 0) d_scale_part[(unsigned long long)n * (unsigned long long)cc + j] = (float)sum;
+        if (threadIdx.x == 0) d_scale_part[(cf_u64)n * (cf_u64)cc + j] = (float)sum;
     }
 }
 
@@ -107,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(256)
     int j = blockIdx.x * 256 + threadIdx.x;
     if (j >= cols) return;
     float acc = out[j];
-    for (int r = 0; r < rows; ++r) acc += part[(unsigned long long)r * (unsigned long long)cols + j];
+    for (int r = 0; r < rows; ++r) acc += part[(cf_u64)r * (cf_u64)cols + j];
     out[j] = acc;
 }
 
@@ -119,7 +118,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const int n = blockIdx.x;
     const float span = 1.0f - 2.0f * alpha;
     const float log_span = logf(span);
-    float* xn = x + (unsigned long long)n * (unsigned long long)image_len;
+    float* xn = x + (cf_u64)n * (cf_u64)image_len;
     double acc = 0.0;
     for (int e = threadIdx.x; e < image_len; e += 256) {
         float s = alpha + span * xn[e];

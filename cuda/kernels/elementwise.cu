@@ -1,17 +1,7 @@
 // Elementwise kernels: one grid-stride loop each. Launch (see cuda/KERNELS.md, "EW launch"):
-// block 256, grid min(ceil(n / 256), 4096). Indices are unsigned so that `i + stride` cannot
-// overflow for n < 2^31.
+// block 256, grid min(ceil(n / 256), 4096).
 
-#define CF_GRID_STRIDE(i, n)                                                                 \
-    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(n);              \
-         i += gridDim.x * blockDim.x)
-
-// True when pixel (row, col) of a changed channel is changed by `mask` (channel masks change
-// every pixel; checkerboards change the colour whose (row + col) parity differs from the
-// mask's parity). Mask codes: 0 ChannelEven, 1 ChannelOdd, 2 CheckerEven, 3 CheckerOdd.
-static __device__ __forceinline__ bool cf_changes_pixel(int mask, int row, int col) {
-    return mask < 2 || ((row + col) & 1) != (mask & 1);
-}
+#include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256) cf_fill(int n, float value, float* dst) {
     CF_GRID_STRIDE(i, n) { dst[i] = value; }
@@ -76,7 +66,7 @@ extern "C" __global__ void __launch_bounds__(256)
     cf_mask_gather(int batch, int c, int h, int w, int mask, const float* __restrict__ x,
                    float* __restrict__ cnn_in) {
     const int p = h * w;
-    const int cin = mask < 2 ? (c + 1 - (mask & 1)) / 2 : c;
+    const int cin = cf_kept_count(mask, c);
     const int per = cin * p;
     CF_GRID_STRIDE(e, batch * per) {
         int n = (int)(e / (unsigned)per);
@@ -98,7 +88,7 @@ extern "C" __global__ void __launch_bounds__(256)
     cf_mask_scatter_add(int batch, int c, int h, int w, int mask,
                         const float* __restrict__ d_cnn_in, float* __restrict__ dx) {
     const int p = h * w;
-    const int cin = mask < 2 ? (c + 1 - (mask & 1)) / 2 : c;
+    const int cin = cf_kept_count(mask, c);
     const int per = cin * p;
     CF_GRID_STRIDE(e, batch * per) {
         int n = (int)(e / (unsigned)per);
@@ -114,12 +104,14 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // Inverse affine coupling in place on the changed half: y_b = (y_b - t) exp(-s) with
-// s = scale * tanh(s_raw), (s_raw, t) = st[n] ([2cc][h][w]). One thread per (n, j, i).
+// s = cf_coupling_s(mode, scale[j], s_raw), (s_raw, t) = st[n] ([2cc][h][w]). One thread per
+// (n, j, i). `scale` is not read in mode 1 (Glow).
 extern "C" __global__ void __launch_bounds__(256)
-    cf_coupling_inverse(int batch, int c, int h, int w, int mask, const float* __restrict__ st,
-                        const float* __restrict__ scale, float* __restrict__ y) {
+    cf_coupling_inverse(int batch, int c, int h, int w, int mask, int mode,
+                        const float* __restrict__ st, const float* __restrict__ scale,
+                        float* __restrict__ y) {
     const int p = h * w;
-    const int cc = mask < 2 ? c - (c + 1 - (mask & 1)) / 2 : c;
+    const int cc = cf_changed_count(mask, c);
     const int per = cc * p;
     CF_GRID_STRIDE(e, batch * per) {
         int n = (int)(e / (unsigned)per);
@@ -127,11 +119,11 @@ extern "C" __global__ void __launch_bounds__(256)
         int j = r / p, i = r - (r / p) * p;
         int row = i / w, col = i - (i / w) * w;
         if (!cf_changes_pixel(mask, row, col)) continue;
-        int ch = mask < 2 ? 2 * j + 1 - (mask & 1) : j;
-        const float* stn = st + (unsigned)n * (unsigned)(2 * per);
-        float s = scale[j] * tanhf(stn[r]);
+        int ch = cf_changed_channel(mask, j);
+        const float* stn = st + (cf_u64)n * (cf_u64)(2 * per);
+        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : 0.0f, stn[r]);
         float t = stn[per + r];
-        unsigned yi = (unsigned)n * (unsigned)(c * p) + (unsigned)(ch * p + i);
+        cf_u64 yi = (cf_u64)n * (cf_u64)(c * p) + (cf_u64)(ch * p + i);
         y[yi] = (y[yi] - t) * expf(-s);
     }
 }
@@ -146,6 +138,28 @@ extern "C" __global__ void __launch_bounds__(256)
         float g = grad[i] * grad_scale;
         float mi = beta1 * m[i] + (1.0f - beta1) * g;
         float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        param[i] -= step * mi / (sqrtf(vi / bc2) + eps);
+    }
+}
+
+// Adam on several tensors in one launch: block b reads its task, 8 u64 at tasks[8b]:
+// (param, grad, m, v addresses, length n, g, G, 0), and updates elements
+// i = g * 256 + t + k * G * 256 exactly as block g of cf_adam with G blocks would.
+extern "C" __global__ void __launch_bounds__(256)
+    cf_adam_multi(float step, float beta1, float beta2, float eps, float bc2, float grad_scale,
+                  const unsigned long long* __restrict__ tasks) {
+    const unsigned long long* task = tasks + 8 * (cf_u64)blockIdx.x;
+    float* param = reinterpret_cast<float*>(task[0]);
+    const float* grad = reinterpret_cast<const float*>(task[1]);
+    float* m = reinterpret_cast<float*>(task[2]);
+    float* v = reinterpret_cast<float*>(task[3]);
+    const unsigned n = (unsigned)task[4], g = (unsigned)task[5], G = (unsigned)task[6];
+    for (unsigned i = g * 256 + threadIdx.x; i < n; i += G * 256) {
+        float gi = grad[i] * grad_scale;
+        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
         param[i] -= step * mi / (sqrtf(vi / bc2) + eps);

@@ -53,3 +53,10 @@ void* clayflow_sim_dynamic_shared();
 // `extern __shared__ T name[];` on the device.
 #define CF_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(clayflow_sim_dynamic_shared())
 
+
+// Bit casts (CUDA intrinsics that NVRTC offers without headers).
+static inline float __int_as_float(int v) {
+    float f;
+    __builtin_memcpy(&f, &v, sizeof f);
+    return f;
+}

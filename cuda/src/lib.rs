@@ -106,13 +106,49 @@ pub fn signature(name: &str) -> Option<String> {
     }
 }
 
+/// What a [`SimDevice`] has been asked to do, counted as a GPU would do it: every
+/// [`KernelDevice::download`] is one device-to-host copy and one synchronisation (the host
+/// waits for the copy), every upload one host-to-device copy, every `alloc_zeros` and every
+/// allocating `upload` one device allocation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Device-to-host copies.
+    pub d2h: u64,
+    /// Host-to-device copies.
+    pub h2d: u64,
+    /// Host waits for the device (explicit `synchronize` calls and downloads).
+    pub syncs: u64,
+    /// Device allocations.
+    pub allocs: u64,
+    /// Kernel launches.
+    pub launches: u64,
+}
+
+impl std::ops::Sub for Counts {
+    type Output = Counts;
+    fn sub(self, o: Counts) -> Counts {
+        Counts {
+            d2h: self.d2h - o.d2h,
+            h2d: self.h2d - o.h2d,
+            syncs: self.syncs - o.syncs,
+            allocs: self.allocs - o.allocs,
+            launches: self.launches - o.launches,
+        }
+    }
+}
+
 /// The host simulator as a [`KernelDevice`]. Buffers are host vectors
 /// ([`Storage::Host`]); a buffer's device address is its vector's address. Launches run to
-/// completion before `launch` returns (one launch at a time per process).
+/// completion before `launch` returns (one launch at a time per process). Transfers,
+/// synchronisations, allocations and launches are counted ([`SimDevice::counts`]).
 #[derive(Debug)]
 pub struct SimDevice {
     schedule: Schedule,
     launches: AtomicU64,
+    d2h: AtomicU64,
+    h2d: AtomicU64,
+    syncs: AtomicU64,
+    allocs: AtomicU64,
 }
 
 impl Default for SimDevice {
@@ -132,6 +168,10 @@ impl SimDevice {
         SimDevice {
             schedule,
             launches: AtomicU64::new(0),
+            d2h: AtomicU64::new(0),
+            h2d: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            allocs: AtomicU64::new(0),
         }
     }
 
@@ -139,6 +179,22 @@ impl SimDevice {
     pub fn launches(&self) -> u64 {
         self.launches.load(Ordering::Relaxed)
     }
+
+    /// Everything counted so far (subtract two snapshots for the work in between).
+    pub fn counts(&self) -> Counts {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counts {
+            d2h: get(&self.d2h),
+            h2d: get(&self.h2d),
+            syncs: get(&self.syncs),
+            allocs: get(&self.allocs),
+            launches: get(&self.launches),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
 }
 
 fn code(p: &Param) -> char {
@@ -160,18 +216,41 @@ impl KernelDevice for SimDevice {
     }
 
     fn alloc_zeros(&self, len: usize) -> Result<Buffer> {
+        bump(&self.allocs);
         Ok(Buffer {
             storage: Storage::Host(vec![0.0; len]),
         })
     }
 
     fn upload(&self, data: &[f32]) -> Result<Buffer> {
+        bump(&self.allocs);
+        bump(&self.h2d);
         Ok(Buffer {
             storage: Storage::Host(data.to_vec()),
         })
     }
 
+    fn upload_into(&self, data: &[f32], dst: &mut Buffer) -> Result<()> {
+        match &mut dst.storage {
+            Storage::Host(v) if v.len() == data.len() => {
+                bump(&self.h2d);
+                v.copy_from_slice(data);
+                Ok(())
+            }
+            Storage::Host(v) => Err(BackendError::Size {
+                op: "upload_into",
+                what: "dst",
+                expected: data.len(),
+                got: v.len(),
+            }),
+            #[allow(unreachable_patterns)]
+            _ => Err(BackendError::WrongDevice { op: "upload_into" }),
+        }
+    }
+
     fn download(&self, buf: &Buffer) -> Result<Vec<f32>> {
+        bump(&self.d2h);
+        bump(&self.syncs);
         match &buf.storage {
             Storage::Host(v) => Ok(v.clone()),
             #[allow(unreachable_patterns)]
@@ -262,6 +341,7 @@ impl KernelDevice for SimDevice {
     }
 
     fn synchronize(&self) -> Result<()> {
+        bump(&self.syncs);
         Ok(())
     }
 }
@@ -321,7 +401,7 @@ mod tests {
                 count += 1;
             }
         }
-        assert_eq!(count, 26, "kernels in cuda/kernels");
+        assert_eq!(count, 39, "kernels in cuda/kernels");
         assert_eq!(signature("cf_axpy").as_deref(), Some("ifpp"));
         assert_eq!(signature("nope"), None);
     }

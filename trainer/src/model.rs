@@ -2,11 +2,19 @@
 //! with log-likelihood), its backward pass, and the inverse (latent -> image) for sampling.
 //!
 //! The math is the kernel's (`clayflow_kernel`), batched: logit, optional squeeze, then each
-//! coupling `x_b <- x_b exp(s) + t` with `s = scale * tanh(s_raw)` and `(s_raw, t)` from a
-//! three-conv CNN of the kept half. The loss is the mean bits/dim,
-//! `-log p(u) / (D ln 2) + bits`, and its gradient flows back through every op.
+//! coupling `x_b <- x_b exp(s) + t` with `s = scale * tanh(s_raw)` (Glow:
+//! `s = log sigmoid(s_raw + 2)`) and `(s_raw, t)` from a three-conv CNN of the kept half.
+//! The loss is the mean bits/dim, `-log p(u) / (D ln 2) + bits`, and its gradient flows back
+//! through every op.
+//!
+//! Everything stays on the backend's device: a training step uploads the batch into a
+//! buffer that persists across steps and downloads the loss terms once (the per-image sums
+//! of squares and log-dets, together); the Glow layers' parameters (ActNorm, the 1x1
+//! convolutions' LU factors) are used and differentiated where they live.
 
-use crate::backend::{actnorm, Backend, BackendError, Buffer, ConvShape, Result, Shape4};
+use crate::backend::{
+    hi_lo, Backend, BackendError, Buffer, ConvShape, CouplingScale, LuFactors, Result, Shape4,
+};
 use crate::config::{is_fixed, tensor_specs, tensors_per_step};
 use crate::invconv;
 use clayflow_kernel::arch::COUPLING_TENSORS;
@@ -25,8 +33,8 @@ struct CouplingCache {
 }
 
 /// What one flow step keeps: for a Glow step the inputs of its ActNorm and of its 1x1
-/// convolution, and the convolution's `W` and `W^-1` (recomposed from the LU factors on
-/// every pass); then its coupling's activations.
+/// convolution, and the convolution's `W` and `W^-1` (recomposed from the LU factors on the
+/// device on every pass); then its coupling's activations.
 #[derive(Debug)]
 struct StepCache {
     glow: Option<GlowCache>,
@@ -67,14 +75,15 @@ struct LevelWs {
 #[derive(Debug)]
 struct Workspace {
     batch: usize,
-    /// Image-layout buffers for logit and the optional first squeeze.
+    /// Image-layout buffers for logit and the optional first squeeze; the batch is uploaded
+    /// into `image`.
     image: Buffer,
+    /// Per-image log-det of every layer (f32, accumulated on the device).
     log_det: Buffer,
+    /// Per-image `sum(z^2)` over every level's latent, as f64 `(hi, lo)` pairs.
+    sq: Buffer,
     levels: Vec<LevelWs>,
     steps: Vec<StepCache>,
-    /// Per-image log-det of the 1x1 convolutions, `sum_steps plane * log|det W|` (the same
-    /// for every image), added on the host.
-    invconv_log_det: f64,
 }
 
 /// Result of one forward pass over a batch.
@@ -286,7 +295,29 @@ impl Flow {
         (i * per, i * per + per - COUPLING_TENSORS.len())
     }
 
-    /// The LU factors of step `i`'s 1x1 convolution, on the host.
+    /// The LU factors of step `i`'s 1x1 convolution, where they live.
+    fn lu(&self, i: usize) -> LuFactors<'_> {
+        let (g, _) = self.step_base(i);
+        LuFactors {
+            perm: &self.params[g + slot::PERM],
+            sign: &self.params[g + slot::SIGN],
+            lower: &self.params[g + slot::LOWER],
+            upper: &self.params[g + slot::UPPER],
+            log_s: &self.params[g + slot::LOG_S],
+        }
+    }
+
+    /// The scale function of step `i`'s coupling: Glow's sigmoid, or the seed's tanh with the
+    /// step's learned `scale` tensor.
+    fn scale(&self, i: usize) -> CouplingScale<'_> {
+        if self.arch.glow {
+            CouplingScale::Sigmoid
+        } else {
+            CouplingScale::Tanh(&self.params[self.step_base(i).1])
+        }
+    }
+
+    /// The LU factors of step `i`'s 1x1 convolution, on the host (for checks and export).
     fn lu_host(&self, i: usize) -> Result<[Vec<f32>; 5]> {
         let (g, _) = self.step_base(i);
         let d = |k: usize| self.backend.download(&self.params[g + k]);
@@ -438,35 +469,26 @@ impl Flow {
             batch,
             image: b.zeros(batch * d)?,
             log_det: b.zeros(batch)?,
+            sq: b.zeros(2 * batch)?,
             levels,
             steps,
-            invconv_log_det: 0.0,
         })
     }
 
     /// Recomposes every step's `W` (and `W^-1` when `inverse`) from its LU factors into the
-    /// workspace; returns the per-image log-det of all the 1x1 convolutions.
-    fn refresh_invconv(&self, ws: &mut Workspace, inverse: bool) -> Result<f64> {
-        let mut total = 0.0;
-        for i in 0..self.arch.couplings {
-            let view = self.arch.step_arch(i);
-            let c = view.flow_shape().0;
-            let (w, ld) = self.invconv_weight(i)?;
-            total += view.plane() as f64 * ld;
-            let Some(g) = ws.steps[i].glow.as_mut() else {
+    /// workspace, on the backend's device.
+    fn refresh_invconv(&self, ws: &mut Workspace, inverse: bool) -> Result<()> {
+        for (i, step) in ws.steps.iter_mut().enumerate() {
+            let Some(g) = step.glow.as_mut() else {
                 continue;
             };
-            let wf: Vec<f32> = w.iter().map(|&v| v as f32).collect();
-            self.backend.copy(&self.backend.upload(&wf)?, &mut g.w)?;
+            let c = self.arch.step_arch(i).flow_shape().0;
+            self.backend.invconv_weight(c, self.lu(i), &mut g.w)?;
             if inverse {
-                let wi = invconv::inverse(c, &w)
-                    .map_err(|e| BackendError::Device(format!("step {i}: 1x1 convolution: {e}")))?;
-                let wf: Vec<f32> = wi.iter().map(|&v| v as f32).collect();
-                self.backend
-                    .copy(&self.backend.upload(&wf)?, &mut g.w_inv)?;
+                self.backend.invconv_inverse(c, self.lu(i), &mut g.w_inv)?;
             }
         }
-        Ok(total)
+        Ok(())
     }
 
     /// Runs the coupling CNN of step `i` on `cache.cnn_in`, filling h1, h2 and st.
@@ -544,14 +566,10 @@ impl Flow {
     ) -> Result<BatchStats> {
         let b = self.backend.clone();
         let a = self.arch;
-        ws.invconv_log_det = if a.glow {
-            self.refresh_invconv(ws, false)?
-        } else {
-            0.0
-        };
-        let up = b.upload(u)?;
-        b.copy(&up, &mut ws.image)?;
-        b.fill(&mut ws.log_det, 0.0)?;
+        if a.glow {
+            self.refresh_invconv(ws, false)?;
+        }
+        b.upload_into(u, &mut ws.image)?;
         let img = shape4(batch, (a.channels, a.height, a.width));
         b.logit_forward(img, a.logit_alpha, &mut ws.image, &mut ws.log_det)?;
         if a.squeeze {
@@ -575,23 +593,13 @@ impl Flow {
             }
             for i in l * n..(l + 1) * n {
                 let m = a.masks[i];
-                let (g, cb) = self.step_base(i);
+                let (g, _) = self.step_base(i);
                 let lw = &mut ws.levels[l];
                 let step = &mut ws.steps[i];
                 if let Some(gc) = step.glow.as_mut() {
                     if init_actnorm {
-                        let x = b.download(&lw.state)?;
-                        let stats = actnorm::channel_stats(fs, &x);
-                        let logs: Vec<f32> = stats
-                            .iter()
-                            .map(|&(_, sd)| (-(sd + 1e-6).ln()) as f32)
-                            .collect();
-                        let bias: Vec<f32> = stats
-                            .iter()
-                            .map(|&(mean, sd)| (-mean / (sd + 1e-6)) as f32)
-                            .collect();
-                        self.params[g + slot::LOGS] = b.upload(&logs)?;
-                        self.params[g + slot::BIAS] = b.upload(&bias)?;
+                        let (lo, hi) = self.params.split_at_mut(g + slot::BIAS);
+                        b.actnorm_init(fs, &lw.state, &mut lo[g + slot::LOGS], &mut hi[0])?;
                     }
                     b.copy(&lw.state, &mut gc.an_in)?;
                     b.actnorm_forward(
@@ -610,23 +618,21 @@ impl Flow {
                         false,
                         &mut lw.state,
                     )?;
+                    // log|det| of the 1x1 convolution: plane * sum(log_s) per image.
+                    b.add_log_det(fs.plane(), &self.params[g + slot::LOG_S], &mut ws.log_det)?;
                 }
                 let cache = &mut step.coupling;
                 b.copy(&lw.state, &mut cache.x_in)?;
                 b.mask_gather(fs, m, &lw.state, &mut cache.cnn_in)?;
                 self.cnn_forward(i, m, batch, cache)?;
-                if a.glow {
-                    b.glow_coupling_forward(fs, m, &cache.st, &mut lw.state, &mut ws.log_det)?;
-                } else {
-                    b.coupling_forward(
-                        fs,
-                        m,
-                        &cache.st,
-                        &self.params[cb],
-                        &mut lw.state,
-                        &mut ws.log_det,
-                    )?;
-                }
+                b.coupling_forward(
+                    fs,
+                    m,
+                    self.scale(i),
+                    &cache.st,
+                    &mut lw.state,
+                    &mut ws.log_det,
+                )?;
             }
             if l + 1 < a.levels {
                 // Split: the odd channels leave as this level's latent, the even flow on.
@@ -635,7 +641,7 @@ impl Flow {
                 b.mask_gather(fs, Mask::ChannelEven, &lw.state, &mut lw.kept)?;
             }
         }
-        let mut sq = vec![0.0f64; batch];
+        b.fill(&mut ws.sq, 0.0)?;
         for (l, lw) in ws.levels.iter().enumerate() {
             let z = if l + 1 < a.levels {
                 &lw.latent
@@ -643,19 +649,16 @@ impl Flow {
                 &lw.state
             };
             let per = z.len() / batch.max(1);
-            let s = b.per_image_sum_squares(shape4(batch, (per, 1, 1)), z)?;
-            for (t, v) in sq.iter_mut().zip(s) {
-                *t += v;
-            }
+            b.per_image_sum_squares(shape4(batch, (per, 1, 1)), z, &mut ws.sq)?;
         }
-        let ld = b.download(&ws.log_det)?;
+        // The step's one download: both loss terms together.
+        let host = b.download_all(&[&ws.sq, &ws.log_det])?;
+        let (sq, ld) = (hi_lo(&host[0]), &host[1]);
         let dd = d_f64(&a);
         let log_prob: Vec<f64> = sq
             .iter()
-            .zip(&ld)
-            .map(|(s, l)| {
-                -0.5 * s - 0.5 * dd * (2.0 * PI).ln() + f64::from(*l) + ws.invconv_log_det
-            })
+            .zip(ld)
+            .map(|(s, l)| -0.5 * s - 0.5 * dd * (2.0 * PI).ln() + f64::from(*l))
             .collect();
         let mean_bpd = log_prob.iter().map(|lp| bpd(&a, *lp)).sum::<f64>() / batch.max(1) as f64;
         Ok(BatchStats { log_prob, mean_bpd })
@@ -739,31 +742,20 @@ impl Flow {
                 let d_st = &mut step.d_st;
                 {
                     let gr = &mut grads[cb..cb + 7];
+                    // Glow's sigmoid scale does not use the `scale` tensor: its gradient
+                    // stays 0.
                     b.fill(&mut gr[0], 0.0)?;
-                    if a.glow {
-                        // Glow's sigmoid scale does not use the `scale` tensor: no gradient.
-                        b.glow_coupling_backward(
-                            fs,
-                            m,
-                            &cache.x_in,
-                            &cache.st,
-                            -g,
-                            &mut lw.d_state,
-                            d_st,
-                        )?;
-                    } else {
-                        b.coupling_backward(
-                            fs,
-                            m,
-                            &cache.x_in,
-                            &cache.st,
-                            &p[0],
-                            -g,
-                            &mut lw.d_state,
-                            d_st,
-                            &mut gr[0],
-                        )?;
-                    }
+                    b.coupling_backward(
+                        fs,
+                        m,
+                        self.scale(i),
+                        &cache.x_in,
+                        &cache.st,
+                        -g,
+                        &mut lw.d_state,
+                        d_st,
+                        &mut gr[0],
+                    )?;
                     let (s0, s1, s2) = (
                         Self::conv(&view, batch, m, 0),
                         Self::conv(&view, batch, m, 1),
@@ -798,28 +790,21 @@ impl Flow {
                     b.conv_backward_data(&s, &lw.d_state, &gc.w, &mut lw.d_temp)?;
                     std::mem::swap(&mut lw.d_state, &mut lw.d_temp);
                     let c = view.flow_shape().0;
-                    let [perm, sign, lower, upper, log_s] = self.lu_host(i)?;
-                    let dw: Vec<f64> = b.download(&lw.d_w)?.iter().map(|&v| f64::from(v)).collect();
-                    let lg = invconv::backward(
-                        c,
-                        &invconv::LuParams {
-                            perm: &perm,
-                            sign: &sign,
-                            lower: &lower,
-                            upper: &upper,
-                            log_s: &log_s,
-                        },
-                        &dw,
-                        -f64::from(g) * (batch * view.plane()) as f64,
-                    )
-                    .map_err(|e| BackendError::Device(format!("step {i}: 1x1 convolution: {e}")))?;
-                    let put = |v: &[f64], dst: &mut Buffer| -> Result<()> {
-                        let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-                        b.copy(&b.upload(&f)?, dst)
+                    let [d_lower, d_upper, d_log_s] =
+                        &mut grads[gb + slot::LOWER..=gb + slot::LOG_S]
+                    else {
+                        unreachable!()
                     };
-                    put(&lg.d_lower, &mut grads[gb + slot::LOWER])?;
-                    put(&lg.d_upper, &mut grads[gb + slot::UPPER])?;
-                    put(&lg.d_log_s, &mut grads[gb + slot::LOG_S])?;
+                    b.invconv_backward(
+                        c,
+                        self.lu(i),
+                        &lw.d_w,
+                        -g,
+                        batch * view.plane(),
+                        d_lower,
+                        d_upper,
+                        d_log_s,
+                    )?;
                     b.fill(&mut grads[gb + slot::PERM], 0.0)?;
                     b.fill(&mut grads[gb + slot::SIGN], 0.0)?;
                     let (gl, gbias) = {
@@ -880,12 +865,11 @@ impl Flow {
             for (k, chunk) in host.chunks_exact_mut(n.max(1)).enumerate().take(batch) {
                 chunk.copy_from_slice(&z[k * d + at..k * d + at + n]);
             }
-            let up = b.upload(&host)?;
             let lw = &mut ws.levels[l];
             if l + 1 < a.levels {
-                b.copy(&up, &mut lw.latent)?;
+                b.upload_into(&host, &mut lw.latent)?;
             } else {
-                b.copy(&up, &mut lw.state)?;
+                b.upload_into(&host, &mut lw.state)?;
             }
         }
         let n = a.steps_per_level();
@@ -900,17 +884,13 @@ impl Flow {
             }
             for i in (l * n..(l + 1) * n).rev() {
                 let m = a.masks[i];
-                let (g, cb) = self.step_base(i);
+                let (g, _) = self.step_base(i);
                 let lw = &mut ws.levels[l];
                 let step = &mut ws.steps[i];
                 let cache = &mut step.coupling;
                 b.mask_gather(fs, m, &lw.state, &mut cache.cnn_in)?;
                 self.cnn_forward(i, m, batch, cache)?;
-                if a.glow {
-                    b.glow_coupling_inverse(fs, m, &cache.st, &mut lw.state)?;
-                } else {
-                    b.coupling_inverse(fs, m, &cache.st, &self.params[cb], &mut lw.state)?;
-                }
+                b.coupling_inverse(fs, m, self.scale(i), &cache.st, &mut lw.state)?;
                 if let Some(gc) = step.glow.as_ref() {
                     b.conv_forward(
                         &self.conv1x1(l, batch),
@@ -963,6 +943,7 @@ pub fn bpd(arch: &Arch, log_prob: f64) -> f64 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::backend::actnorm;
     use crate::backend::cpu::CpuBackend;
     use clayflow_kernel::{alternating_masks, blob_len, write_blob, DType, Model};
 

@@ -589,17 +589,14 @@ pub fn train(
                 1.0
             },
         };
-        for ((((p, g), m), v), _) in flow
-            .params
-            .iter_mut()
-            .zip(&grads)
-            .zip(&mut adam.m)
-            .zip(&mut adam.v)
-            .zip(&trainable)
-            .filter(|t| *t.1)
-        {
-            backend.adam(&hp, p, g, m, v)?;
-        }
+        backend.adam_all(
+            &hp,
+            &mut flow.params,
+            &grads,
+            &mut adam.m,
+            &mut adam.v,
+            &trainable,
+        )?;
         state.step += 1;
         running.0 += stats.mean_bpd;
         running.1 += 1;

@@ -15,7 +15,9 @@
 use clayflow_kernel::{Mask, Pcg32, Rng};
 use clayflow_trainer::backend::cpu::CpuBackend;
 use clayflow_trainer::backend::select;
-use clayflow_trainer::backend::{AdamStep, Backend, Buffer, ConvShape, Shape4};
+use clayflow_trainer::backend::{
+    hi_lo, AdamStep, Backend, Buffer, ConvShape, CouplingScale, Shape4,
+};
 use clayflow_trainer::config::{tensor_specs, ModelConfig};
 use clayflow_trainer::model::{init_params, Flow};
 use std::sync::Arc;
@@ -177,9 +179,12 @@ fn gpu_flow_ops_match_cpu() {
             p.c.squeeze(s, inverse, &uc, &mut yc).unwrap();
             p.check(&format!("squeeze inverse={inverse} {s:?}"), &yg, &yc);
         }
+        let (mut ag, mut ac) = p.up(&vec![0.0; 2 * batch]);
+        p.g.per_image_sum_squares(s, &ug, &mut ag).unwrap();
+        p.c.per_image_sum_squares(s, &uc, &mut ac).unwrap();
         let (a, b) = (
-            p.g.per_image_sum_squares(s, &ug).unwrap(),
-            p.c.per_image_sum_squares(s, &uc).unwrap(),
+            hi_lo(&p.g.download(&ag).unwrap()),
+            hi_lo(&p.c.download(&ac).unwrap()),
         );
         for (x, y) in a.iter().zip(&b) {
             assert!(
@@ -208,31 +213,35 @@ fn gpu_flow_ops_match_cpu() {
             let scale = r.vec(cc, 0.5, 1.5);
             let (stg, stc) = p.up(&st);
             let (scg, scc) = p.up(&scale);
-            let (mut yg, mut yc) = p.up(&x);
-            let (mut lg, mut lc) = p.up(&r.vec(batch, -1.0, 1.0));
-            p.g.coupling_forward(s, m, &stg, &scg, &mut yg, &mut lg)
-                .unwrap();
-            p.c.coupling_forward(s, m, &stc, &scc, &mut yc, &mut lc)
-                .unwrap();
-            p.check(&format!("coupling_forward {m:?} {s:?}"), &yg, &yc);
-            p.check(&format!("coupling log-det {m:?} {s:?}"), &lg, &lc);
-            p.g.coupling_inverse(s, m, &stg, &scg, &mut yg).unwrap();
-            p.c.coupling_inverse(s, m, &stc, &scc, &mut yc).unwrap();
-            p.check(&format!("coupling_inverse {m:?} {s:?}"), &yg, &yc);
-            let (mut dyg, mut dyc) = p.up(&r.vec(n, -1.0, 1.0));
-            let (mut dsg, mut dsc) = p.up(&vec![0.0; st.len()]);
-            let (mut dscg, mut dscc) = p.up(&r.vec(cc, -1.0, 1.0));
-            p.g.coupling_backward(s, m, &xg, &stg, &scg, 0.01, &mut dyg, &mut dsg, &mut dscg)
-                .unwrap();
-            p.c.coupling_backward(s, m, &xc, &stc, &scc, 0.01, &mut dyc, &mut dsc, &mut dscc)
-                .unwrap();
-            p.check(&format!("coupling_backward dy {m:?} {s:?}"), &dyg, &dyc);
-            p.check(&format!("coupling_backward d_st {m:?} {s:?}"), &dsg, &dsc);
-            p.check(
-                &format!("coupling_backward d_scale {m:?} {s:?}"),
-                &dscg,
-                &dscc,
-            );
+            for tanh in [true, false] {
+                let (fg, fc) = if tanh {
+                    (CouplingScale::Tanh(&scg), CouplingScale::Tanh(&scc))
+                } else {
+                    (CouplingScale::Sigmoid, CouplingScale::Sigmoid)
+                };
+                let what = format!("{m:?} {s:?} tanh={tanh}");
+                let (mut yg, mut yc) = p.up(&x);
+                let (mut lg, mut lc) = p.up(&r.vec(batch, -1.0, 1.0));
+                p.g.coupling_forward(s, m, fg, &stg, &mut yg, &mut lg)
+                    .unwrap();
+                p.c.coupling_forward(s, m, fc, &stc, &mut yc, &mut lc)
+                    .unwrap();
+                p.check(&format!("coupling_forward {what}"), &yg, &yc);
+                p.check(&format!("coupling log-det {what}"), &lg, &lc);
+                p.g.coupling_inverse(s, m, fg, &stg, &mut yg).unwrap();
+                p.c.coupling_inverse(s, m, fc, &stc, &mut yc).unwrap();
+                p.check(&format!("coupling_inverse {what}"), &yg, &yc);
+                let (mut dyg, mut dyc) = p.up(&r.vec(n, -1.0, 1.0));
+                let (mut dsg, mut dsc) = p.up(&vec![0.0; st.len()]);
+                let (mut dscg, mut dscc) = p.up(&r.vec(cc, -1.0, 1.0));
+                p.g.coupling_backward(s, m, fg, &xg, &stg, 0.01, &mut dyg, &mut dsg, &mut dscg)
+                    .unwrap();
+                p.c.coupling_backward(s, m, fc, &xc, &stc, 0.01, &mut dyc, &mut dsc, &mut dscc)
+                    .unwrap();
+                p.check(&format!("coupling_backward dy {what}"), &dyg, &dyc);
+                p.check(&format!("coupling_backward d_st {what}"), &dsg, &dsc);
+                p.check(&format!("coupling_backward d_scale {what}"), &dscg, &dscc);
+            }
         }
     }
 }
@@ -317,6 +326,10 @@ fn step_parity(preset: &str, batch: usize) {
     let u = r.vec(batch * arch.dim(), 0.002, 0.998);
     let run = |be: Arc<dyn Backend>| {
         let mut flow = Flow::new(be.clone(), arch, &params).unwrap();
+        if arch.glow {
+            // ActNorm's data-dependent initialisation, on each backend's own device.
+            flow.data_init(&u, batch).unwrap();
+        }
         let stats = flow.forward(&u, batch).unwrap();
         let mut grads = flow.zeros_like_params().unwrap();
         flow.backward(&mut grads).unwrap();
@@ -360,6 +373,18 @@ fn gpu_mnist_training_step_matches_cpu() {
 #[ignore = "needs an NVIDIA GPU; run by tools/gpu-check.sh"]
 fn gpu_color_training_step_matches_cpu() {
     step_parity("color", 8);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run by tools/gpu-check.sh"]
+fn gpu_mnist_glow_training_step_matches_cpu() {
+    step_parity("mnist-glow", 32);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run by tools/gpu-check.sh"]
+fn gpu_color_glow_training_step_matches_cpu() {
+    step_parity("color-glow", 8);
 }
 
 #[test]

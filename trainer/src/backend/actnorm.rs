@@ -2,8 +2,8 @@
 //!
 //! Its Jacobian is diagonal with `exp(logs[c])` repeated over the `H * W` pixels of channel
 //! `c`, so each image's log-det is `H * W * sum(logs)`. These functions are the CPU
-//! backend's implementation and the default for any backend without its own kernel (which
-//! then moves the buffers through the host).
+//! backend's implementation; the CUDA backend runs the same formulas as kernels
+//! (`cuda/kernels/glow.cu`).
 
 use super::Shape4;
 use rayon::prelude::*;
@@ -111,6 +111,20 @@ pub fn channel_stats(shape: Shape4, x: &[f32]) -> Vec<(f64, f64)> {
             (mean, (q / n - mean * mean).max(0.0).sqrt())
         })
         .collect()
+}
+
+/// ActNorm's initial `(logs, bias)` from per-channel `(mean, std)`:
+/// `logs = -ln(std + 1e-6)`, `bias = -mean / (std + 1e-6)` (f64, rounded to f32).
+pub fn init_from_stats(stats: &[(f64, f64)]) -> (Vec<f32>, Vec<f32>) {
+    let logs = stats
+        .iter()
+        .map(|&(_, sd)| (-(sd + 1e-6).ln()) as f32)
+        .collect();
+    let bias = stats
+        .iter()
+        .map(|&(mean, sd)| (-mean / (sd + 1e-6)) as f32)
+        .collect();
+    (logs, bias)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 
 use clayflow_kernel::Mask;
 
-use super::{expect_len, Buffer, ConvShape, Result, Shape4};
+use super::{expect_len, Buffer, ConvShape, CouplingScale, Result, Shape4};
 
 /// `y = conv(x, w) + b`: every operand against the conv shape.
 pub(crate) fn conv_forward(
@@ -103,26 +103,29 @@ pub(crate) fn coupling(
     mask: Mask,
     (state, x): (&'static str, &Buffer),
     st: &Buffer,
-    scale: &Buffer,
+    scale: CouplingScale<'_>,
     log_det: Option<&Buffer>,
 ) -> Result<()> {
     expect_len(op, state, x, shape.len())?;
     expect_len(op, "st", st, st_len(shape, mask))?;
-    expect_len(op, "scale", scale, mask.split_channels(shape.channels).0)?;
+    if let CouplingScale::Tanh(scale) = scale {
+        expect_len(op, "scale", scale, mask.split_channels(shape.channels).0)?;
+    }
     match log_det {
         Some(ld) => expect_len(op, "log_det", ld, shape.batch),
         None => Ok(()),
     }
 }
 
-/// The coupling's backward: the forward's operands plus their gradients.
+/// The coupling's backward: the forward's operands plus their gradients (`d_scale` only for
+/// the tanh scale, which has one).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn coupling_backward(
     shape: Shape4,
     mask: Mask,
+    scale: CouplingScale<'_>,
     x: &Buffer,
     st: &Buffer,
-    scale: &Buffer,
     dy: &Buffer,
     d_st: &Buffer,
     d_scale: &Buffer,
@@ -131,7 +134,10 @@ pub(crate) fn coupling_backward(
     coupling(op, shape, mask, ("x", x), st, scale, None)?;
     expect_len(op, "dy", dy, shape.len())?;
     expect_len(op, "d_st", d_st, st_len(shape, mask))?;
-    expect_len(op, "d_scale", d_scale, scale.len())
+    match scale {
+        CouplingScale::Tanh(s) => expect_len(op, "d_scale", d_scale, s.len()),
+        CouplingScale::Sigmoid => Ok(()),
+    }
 }
 
 /// Adam's gradient and moments against the parameter.

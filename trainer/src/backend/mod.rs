@@ -6,13 +6,13 @@
 //! Tensors are flat f32 buffers in NCHW order. The ops are the flow's: batched convolution
 //! (forward, backward-data, backward-weight), ReLU's backward, squeeze, the mask gather and
 //! scatter around each coupling's CNN, the fused affine coupling forward / inverse /
-//! backward, logit, reductions and a fused Adam step.
+//! backward (one op for both scale functions, [`CouplingScale`]), Glow's ActNorm and
+//! LU-parametrised 1x1 convolution, logit, reductions and a fused Adam step.
 
 pub mod actnorm;
 mod check;
 pub mod cpu;
 pub mod cuda;
-pub mod glow_coupling;
 pub mod select;
 
 pub use cpu::conv::ConvShape;
@@ -133,18 +133,64 @@ pub struct AdamStep {
     pub grad_scale: f32,
 }
 
+/// The log-scale function of an affine coupling, `s = f(s_raw)` on each changed element
+/// (the kernel's `coupling::apply` makes the same choice by `Arch::glow`).
+#[derive(Clone, Copy, Debug)]
+pub enum CouplingScale<'a> {
+    /// The seed's RealNVP: `s = scale[j] * tanh(s_raw)`, with the learned per-channel `scale`
+    /// (one value per changed channel). Its backward adds `dL/dscale` to `d_scale`.
+    Tanh(&'a Buffer),
+    /// Glow's bound `s = log sigmoid(s_raw + 2)`: `exp(s)` lies in `(0, 1)`, so a coupling
+    /// only contracts and an unusual image cannot be blown up through many couplings
+    /// (measured: with `tanh`, one held-out digit reached 6,090 bits/dim after 10 minutes of
+    /// training while the median was 1.43). No `scale` tensor is read and `d_scale` is left
+    /// untouched.
+    Sigmoid,
+}
+
+impl CouplingScale<'_> {
+    /// The kernels' `mode` code: 0 `Tanh`, 1 `Sigmoid`.
+    pub fn code(&self) -> i32 {
+        match self {
+            CouplingScale::Tanh(_) => 0,
+            CouplingScale::Sigmoid => 1,
+        }
+    }
+}
+
+/// The five LU factors of an invertible 1x1 convolution on a backend (the layout of
+/// [`crate::invconv`]: `W = P L (U + diag(sign exp(log_s)))`).
+#[derive(Clone, Copy, Debug)]
+pub struct LuFactors<'a> {
+    /// Row permutation (`C` integers stored as f32): `W[r] = M[perm[r]]`.
+    pub perm: &'a Buffer,
+    /// Signs of `diag U'` (`C` values, each +-1).
+    pub sign: &'a Buffer,
+    /// `C x C`, strict lower triangle used.
+    pub lower: &'a Buffer,
+    /// `C x C`, strict upper triangle used.
+    pub upper: &'a Buffer,
+    /// `C` values.
+    pub log_s: &'a Buffer,
+}
+
 /// The operations a compute device provides to the model. Object safe: the model holds a
-/// `&dyn Backend`.
+/// `&dyn Backend`. Every op is required: a backend that lacks one does not compile (nothing
+/// falls back to moving a device's buffers through the host).
 pub trait Backend: Send + Sync + Debug {
     /// A short human-readable name ("cpu (2 threads)", "cuda:0 NVIDIA H200").
     fn name(&self) -> String;
 
     /// A zero-filled buffer of `len` elements.
     fn zeros(&self, len: usize) -> Result<Buffer>;
-    /// A buffer holding a copy of `data`.
+    /// A new buffer holding a copy of `data` (allocates: for set-up, not inside a step).
     fn upload(&self, data: &[f32]) -> Result<Buffer>;
+    /// Copies `data` into `dst` (same length) without allocating: the per-step upload.
+    fn upload_into(&self, data: &[f32], dst: &mut Buffer) -> Result<()>;
     /// The buffer's contents on the host.
     fn download(&self, buf: &Buffer) -> Result<Vec<f32>>;
+    /// Several buffers' contents on the host in one transfer (a device gathers them first).
+    fn download_all(&self, bufs: &[&Buffer]) -> Result<Vec<Vec<f32>>>;
     /// `dst = src` (same length).
     fn copy(&self, src: &Buffer, dst: &mut Buffer) -> Result<()>;
     /// Every element of `buf` set to `value`.
@@ -154,14 +200,8 @@ pub trait Backend: Send + Sync + Debug {
     /// `sum(x^2)`, accumulated in f64.
     fn sum_squares(&self, x: &Buffer) -> Result<f64>;
     /// `sum(x^2)` over several buffers (the squared gradient norm): the per-buffer
-    /// [`Backend::sum_squares`] added in order. A device may do it with one synchronisation.
-    fn sum_squares_all(&self, xs: &[Buffer]) -> Result<f64> {
-        let mut total = 0.0;
-        for x in xs {
-            total += self.sum_squares(x)?;
-        }
-        Ok(total)
-    }
+    /// [`Backend::sum_squares`] added in order, with one transfer.
+    fn sum_squares_all(&self, xs: &[Buffer]) -> Result<f64>;
 
     /// `y = conv(x, w) + b`, then ReLU if `relu` (see [`ConvShape`]).
     fn conv_forward(
@@ -221,13 +261,14 @@ pub trait Backend: Send + Sync + Debug {
         dx: &mut Buffer,
     ) -> Result<()>;
     /// The affine coupling in place on the changed half: `x_b = x_b exp(s) + t` with
-    /// `s = scale * tanh(s_raw)`, `(s_raw, t) = st`; `log_det[i] += sum(s)` per image.
+    /// `s = f(s_raw)` (see [`CouplingScale`]), `(s_raw, t) = st`; `log_det[i] += sum(s)` per
+    /// image.
     fn coupling_forward(
         &self,
         shape: Shape4,
         mask: Mask,
+        scale: CouplingScale<'_>,
         st: &Buffer,
-        scale: &Buffer,
         x: &mut Buffer,
         log_det: &mut Buffer,
     ) -> Result<()>;
@@ -236,92 +277,32 @@ pub trait Backend: Send + Sync + Debug {
         &self,
         shape: Shape4,
         mask: Mask,
+        scale: CouplingScale<'_>,
         st: &Buffer,
-        scale: &Buffer,
         y: &mut Buffer,
     ) -> Result<()>;
     /// Backward of [`Backend::coupling_forward`] given the coupling's *input* `x`: turns
     /// `dy` (gradient w.r.t. the output) into the gradient w.r.t. the input through the
     /// affine path (`dx_b = dy_b exp(s)`, `dx_a = dy_a`), writes `d_st` (gradient w.r.t.
-    /// `(s_raw, t)`) and *adds* to `d_scale`. `g_log_det` is the loss's gradient w.r.t.
+    /// `(s_raw, t)`) and, for [`CouplingScale::Tanh`], *adds* to `d_scale` (one value per
+    /// changed channel; untouched for `Sigmoid`). `g_log_det` is the loss's gradient w.r.t.
     /// each image's log-det.
     #[allow(clippy::too_many_arguments)]
     fn coupling_backward(
         &self,
         shape: Shape4,
         mask: Mask,
+        scale: CouplingScale<'_>,
         x: &Buffer,
         st: &Buffer,
-        scale: &Buffer,
         g_log_det: f32,
         dy: &mut Buffer,
         d_st: &mut Buffer,
         d_scale: &mut Buffer,
     ) -> Result<()>;
 
-    /// Glow's coupling forward (`s = log sigmoid(s_raw + 2)`, see [`glow_coupling`]); the
-    /// default moves the buffers through the host.
-    fn glow_coupling_forward(
-        &self,
-        shape: Shape4,
-        mask: Mask,
-        st: &Buffer,
-        x: &mut Buffer,
-        log_det: &mut Buffer,
-    ) -> Result<()> {
-        let op = "glow_coupling_forward";
-        check_glow_coupling(op, shape, mask, x, st)?;
-        expect_len(op, "log_det", log_det, shape.batch)?;
-        let stv = self.download(st)?;
-        let (mut xv, mut ld) = (self.download(x)?, self.download(log_det)?);
-        glow_coupling::forward(shape, mask, &stv, &mut xv, &mut ld);
-        *x = self.upload(&xv)?;
-        *log_det = self.upload(&ld)?;
-        Ok(())
-    }
-    /// Glow's coupling inverse; the default moves the buffers through the host.
-    fn glow_coupling_inverse(
-        &self,
-        shape: Shape4,
-        mask: Mask,
-        st: &Buffer,
-        y: &mut Buffer,
-    ) -> Result<()> {
-        check_glow_coupling("glow_coupling_inverse", shape, mask, y, st)?;
-        let stv = self.download(st)?;
-        let mut yv = self.download(y)?;
-        glow_coupling::inverse(shape, mask, &stv, &mut yv);
-        *y = self.upload(&yv)?;
-        Ok(())
-    }
-    /// Glow's coupling backward (see [`glow_coupling::backward`]); the default moves the
-    /// buffers through the host.
-    #[allow(clippy::too_many_arguments)]
-    fn glow_coupling_backward(
-        &self,
-        shape: Shape4,
-        mask: Mask,
-        x: &Buffer,
-        st: &Buffer,
-        g_log_det: f32,
-        dy: &mut Buffer,
-        d_st: &mut Buffer,
-    ) -> Result<()> {
-        let op = "glow_coupling_backward";
-        check_glow_coupling(op, shape, mask, x, st)?;
-        expect_len(op, "dy", dy, shape.len())?;
-        expect_len(op, "d_st", d_st, st.len())?;
-        let (xv, stv) = (self.download(x)?, self.download(st)?);
-        let (mut g, mut ds) = (self.download(dy)?, self.download(d_st)?);
-        glow_coupling::backward(shape, mask, &xv, &stv, g_log_det, &mut g, &mut ds);
-        *dy = self.upload(&g)?;
-        *d_st = self.upload(&ds)?;
-        Ok(())
-    }
-
     /// ActNorm in place (see [`actnorm`]): `x = x exp(logs[c]) + bias[c]`, and
-    /// `log_det[i] += plane * sum(logs)`. The default moves the buffers through the host; a
-    /// device backend may override it with a kernel.
+    /// `log_det[i] += plane * sum(logs)`.
     fn actnorm_forward(
         &self,
         shape: Shape4,
@@ -329,17 +310,7 @@ pub trait Backend: Send + Sync + Debug {
         bias: &Buffer,
         x: &mut Buffer,
         log_det: &mut Buffer,
-    ) -> Result<()> {
-        let op = "actnorm_forward";
-        check_actnorm(op, shape, logs, bias, x)?;
-        expect_len(op, "log_det", log_det, shape.batch)?;
-        let (l, b) = (self.download(logs)?, self.download(bias)?);
-        let (mut xv, mut ld) = (self.download(x)?, self.download(log_det)?);
-        actnorm::forward(shape, &l, &b, &mut xv, &mut ld);
-        *x = self.upload(&xv)?;
-        *log_det = self.upload(&ld)?;
-        Ok(())
-    }
+    ) -> Result<()>;
     /// The inverse of [`Backend::actnorm_forward`] in place: `y = (y - bias[c]) exp(-logs[c])`.
     fn actnorm_inverse(
         &self,
@@ -347,14 +318,7 @@ pub trait Backend: Send + Sync + Debug {
         logs: &Buffer,
         bias: &Buffer,
         y: &mut Buffer,
-    ) -> Result<()> {
-        check_actnorm("actnorm_inverse", shape, logs, bias, y)?;
-        let (l, b) = (self.download(logs)?, self.download(bias)?);
-        let mut yv = self.download(y)?;
-        actnorm::inverse(shape, &l, &b, &mut yv);
-        *y = self.upload(&yv)?;
-        Ok(())
-    }
+    ) -> Result<()>;
     /// Backward of [`Backend::actnorm_forward`] given its *input* `x`: `dy` becomes the
     /// input's gradient; *adds* to `d_logs` and `d_bias`. `g_log_det` is the loss's gradient
     /// w.r.t. each image's log-det.
@@ -368,26 +332,48 @@ pub trait Backend: Send + Sync + Debug {
         dy: &mut Buffer,
         d_logs: &mut Buffer,
         d_bias: &mut Buffer,
-    ) -> Result<()> {
-        let op = "actnorm_backward";
-        check_actnorm(op, shape, logs, d_bias, x)?;
-        expect_len(op, "dy", dy, shape.len())?;
-        expect_len(op, "d_logs", d_logs, shape.channels)?;
-        let (xv, l) = (self.download(x)?, self.download(logs)?);
-        let (mut g, mut dl, mut db) = (
-            self.download(dy)?,
-            self.download(d_logs)?,
-            self.download(d_bias)?,
-        );
-        actnorm::backward(shape, &xv, &l, g_log_det, &mut g, &mut dl, &mut db);
-        *dy = self.upload(&g)?;
-        *d_logs = self.upload(&dl)?;
-        *d_bias = self.upload(&db)?;
-        Ok(())
-    }
+    ) -> Result<()>;
+    /// ActNorm's data-dependent initialisation from the batch `x`: per channel, over the batch
+    /// and the pixels, the mean and standard deviation (f64), then
+    /// `logs = -ln(std + 1e-6)`, `bias = -mean / (std + 1e-6)` (overwritten), so this batch
+    /// leaves the layer with zero mean and unit variance per channel.
+    fn actnorm_init(
+        &self,
+        shape: Shape4,
+        x: &Buffer,
+        logs: &mut Buffer,
+        bias: &mut Buffer,
+    ) -> Result<()>;
 
-    /// Per-image `sum(z^2)` (length `batch`), accumulated in f64.
-    fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer) -> Result<Vec<f64>>;
+    /// `W` (`c x c`, row-major `out x in`) of an LU-parametrised 1x1 convolution, computed in
+    /// f64 from the factors and rounded to f32 (see [`crate::invconv::weight`]).
+    fn invconv_weight(&self, c: usize, lu: LuFactors<'_>, w: &mut Buffer) -> Result<()>;
+    /// `W^-1` from the same factors, in f64, rounded to f32.
+    fn invconv_inverse(&self, c: usize, lu: LuFactors<'_>, w_inv: &mut Buffer) -> Result<()>;
+    /// The chain rule from `dL/dW` (`d_w`, `c x c`) back to the learned factors (see
+    /// [`crate::invconv::backward`]), in f64, *overwriting* `d_lower`, `d_upper` (zero outside
+    /// their strict triangles) and `d_log_s`; the log-det term `count * sum(log_s)` enters
+    /// with gradient `g_log_det` per unit of `count` (`count` = images x pixels).
+    #[allow(clippy::too_many_arguments)]
+    fn invconv_backward(
+        &self,
+        c: usize,
+        lu: LuFactors<'_>,
+        d_w: &Buffer,
+        g_log_det: f32,
+        count: usize,
+        d_lower: &mut Buffer,
+        d_upper: &mut Buffer,
+        d_log_s: &mut Buffer,
+    ) -> Result<()>;
+    /// `log_det[i] += (plane * sum(v))` for every image `i` (the sum in f64, in order): the
+    /// log-det of a 1x1 convolution, `plane * log|det W| = plane * sum(log_s)`.
+    fn add_log_det(&self, plane: usize, v: &Buffer, log_det: &mut Buffer) -> Result<()>;
+
+    /// Adds each image's `sum(z^2)` (f64) to `acc` (length `2 * batch`), which holds image
+    /// `i`'s running f64 total as the float pair `(hi, lo)` at `2i, 2i + 1`
+    /// (value `hi as f64 + lo as f64`; see [`hi_lo`]).
+    fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer, acc: &mut Buffer) -> Result<()>;
     /// One Adam step on `param` with gradient `grad` and moments `m`, `v`.
     fn adam(
         &self,
@@ -397,21 +383,61 @@ pub trait Backend: Send + Sync + Debug {
         m: &mut Buffer,
         v: &mut Buffer,
     ) -> Result<()>;
+    /// [`Backend::adam`] on every tensor `i` with `trainable[i]` (all slices of one length);
+    /// a device does them all in one launch.
+    fn adam_all(
+        &self,
+        hp: &AdamStep,
+        params: &mut [Buffer],
+        grads: &[Buffer],
+        m: &mut [Buffer],
+        v: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()>;
+}
+
+/// Checks that the slices of [`Backend::adam_all`] have one length.
+pub(crate) fn check_adam_all(
+    params: &[Buffer],
+    grads: &[Buffer],
+    m: &[Buffer],
+    v: &[Buffer],
+    trainable: &[bool],
+) -> Result<()> {
+    let n = params.len();
+    for (what, len) in [
+        ("grads", grads.len()),
+        ("m", m.len()),
+        ("v", v.len()),
+        ("trainable", trainable.len()),
+    ] {
+        if len != n {
+            return Err(BackendError::Size {
+                op: "adam_all",
+                what,
+                expected: n,
+                got: len,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The f64 values of `(hi, lo)` float pairs (see [`Backend::per_image_sum_squares`]).
+pub fn hi_lo(pairs: &[f32]) -> Vec<f64> {
+    pairs
+        .chunks_exact(2)
+        .map(|p| f64::from(p[0]) + f64::from(p[1]))
+        .collect()
+}
+
+/// Splits an f64 into the `(hi, lo)` float pair that [`hi_lo`] reads back (about 48 bits).
+pub fn to_hi_lo(v: f64) -> [f32; 2] {
+    let hi = v as f32;
+    [hi, (v - f64::from(hi)) as f32]
 }
 
 /// Checks the buffers of an ActNorm op: per-channel `logs` and `bias`, a `shape` tensor `x`.
-pub(crate) fn check_glow_coupling(
-    op: &'static str,
-    shape: Shape4,
-    mask: Mask,
-    x: &Buffer,
-    st: &Buffer,
-) -> Result<()> {
-    expect_len(op, "x", x, shape.len())?;
-    let (cc, _) = mask.split_channels(shape.channels);
-    expect_len(op, "st", st, shape.batch * 2 * cc * shape.plane())
-}
-
 pub(crate) fn check_actnorm(
     op: &'static str,
     shape: Shape4,
@@ -422,6 +448,15 @@ pub(crate) fn check_actnorm(
     expect_len(op, "logs", logs, shape.channels)?;
     expect_len(op, "bias", bias, shape.channels)?;
     expect_len(op, "x", x, shape.len())
+}
+
+/// Checks the five LU factors of a `c`-channel 1x1 convolution.
+pub(crate) fn check_lu(op: &'static str, c: usize, lu: &LuFactors<'_>) -> Result<()> {
+    expect_len(op, "perm", lu.perm, c)?;
+    expect_len(op, "sign", lu.sign, c)?;
+    expect_len(op, "lower", lu.lower, c * c)?;
+    expect_len(op, "upper", lu.upper, c * c)?;
+    expect_len(op, "log_s", lu.log_s, c)
 }
 
 /// Checks a buffer's length for an op.

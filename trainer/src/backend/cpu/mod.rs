@@ -6,9 +6,11 @@ pub mod conv;
 
 use super::check;
 use super::{
-    actnorm, check_actnorm, check_glow_coupling, expect_len, glow_coupling, AdamStep, Backend,
-    BackendError, Buffer, ConvShape, Result, Shape4, Storage,
+    actnorm, check_actnorm, check_adam_all, check_lu, expect_len, to_hi_lo, AdamStep, Backend,
+    BackendError, Buffer, ConvShape, CouplingScale, LuFactors, Result, Shape4, Storage,
 };
+use crate::invconv;
+use clayflow_kernel::coupling::log_sigmoid;
 use clayflow_kernel::Mask;
 use rayon::prelude::*;
 
@@ -39,6 +41,52 @@ fn is_changed(mask: Mask, i: usize, width: usize) -> bool {
     mask.changes_pixel(i / width, i % width)
 }
 
+/// A coupling's scale function on host slices (see [`CouplingScale`]).
+#[derive(Clone, Copy)]
+enum HostScale<'a> {
+    Tanh(&'a [f32]),
+    Sigmoid,
+}
+
+impl<'a> HostScale<'a> {
+    fn of(op: &'static str, scale: CouplingScale<'a>) -> Result<HostScale<'a>> {
+        Ok(match scale {
+            CouplingScale::Tanh(b) => HostScale::Tanh(host(op, b)?),
+            CouplingScale::Sigmoid => HostScale::Sigmoid,
+        })
+    }
+
+    /// The log-scale `s` of changed channel `j` at raw value `sr`.
+    #[inline]
+    fn s(self, j: usize, sr: f32) -> f32 {
+        match self {
+            HostScale::Tanh(sc) => sc[j] * sr.tanh(),
+            HostScale::Sigmoid => log_sigmoid(sr + 2.0),
+        }
+    }
+}
+
+/// The f64 parameters of an LU-parametrised 1x1 convolution read from host buffers.
+fn lu_host<'a>(op: &'static str, lu: &LuFactors<'a>) -> Result<invconv::LuParams<'a>> {
+    Ok(invconv::LuParams {
+        perm: host(op, lu.perm)?,
+        sign: host(op, lu.sign)?,
+        lower: host(op, lu.lower)?,
+        upper: host(op, lu.upper)?,
+        log_s: host(op, lu.log_s)?,
+    })
+}
+
+fn invconv_err(op: &'static str, e: invconv::InvConvError) -> BackendError {
+    BackendError::Device(format!("{op}: 1x1 convolution: {e}"))
+}
+
+fn write_f64(dst: &mut [f32], src: &[f64]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = *s as f32;
+    }
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -54,6 +102,19 @@ impl Backend for CpuBackend {
         Ok(Buffer {
             storage: Storage::Host(data.to_vec()),
         })
+    }
+
+    fn upload_into(&self, data: &[f32], dst: &mut Buffer) -> Result<()> {
+        let op = "upload_into";
+        expect_len(op, "dst", dst, data.len())?;
+        host_mut(op, dst)?.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn download_all(&self, bufs: &[&Buffer]) -> Result<Vec<Vec<f32>>> {
+        bufs.iter()
+            .map(|b| Ok(host("download_all", b)?.to_vec()))
+            .collect()
     }
 
     fn download(&self, buf: &Buffer) -> Result<Vec<f32>> {
@@ -92,6 +153,14 @@ impl Backend for CpuBackend {
             .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
             .collect();
         Ok(parts.iter().sum())
+    }
+
+    fn sum_squares_all(&self, xs: &[Buffer]) -> Result<f64> {
+        let mut total = 0.0;
+        for x in xs {
+            total += self.sum_squares(x)?;
+        }
+        Ok(total)
     }
 
     fn conv_forward(
@@ -312,8 +381,8 @@ impl Backend for CpuBackend {
         &self,
         shape: Shape4,
         mask: Mask,
+        scale: CouplingScale<'_>,
         st: &Buffer,
-        scale: &Buffer,
         x: &mut Buffer,
         log_det: &mut Buffer,
     ) -> Result<()> {
@@ -321,7 +390,7 @@ impl Backend for CpuBackend {
         let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
         check::coupling(op, shape, mask, ("x", x), st, scale, Some(log_det))?;
-        let (st, scale) = (host(op, st)?, host(op, scale)?);
+        let (st, f) = (host(op, st)?, HostScale::of(op, scale)?);
         host_mut(op, x)?
             .par_chunks_mut(shape.image_len().max(1))
             .zip(st.par_chunks((2 * cc * p).max(1)))
@@ -337,7 +406,7 @@ impl Backend for CpuBackend {
                         if !is_changed(mask, i, shape.width) {
                             continue;
                         }
-                        let s = scale[j] * sr[i].tanh();
+                        let s = f.s(j, sr[i]);
                         xs[i] = xs[i] * s.exp() + t[i];
                         acc += f64::from(s);
                     }
@@ -351,15 +420,15 @@ impl Backend for CpuBackend {
         &self,
         shape: Shape4,
         mask: Mask,
+        scale: CouplingScale<'_>,
         st: &Buffer,
-        scale: &Buffer,
         y: &mut Buffer,
     ) -> Result<()> {
         let op = "coupling_inverse";
         let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
         check::coupling(op, shape, mask, ("y", y), st, scale, None)?;
-        let (st, scale) = (host(op, st)?, host(op, scale)?);
+        let (st, f) = (host(op, st)?, HostScale::of(op, scale)?);
         host_mut(op, y)?
             .par_chunks_mut(shape.image_len().max(1))
             .zip(st.par_chunks((2 * cc * p).max(1)))
@@ -371,7 +440,7 @@ impl Backend for CpuBackend {
                     let (sr, t) = (&s_all[j * p..(j + 1) * p], &t_all[j * p..(j + 1) * p]);
                     for i in 0..p {
                         if is_changed(mask, i, shape.width) {
-                            let s = scale[j] * sr[i].tanh();
+                            let s = f.s(j, sr[i]);
                             ys[i] = (ys[i] - t[i]) * (-s).exp();
                         }
                     }
@@ -384,9 +453,9 @@ impl Backend for CpuBackend {
         &self,
         shape: Shape4,
         mask: Mask,
+        scale: CouplingScale<'_>,
         x: &Buffer,
         st: &Buffer,
-        scale: &Buffer,
         g_log_det: f32,
         dy: &mut Buffer,
         d_st: &mut Buffer,
@@ -395,24 +464,24 @@ impl Backend for CpuBackend {
         let op = "coupling_backward";
         let (cc, _) = mask.split_channels(shape.channels);
         let p = shape.plane();
-        check::coupling_backward(shape, mask, x, st, scale, dy, d_st, d_scale)?;
-        let (x, st, scale) = (host(op, x)?, host(op, st)?, host(op, scale)?);
+        check::coupling_backward(shape, mask, scale, x, st, dy, d_st, d_scale)?;
+        let (x, st, f) = (host(op, x)?, host(op, st)?, HostScale::of(op, scale)?);
         let n = shape.image_len().max(1);
         let m = (2 * cc * p).max(1);
-        // Per-image partial d_scale, summed in image order afterwards (deterministic).
+        // Per-image partial d_scale (tanh only), summed in image order afterwards
+        // (deterministic).
         let partials: Vec<Vec<f64>> = host_mut(op, dy)?
             .par_chunks_mut(n)
             .zip(host_mut(op, d_st)?.par_chunks_mut(m))
             .zip(x.par_chunks(n).zip(st.par_chunks(m)))
             .map(|((dy, dst), (x, st))| {
-                let (s_all, t_all) = st.split_at(cc * p);
+                let s_all = &st[..cc * p];
                 let (ds_all, dt_all) = dst.split_at_mut(cc * p);
                 let mut dscale = vec![0.0f64; cc];
                 for j in 0..cc {
                     let ch = mask.changed_channel(j);
                     let (xs, dys) = (&x[ch * p..(ch + 1) * p], &mut dy[ch * p..(ch + 1) * p]);
                     let sr = &s_all[j * p..(j + 1) * p];
-                    let _ = t_all;
                     let (dsr, dt) = (
                         &mut ds_all[j * p..(j + 1) * p],
                         &mut dt_all[j * p..(j + 1) * p],
@@ -425,14 +494,26 @@ impl Backend for CpuBackend {
                             dt[i] = 0.0;
                             continue;
                         }
-                        let th = sr[i].tanh();
-                        let e = (scale[j] * th).exp();
                         let g = dys[i];
                         // y = x e^s + t:  dL/ds = g x e^s + dL/dlogdet (log-det += s).
-                        let ds = g * xs[i] * e + g_log_det;
-                        dsr[i] = ds * scale[j] * (1.0 - th * th);
+                        let e = match f {
+                            HostScale::Tanh(sc) => {
+                                let th = sr[i].tanh();
+                                let e = (sc[j] * th).exp();
+                                let ds = g * xs[i] * e + g_log_det;
+                                dsr[i] = ds * sc[j] * (1.0 - th * th);
+                                acc += f64::from(ds * th);
+                                e
+                            }
+                            HostScale::Sigmoid => {
+                                // d/dx log sigmoid(x) = 1 - sigmoid(x) = 1 - e^s.
+                                let e = log_sigmoid(sr[i] + 2.0).exp();
+                                let ds = g * xs[i] * e + g_log_det;
+                                dsr[i] = ds * (1.0 - e);
+                                e
+                            }
+                        };
                         dt[i] = g;
-                        acc += f64::from(ds * th);
                         dys[i] = g * e;
                     }
                     dscale[j] = acc;
@@ -440,72 +521,14 @@ impl Backend for CpuBackend {
                 dscale
             })
             .collect();
-        let ds = host_mut(op, d_scale)?;
-        for part in &partials {
-            for (d, v) in ds.iter_mut().zip(part) {
-                *d += *v as f32;
+        if let HostScale::Tanh(_) = f {
+            let ds = host_mut(op, d_scale)?;
+            for part in &partials {
+                for (d, v) in ds.iter_mut().zip(part) {
+                    *d += *v as f32;
+                }
             }
         }
-        Ok(())
-    }
-
-    fn glow_coupling_forward(
-        &self,
-        shape: Shape4,
-        mask: Mask,
-        st: &Buffer,
-        x: &mut Buffer,
-        log_det: &mut Buffer,
-    ) -> Result<()> {
-        let op = "glow_coupling_forward";
-        check_glow_coupling(op, shape, mask, x, st)?;
-        expect_len(op, "log_det", log_det, shape.batch)?;
-        glow_coupling::forward(
-            shape,
-            mask,
-            host(op, st)?,
-            host_mut(op, x)?,
-            host_mut(op, log_det)?,
-        );
-        Ok(())
-    }
-
-    fn glow_coupling_inverse(
-        &self,
-        shape: Shape4,
-        mask: Mask,
-        st: &Buffer,
-        y: &mut Buffer,
-    ) -> Result<()> {
-        let op = "glow_coupling_inverse";
-        check_glow_coupling(op, shape, mask, y, st)?;
-        glow_coupling::inverse(shape, mask, host(op, st)?, host_mut(op, y)?);
-        Ok(())
-    }
-
-    fn glow_coupling_backward(
-        &self,
-        shape: Shape4,
-        mask: Mask,
-        x: &Buffer,
-        st: &Buffer,
-        g_log_det: f32,
-        dy: &mut Buffer,
-        d_st: &mut Buffer,
-    ) -> Result<()> {
-        let op = "glow_coupling_backward";
-        check_glow_coupling(op, shape, mask, x, st)?;
-        expect_len(op, "dy", dy, shape.len())?;
-        expect_len(op, "d_st", d_st, st.len())?;
-        glow_coupling::backward(
-            shape,
-            mask,
-            host(op, x)?,
-            host(op, st)?,
-            g_log_det,
-            host_mut(op, dy)?,
-            host_mut(op, d_st)?,
-        );
         Ok(())
     }
 
@@ -569,12 +592,91 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer) -> Result<Vec<f64>> {
-        expect_len("per_image_sum_squares", "z", z, shape.len())?;
-        Ok(host("per_image_sum_squares", z)?
+    fn actnorm_init(
+        &self,
+        shape: Shape4,
+        x: &Buffer,
+        logs: &mut Buffer,
+        bias: &mut Buffer,
+    ) -> Result<()> {
+        let op = "actnorm_init";
+        check_actnorm(op, shape, logs, bias, x)?;
+        let stats = actnorm::channel_stats(shape, host(op, x)?);
+        let (l, b) = actnorm::init_from_stats(&stats);
+        host_mut(op, logs)?.copy_from_slice(&l);
+        host_mut(op, bias)?.copy_from_slice(&b);
+        Ok(())
+    }
+
+    fn invconv_weight(&self, c: usize, lu: LuFactors<'_>, w: &mut Buffer) -> Result<()> {
+        let op = "invconv_weight";
+        check_lu(op, c, &lu)?;
+        expect_len(op, "w", w, c * c)?;
+        let wf = invconv::weight(c, &lu_host(op, &lu)?).map_err(|e| invconv_err(op, e))?;
+        write_f64(host_mut(op, w)?, &wf);
+        Ok(())
+    }
+
+    fn invconv_inverse(&self, c: usize, lu: LuFactors<'_>, w_inv: &mut Buffer) -> Result<()> {
+        let op = "invconv_inverse";
+        check_lu(op, c, &lu)?;
+        expect_len(op, "w_inv", w_inv, c * c)?;
+        let wf = invconv::weight(c, &lu_host(op, &lu)?).map_err(|e| invconv_err(op, e))?;
+        let wi = invconv::inverse(c, &wf).map_err(|e| invconv_err(op, e))?;
+        write_f64(host_mut(op, w_inv)?, &wi);
+        Ok(())
+    }
+
+    fn invconv_backward(
+        &self,
+        c: usize,
+        lu: LuFactors<'_>,
+        d_w: &Buffer,
+        g_log_det: f32,
+        count: usize,
+        d_lower: &mut Buffer,
+        d_upper: &mut Buffer,
+        d_log_s: &mut Buffer,
+    ) -> Result<()> {
+        let op = "invconv_backward";
+        check_lu(op, c, &lu)?;
+        expect_len(op, "d_w", d_w, c * c)?;
+        expect_len(op, "d_lower", d_lower, c * c)?;
+        expect_len(op, "d_upper", d_upper, c * c)?;
+        expect_len(op, "d_log_s", d_log_s, c)?;
+        let dw: Vec<f64> = host(op, d_w)?.iter().map(|&v| f64::from(v)).collect();
+        let total = f64::from(g_log_det) * count as f64;
+        let g =
+            invconv::backward(c, &lu_host(op, &lu)?, &dw, total).map_err(|e| invconv_err(op, e))?;
+        write_f64(host_mut(op, d_lower)?, &g.d_lower);
+        write_f64(host_mut(op, d_upper)?, &g.d_upper);
+        write_f64(host_mut(op, d_log_s)?, &g.d_log_s);
+        Ok(())
+    }
+
+    fn add_log_det(&self, plane: usize, v: &Buffer, log_det: &mut Buffer) -> Result<()> {
+        let op = "add_log_det";
+        let sum: f64 = host(op, v)?.iter().map(|&x| f64::from(x)).sum();
+        let ld = (plane as f64 * sum) as f32;
+        for d in host_mut(op, log_det)? {
+            *d += ld;
+        }
+        Ok(())
+    }
+
+    fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer, acc: &mut Buffer) -> Result<()> {
+        let op = "per_image_sum_squares";
+        expect_len(op, "z", z, shape.len())?;
+        expect_len(op, "acc", acc, 2 * shape.batch)?;
+        let sums: Vec<f64> = host(op, z)?
             .par_chunks(shape.image_len().max(1))
             .map(|img| img.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
-            .collect())
+            .collect();
+        for (pair, s) in host_mut(op, acc)?.chunks_exact_mut(2).zip(sums) {
+            let total = f64::from(pair[0]) + f64::from(pair[1]) + s;
+            pair.copy_from_slice(&to_hi_lo(total));
+        }
+        Ok(())
     }
 
     fn adam(
@@ -606,5 +708,157 @@ impl Backend for CpuBackend {
                 }
             });
         Ok(())
+    }
+
+    fn adam_all(
+        &self,
+        hp: &AdamStep,
+        params: &mut [Buffer],
+        grads: &[Buffer],
+        m: &mut [Buffer],
+        v: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()> {
+        check_adam_all(params, grads, m, v, trainable)?;
+        for ((((p, g), m), v), _) in params
+            .iter_mut()
+            .zip(grads)
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+            .zip(trainable)
+            .filter(|t| *t.1)
+        {
+            self.adam(hp, p, g, m, v)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(v: &[f32]) -> Buffer {
+        CpuBackend.upload(v).unwrap()
+    }
+
+    fn get(b: &Buffer) -> Vec<f32> {
+        CpuBackend.download(b).unwrap()
+    }
+
+    /// Glow's scale: the inverse undoes the forward and every `exp(s)` lies in (0, 1), so the
+    /// log-dets are negative.
+    #[test]
+    fn sigmoid_coupling_inverts_and_never_expands() {
+        let shape = Shape4 {
+            batch: 2,
+            channels: 4,
+            height: 3,
+            width: 3,
+        };
+        let mask = Mask::ChannelEven;
+        let x0: Vec<f32> = (0..shape.len()).map(|i| (i as f32 * 0.37).sin()).collect();
+        let st: Vec<f32> = (0..2 * 2 * 9 * 2)
+            .map(|i| (i as f32 * 0.91).cos() * 3.0)
+            .collect();
+        let (st, mut x, mut ld) = (buf(&st), buf(&x0), buf(&[0.0, 0.0]));
+        let f = CouplingScale::Sigmoid;
+        CpuBackend
+            .coupling_forward(shape, mask, f, &st, &mut x, &mut ld)
+            .unwrap();
+        assert!(get(&ld).iter().all(|&l| l < 0.0 && l.is_finite()));
+        CpuBackend
+            .coupling_inverse(shape, mask, f, &st, &mut x)
+            .unwrap();
+        for (a, b) in get(&x).iter().zip(&x0) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    /// Both scale functions' backward against central differences of
+    /// `L = sum(w * y) + g * log_det`.
+    #[test]
+    fn coupling_backward_matches_finite_differences() {
+        let shape = Shape4 {
+            batch: 1,
+            channels: 2,
+            height: 2,
+            width: 2,
+        };
+        let mask = Mask::ChannelOdd;
+        let x: Vec<f32> = vec![0.3, -0.2, 0.5, 0.1, -0.7, 0.4, 0.2, -0.1];
+        let st: Vec<f32> = vec![0.2, -1.0, 0.5, 2.0, 0.1, 0.3, -0.2, 0.4];
+        let w: Vec<f32> = (0..8).map(|i| (i as f32 * 1.3).sin()).collect();
+        let scale = buf(&[0.8]);
+        let g_ld = -0.7f32;
+        for f in [CouplingScale::Tanh(&scale), CouplingScale::Sigmoid] {
+            let loss = |x: &[f32], st: &[f32]| {
+                let (mut y, mut ld) = (buf(x), buf(&[0.0]));
+                CpuBackend
+                    .coupling_forward(shape, mask, f, &buf(st), &mut y, &mut ld)
+                    .unwrap();
+                let y = get(&y);
+                y.iter().zip(&w).map(|(a, b)| f64::from(a * b)).sum::<f64>()
+                    + f64::from(g_ld * get(&ld)[0])
+            };
+            let (mut dy, mut d_st, mut d_scale) = (buf(&w), buf(&[0.0; 8]), buf(&[0.0]));
+            CpuBackend
+                .coupling_backward(
+                    shape,
+                    mask,
+                    f,
+                    &buf(&x),
+                    &buf(&st),
+                    g_ld,
+                    &mut dy,
+                    &mut d_st,
+                    &mut d_scale,
+                )
+                .unwrap();
+            let (dy, d_st) = (get(&dy), get(&d_st));
+            let eps = 1e-3f32;
+            for k in 0..8 {
+                let (mut a, mut b) = (st.clone(), st.clone());
+                a[k] += eps;
+                b[k] -= eps;
+                let fd = (loss(&x, &a) - loss(&x, &b)) / (2.0 * f64::from(eps));
+                assert!((fd - f64::from(d_st[k])).abs() < 1e-3, "{f:?} st[{k}]");
+            }
+            // The changed channel (0 for ChannelOdd).
+            for k in 0..4 {
+                let (mut a, mut b) = (x.clone(), x.clone());
+                a[k] += eps;
+                b[k] -= eps;
+                let fd = (loss(&a, &st) - loss(&b, &st)) / (2.0 * f64::from(eps));
+                assert!((fd - f64::from(dy[k])).abs() < 1e-3, "{f:?} x[{k}]");
+            }
+            match f {
+                CouplingScale::Sigmoid => assert_eq!(get(&d_scale), vec![0.0]),
+                CouplingScale::Tanh(_) => {
+                    let at = |s: f32| {
+                        let sc = buf(&[s]);
+                        let (mut y, mut ld) = (buf(&x), buf(&[0.0]));
+                        CpuBackend
+                            .coupling_forward(
+                                shape,
+                                mask,
+                                CouplingScale::Tanh(&sc),
+                                &buf(&st),
+                                &mut y,
+                                &mut ld,
+                            )
+                            .unwrap();
+                        get(&y)
+                            .iter()
+                            .zip(&w)
+                            .map(|(a, b)| f64::from(a * b))
+                            .sum::<f64>()
+                            + f64::from(g_ld * get(&ld)[0])
+                    };
+                    let fd = (at(0.8 + eps) - at(0.8 - eps)) / (2.0 * f64::from(eps));
+                    assert!((fd - f64::from(get(&d_scale)[0])).abs() < 1e-3, "scale");
+                }
+            }
+        }
     }
 }

@@ -37,9 +37,12 @@ pub trait KernelDevice: Send + Sync + std::fmt::Debug + 'static {
     fn name(&self) -> String;
     /// A zero-filled buffer of `len` f32.
     fn alloc_zeros(&self, len: usize) -> Result<Buffer>;
-    /// A buffer holding a copy of `data`.
+    /// A buffer holding a copy of `data` (allocates; for set-up, not for a warm step).
     fn upload(&self, data: &[f32]) -> Result<Buffer>;
-    /// The buffer's contents on the host (synchronises).
+    /// Copies `data` into the existing buffer `dst` of the same length (no allocation once
+    /// warm: the real GPU stages it in a reused pinned host buffer).
+    fn upload_into(&self, data: &[f32], dst: &mut Buffer) -> Result<()>;
+    /// The buffer's contents on the host (one device-to-host copy; synchronises).
     fn download(&self, buf: &Buffer) -> Result<Vec<f32>>;
     /// Device address of a buffer read by a kernel. Error `WrongDevice` if not this device's.
     fn ptr(&self, buf: &Buffer) -> Result<u64>;

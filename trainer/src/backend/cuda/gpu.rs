@@ -13,13 +13,18 @@
 use super::device::{KernelDevice, LaunchCfg, Param};
 use crate::backend::{BackendError, Buffer, Result, Storage};
 use cudarc::driver::{result as dres, sys as dsys, CudaContext, CudaFunction, CudaModule};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice};
 use cudarc::nvrtc::{result as nres, sys as nsys, Ptx};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// The kernel modules, `(file name, source)`, embedded at build time.
+/// `cuda/kernels/common.cuh`, which every module includes (see [`kernel_source`]).
+pub const COMMON_HEADER: &str = include_str!("../../../../cuda/kernels/common.cuh");
+
+/// The kernel modules, `(file name, source)`, embedded at build time. Each starts with
+/// `#include "common.cuh"`; [`kernel_source`] gives the text NVRTC compiles.
 pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     (
         "elementwise.cu",
@@ -34,7 +39,24 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
         include_str!("../../../../cuda/kernels/reduce.cu"),
     ),
     ("conv.cu", include_str!("../../../../cuda/kernels/conv.cu")),
+    ("glow.cu", include_str!("../../../../cuda/kernels/glow.cu")),
 ];
+
+/// A module's source as NVRTC compiles it: the `#include "common.cuh"` line replaced by
+/// [`COMMON_HEADER`] (NVRTC is given no include path, and the binary must not depend on the
+/// source tree at run time).
+pub fn kernel_source(src: &str) -> String {
+    let mut out = String::with_capacity(src.len() + COMMON_HEADER.len());
+    for line in src.lines() {
+        if line.trim() == "#include \"common.cuh\"" {
+            out.push_str(COMMON_HEADER);
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
 
 /// NVRTC options for `arch` (`"sm_90"`, or `"compute_90"` for PTX). The same options serve
 /// the trainer and the NVRTC compile test.
@@ -244,6 +266,8 @@ pub fn compiled_modules(cc: (i32, i32)) -> std::result::Result<Arc<Vec<Compiled>
     let mut arch = format!("sm_{want}");
     let mut out = Vec::with_capacity(KERNEL_SOURCES.len());
     for (name, src) in KERNEL_SOURCES {
+        let src = kernel_source(src);
+        let src = src.as_str();
         let compiled = match compile_module(name, src, &arch, &[]) {
             Ok(c) => c,
             Err(CompileError::Arch { version, .. }) if arch.starts_with("sm_") => {
@@ -284,6 +308,12 @@ fn driver_text(e: &dres::DriverError) -> String {
     format!("{name} ({text})")
 }
 
+/// What a kernel fault means and what to do about it. Launches are asynchronous, so the
+/// fault may surface at a later call than the kernel that caused it.
+pub const KERNEL_BUG_HINT: &str = "; this is a kernel bug in clayflow (a fault inside a CUDA \
+     kernel): rerun with CUDA_LAUNCH_BLOCKING=1 to make the failing kernel report itself, \
+     please report it with that output and the command line, and use --device cpu meanwhile";
+
 fn driver_err(what: &str, e: dres::DriverError) -> BackendError {
     let hint = match e.0 {
         dsys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => "; lower --batch-size or free GPU memory",
@@ -296,10 +326,15 @@ fn driver_err(what: &str, e: dres::DriverError) -> BackendError {
             "; update the NVIDIA driver, or use --device cpu"
         }
         dsys::cudaError_enum::CUDA_ERROR_LAUNCH_FAILED
-        | dsys::cudaError_enum::CUDA_ERROR_ILLEGAL_ADDRESS => {
-            "; this is a bug in a clayflow kernel: please report it with the command line, and \
-             use --device cpu meanwhile"
-        }
+        | dsys::cudaError_enum::CUDA_ERROR_ILLEGAL_ADDRESS
+        | dsys::cudaError_enum::CUDA_ERROR_MISALIGNED_ADDRESS
+        | dsys::cudaError_enum::CUDA_ERROR_ILLEGAL_INSTRUCTION
+        | dsys::cudaError_enum::CUDA_ERROR_INVALID_ADDRESS_SPACE
+        | dsys::cudaError_enum::CUDA_ERROR_INVALID_PC
+        | dsys::cudaError_enum::CUDA_ERROR_HARDWARE_STACK_ERROR
+        | dsys::cudaError_enum::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
+        | dsys::cudaError_enum::CUDA_ERROR_LAUNCH_TIMEOUT
+        | dsys::cudaError_enum::CUDA_ERROR_ASSERT => KERNEL_BUG_HINT,
         _ => "; use --device cpu to train on the CPU",
     };
     BackendError::Device(format!("CUDA {what}: {}{hint}", driver_text(&e)))
@@ -346,6 +381,18 @@ impl CudaMem {
     }
 }
 
+/// Page-locked host memory reused for transfers, one buffer per transfer length (a training
+/// run moves the same few lengths every step: the batch in, the loss terms and the gradient
+/// norm's partial sums out), so a warm step allocates none.
+#[derive(Debug, Default)]
+struct Staging {
+    /// Write-combined buffers for uploads, each with the event recorded after its last copy
+    /// (the host must not overwrite it before that copy has read it).
+    up: HashMap<usize, (PinnedHostSlice<f32>, Option<CudaEvent>)>,
+    /// Cached buffers for downloads (the host reads them, so not write-combined).
+    down: HashMap<usize, PinnedHostSlice<f32>>,
+}
+
 /// The real GPU, through cudarc.
 #[derive(Debug)]
 pub struct CudaDevice {
@@ -355,6 +402,7 @@ pub struct CudaDevice {
     label: String,
     modules: Vec<(&'static str, Arc<CudaModule>)>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    staging: Mutex<Staging>,
 }
 
 impl CudaDevice {
@@ -408,6 +456,7 @@ impl CudaDevice {
         // cross-stream events cudarc would record are not needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        Self::keep_freed_memory(&ctx);
         let name = ctx.name().map_err(|e| driver_err("device query", e))?;
         let cc = ctx
             .compute_capability()
@@ -432,7 +481,39 @@ impl CudaDevice {
             ordinal,
             modules,
             functions: Mutex::new(HashMap::new()),
+            staging: Mutex::new(Staging::default()),
         })
+    }
+
+    /// Keeps freed device memory in the stream-ordered pool instead of returning it to the
+    /// driver at every synchronisation (the default release threshold is 0), so buffers freed
+    /// and allocated again between steps cost no driver calls. Best effort: a device without
+    /// memory pools simply keeps the default.
+    fn keep_freed_memory(ctx: &CudaContext) {
+        if !ctx.has_async_alloc() {
+            return;
+        }
+        // SAFETY: `cu_device` is the context's own device handle; the pool returned for it is
+        // owned by the driver and stays valid for the process. The attribute value is a live
+        // u64, which is what CU_MEMPOOL_ATTR_RELEASE_THRESHOLD takes.
+        unsafe {
+            if let Ok(pool) = dres::device::get_default_mem_pool(ctx.cu_device()) {
+                let mut threshold: u64 = u64::MAX;
+                let _ = dsys::cuMemPoolSetAttribute(
+                    pool,
+                    dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast::<c_void>(),
+                );
+            }
+        }
+    }
+
+    /// Page-locked host memory of `len` floats (`flags` as for `cuMemHostAlloc`).
+    fn pinned(&self, len: usize, flags: u32) -> Result<PinnedHostSlice<f32>> {
+        // SAFETY: the memory is uninitialised; every user writes (upload) or copies into
+        // (download) all `len` floats before reading them.
+        unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, flags) }
+            .map_err(|e| driver_err(&format!("allocating {len} floats of pinned host memory"), e))
     }
 
     fn mem<'a>(&self, op: &'static str, b: &'a Buffer) -> Result<&'a CudaMem> {
@@ -497,16 +578,60 @@ impl KernelDevice for CudaDevice {
         Ok(self.wrap(data.len(), slice))
     }
 
+    fn upload_into(&self, data: &[f32], dst: &mut Buffer) -> Result<()> {
+        let n = data.len();
+        let m = match &mut dst.storage {
+            Storage::Cuda(m) if m.ordinal == self.ordinal => m,
+            _ => return Err(BackendError::WrongDevice { op: "upload_into" }),
+        };
+        if m.len != n {
+            return Err(BackendError::Size {
+                op: "upload_into",
+                what: "dst",
+                expected: n,
+                got: m.len,
+            });
+        }
+        let Some(slice) = &mut m.slice else {
+            return Ok(());
+        };
+        let err = |e| driver_err(&format!("uploading {n} floats"), e);
+        let mut st = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let (host, done) = match st.up.entry(n) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => {
+                v.insert((self.pinned(n, dsys::CU_MEMHOSTALLOC_WRITECOMBINED)?, None))
+            }
+        };
+        if let Some(ev) = done {
+            // The previous upload through this buffer must have been read first.
+            ev.synchronize().map_err(err)?;
+        }
+        host.as_mut_slice().map_err(err)?.copy_from_slice(data);
+        self.stream.memcpy_htod(host, slice).map_err(err)?;
+        let ev = match done.take() {
+            Some(ev) => ev,
+            None => self.ctx.new_event(None).map_err(err)?,
+        };
+        ev.record(&self.stream).map_err(err)?;
+        *done = Some(ev);
+        Ok(())
+    }
+
     fn download(&self, buf: &Buffer) -> Result<Vec<f32>> {
         let Some(s) = &self.mem("download", buf)?.slice else {
             return Ok(Vec::new());
         };
-        let v = self
-            .stream
-            .clone_dtoh(s)
-            .map_err(|e| driver_err("download", e))?;
+        let n = s.len();
+        let err = |e| driver_err(&format!("downloading {n} floats"), e);
+        let mut st = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let host = match st.down.entry(n) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert(self.pinned(n, 0)?),
+        };
+        self.stream.memcpy_dtoh(s, host).map_err(err)?;
         self.synchronize()?;
-        Ok(v)
+        Ok(host.as_slice().map_err(err)?.to_vec())
     }
 
     fn ptr(&self, buf: &Buffer) -> Result<u64> {
