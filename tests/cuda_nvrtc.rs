@@ -1,6 +1,8 @@
 //! Every CUDA source in `cuda/kernels/` compiles with NVRTC to a CUBIN for sm_80 (A100) and
 //! sm_90 (H100/H200), with ptxas reporting no register spills for any kernel. Prints a table of
-//! registers per kernel.
+//! registers per kernel. The PTX shipped in the binary (`cuda/kernels/ptx/`) holds every kernel
+//! and is exactly what the pinned NVRTC makes of today's sources (`cuda/ptx.sh` regenerates
+//! it).
 //!
 //! Compiled through the trainer's own `compile_module` (same options as at run time).
 //! NVRTC is loaded at run time (cudarc `dynamic-loading`): `cuda/ci.sh` installs the pinned
@@ -8,8 +10,9 @@
 //! NVRTC the test fails when `CLAYFLOW_REQUIRE_NVRTC=1` or `CI` is set, and otherwise says
 //! loudly that the check did not run.
 
-use clayflow_trainer::backend::cuda::gpu::{
-    compile_module, kernel_source, nvrtc_options, nvrtc_present,
+use clayflow_trainer::backend::cuda::compile::{
+    compile_module, nvrtc_options, nvrtc_present, nvrtc_version, MODULES, PTX_ARCH,
+    PTX_NVRTC_VERSION,
 };
 use std::path::{Path, PathBuf};
 
@@ -104,15 +107,176 @@ fn required() -> bool {
     set("CLAYFLOW_REQUIRE_NVRTC") || set("CI")
 }
 
+/// The `.cu` files of `cuda/kernels/`.
 fn sources() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda/kernels");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+    let mut v: Vec<PathBuf> = std::fs::read_dir(kernels_dir())
         .expect("cuda/kernels")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
     v.sort();
     v
+}
+
+fn kernels_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda/kernels")
+}
+
+/// Fails (CI, `CLAYFLOW_REQUIRE_NVRTC=1`) or warns loudly that a check needing NVRTC did not run.
+fn nvrtc_missing(check: &str) -> bool {
+    if nvrtc_present() {
+        return false;
+    }
+    let msg = format!(
+        "NVRTC (libnvrtc.so.12) not found: run cuda/ci.sh, or put the lib folder of the pip wheel \
+         nvidia-cuda-nvrtc-cu12 on LD_LIBRARY_PATH (`source cuda/nvrtc-env.sh`). {check} did NOT \
+         run"
+    );
+    if required() {
+        panic!("{msg}");
+    }
+    eprintln!("WARNING: {msg}.");
+    true
+}
+
+#[test]
+fn every_cu_file_is_a_shipped_module() {
+    let files: Vec<String> = sources()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    let mut modules: Vec<String> = MODULES.iter().map(|m| m.file.to_string()).collect();
+    modules.sort();
+    assert_eq!(
+        files, modules,
+        "cuda/kernels/*.cu against clayflow_cuda_kernels::MODULES"
+    );
+    let ptx: Vec<String> = MODULES.iter().map(|m| m.ptx_file()).collect();
+    for f in &ptx {
+        assert!(
+            kernels_dir().join("ptx").join(f).is_file(),
+            "missing ptx/{f}"
+        );
+    }
+}
+
+#[test]
+fn shipped_ptx_defines_every_kernel() {
+    for m in &MODULES {
+        let kernels = kernels_in(&m.nvrtc_source());
+        assert!(!kernels.is_empty(), "{}", m.file);
+        for (name, _) in kernels {
+            let entry = format!(".entry {name}(");
+            assert!(
+                m.ptx
+                    .lines()
+                    .any(|l| l.contains(".visible") && l.contains(&entry)),
+                "{}: the shipped PTX has no `.visible .entry {name}`: run cuda/ptx.sh",
+                m.file
+            );
+        }
+    }
+}
+
+#[test]
+fn nvrtc_env_pins_the_ptx_compiler() {
+    let env =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda/nvrtc-env.sh"))
+            .expect("cuda/nvrtc-env.sh");
+    let pin = format!(
+        "CLAYFLOW_PTX_NVRTC_VERSION={}",
+        clayflow_trainer::backend::cuda::compile::PTX_NVRTC_WHEEL
+    );
+    assert!(
+        env.lines().any(|l| l.trim() == pin),
+        "cuda/nvrtc-env.sh must pin {pin}, the NVRTC that makes the shipped PTX"
+    );
+}
+
+/// The committed PTX equals what the pinned old NVRTC makes of the sources today. That NVRTC
+/// is another library than the current one this process loads, so the comparison runs in a
+/// child process (this test binary, [`ptx_compare_in_child`]) with `CLAYFLOW_PTX_NVRTC_LIB`
+/// (set by `cuda/nvrtc-env.sh`) first on its loader path.
+#[test]
+fn shipped_ptx_is_up_to_date() {
+    let Some(lib) = std::env::var_os("CLAYFLOW_PTX_NVRTC_LIB") else {
+        let msg = "CLAYFLOW_PTX_NVRTC_LIB is not set (`source cuda/nvrtc-env.sh` installs the \
+                   PTX's NVRTC and sets it)";
+        if required() {
+            panic!("{msg}");
+        }
+        eprintln!("WARNING: {msg}. The shipped-PTX staleness check did NOT run.");
+        return;
+    };
+    let path = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
+    let mut paths = vec![PathBuf::from(lib)];
+    paths.extend(std::env::split_paths(&path));
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "ptx_compare_in_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(
+            "LD_LIBRARY_PATH",
+            std::env::join_paths(paths).expect("paths"),
+        )
+        .env("CLAYFLOW_PTX_CHILD", "1")
+        .output()
+        .expect("run the test binary");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprint!("{text}");
+    assert!(out.status.success(), "the PTX comparison failed (above)");
+    assert!(text.contains("1 passed"), "the child ran no comparison");
+}
+
+/// Run by [`shipped_ptx_is_up_to_date`]: compiles every module for `PTX_ARCH` with the NVRTC
+/// on the loader path, which must be the PTX's release, and compares with the committed PTX.
+/// With `CLAYFLOW_BLESS_PTX=1` (what `cuda/ptx.sh` sets) it writes the files instead.
+#[test]
+#[ignore = "run by shipped_ptx_is_up_to_date in a child process with the PTX's NVRTC"]
+fn ptx_compare_in_child() {
+    assert!(
+        std::env::var_os("CLAYFLOW_PTX_CHILD").is_some(),
+        "run shipped_ptx_is_up_to_date instead"
+    );
+    assert!(nvrtc_present(), "the PTX's NVRTC did not load");
+    let version = nvrtc_version();
+    assert_eq!(
+        version, PTX_NVRTC_VERSION,
+        "NVRTC {version} loaded, but the shipped PTX is made by NVRTC {PTX_NVRTC_VERSION}"
+    );
+    let bless = std::env::var("CLAYFLOW_BLESS_PTX").is_ok_and(|v| v == "1");
+    let mut stale = Vec::new();
+    for m in &MODULES {
+        let c = compile_module(m.file, &m.nvrtc_source(), PTX_ARCH, &[])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ptx = c.image.strip_suffix(&[0]).unwrap_or(&c.image);
+        if ptx != m.ptx.as_bytes() {
+            let path = kernels_dir().join("ptx").join(m.ptx_file());
+            if bless {
+                std::fs::write(&path, ptx).expect("write ptx");
+                eprintln!("wrote {}", path.display());
+            } else {
+                stale.push(m.ptx_file());
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "cuda/kernels/ptx/{{{}}} differ from what NVRTC {PTX_NVRTC_VERSION} makes of the \
+         sources: run `bash cuda/ptx.sh` and commit the result",
+        stale.join(",")
+    );
+    eprintln!(
+        "shipped PTX: {} modules equal NVRTC {version}'s {PTX_ARCH} output",
+        MODULES.len()
+    );
 }
 
 #[test]
@@ -156,21 +320,15 @@ fn ptxas_log_parser_reads_usage_and_spills() {
 
 #[test]
 fn kernels_compile_with_nvrtc_without_spills() {
-    if !nvrtc_present() {
-        let msg = "NVRTC (libnvrtc.so.12) not found: run cuda/ci.sh, or put the lib folder of \
-                   the pip wheel nvidia-cuda-nvrtc-cu12 on LD_LIBRARY_PATH";
-        if required() {
-            panic!("{msg}");
-        }
-        eprintln!("WARNING: {msg}. The NVRTC compile check did NOT run.");
+    if nvrtc_missing("The NVRTC compile check") {
         return;
     }
     let mut failures = Vec::new();
     let mut rows = Vec::new();
-    for path in sources() {
+    for m in &MODULES {
         // With common.cuh pasted in, exactly as the trainer hands it to NVRTC.
-        let src = kernel_source(&std::fs::read_to_string(&path).expect("read .cu"));
-        let file = path.file_name().unwrap().to_string_lossy().to_string();
+        let src = m.nvrtc_source();
+        let file = m.file.to_string();
         let expected = kernels_in(&src);
         for arch in ARCHS {
             match compile(&file, &src, arch) {

@@ -1,7 +1,8 @@
 //! Choosing the compute device: `--device auto|cpu|cuda[:N]`.
 //!
-//! `auto` takes the GPU when the NVIDIA driver loads, reports a device, the kernels compile
-//! with NVRTC, and the GPU passes a self-check ([`verify`]: one tiny forward and backward
+//! `auto` takes the GPU when the NVIDIA driver loads, reports a device, the kernels load
+//! (NVRTC's CUBINs, or the PTX shipped in the binary: [`super::cuda::compile`]), and the GPU
+//! passes a self-check ([`verify`]: one tiny forward and backward
 //! pass on the GPU and on the CPU, compared); otherwise it says once why and runs on the CPU.
 //! `cuda[:N]` insists on the GPU and fails with the reason, the self-check included. Nothing
 //! here panics when there is no driver: cudarc's `CudaContext::new` would, so the driver

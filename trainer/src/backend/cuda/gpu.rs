@@ -1,299 +1,21 @@
-//! The real GPU: [`CudaDevice`] implements [`KernelDevice`] with cudarc (driver API and NVRTC,
-//! both loaded at run time, so building needs no CUDA toolkit).
-//!
-//! Every `.cu` module in [`KERNEL_SOURCES`] is compiled once per process and GPU architecture
-//! with NVRTC straight to a CUBIN for the device's compute capability (`sm_XY`), so the
-//! driver never has to JIT PTX: an NVRTC newer than the driver still works. When NVRTC does
-//! not know the device's architecture (a GPU newer than NVRTC), the newest architecture NVRTC
-//! supports is compiled to PTX instead and the driver JIT-compiles it.
+//! The real GPU: [`CudaDevice`] implements [`KernelDevice`] with cudarc (the driver API, and
+//! NVRTC when present, both loaded at run time, so building needs no CUDA toolkit and running
+//! needs only the driver). The kernels it loads come from [`super::compile::kernel_images`]:
+//! NVRTC's CUBINs for the device, or the PTX shipped in the binary.
 //!
 //! All work goes to one stream, in order, so buffers need no cross-stream events (cudarc's
 //! event tracking is switched off).
 
+use super::compile::{kernel_images, Images, PTX_MIN_DRIVER, PTX_NVRTC_VERSION};
 use super::device::{KernelDevice, LaunchCfg, Param};
 use crate::backend::{BackendError, Buffer, Result, Storage};
 use cudarc::driver::{result as dres, sys as dsys, CudaContext, CudaFunction, CudaModule};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice};
-use cudarc::nvrtc::{result as nres, sys as nsys, Ptx};
+use cudarc::nvrtc::Ptx;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::ffi::{c_void, CString};
-use std::sync::{Arc, Mutex, OnceLock};
-
-/// `cuda/kernels/common.cuh`, which every module includes (see [`kernel_source`]).
-pub const COMMON_HEADER: &str = include_str!("../../../../cuda/kernels/common.cuh");
-
-/// The kernel modules, `(file name, source)`, embedded at build time. Each starts with
-/// `#include "common.cuh"`; [`kernel_source`] gives the text NVRTC compiles.
-pub const KERNEL_SOURCES: &[(&str, &str)] = &[
-    (
-        "elementwise.cu",
-        include_str!("../../../../cuda/kernels/elementwise.cu"),
-    ),
-    (
-        "coupling.cu",
-        include_str!("../../../../cuda/kernels/coupling.cu"),
-    ),
-    (
-        "reduce.cu",
-        include_str!("../../../../cuda/kernels/reduce.cu"),
-    ),
-    ("conv.cu", include_str!("../../../../cuda/kernels/conv.cu")),
-    ("glow.cu", include_str!("../../../../cuda/kernels/glow.cu")),
-];
-
-/// A module's source as NVRTC compiles it: the `#include "common.cuh"` line replaced by
-/// [`COMMON_HEADER`] (NVRTC is given no include path, and the binary must not depend on the
-/// source tree at run time).
-pub fn kernel_source(src: &str) -> String {
-    let mut out = String::with_capacity(src.len() + COMMON_HEADER.len());
-    for line in src.lines() {
-        if line.trim() == "#include \"common.cuh\"" {
-            out.push_str(COMMON_HEADER);
-        } else {
-            out.push_str(line);
-        }
-        out.push('\n');
-    }
-    out
-}
-
-/// NVRTC options for `arch` (`"sm_90"`, or `"compute_90"` for PTX). The same options serve
-/// the trainer and the NVRTC compile test.
-pub fn nvrtc_options(arch: &str) -> Vec<String> {
-    vec![
-        format!("--gpu-architecture={arch}"),
-        "--std=c++17".into(),
-        // Exact division and square root, like the CPU backend; `a*b+c` may fuse into FMA.
-        "--prec-div=true".into(),
-        "--prec-sqrt=true".into(),
-        "--fmad=true".into(),
-    ]
-}
-
-/// A module compiled by NVRTC.
-#[derive(Clone, Debug)]
-pub struct Compiled {
-    /// The architecture it was compiled for (`sm_90` or `compute_90`).
-    pub arch: String,
-    /// CUBIN (for `sm_XY`) or NUL-terminated PTX (for `compute_XY`).
-    pub image: Vec<u8>,
-    /// NVRTC's log (warnings; with `--ptxas-options=-v` in `extra`, registers and spills).
-    pub log: String,
-}
-
-/// Why NVRTC could not produce a module.
-#[derive(Debug, thiserror::Error)]
-pub enum CompileError {
-    /// `libnvrtc` is not on the loader path.
-    #[error(
-        "NVRTC (libnvrtc.so.12) was not found: install the `nvidia-cuda-nvrtc-cu12` wheel or a \
-         CUDA 12 toolkit and put its lib folder on LD_LIBRARY_PATH"
-    )]
-    Missing,
-    /// NVRTC does not accept the architecture.
-    #[error("NVRTC {version} cannot compile for {arch}: {log}")]
-    Arch {
-        /// NVRTC's version.
-        version: String,
-        /// The architecture.
-        arch: String,
-        /// NVRTC's message.
-        log: String,
-    },
-    /// The source did not compile.
-    #[error("NVRTC failed on {module} for {arch} ({code}):\n{log}")]
-    Failed {
-        /// Module file name.
-        module: String,
-        /// The architecture.
-        arch: String,
-        /// NVRTC's result code.
-        code: String,
-        /// NVRTC's log.
-        log: String,
-    },
-}
-
-/// True when `libnvrtc` can be loaded.
-pub fn nvrtc_present() -> bool {
-    // SAFETY: loading the library runs its initialisers; NVRTC's are plain C setup. The
-    // handle is dropped right away.
-    unsafe { nsys::is_culib_present() }
-}
-
-/// NVRTC's version as `"major.minor"`, or "(not found)".
-pub fn nvrtc_version() -> String {
-    if !nvrtc_present() {
-        return "(not found)".into();
-    }
-    let (mut major, mut minor) = (0i32, 0i32);
-    // SAFETY: both pointers point at live i32s.
-    let r = unsafe { nsys::nvrtcVersion(&mut major, &mut minor) };
-    if r == nsys::nvrtcResult::NVRTC_SUCCESS {
-        format!("{major}.{minor}")
-    } else {
-        "(unknown version)".into()
-    }
-}
-
-/// The architectures NVRTC can compile for, as compute capabilities times 10 (`90` for sm_90);
-/// empty when NVRTC is missing.
-pub fn nvrtc_supported_archs() -> Vec<i32> {
-    if !nvrtc_present() {
-        return Vec::new();
-    }
-    let mut n = 0i32;
-    // SAFETY: `n` is a live i32.
-    if unsafe { nsys::nvrtcGetNumSupportedArchs(&mut n) } != nsys::nvrtcResult::NVRTC_SUCCESS {
-        return Vec::new();
-    }
-    let mut v = vec![0i32; n.max(0) as usize];
-    // SAFETY: `v` holds exactly the `n` ints NVRTC writes.
-    if unsafe { nsys::nvrtcGetSupportedArchs(v.as_mut_ptr()) } != nsys::nvrtcResult::NVRTC_SUCCESS {
-        return Vec::new();
-    }
-    v
-}
-
-/// An NVRTC program, destroyed on drop.
-struct Program(nsys::nvrtcProgram);
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        // SAFETY: the program came from `create_program` and is destroyed only here. A
-        // failure to destroy leaks it, which is harmless.
-        let _ = unsafe { nres::destroy_program(self.0) };
-    }
-}
-
-fn program_log(p: &Program) -> String {
-    // SAFETY: `p` is a live program.
-    match unsafe { nres::get_program_log(p.0) } {
-        Ok(raw) => {
-            let bytes: Vec<u8> = raw
-                .iter()
-                .map(|&c| c as u8)
-                .take_while(|&b| b != 0)
-                .collect();
-            String::from_utf8_lossy(&bytes).trim().to_string()
-        }
-        Err(e) => format!("(no log: {e:?})"),
-    }
-}
-
-/// Compiles one module's `src` for `arch` (`sm_XY` gives a CUBIN, `compute_XY` PTX), with
-/// [`nvrtc_options`] plus `extra` options. Errors, never panics, when NVRTC is missing.
-pub fn compile_module(
-    module: &str,
-    src: &str,
-    arch: &str,
-    extra: &[&str],
-) -> std::result::Result<Compiled, CompileError> {
-    if !nvrtc_present() {
-        return Err(CompileError::Missing);
-    }
-    let failed = |code: String, log: String| CompileError::Failed {
-        module: module.into(),
-        arch: arch.into(),
-        code,
-        log,
-    };
-    let c_src = CString::new(src).map_err(|_| failed("NUL".into(), "NUL byte in source".into()))?;
-    let c_name =
-        CString::new(module).map_err(|_| failed("NUL".into(), "NUL byte in name".into()))?;
-    let prog = Program(
-        nres::create_program(&c_src, Some(&c_name))
-            .map_err(|e| failed(format!("{e:?}"), "".into()))?,
-    );
-    let mut opts = nvrtc_options(arch);
-    opts.extend(extra.iter().map(|s| s.to_string()));
-    // SAFETY: `prog` is live; the options are NUL-free Strings.
-    if let Err(e) = unsafe { nres::compile_program(prog.0, &opts) } {
-        let log = program_log(&prog);
-        if e.0 == nsys::nvrtcResult::NVRTC_ERROR_INVALID_OPTION {
-            return Err(CompileError::Arch {
-                version: nvrtc_version(),
-                arch: arch.into(),
-                log,
-            });
-        }
-        return Err(failed(format!("{:?}", e.0), log));
-    }
-    let log = program_log(&prog);
-    let image = if arch.starts_with("sm_") {
-        let mut size = 0usize;
-        // SAFETY: `prog` compiled; `size` is a live usize.
-        let r = unsafe { nsys::nvrtcGetCUBINSize(prog.0, &mut size) };
-        if r != nsys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
-            return Err(failed(format!("{r:?}"), "no CUBIN produced".into()));
-        }
-        let mut buf = vec![0u8; size];
-        // SAFETY: `buf` holds the `size` bytes NVRTC writes.
-        let r = unsafe { nsys::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr().cast()) };
-        if r != nsys::nvrtcResult::NVRTC_SUCCESS {
-            return Err(failed(format!("{r:?}"), "reading the CUBIN".into()));
-        }
-        buf
-    } else {
-        // SAFETY: `prog` compiled.
-        let raw =
-            unsafe { nres::get_ptx(prog.0) }.map_err(|e| failed(format!("{e:?}"), log.clone()))?;
-        let mut bytes: Vec<u8> = raw.iter().map(|&c| c as u8).collect();
-        if bytes.last() != Some(&0) {
-            bytes.push(0);
-        }
-        bytes
-    };
-    Ok(Compiled {
-        arch: arch.into(),
-        image,
-        log,
-    })
-}
-
-/// Compiles every module in [`KERNEL_SOURCES`] for a device of compute capability
-/// `(major, minor)`, once per process and capability.
-pub fn compiled_modules(cc: (i32, i32)) -> std::result::Result<Arc<Vec<Compiled>>, String> {
-    type Cache = Mutex<HashMap<(i32, i32), Arc<Vec<Compiled>>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut guard = cache.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(m) = guard.get(&cc) {
-        return Ok(m.clone());
-    }
-    let want = cc.0 * 10 + cc.1;
-    let mut arch = format!("sm_{want}");
-    let mut out = Vec::with_capacity(KERNEL_SOURCES.len());
-    for (name, src) in KERNEL_SOURCES {
-        let src = kernel_source(src);
-        let src = src.as_str();
-        let compiled = match compile_module(name, src, &arch, &[]) {
-            Ok(c) => c,
-            Err(CompileError::Arch { version, .. }) if arch.starts_with("sm_") => {
-                // A GPU newer than NVRTC: PTX for the newest architecture NVRTC knows that
-                // the device can run, JIT-compiled by the driver.
-                let best = nvrtc_supported_archs()
-                    .into_iter()
-                    .filter(|&a| a <= want)
-                    .max()
-                    .ok_or_else(|| {
-                        format!(
-                            "NVRTC {version} supports no architecture up to sm_{want}; install a \
-                             newer nvidia-cuda-nvrtc-cu12"
-                        )
-                    })?;
-                arch = format!("compute_{best}");
-                compile_module(name, src, &arch, &[]).map_err(|e| e.to_string())?
-            }
-            Err(e) => return Err(e.to_string()),
-        };
-        out.push(compiled);
-    }
-    let out = Arc::new(out);
-    guard.insert(cc, out.clone());
-    Ok(out)
-}
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
 
 /// `NAME (description)` of a driver error.
 fn driver_text(e: &dres::DriverError) -> String {
@@ -338,6 +60,20 @@ fn driver_err(what: &str, e: dres::DriverError) -> BackendError {
         _ => "; use --device cpu to train on the CPU",
     };
     BackendError::Device(format!("CUDA {what}: {}{hint}", driver_text(&e)))
+}
+
+/// A module that the driver would not load; for the shipped PTX, says which driver it needs.
+fn load_err(file: &str, arch: &str, images: &Images, e: dres::DriverError) -> BackendError {
+    let err = driver_err(&format!("loading {file} ({arch})"), e);
+    if !images.shipped() {
+        return err;
+    }
+    BackendError::Device(format!(
+        "{err}. The shipped PTX (made by NVRTC {PTX_NVRTC_VERSION}) needs an NVIDIA driver \
+         {PTX_MIN_DRIVER} or newer: update the driver, or install NVRTC \
+         (pip install nvidia-cuda-nvrtc-cu12, with its lib folder on LD_LIBRARY_PATH) so that \
+         the kernels are compiled for this GPU instead"
+    ))
 }
 
 /// Finds why no GPU can be used, without panicking: `Ok(count)` when the driver loads and
@@ -406,9 +142,9 @@ pub struct CudaDevice {
 }
 
 impl CudaDevice {
-    /// Opens GPU `ordinal` and loads every kernel module (compiling it with NVRTC on first
-    /// use in the process). Errors, never panics, when there is no driver, no such device
-    /// or no NVRTC.
+    /// Opens GPU `ordinal` and loads every kernel module (compiled by NVRTC on first use in
+    /// the process, or the shipped PTX). Errors, never panics, when there is no driver, no
+    /// such device, or a driver too old for the shipped PTX where NVRTC is absent.
     pub fn new(ordinal: usize) -> Result<CudaDevice> {
         let count = device_count()
             .map_err(|e| BackendError::Device(format!("{e}; use --device cpu or --device auto")))?;
@@ -421,9 +157,6 @@ impl CudaDevice {
                     format!("; pick --device cuda:0..{}", count - 1)
                 }
             )));
-        }
-        if !nvrtc_present() {
-            return Err(BackendError::Device(CompileError::Missing.to_string()));
         }
         match std::panic::catch_unwind(|| Self::open(ordinal)) {
             Ok(r) => r,
@@ -461,21 +194,21 @@ impl CudaDevice {
         let cc = ctx
             .compute_capability()
             .map_err(|e| driver_err("device query", e))?;
-        let compiled = compiled_modules(cc).map_err(|e| {
+        let images = kernel_images(cc).map_err(|e| {
             BackendError::Device(format!(
-                "compiling the CUDA kernels for cuda:{ordinal} ({name}, sm_{}{}): {e}",
+                "preparing the CUDA kernels for cuda:{ordinal} ({name}, sm_{}{}): {e}",
                 cc.0, cc.1
             ))
         })?;
         let mut modules = Vec::new();
-        for ((file, _), c) in KERNEL_SOURCES.iter().zip(compiled.iter()) {
-            let m = ctx
+        for (m, c) in super::compile::MODULES.iter().zip(images.modules.iter()) {
+            let loaded = ctx
                 .load_module(Ptx::from_binary(c.image.clone()))
-                .map_err(|e| driver_err(&format!("loading {file} ({})", c.arch), e))?;
-            modules.push((*file, m));
+                .map_err(|e| load_err(m.file, &c.arch, &images, e))?;
+            modules.push((m.file, loaded));
         }
         Ok(CudaDevice {
-            label: format!("cuda:{ordinal} {name}"),
+            label: format!("cuda:{ordinal} {name} [{}]", images.describe()),
             ctx,
             stream,
             ordinal,

@@ -7,6 +7,7 @@
 //! comments below name the kernel and the formula. Sizes are checked here, before any launch:
 //! a kernel never sees a wrong length, an element count of 2^31 or more, or an empty grid.
 
+pub mod compile;
 pub mod device;
 pub mod gpu;
 
