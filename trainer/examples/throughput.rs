@@ -1,7 +1,10 @@
 //! Prints the training throughput of a preset on this machine: one row per phase of a step
 //! (forward, backward, optimiser) and the whole step, in ms and images/s.
 //!
-//! `cargo run --release -p clayflow-trainer --example throughput -- [mnist|color] [batch] [steps] [device]`
+//! `cargo run --release -p clayflow-trainer --example throughput -- [preset] [batch] [steps] [device]`
+//!
+//! GFLOP/s counts the convolutions only (coupling networks and Glow's 1x1 conv). On
+//! `cuda[:N]` a last line gives the GPU's FP32 peak (`fp32-peak-tflops`).
 //!
 //! `device` is `cpu` (default), `cuda`, `cuda:N` or `auto`. On a GPU, work is queued
 //! asynchronously: each phase ends with a small download, which waits for the queued work,
@@ -80,20 +83,26 @@ fn main() -> anyhow::Result<()> {
         v[v.len() / 2]
     };
     let (f, b, o) = (med(&mut tf), med(&mut tb), med(&mut to));
-    let fl = 2.0
-        * arch.plane() as f64
-        * arch
-            .active_masks()
-            .iter()
-            .map(|&mk| {
-                (0..3)
-                    .map(|j| {
-                        let (ci, co, k) = arch.conv_shape(mk, j);
-                        (ci * co * k * k) as f64
-                    })
-                    .sum::<f64>()
-            })
-            .sum::<f64>();
+    // Floating-point operations of the convolutions per image, forward (an FMA counts 2): the
+    // coupling networks' three convs and, for Glow, the invertible 1x1 conv, each at the
+    // plane of the level its step runs in. Backward is twice that (data and weight grads).
+    let fl: f64 = arch
+        .active_masks()
+        .iter()
+        .enumerate()
+        .map(|(i, &mk)| {
+            let view = arch.step_arch(i);
+            let net: usize = (0..3)
+                .map(|j| {
+                    let (ci, co, k) = view.conv_shape(mk, j);
+                    ci * co * k * k
+                })
+                .sum();
+            let c = view.flow_shape().0;
+            let mix = if arch.glow { c * c } else { 0 };
+            2.0 * view.plane() as f64 * (net + mix) as f64
+        })
+        .sum();
     println!(
         "{preset} preset, batch {batch}, on {}, median of {steps} steps",
         backend.name()
@@ -125,5 +134,11 @@ fn main() -> anyhow::Result<()> {
         batch as f64 / s,
         3.0 * fl * batch as f64 / s / 1e9
     );
+    if let DeviceChoice::Cuda(n) = device {
+        match clayflow_trainer::backend::cuda::gpu::fp32_peak_tflops(n) {
+            Ok(p) => println!("fp32-peak-tflops {p:.1}"),
+            Err(e) => println!("fp32-peak-tflops unknown ({e})"),
+        }
+    }
     Ok(())
 }

@@ -6,7 +6,9 @@
 //! All work goes to one stream, in order, so buffers need no cross-stream events (cudarc's
 //! event tracking is switched off).
 
-use super::compile::{kernel_images, Images, PTX_MIN_DRIVER, PTX_NVRTC_VERSION};
+use super::compile::{
+    kernel_images, shipped_images, Images, MODULES, PTX_MIN_DRIVER, PTX_NVRTC_VERSION,
+};
 use super::device::{KernelDevice, LaunchCfg, Param};
 use crate::backend::{BackendError, Buffer, Result, Storage};
 use cudarc::driver::{result as dres, sys as dsys, CudaContext, CudaFunction, CudaModule};
@@ -92,6 +94,33 @@ pub fn device_count() -> std::result::Result<usize, String> {
         )),
         Err(_) => Err("the CUDA driver library could not be used (it panicked on load)".into()),
     }
+}
+
+/// FP32 lanes (CUDA cores) per SM of compute capability `cc`, from NVIDIA's tables
+/// (Volta, Turing, A100: 64; GA10x, Ada, Hopper, Blackwell: 128).
+pub fn fp32_lanes_per_sm(cc: (i32, i32)) -> u32 {
+    match cc {
+        (6, 0) | (7, _) | (8, 0) => 64,
+        _ => 128,
+    }
+}
+
+/// The FP32 peak of GPU `ordinal` in TFLOP/s (an FMA counts 2): SMs x lanes x 2 x the
+/// boost clock the driver reports. For the conv throughput's share of peak in
+/// `tools/gpu-check.sh`.
+pub fn fp32_peak_tflops(ordinal: usize) -> std::result::Result<f64, String> {
+    let count = device_count()?;
+    if ordinal >= count {
+        return Err(format!("cuda:{ordinal} does not exist ({count} device(s))"));
+    }
+    let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+        .map_err(|_| "cudarc panicked opening the device".to_string())?
+        .map_err(|e| driver_text(&e))?;
+    let attr = |a| ctx.attribute(a).map_err(|e| driver_text(&e));
+    let sms = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let khz = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)?;
+    let cc = ctx.compute_capability().map_err(|e| driver_text(&e))?;
+    Ok(f64::from(sms) * f64::from(fp32_lanes_per_sm(cc)) * 2.0 * f64::from(khz) * 1e3 / 1e12)
 }
 
 /// GPU memory of a [`Buffer`] (`Storage::Cuda`).
@@ -200,13 +229,19 @@ impl CudaDevice {
                 cc.0, cc.1
             ))
         })?;
-        let mut modules = Vec::new();
-        for (m, c) in super::compile::MODULES.iter().zip(images.modules.iter()) {
-            let loaded = ctx
-                .load_module(Ptx::from_binary(c.image.clone()))
-                .map_err(|e| load_err(m.file, &c.arch, &images, e))?;
-            modules.push((m.file, loaded));
-        }
+        let (images, modules) = match Self::load(&ctx, &images) {
+            Ok(modules) => (images, modules),
+            // An NVRTC newer than the driver can make PTX the driver cannot JIT: the shipped
+            // PTX is older, so try it before giving up.
+            Err(e) if !images.shipped() => {
+                let shipped = shipped_images(format!("the driver refused NVRTC's: {e}"));
+                match Self::load(&ctx, &shipped) {
+                    Ok(modules) => (Arc::new(shipped), modules),
+                    Err(_) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         Ok(CudaDevice {
             label: format!("cuda:{ordinal} {name} [{}]", images.describe()),
             ctx,
@@ -216,6 +251,21 @@ impl CudaDevice {
             functions: Mutex::new(HashMap::new()),
             staging: Mutex::new(Staging::default()),
         })
+    }
+
+    /// Loads every module of `images` into `ctx`.
+    fn load(
+        ctx: &Arc<CudaContext>,
+        images: &Images,
+    ) -> Result<Vec<(&'static str, Arc<CudaModule>)>> {
+        let mut modules = Vec::new();
+        for (m, c) in MODULES.iter().zip(images.modules.iter()) {
+            let loaded = ctx
+                .load_module(Ptx::from_binary(c.image.clone()))
+                .map_err(|e| load_err(m.file, &c.arch, images, e))?;
+            modules.push((m.file, loaded));
+        }
+        Ok(modules)
     }
 
     /// Keeps freed device memory in the stream-ordered pool instead of returning it to the
@@ -437,5 +487,27 @@ impl KernelDevice for CudaDevice {
         self.stream
             .synchronize()
             .map_err(|e| driver_err("synchronize", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fp32_lanes_per_sm;
+
+    #[test]
+    fn fp32_peak_of_known_gpus() {
+        // (cc, SMs, boost MHz, NVIDIA's datasheet FP32 TFLOP/s)
+        for (cc, sms, mhz, sheet) in [
+            ((9, 0), 132, 1980, 66.9), // H100 SXM
+            ((8, 0), 108, 1410, 19.5), // A100
+            ((8, 9), 58, 2040, 30.3),  // L4 (datasheet 30.3)
+            ((7, 0), 80, 1530, 15.7),  // V100 SXM2
+        ] {
+            let peak = f64::from(sms * fp32_lanes_per_sm(cc)) * 2.0 * f64::from(mhz) * 1e6 / 1e12;
+            assert!(
+                (peak - sheet).abs() / sheet < 0.01,
+                "{cc:?}: {peak} vs {sheet}"
+            );
+        }
     }
 }
