@@ -16,7 +16,7 @@
 //! * `sample1`: one image with the no_std kernel (`clayflow_kernel::sample`, f32 weights of
 //!   tools/firmware/model-f32.cfw), as an edge device draws it; always one thread.
 //! * `sample64`: 64 images with the trainer's batched inverse
-//!   (`clayflow_trainer::train::sample_pixels`), the path `clayflow sample --model RUN` takes.
+//!   (`clayflow_trainer::sample::sample_pixels`), the path `clayflow sample --model RUN` takes.
 //! * `sample64-kernel`: 64 images with the kernel, one per rayon task (the path
 //!   `clayflow sample --model BLOB.cfw` takes).
 //!
@@ -26,7 +26,8 @@ use clayflow_kernel::{scratch_len, Model, Pcg32, MNIST};
 use clayflow_trainer::backend::{cpu::CpuBackend, AdamStep, Backend};
 use clayflow_trainer::data::{epoch_order, load_idx_images, Dataset};
 use clayflow_trainer::model::{init_params, Flow};
-use clayflow_trainer::train::{dequantize_batch, sample_pixels};
+use clayflow_trainer::sample::sample_pixels;
+use clayflow_trainer::train::dequantize_batch;
 use rayon::prelude::*;
 use std::error::Error;
 use std::path::PathBuf;

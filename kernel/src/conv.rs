@@ -26,37 +26,11 @@ pub struct Conv {
 
 /// The convolution path this build runs: `"avx512"`, `"avx2"`, `"neon"` (chosen by the
 /// target features the crate is compiled with; see the `simd` module) or `"scalar"`.
-#[cfg(any(
-    all(
-        any(target_arch = "x86", target_arch = "x86_64"),
-        any(
-            target_feature = "avx512f",
-            all(target_feature = "avx2", target_feature = "fma")
-        )
-    ),
-    all(
-        target_arch = "aarch64",
-        target_feature = "neon",
-        target_endian = "little"
-    )
-))]
+#[cfg(clayflow_simd)]
 pub const PATH: &str = crate::simd::PATH;
 /// The convolution path this build runs: `"avx512"`, `"avx2"`, `"neon"` (chosen by the
 /// target features the crate is compiled with) or `"scalar"`.
-#[cfg(not(any(
-    all(
-        any(target_arch = "x86", target_arch = "x86_64"),
-        any(
-            target_feature = "avx512f",
-            all(target_feature = "avx2", target_feature = "fma")
-        )
-    ),
-    all(
-        target_arch = "aarch64",
-        target_feature = "neon",
-        target_endian = "little"
-    )
-)))]
+#[cfg(not(clayflow_simd))]
 pub const PATH: &str = "scalar";
 
 pub(crate) const INTERNAL: Error = Error::InvalidArgument("internal size invariant broken");
@@ -119,20 +93,7 @@ impl Conv {
         if self.height == 0 || self.width == 0 || self.cout == 0 {
             return Ok(());
         }
-        #[cfg(any(
-            all(
-                any(target_arch = "x86", target_arch = "x86_64"),
-                any(
-                    target_feature = "avx512f",
-                    all(target_feature = "avx2", target_feature = "fma")
-                )
-            ),
-            all(
-                target_arch = "aarch64",
-                target_feature = "neon",
-                target_endian = "little"
-            )
-        ))]
+        #[cfg(clayflow_simd)]
         if self.kernel <= MAX_K && crate::simd::takes(self) && !crate::simd::force_scalar() {
             return crate::simd::forward(self, input, weight, bias, relu, out);
         }
@@ -161,20 +122,7 @@ impl Conv {
             out.fill(0.0);
             return Ok(());
         }
-        #[cfg(any(
-            all(
-                any(target_arch = "x86", target_arch = "x86_64"),
-                any(
-                    target_feature = "avx512f",
-                    all(target_feature = "avx2", target_feature = "fma")
-                )
-            ),
-            all(
-                target_arch = "aarch64",
-                target_feature = "neon",
-                target_endian = "little"
-            )
-        ))]
+        #[cfg(clayflow_simd)]
         if !crate::simd::force_scalar() {
             return crate::simd::pointwise(self, input, weight, None, false, out);
         }
@@ -185,23 +133,7 @@ impl Conv {
     /// [`Conv::forward`] runs when no SIMD path is compiled in or the shape is too large for
     /// it. Sizes already checked. Not inlined into `forward` in SIMD builds, so its 24 KiB of
     /// stack buffers and the SIMD path's 96 KiB are never in one frame.
-    #[cfg_attr(
-        any(
-            all(
-                any(target_arch = "x86", target_arch = "x86_64"),
-                any(
-                    target_feature = "avx512f",
-                    all(target_feature = "avx2", target_feature = "fma")
-                )
-            ),
-            all(
-                target_arch = "aarch64",
-                target_feature = "neon",
-                target_endian = "little"
-            )
-        ),
-        inline(never)
-    )]
+    #[cfg_attr(clayflow_simd, inline(never))]
     pub(crate) fn forward_scalar(
         &self,
         input: &[f32],

@@ -47,22 +47,10 @@ pub mod coupling;
 pub mod error;
 pub mod flow;
 pub mod preprocess;
-// The compile-time SIMD convolution paths; present only when the target flags enable one.
+// The compile-time SIMD convolution paths; present only when the target flags enable one
+// (`cfg(clayflow_simd)`, set by build.rs, the one place that predicate is written).
 // Like conv.rs, its index arithmetic runs on sizes `Conv::check` has already bounded.
-#[cfg(any(
-    all(
-        any(target_arch = "x86", target_arch = "x86_64"),
-        any(
-            target_feature = "avx512f",
-            all(target_feature = "avx2", target_feature = "fma")
-        )
-    ),
-    all(
-        target_arch = "aarch64",
-        target_feature = "neon",
-        target_endian = "little"
-    )
-))]
+#[cfg(clayflow_simd)]
 #[allow(unsafe_code, clippy::arithmetic_side_effects)]
 pub mod simd;
 pub mod squeeze;

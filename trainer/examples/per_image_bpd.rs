@@ -6,8 +6,8 @@
 use clayflow_trainer::backend::cpu::CpuBackend;
 use clayflow_trainer::checkpoint;
 use clayflow_trainer::data::load_idx_images;
+use clayflow_trainer::eval::eval_u;
 use clayflow_trainer::model::{bpd, latent_blocks, Flow};
-use clayflow_trainer::train::eval_u;
 use std::path::Path;
 use std::sync::Arc;
 

@@ -6,14 +6,13 @@ use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::tensor_specs;
 use crate::data::Dataset;
+use crate::eval::{eval_u, kernel_bpd_of};
 use crate::fsutil;
 use crate::model::{bpd, Flow};
-use crate::train::{eval_u, sample_pixels};
 use anyhow::{bail, Context, Result};
 use clayflow_kernel::{
     blob_len, weights::round_to_f16, write_blob, Arch, DType, Model, Normal, Pcg32,
 };
-use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -125,23 +124,6 @@ pub fn verify(
     })
 }
 
-/// Per-image bits/dim of dequantized images `u` (concatenated) through the kernel, in
-/// parallel (one scratch buffer per worker).
-pub fn kernel_bpd_of(model: &Model<'_>, u: &[f32]) -> Result<Vec<f64>> {
-    let arch = *model.arch();
-    let d = arch.dim();
-    u.par_chunks(d)
-        .map_init(
-            || vec![0.0f32; clayflow_kernel::scratch_len(&arch)],
-            |scratch, img| {
-                let lp = clayflow_kernel::log_prob_u(model, img, scratch)
-                    .map_err(|e| anyhow::anyhow!("kernel: {e}"))?;
-                Ok(f64::from(clayflow_kernel::bits_per_dim(&arch, lp)))
-            },
-        )
-        .collect()
-}
-
 /// Exports the checkpoint at `from` (run folder or checkpoint folder) to `out` as `dtype`,
 /// after verifying kernel/trainer agreement on `check`. Refuses to write a blob that
 /// disagrees.
@@ -170,108 +152,4 @@ pub fn export(
     }
     fsutil::atomic_write(out, &blob).with_context(|| format!("writing {}", out.display()))?;
     Ok(agreement)
-}
-
-/// A model to evaluate or sample from: trainer parameters, or a kernel blob.
-#[derive(Debug)]
-pub enum Source {
-    /// A checkpoint (from a run folder or a checkpoint folder).
-    Checkpoint(Box<Checkpoint>),
-    /// An exported kernel blob (the deployed path).
-    Blob(Vec<u8>),
-}
-
-impl Source {
-    /// Opens `path`: a directory is a run or checkpoint; a file is a kernel blob.
-    pub fn open(path: &Path) -> Result<Source> {
-        if path.is_dir() {
-            let (c, _) = checkpoint::load(path)?;
-            Ok(Source::Checkpoint(Box::new(c)))
-        } else {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Model::from_blob(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            Ok(Source::Blob(bytes))
-        }
-    }
-
-    /// The architecture.
-    pub fn arch(&self) -> Result<Arch> {
-        match self {
-            Source::Checkpoint(c) => Ok(c.model.to_arch()?),
-            Source::Blob(b) => Ok(*Model::from_blob(b)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .arch()),
-        }
-    }
-
-    /// Mean bits/dim over `ds` with the fixed evaluation noise.
-    pub fn evaluate(&self, backend: Arc<dyn Backend>, ds: &Dataset, batch: usize) -> Result<f64> {
-        match self {
-            Source::Checkpoint(c) => {
-                let mut flow = Flow::new(backend, c.model.to_arch()?, &c.params)?;
-                crate::train::evaluate(&mut flow, ds, batch)
-            }
-            Source::Blob(b) => {
-                let model = Model::from_blob(b).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let arch = *model.arch();
-                let d = arch.dim();
-                let mut total = 0.0;
-                let mut u = vec![0.0f32; batch * d];
-                let mut start = 0;
-                while start < ds.len() {
-                    let n = batch.min(ds.len() - start);
-                    for k in 0..n {
-                        eval_u(ds, start + k, arch.bits, &mut u[k * d..(k + 1) * d])?;
-                    }
-                    total += kernel_bpd_of(&model, &u[..n * d])?.iter().sum::<f64>();
-                    start += n;
-                }
-                Ok(total / ds.len().max(1) as f64)
-            }
-        }
-    }
-
-    /// `n` samples (quantised pixels) at `temperature`, image `i` from latent stream
-    /// `(seed, i)`: the same images from a checkpoint and from its blob.
-    pub fn sample(
-        &self,
-        backend: Arc<dyn Backend>,
-        n: usize,
-        temperature: f32,
-        seed: u64,
-    ) -> Result<Vec<u8>> {
-        match self {
-            Source::Checkpoint(c) => {
-                let mut flow = Flow::new(backend, c.model.to_arch()?, &c.params)?;
-                sample_pixels(&mut flow, n, temperature, seed)
-            }
-            Source::Blob(b) => {
-                let model = Model::from_blob(b).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let arch = *model.arch();
-                let d = arch.dim();
-                let mut pixels = vec![0u8; n * d];
-                pixels.par_chunks_mut(d).enumerate().try_for_each_init(
-                    || {
-                        (
-                            vec![0.0f32; clayflow_kernel::scratch_len(&arch)],
-                            vec![0.0f32; d],
-                        )
-                    },
-                    |(scratch, values), (i, px)| {
-                        clayflow_kernel::sample_with(
-                            &model,
-                            Pcg32::with_stream(seed, i as u64),
-                            temperature,
-                            scratch,
-                            px,
-                            values,
-                        )
-                        .map_err(|e| anyhow::anyhow!("kernel sampling: {e}"))
-                    },
-                )?;
-                Ok(pixels)
-            }
-        }
-    }
 }

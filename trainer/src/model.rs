@@ -187,6 +187,91 @@ fn shape4(batch: usize, (c, h, w): (usize, usize, usize)) -> Shape4 {
     }
 }
 
+/// The shape of level `l - 1`'s kept half, which the squeeze between levels `l - 1` and `l`
+/// maps to level `l`'s state: `(C/2, H, W) -> (2C, H/2, W/2)`.
+fn kept_shape(a: &Arch, batch: usize, l: usize) -> Shape4 {
+    let (c, h, w) = a.level_shape(l - 1);
+    shape4(batch, (c / 2, h, w))
+}
+
+/// Levels `l - 1` and `l`, both mutable (for the transition between them).
+fn adjacent(levels: &mut [LevelWs], l: usize) -> (&mut LevelWs, &mut LevelWs) {
+    let (prev, cur) = levels.split_at_mut(l);
+    (&mut prev[l - 1], &mut cur[0])
+}
+
+/// Split at the end of a level: the odd channels of `state` leave as `latent`, the even ones
+/// flow on as `kept`.
+fn split(
+    b: &dyn Backend,
+    fs: Shape4,
+    state: &Buffer,
+    kept: &mut Buffer,
+    latent: &mut Buffer,
+) -> Result<()> {
+    b.mask_gather(fs, Mask::ChannelOdd, state, latent)?;
+    b.mask_gather(fs, Mask::ChannelEven, state, kept)
+}
+
+/// Merge, the inverse of [`split`] (and its adjoint, fed gradients): channel `2k` of `state`
+/// from `kept[k]`, channel `2k + 1` from `latent[k]`.
+fn merge(
+    b: &dyn Backend,
+    fs: Shape4,
+    kept: &Buffer,
+    latent: &Buffer,
+    state: &mut Buffer,
+) -> Result<()> {
+    b.fill(state, 0.0)?;
+    b.mask_scatter_add(fs, Mask::ChannelOdd, latent, state)?;
+    b.mask_scatter_add(fs, Mask::ChannelEven, kept, state)
+}
+
+/// A coupling's seven tensors by name (checkpoint order: `scale`, then weight and bias of
+/// each of the three convolutions). `T` is `&Buffer` for parameters, `&mut Buffer` for
+/// gradients.
+struct CouplingTensors<T> {
+    scale: T,
+    w: [T; 3],
+    bias: [T; 3],
+}
+
+impl<'a> CouplingTensors<&'a Buffer> {
+    fn of(t: &'a [Buffer]) -> Result<Self> {
+        match t {
+            [scale, w0, b0, w1, b1, w2, b2] => Ok(CouplingTensors {
+                scale,
+                w: [w0, w1, w2],
+                bias: [b0, b1, b2],
+            }),
+            _ => Err(size_err(
+                "coupling tensors",
+                "count",
+                COUPLING_TENSORS.len(),
+                t.len(),
+            )),
+        }
+    }
+}
+
+impl<'a> CouplingTensors<&'a mut Buffer> {
+    fn of_mut(t: &'a mut [Buffer]) -> Result<Self> {
+        match t {
+            [scale, w0, b0, w1, b1, w2, b2] => Ok(CouplingTensors {
+                scale,
+                w: [w0, w1, w2],
+                bias: [b0, b1, b2],
+            }),
+            _ => Err(size_err(
+                "coupling tensors",
+                "count",
+                COUPLING_TENSORS.len(),
+                t.len(),
+            )),
+        }
+    }
+}
+
 /// Per-image `(offset, length)` of each block of the latent `z`: every level's split-off
 /// latent, then the last level's state (the kernel's layout).
 pub fn latent_blocks(arch: &Arch) -> Vec<(usize, usize)> {
@@ -293,6 +378,12 @@ impl Flow {
     fn step_base(&self, i: usize) -> (usize, usize) {
         let per = tensors_per_step(&self.arch);
         (i * per, i * per + per - COUPLING_TENSORS.len())
+    }
+
+    /// Step `i`'s coupling tensors by name.
+    fn coupling(&self, i: usize) -> Result<CouplingTensors<&Buffer>> {
+        let (_, cb) = self.step_base(i);
+        CouplingTensors::of(&self.params[cb..cb + COUPLING_TENSORS.len()])
     }
 
     /// The LU factors of step `i`'s 1x1 convolution, where they live.
@@ -499,31 +590,30 @@ impl Flow {
         batch: usize,
         cache: &mut CouplingCache,
     ) -> Result<()> {
-        let (_, cb) = self.step_base(i);
-        let p = &self.params[cb..cb + 7];
+        let p = self.coupling(i)?;
         let view = self.arch.step_arch(i);
         let b = &self.backend;
         b.conv_forward(
             &Self::conv(&view, batch, mask, 0),
             &cache.cnn_in,
-            &p[1],
-            &p[2],
+            p.w[0],
+            p.bias[0],
             true,
             &mut cache.h1,
         )?;
         b.conv_forward(
             &Self::conv(&view, batch, mask, 1),
             &cache.h1,
-            &p[3],
-            &p[4],
+            p.w[1],
+            p.bias[1],
             true,
             &mut cache.h2,
         )?;
         b.conv_forward(
             &Self::conv(&view, batch, mask, 2),
             &cache.h2,
-            &p[5],
-            &p[6],
+            p.w[2],
+            p.bias[2],
             false,
             &mut cache.st,
         )
@@ -581,15 +671,8 @@ impl Flow {
         for l in 0..a.levels {
             let fs = shape4(batch, a.level_shape(l));
             if l > 0 {
-                let (prev, cur) = ws.levels.split_at_mut(l);
-                let p = &prev[l - 1];
-                let (c, h, w) = a.level_shape(l - 1);
-                b.squeeze(
-                    shape4(batch, (c / 2, h, w)),
-                    false,
-                    &p.kept,
-                    &mut cur[0].state,
-                )?;
+                let (prev, cur) = adjacent(&mut ws.levels, l);
+                b.squeeze(kept_shape(&a, batch, l), false, &prev.kept, &mut cur.state)?;
             }
             for i in l * n..(l + 1) * n {
                 let m = a.masks[i];
@@ -635,10 +718,8 @@ impl Flow {
                 )?;
             }
             if l + 1 < a.levels {
-                // Split: the odd channels leave as this level's latent, the even flow on.
                 let lw = &mut ws.levels[l];
-                b.mask_gather(fs, Mask::ChannelOdd, &lw.state, &mut lw.latent)?;
-                b.mask_gather(fs, Mask::ChannelEven, &lw.state, &mut lw.kept)?;
+                split(b.as_ref(), fs, &lw.state, &mut lw.kept, &mut lw.latent)?;
             }
         }
         b.fill(&mut ws.sq, 0.0)?;
@@ -723,9 +804,7 @@ impl Flow {
                     // level l + 1. Both scatter into this level's state gradient.
                     b.fill(&mut lw.d_latent, 0.0)?;
                     b.axpy(g, &lw.latent, &mut lw.d_latent)?;
-                    b.fill(&mut lw.d_state, 0.0)?;
-                    b.mask_scatter_add(fs, Mask::ChannelOdd, &lw.d_latent, &mut lw.d_state)?;
-                    b.mask_scatter_add(fs, Mask::ChannelEven, &lw.d_kept, &mut lw.d_state)?;
+                    merge(b.as_ref(), fs, &lw.d_kept, &lw.d_latent, &mut lw.d_state)?;
                 } else {
                     b.fill(&mut lw.d_state, 0.0)?;
                     b.axpy(g, &lw.state, &mut lw.d_state)?;
@@ -735,16 +814,16 @@ impl Flow {
                 let m = a.masks[i];
                 let view = a.step_arch(i);
                 let (gb, cb) = self.step_base(i);
-                let p = &self.params[cb..cb + 7];
+                let p = self.coupling(i)?;
                 let lw = &mut ws.levels[l];
                 let step = &mut ws.steps[i];
                 let cache = &step.coupling;
                 let d_st = &mut step.d_st;
                 {
-                    let gr = &mut grads[cb..cb + 7];
+                    let gr = CouplingTensors::of_mut(&mut grads[cb..cb + COUPLING_TENSORS.len()])?;
                     // Glow's sigmoid scale does not use the `scale` tensor: its gradient
                     // stays 0.
-                    b.fill(&mut gr[0], 0.0)?;
+                    b.fill(gr.scale, 0.0)?;
                     b.coupling_backward(
                         fs,
                         m,
@@ -754,26 +833,22 @@ impl Flow {
                         -g,
                         &mut lw.d_state,
                         d_st,
-                        &mut gr[0],
+                        gr.scale,
                     )?;
                     let (s0, s1, s2) = (
                         Self::conv(&view, batch, m, 0),
                         Self::conv(&view, batch, m, 1),
                         Self::conv(&view, batch, m, 2),
                     );
-                    let (g0, rest) = gr[1..].split_at_mut(2);
-                    let (g1, g2) = rest.split_at_mut(2);
-                    let [gw2, gb2] = g2 else { unreachable!() };
+                    let ([gw0, gw1, gw2], [gb0, gb1, gb2]) = (gr.w, gr.bias);
                     b.conv_backward_weight(&s2, &cache.h2, d_st, gw2, gb2)?;
-                    b.conv_backward_data(&s2, d_st, &p[5], &mut lw.d_h2)?;
+                    b.conv_backward_data(&s2, d_st, p.w[2], &mut lw.d_h2)?;
                     b.relu_backward(&cache.h2, &mut lw.d_h2)?;
-                    let [gw1, gb1] = g1 else { unreachable!() };
                     b.conv_backward_weight(&s1, &cache.h1, &lw.d_h2, gw1, gb1)?;
-                    b.conv_backward_data(&s1, &lw.d_h2, &p[3], &mut lw.d_h1)?;
+                    b.conv_backward_data(&s1, &lw.d_h2, p.w[1], &mut lw.d_h1)?;
                     b.relu_backward(&cache.h1, &mut lw.d_h1)?;
-                    let [gw0, gb0] = g0 else { unreachable!() };
                     b.conv_backward_weight(&s0, &cache.cnn_in, &lw.d_h1, gw0, gb0)?;
-                    b.conv_backward_data(&s0, &lw.d_h1, &p[1], &mut step.d_cnn_in)?;
+                    b.conv_backward_data(&s0, &lw.d_h1, p.w[0], &mut step.d_cnn_in)?;
                     b.mask_scatter_add(fs, m, &step.d_cnn_in, &mut lw.d_state)?;
                 }
                 if let Some(gc) = step.glow.as_ref() {
@@ -826,13 +901,12 @@ impl Flow {
             }
             if l > 0 {
                 // The squeeze is a permutation: its adjoint is the unsqueeze.
-                let (prev, cur) = ws.levels.split_at_mut(l);
-                let (c, h, w) = a.level_shape(l - 1);
+                let (prev, cur) = adjacent(&mut ws.levels, l);
                 b.squeeze(
-                    shape4(batch, (c / 2, h, w)),
+                    kept_shape(a, batch, l),
                     true,
-                    &cur[0].d_state,
-                    &mut prev[l - 1].d_kept,
+                    &cur.d_state,
+                    &mut prev.d_kept,
                 )?;
             }
         }
@@ -876,11 +950,8 @@ impl Flow {
         for l in (0..a.levels).rev() {
             let fs = shape4(batch, a.level_shape(l));
             if l + 1 < a.levels {
-                // Merge: channel 2k <- kept channel k, 2k + 1 <- latent channel k.
                 let lw = &mut ws.levels[l];
-                b.fill(&mut lw.state, 0.0)?;
-                b.mask_scatter_add(fs, Mask::ChannelOdd, &lw.latent, &mut lw.state)?;
-                b.mask_scatter_add(fs, Mask::ChannelEven, &lw.kept, &mut lw.state)?;
+                merge(b.as_ref(), fs, &lw.kept, &lw.latent, &mut lw.state)?;
             }
             for i in (l * n..(l + 1) * n).rev() {
                 let m = a.masks[i];
@@ -910,14 +981,8 @@ impl Flow {
                 }
             }
             if l > 0 {
-                let (prev, cur) = ws.levels.split_at_mut(l);
-                let (c, h, w) = a.level_shape(l - 1);
-                b.squeeze(
-                    shape4(batch, (c / 2, h, w)),
-                    true,
-                    &cur[0].state,
-                    &mut prev[l - 1].kept,
-                )?;
+                let (prev, cur) = adjacent(&mut ws.levels, l);
+                b.squeeze(kept_shape(a, batch, l), true, &cur.state, &mut prev.kept)?;
             }
         }
         let img = shape4(batch, (a.channels, a.height, a.width));

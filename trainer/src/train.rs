@@ -9,19 +9,17 @@ use crate::backend::{AdamStep, Backend, Buffer};
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config::ModelConfig;
 use crate::data::{epoch_order, Dataset};
+use crate::eval::{evaluate, uniform01};
 use crate::fsutil;
-use crate::model::{bpd, init_params, Flow};
+use crate::model::{init_params, Flow};
 use crate::report::{self, MetricRecord, MetricsLog};
+use crate::sample::sample_pixels;
 use anyhow::{bail, Context, Result};
-use clayflow_kernel::{preprocess::dequantize, Pcg32, Rng};
+use clayflow_kernel::{preprocess::dequantize, Arch, Pcg32};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Seed of the fixed dequantization noise used for every validation / evaluation score, so
-/// scores are comparable across runs, checkpoints, and the kernel.
-pub const EVAL_NOISE_SEED: u64 = 0x5eed_e7a1;
 
 /// Restores of the last checkpoint in a row (no new checkpoint in between) before training
 /// gives up: each halves the learning rate, so the last ran at 1/32 of the original.
@@ -173,70 +171,6 @@ pub fn dequantize_batch(
     Ok(())
 }
 
-/// Uniform in `[0, 1)` with 24 bits.
-fn uniform01(rng: &mut Pcg32) -> f32 {
-    (rng.next_u32() >> 8) as f32 / 16_777_216.0
-}
-
-/// The fixed evaluation noise of image `i` (see [`EVAL_NOISE_SEED`]).
-pub fn eval_noise(i: usize) -> Pcg32 {
-    Pcg32::with_stream(EVAL_NOISE_SEED, i as u64)
-}
-
-/// Dequantizes image `i` with its fixed evaluation noise.
-pub fn eval_u(ds: &Dataset, i: usize, bits: u32, out: &mut [f32]) -> Result<()> {
-    let img = ds.get(i).context("image index out of range")?;
-    let mut rng = eval_noise(i);
-    dequantize(img, bits, |_| uniform01(&mut rng), out)
-        .map_err(|e| anyhow::anyhow!("image {i}: {e}"))
-}
-
-/// Mean bits/dim of `flow` on `ds` with the fixed evaluation noise, in batches of `batch`
-/// (the last batch padded by repeating images; padding is not scored).
-pub fn evaluate(flow: &mut Flow, ds: &Dataset, batch: usize) -> Result<f64> {
-    let d = ds.image_len();
-    let arch = *flow.arch();
-    if ds.is_empty() {
-        bail!("cannot evaluate on an empty data set");
-    }
-    let mut total = 0.0;
-    let mut u = vec![0.0f32; batch * d];
-    let mut start = 0;
-    while start < ds.len() {
-        let n = batch.min(ds.len() - start);
-        for k in 0..batch {
-            let i = start + k.min(n - 1);
-            eval_u(ds, i, arch.bits, &mut u[k * d..(k + 1) * d])?;
-        }
-        let stats = flow.forward(&u, batch)?;
-        total += stats.log_prob[..n]
-            .iter()
-            .map(|lp| bpd(&arch, *lp))
-            .sum::<f64>();
-        start += n;
-    }
-    Ok(total / ds.len() as f64)
-}
-
-/// Draws `n` samples from `flow` at `temperature` (latents from the kernel's generator
-/// seeded with `seed`, one stream per image) and returns the quantised pixels.
-pub fn sample_pixels(flow: &mut Flow, n: usize, temperature: f32, seed: u64) -> Result<Vec<u8>> {
-    let arch = *flow.arch();
-    let d = arch.dim();
-    let mut z = vec![0.0f32; n * d];
-    for (i, chunk) in z.chunks_mut(d).enumerate() {
-        let mut normal = clayflow_kernel::Normal::new(Pcg32::with_stream(seed, i as u64));
-        normal
-            .fill(chunk, temperature)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    let u = flow.inverse(&z, n)?;
-    let mut pixels = vec![0u8; u.len()];
-    clayflow_kernel::preprocess::quantize(&u, arch.bits, &mut pixels)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(pixels)
-}
-
 /// The optimiser: Adam moments on the backend.
 struct Adam {
     m: Vec<Buffer>,
@@ -327,7 +261,8 @@ pub fn read_config(run_dir: &Path) -> Result<TrainConfig> {
 }
 
 /// Trains (or, with `resume`, continues) the run in `run_dir` on `train`, validating on
-/// `val`.
+/// `val`. The phases: check the inputs, set up (a new run, or resume one), the steps, and
+/// the finish (final validation, checkpoint, samples and plot).
 pub fn train(
     backend: Arc<dyn Backend>,
     cfg: &TrainConfig,
@@ -337,6 +272,21 @@ pub fn train(
     resume: bool,
     progress: &mut dyn Progress,
 ) -> Result<Outcome> {
+    let arch = check_inputs(cfg, train_set, val_set)?;
+    // Fail now, not after an hour, if the run folder cannot be written.
+    fsutil::check_writable_dir(run_dir)?;
+    let mut run = if resume {
+        Run::resume(backend, cfg, arch, run_dir, progress)?
+    } else {
+        Run::start(backend, cfg, arch, run_dir, train_set, progress)?
+    };
+    let clock = Clock::new(cfg, train_set, &run.state);
+    run.steps(&clock, train_set, val_set, progress)?;
+    run.finish(&clock, val_set)
+}
+
+/// The architecture, once the configuration and both data sets are known to fit it.
+fn check_inputs(cfg: &TrainConfig, train_set: &Dataset, val_set: &Dataset) -> Result<Arch> {
     let arch = cfg.model.to_arch()?;
     if cfg.batch_size == 0 {
         bail!("batch size must be at least 1");
@@ -363,11 +313,164 @@ pub fn train(
     if cfg.epochs.is_none() && cfg.minutes.is_none() && cfg.max_steps.is_none() {
         bail!("no stopping rule: give epochs, minutes or max steps");
     }
-    // Fail now, not after an hour, if the run folder cannot be written.
-    fsutil::check_writable_dir(run_dir)?;
-    let metrics_path = run_dir.join("metrics.jsonl");
+    Ok(arch)
+}
 
-    let (params, adam_host, mut state) = if resume {
+/// The run's budget and clock: when it stops, how far through it is.
+struct Clock {
+    steps_per_epoch: u64,
+    total_steps: Option<u64>,
+    budget_secs: Option<f64>,
+    session_start: Instant,
+    elapsed_before: f64,
+    start_step: u64,
+}
+
+impl Clock {
+    fn new(cfg: &TrainConfig, train_set: &Dataset, state: &TrainState) -> Clock {
+        let steps_per_epoch = (train_set.len() / cfg.batch_size) as u64;
+        Clock {
+            steps_per_epoch,
+            total_steps: [cfg.epochs.map(|e| e * steps_per_epoch), cfg.max_steps]
+                .into_iter()
+                .flatten()
+                .min(),
+            budget_secs: cfg.minutes.map(|m| m * 60.0),
+            session_start: Instant::now(),
+            elapsed_before: state.elapsed_secs,
+            start_step: state.step,
+        }
+    }
+
+    /// Training seconds of the whole run so far, earlier sessions included.
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.session_start.elapsed().as_secs_f64()
+    }
+
+    fn done(&self, step: u64, elapsed: f64) -> bool {
+        self.total_steps.is_some_and(|t| step >= t)
+            || self.budget_secs.is_some_and(|b| elapsed >= b)
+    }
+
+    fn fraction(&self, step: u64, elapsed: f64) -> f64 {
+        run_fraction(step, elapsed, self.total_steps, self.budget_secs)
+    }
+}
+
+/// Adam's first and second moments on the host, as a checkpoint holds them.
+type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
+/// A training run in progress: the model and optimiser on the device, the state that goes
+/// into checkpoints, and the metrics log.
+struct Run<'a> {
+    backend: Arc<dyn Backend>,
+    cfg: &'a TrainConfig,
+    arch: Arch,
+    run_dir: &'a Path,
+    metrics_path: PathBuf,
+    metrics: MetricsLog,
+    flow: Flow,
+    adam: Adam,
+    grads: Vec<Buffer>,
+    /// The 1x1 convolutions' permutations and signs are fixed: the optimiser skips them.
+    trainable: Vec<bool>,
+    state: TrainState,
+}
+
+impl<'a> Run<'a> {
+    /// Everything but the parameters, the optimiser moments and the state.
+    fn with(
+        backend: Arc<dyn Backend>,
+        cfg: &'a TrainConfig,
+        arch: Arch,
+        run_dir: &'a Path,
+        params: &[Vec<f32>],
+        adam_host: Option<Moments>,
+        state: TrainState,
+    ) -> Result<Run<'a>> {
+        let metrics_path = run_dir.join("metrics.jsonl");
+        let metrics = MetricsLog::open(&metrics_path)?;
+        let flow = Flow::new(backend.clone(), arch, params)?;
+        let adam = match adam_host {
+            Some((m, v)) => Adam {
+                m: upload_all(backend.as_ref(), &m)?,
+                v: upload_all(backend.as_ref(), &v)?,
+            },
+            None => Adam {
+                m: flow.zeros_like_params()?,
+                v: flow.zeros_like_params()?,
+            },
+        };
+        let grads = flow.zeros_like_params()?;
+        let trainable = flow.trainable();
+        Ok(Run {
+            backend,
+            cfg,
+            arch,
+            run_dir,
+            metrics_path,
+            metrics,
+            flow,
+            adam,
+            grads,
+            trainable,
+            state,
+        })
+    }
+
+    /// A new run: writes its configuration, initialises the parameters (and ActNorm from
+    /// the first batch), and saves the step-0 checkpoint.
+    fn start(
+        backend: Arc<dyn Backend>,
+        cfg: &'a TrainConfig,
+        arch: Arch,
+        run_dir: &'a Path,
+        train_set: &Dataset,
+        progress: &mut dyn Progress,
+    ) -> Result<Run<'a>> {
+        if checkpoint::latest(run_dir)?.is_some() {
+            bail!(
+                "{} already holds a run; use --resume to continue it or choose another --out",
+                run_dir.display()
+            );
+        }
+        fsutil::atomic_write(
+            &config_path(run_dir),
+            serde_json::to_string_pretty(cfg)?.as_bytes(),
+        )?;
+        let metrics_path = run_dir.join("metrics.jsonl");
+        if metrics_path.exists() {
+            std::fs::remove_file(&metrics_path)?;
+        }
+        let params = init_params(&arch, cfg.seed);
+        let mut run = Run::with(backend, cfg, arch, run_dir, &params, None, state_of(cfg))?;
+        if arch.glow {
+            // ActNorm's data-dependent initialisation on the first training batch (the one
+            // step 0 will see), before the step-0 checkpoint so a resume never redoes it.
+            let n = cfg.batch_size.min(train_set.len()).max(1);
+            let idx = &epoch_order(train_set.len(), cfg.seed, 0)[..n];
+            let mut noise = Pcg32::with_stream(cfg.seed ^ 0xd1ce, 0);
+            let mut u0 = Vec::new();
+            dequantize_batch(train_set, idx, arch.bits, &mut noise, &mut u0)?;
+            let stats = run.flow.data_init(&u0, n)?;
+            progress.note(&format!(
+                "ActNorm initialised from {n} images (initial loss {:.4} bits/dim)",
+                stats.mean_bpd
+            ));
+        }
+        // Step 0: there is always a last good checkpoint to go back to.
+        run.save()?;
+        Ok(run)
+    }
+
+    /// Continues the run in `run_dir` from its latest checkpoint (metrics after it dropped).
+    fn resume(
+        backend: Arc<dyn Backend>,
+        cfg: &'a TrainConfig,
+        arch: Arch,
+        run_dir: &'a Path,
+        progress: &mut dyn Progress,
+    ) -> Result<Run<'a>> {
         let loaded = match checkpoint::load_with_notes(run_dir) {
             Ok(l) => l,
             // Killed before its first checkpoint (step 0) was committed: nothing to resume.
@@ -387,311 +490,293 @@ pub fn train(
             loaded.dir.display(),
             c.state.step
         ));
+        let metrics_path = run_dir.join("metrics.jsonl");
         if metrics_path.exists() {
             report::truncate_after_step(&metrics_path, c.state.step)?;
         }
-        (c.params, Some((c.adam_m, c.adam_v)), c.state)
-    } else {
-        if checkpoint::latest(run_dir)?.is_some() {
-            bail!(
-                "{} already holds a run; use --resume to continue it or choose another --out",
-                run_dir.display()
-            );
-        }
-        fsutil::atomic_write(
-            &config_path(run_dir),
-            serde_json::to_string_pretty(cfg)?.as_bytes(),
-        )?;
-        if metrics_path.exists() {
-            std::fs::remove_file(&metrics_path)?;
-        }
-        (init_params(&arch, cfg.seed), None, state_of(cfg))
-    };
-    let mut metrics = MetricsLog::open(&metrics_path)?;
-    let mut flow = Flow::new(backend.clone(), arch, &params)?;
-    let mut adam = match adam_host {
-        Some((m, v)) => Adam {
-            m: upload_all(backend.as_ref(), &m)?,
-            v: upload_all(backend.as_ref(), &v)?,
-        },
-        None => Adam {
-            m: flow.zeros_like_params()?,
-            v: flow.zeros_like_params()?,
-        },
-    };
-    let mut grads = flow.zeros_like_params()?;
-    // The 1x1 convolutions' permutations and signs are fixed: the optimiser skips them.
-    let trainable = flow.trainable();
-
-    let save = |flow: &Flow, adam: &Adam, state: &TrainState| -> Result<PathBuf> {
-        let ck = Checkpoint {
-            model: cfg.model.clone(),
-            params: flow.params_host()?,
-            adam_m: to_host(backend.as_ref(), &adam.m)?,
-            adam_v: to_host(backend.as_ref(), &adam.v)?,
-            state: state.clone(),
-        };
-        Ok(checkpoint::save(run_dir, &ck, cfg.keep)?)
-    };
-    if !resume {
-        if arch.glow {
-            // ActNorm's data-dependent initialisation on the first training batch (the one
-            // step 0 will see), before the step-0 checkpoint so a resume never redoes it.
-            let n = cfg.batch_size.min(train_set.len()).max(1);
-            let idx = &epoch_order(train_set.len(), cfg.seed, 0)[..n];
-            let mut noise = Pcg32::with_stream(cfg.seed ^ 0xd1ce, 0);
-            let mut u0 = Vec::new();
-            dequantize_batch(train_set, idx, arch.bits, &mut noise, &mut u0)?;
-            let stats = flow.data_init(&u0, n)?;
-            progress.note(&format!(
-                "ActNorm initialised from {n} images (initial loss {:.4} bits/dim)",
-                stats.mean_bpd
-            ));
-        }
-        // Step 0: there is always a last good checkpoint to go back to.
-        save(&flow, &adam, &state)?;
+        let adam = Some((c.adam_m, c.adam_v));
+        Run::with(backend, cfg, arch, run_dir, &c.params, adam, c.state)
     }
 
-    let bs = cfg.batch_size;
-    let steps_per_epoch = (train_set.len() / bs) as u64;
-    let total_steps = [cfg.epochs.map(|e| e * steps_per_epoch), cfg.max_steps]
-        .into_iter()
-        .flatten()
-        .min();
-    let budget_secs = cfg.minutes.map(|m| m * 60.0);
-    let session_start = Instant::now();
-    let elapsed_before = state.elapsed_secs;
-    let start_step = state.step;
-    let mut last_ckpt = Instant::now();
-    let mut u = Vec::new();
-    let mut bad_in_a_row = 0u32;
-    let mut running = (0.0f64, 0u64);
-    let mut window_start = Instant::now();
-    let mut window_images = 0u64;
-    let mut order_epoch = u64::MAX;
-    let mut order = Vec::new();
-    let d = arch.dim();
-    // Each injected NaN fires once: a restore replays the steps after its checkpoint.
-    let mut nan_pending = cfg.inject_nan_at.clone();
-    // Restores since the last checkpoint saved after good steps; give up when replaying
-    // from the same point keeps diverging even at a much lower learning rate.
-    let mut restores_in_a_row = 0u32;
+    /// Saves a checkpoint of the parameters, the moments and the state.
+    fn save(&self) -> Result<PathBuf> {
+        let ck = Checkpoint {
+            model: self.cfg.model.clone(),
+            params: self.flow.params_host()?,
+            adam_m: to_host(self.backend.as_ref(), &self.adam.m)?,
+            adam_v: to_host(self.backend.as_ref(), &self.adam.v)?,
+            state: self.state.clone(),
+        };
+        Ok(checkpoint::save(self.run_dir, &ck, self.cfg.keep)?)
+    }
 
-    loop {
-        let elapsed = elapsed_before + session_start.elapsed().as_secs_f64();
-        state.elapsed_secs = elapsed;
-        let done_steps = total_steps.is_some_and(|t| state.step >= t);
-        let done_time = budget_secs.is_some_and(|b| elapsed >= b);
-        if done_steps || done_time {
-            break;
-        }
-        let epoch = state.step / steps_per_epoch;
-        let b = state.step % steps_per_epoch;
-        if epoch != order_epoch {
-            order = epoch_order(train_set.len(), cfg.seed, epoch);
-            order_epoch = epoch;
-        }
-        let idx = &order[(b as usize) * bs..(b as usize + 1) * bs];
-        let mut noise = Pcg32::with_stream(cfg.seed ^ 0xd1ce, state.step);
-        dequantize_batch(train_set, idx, arch.bits, &mut noise, &mut u)?;
-        debug_assert_eq!(u.len(), bs * d);
-        if let Some(k) = nan_pending.iter().position(|&s| s == state.step) {
-            nan_pending.swap_remove(k);
-            u[0] = f32::NAN;
-        }
-        let stats = flow.forward(&u, bs)?;
-        let mut ok = stats.mean_bpd.is_finite();
-        let mut norm = f64::NAN;
-        if ok {
-            flow.backward(&mut grads)?;
-            norm = backend.sum_squares_all(&grads)?.sqrt();
-            ok = norm.is_finite();
-        }
-        state.epoch = epoch;
-        state.batch_in_epoch = b;
-        if !ok {
-            state.nonfinite_skips += 1;
-            bad_in_a_row += 1;
-            let msg = format!(
-                "step {}: non-finite {} (loss {}, grad norm {}); step skipped",
-                state.step,
-                if stats.mean_bpd.is_finite() {
-                    "gradient"
-                } else {
-                    "loss"
-                },
-                stats.mean_bpd,
-                norm
+    /// Appends an event line to the metrics and tells the user.
+    fn event(&mut self, msg: String, progress: &mut dyn Progress, elapsed: f64) -> Result<()> {
+        progress.note(&msg);
+        let mut rec = MetricRecord::new(self.state.step, self.state.epoch, elapsed);
+        rec.event = Some(msg);
+        self.metrics.append(&rec)?;
+        Ok(())
+    }
+
+    /// Goes back to the last checkpoint with half the learning rate, after `max_bad_steps`
+    /// non-finite steps in a row; gives up after [`MAX_RESTORES_IN_A_ROW`] such restores.
+    fn restore(
+        &mut self,
+        restores_in_a_row: u32,
+        progress: &mut dyn Progress,
+        elapsed: f64,
+    ) -> Result<()> {
+        if restores_in_a_row > MAX_RESTORES_IN_A_ROW {
+            bail!(
+                "training keeps diverging: {MAX_RESTORES_IN_A_ROW} restores of the last checkpoint with ever lower learning rates did not help (last at step {}); see {}",
+                self.state.step,
+                self.metrics_path.display()
             );
-            progress.note(&msg);
-            let mut rec = MetricRecord::new(state.step, epoch, elapsed);
-            rec.event = Some(msg);
-            metrics.append(&rec)?;
-            if bad_in_a_row >= cfg.max_bad_steps {
-                restores_in_a_row += 1;
-                if restores_in_a_row > MAX_RESTORES_IN_A_ROW {
-                    bail!(
-                        "training keeps diverging: {MAX_RESTORES_IN_A_ROW} restores of the last checkpoint with ever lower learning rates did not help (last at step {}); see {}",
-                        state.step,
-                        metrics_path.display()
-                    );
-                }
-                let (c, dir) = checkpoint::load(run_dir)?;
-                flow.set_params(&c.params)?;
-                adam.m = upload_all(backend.as_ref(), &c.adam_m)?;
-                adam.v = upload_all(backend.as_ref(), &c.adam_v)?;
-                let (skips, restores) = (state.nonfinite_skips, state.restores + 1);
-                let lr_scale = state.lr_scale * 0.5;
-                state = c.state;
-                state.nonfinite_skips = skips;
-                state.restores = restores;
-                state.lr_scale = lr_scale;
-                bad_in_a_row = 0;
-                let msg = format!(
-                    "{} non-finite steps in a row: restored {} (step {}) and halved the learning rate (x{})",
-                    cfg.max_bad_steps,
-                    dir.display(),
-                    state.step,
-                    state.lr_scale
-                );
-                progress.note(&msg);
-                let mut rec = MetricRecord::new(state.step, state.epoch, elapsed);
-                rec.event = Some(msg);
-                metrics.append(&rec)?;
-                continue;
-            }
-            // Skip this batch: move on as if the step had been taken.
-            state.step += 1;
-            continue;
         }
-        bad_in_a_row = 0;
+        let (c, dir) = checkpoint::load(self.run_dir)?;
+        self.flow.set_params(&c.params)?;
+        self.adam.m = upload_all(self.backend.as_ref(), &c.adam_m)?;
+        self.adam.v = upload_all(self.backend.as_ref(), &c.adam_v)?;
+        let (skips, restores) = (self.state.nonfinite_skips, self.state.restores + 1);
+        let lr_scale = self.state.lr_scale * 0.5;
+        self.state = c.state;
+        self.state.nonfinite_skips = skips;
+        self.state.restores = restores;
+        self.state.lr_scale = lr_scale;
+        let msg = format!(
+            "{} non-finite steps in a row: restored {} (step {}) and halved the learning rate (x{})",
+            self.cfg.max_bad_steps,
+            dir.display(),
+            self.state.step,
+            self.state.lr_scale
+        );
+        self.event(msg, progress, elapsed)
+    }
+
+    /// The learning rate of the current step: warm-up, cosine decay, restore scaling.
+    fn lr(&self, clock: &Clock, elapsed: f64) -> f32 {
+        let cfg = self.cfg;
         let warm = if cfg.warmup_steps == 0 {
             1.0
         } else {
-            ((state.step + 1) as f32 / cfg.warmup_steps as f32).min(1.0)
+            ((self.state.step + 1) as f32 / cfg.warmup_steps as f32).min(1.0)
         };
         let decay = if cfg.cosine_decay {
-            let f = run_fraction(state.step, elapsed, total_steps, budget_secs).min(1.0);
+            let f = clock.fraction(self.state.step, elapsed).min(1.0);
             (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * f).cos())) as f32
         } else {
             1.0
         };
-        let lr = cfg.lr * state.lr_scale * warm * decay;
+        cfg.lr * self.state.lr_scale * warm * decay
+    }
+
+    /// One Adam update of every trainable tensor, gradients clipped to `clip_norm`.
+    fn update(&mut self, lr: f32, norm: f64) -> Result<()> {
+        let cfg = self.cfg;
         let hp = AdamStep {
             lr,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
             eps: cfg.eps,
-            step: state.step + 1,
+            step: self.state.step + 1,
             grad_scale: if norm > f64::from(cfg.clip_norm) {
                 (f64::from(cfg.clip_norm) / norm) as f32
             } else {
                 1.0
             },
         };
-        backend.adam_all(
+        self.backend.adam_all(
             &hp,
-            &mut flow.params,
-            &grads,
-            &mut adam.m,
-            &mut adam.v,
-            &trainable,
+            &mut self.flow.params,
+            &self.grads,
+            &mut self.adam.m,
+            &mut self.adam.v,
+            &self.trainable,
         )?;
-        state.step += 1;
-        running.0 += stats.mean_bpd;
-        running.1 += 1;
-        window_images += bs as u64;
-        let ips = window_images as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
-        let frac = run_fraction(state.step, elapsed, total_steps, budget_secs);
-        progress.step(
-            &state,
-            running.0 / running.1.max(1) as f64,
-            ips,
-            frac.min(1.0),
-        );
-        if state.step % 20 == 0 {
-            let mut rec = MetricRecord::new(state.step, epoch, elapsed);
-            rec.train_bpd = Some(running.0 / running.1.max(1) as f64);
-            rec.images_per_sec = Some(ips);
-            rec.lr = Some(f64::from(lr));
-            metrics.append(&rec)?;
-            running = (0.0, 0);
-            window_start = Instant::now();
-            window_images = 0;
-        }
-        let epoch_end = state.step % steps_per_epoch == 0;
-        let eval_due = epoch_end || cfg.eval_steps.is_some_and(|e| state.step % e == 0);
-        if eval_due {
-            let v = evaluate(&mut flow, val_set, bs)?;
-            state.last_val_bpd = Some(v);
-            state.best_val_bpd = Some(state.best_val_bpd.map_or(v, |b: f64| b.min(v)));
-            let mut rec = MetricRecord::new(
-                state.step,
-                epoch,
-                elapsed_before + session_start.elapsed().as_secs_f64(),
-            );
-            rec.val_bpd = Some(v);
-            metrics.append(&rec)?;
-            progress.note(&format!(
-                "step {} (epoch {}): validation {:.4} bits/dim on {} images",
-                state.step,
-                epoch + 1,
-                v,
-                val_set.len()
-            ));
-        }
-        let ckpt_due = epoch_end
-            || last_ckpt.elapsed().as_secs_f64() >= cfg.checkpoint_secs
-            || cfg.checkpoint_steps.is_some_and(|c| state.step % c == 0);
-        if ckpt_due {
-            state.elapsed_secs = elapsed_before + session_start.elapsed().as_secs_f64();
-            save(&flow, &adam, &state)?;
-            last_ckpt = Instant::now();
-            restores_in_a_row = 0;
+        Ok(())
+    }
+
+    /// Scores the validation set and records it in the state and the metrics (with `event`,
+    /// if any, on the same line).
+    fn validate(&mut self, clock: &Clock, val_set: &Dataset, event: Option<&str>) -> Result<f64> {
+        let v = evaluate(&mut self.flow, val_set, self.cfg.batch_size)?;
+        self.state.last_val_bpd = Some(v);
+        self.state.best_val_bpd = Some(self.state.best_val_bpd.map_or(v, |b: f64| b.min(v)));
+        let mut rec = MetricRecord::new(self.state.step, self.state.epoch, clock.elapsed());
+        rec.val_bpd = Some(v);
+        rec.event = event.map(str::to_string);
+        self.metrics.append(&rec)?;
+        Ok(v)
+    }
+
+    /// The steps, until the clock says done: batch, forward, backward, update; non-finite
+    /// steps skipped (and the last checkpoint restored when they repeat); validation and
+    /// checkpoints when due.
+    fn steps(
+        &mut self,
+        clock: &Clock,
+        train_set: &Dataset,
+        val_set: &Dataset,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        let bs = cfg.batch_size;
+        let spe = clock.steps_per_epoch;
+        let mut last_ckpt = Instant::now();
+        let mut u = Vec::new();
+        let mut bad_in_a_row = 0u32;
+        let mut running = (0.0f64, 0u64);
+        let mut window_start = Instant::now();
+        let mut window_images = 0u64;
+        let mut order_epoch = u64::MAX;
+        let mut order = Vec::new();
+        // Each injected NaN fires once: a restore replays the steps after its checkpoint.
+        let mut nan_pending = cfg.inject_nan_at.clone();
+        // Restores since the last checkpoint saved after good steps; give up when replaying
+        // from the same point keeps diverging even at a much lower learning rate.
+        let mut restores_in_a_row = 0u32;
+        loop {
+            let elapsed = clock.elapsed();
+            self.state.elapsed_secs = elapsed;
+            if clock.done(self.state.step, elapsed) {
+                return Ok(());
+            }
+            let epoch = self.state.step / spe;
+            let b = self.state.step % spe;
+            if epoch != order_epoch {
+                order = epoch_order(train_set.len(), cfg.seed, epoch);
+                order_epoch = epoch;
+            }
+            let idx = &order[(b as usize) * bs..(b as usize + 1) * bs];
+            let mut noise = Pcg32::with_stream(cfg.seed ^ 0xd1ce, self.state.step);
+            dequantize_batch(train_set, idx, self.arch.bits, &mut noise, &mut u)?;
+            debug_assert_eq!(u.len(), bs * self.arch.dim());
+            if let Some(k) = nan_pending.iter().position(|&s| s == self.state.step) {
+                nan_pending.swap_remove(k);
+                u[0] = f32::NAN;
+            }
+            let stats = self.flow.forward(&u, bs)?;
+            let mut ok = stats.mean_bpd.is_finite();
+            let mut norm = f64::NAN;
+            if ok {
+                self.flow.backward(&mut self.grads)?;
+                norm = self.backend.sum_squares_all(&self.grads)?.sqrt();
+                ok = norm.is_finite();
+            }
+            self.state.epoch = epoch;
+            self.state.batch_in_epoch = b;
+            if !ok {
+                self.state.nonfinite_skips += 1;
+                bad_in_a_row += 1;
+                let what = if stats.mean_bpd.is_finite() {
+                    "gradient"
+                } else {
+                    "loss"
+                };
+                let msg = format!(
+                    "step {}: non-finite {what} (loss {}, grad norm {norm}); step skipped",
+                    self.state.step, stats.mean_bpd
+                );
+                self.event(msg, progress, elapsed)?;
+                if bad_in_a_row >= cfg.max_bad_steps {
+                    restores_in_a_row += 1;
+                    self.restore(restores_in_a_row, progress, elapsed)?;
+                    bad_in_a_row = 0;
+                } else {
+                    // Skip this batch: move on as if the step had been taken.
+                    self.state.step += 1;
+                }
+                continue;
+            }
+            bad_in_a_row = 0;
+            let lr = self.lr(clock, elapsed);
+            self.update(lr, norm)?;
+            self.state.step += 1;
+            running.0 += stats.mean_bpd;
+            running.1 += 1;
+            window_images += bs as u64;
+            let ips = window_images as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+            let frac = clock.fraction(self.state.step, elapsed);
+            let train_bpd = running.0 / running.1.max(1) as f64;
+            progress.step(&self.state, train_bpd, ips, frac.min(1.0));
+            if self.state.step.is_multiple_of(20) {
+                let mut rec = MetricRecord::new(self.state.step, epoch, elapsed);
+                rec.train_bpd = Some(train_bpd);
+                rec.images_per_sec = Some(ips);
+                rec.lr = Some(f64::from(lr));
+                self.metrics.append(&rec)?;
+                running = (0.0, 0);
+                window_start = Instant::now();
+                window_images = 0;
+            }
+            let epoch_end = self.state.step.is_multiple_of(spe);
+            if epoch_end
+                || cfg
+                    .eval_steps
+                    .is_some_and(|e| self.state.step.is_multiple_of(e))
+            {
+                let v = self.validate(clock, val_set, None)?;
+                progress.note(&format!(
+                    "step {} (epoch {}): validation {:.4} bits/dim on {} images",
+                    self.state.step,
+                    epoch + 1,
+                    v,
+                    val_set.len()
+                ));
+            }
+            let ckpt_due = epoch_end
+                || last_ckpt.elapsed().as_secs_f64() >= cfg.checkpoint_secs
+                || cfg
+                    .checkpoint_steps
+                    .is_some_and(|c| self.state.step.is_multiple_of(c));
+            if ckpt_due {
+                self.state.elapsed_secs = clock.elapsed();
+                self.save()?;
+                last_ckpt = Instant::now();
+                restores_in_a_row = 0;
+            }
         }
     }
 
-    // Final validation, checkpoint, samples and plot.
-    let v = evaluate(&mut flow, val_set, bs)?;
-    state.last_val_bpd = Some(v);
-    state.best_val_bpd = Some(state.best_val_bpd.map_or(v, |b: f64| b.min(v)));
-    state.elapsed_secs = elapsed_before + session_start.elapsed().as_secs_f64();
-    let mut rec = MetricRecord::new(state.step, state.epoch, state.elapsed_secs);
-    rec.val_bpd = Some(v);
-    rec.event = Some("finished".into());
-    metrics.append(&rec)?;
-    save(&flow, &adam, &state)?;
-    let n = cfg.samples.max(1);
-    let pixels = sample_pixels(&mut flow, n, cfg.temperature, cfg.seed)?;
-    let samples_png = run_dir.join("samples.png");
-    let cols = (n as f64).sqrt().ceil() as usize;
-    let upscale = if arch.height <= 32 { 3 } else { 1 };
-    report::write_png_grid(
-        &samples_png,
-        &pixels,
-        n,
-        arch.channels,
-        arch.height,
-        arch.width,
-        cols,
-        2,
-        upscale,
-    )?;
-    let records = report::read_metrics(&metrics_path)?;
-    report::write_loss_svg(
-        run_dir.join("loss.svg"),
-        &records,
-        &format!("clayflow: {}", cfg.dataset),
-    )?;
-    let session_steps = state.step - start_step;
-    let secs = session_start.elapsed().as_secs_f64();
-    Ok(Outcome {
-        steps: state.step,
-        val_bpd: v,
-        val_images: val_set.len(),
-        images_per_sec: session_steps as f64 * bs as f64 / secs.max(1e-9),
-        elapsed_secs: state.elapsed_secs,
-        samples_png,
-        nonfinite_skips: state.nonfinite_skips,
-    })
+    /// Final validation, checkpoint, samples and plot.
+    fn finish(mut self, clock: &Clock, val_set: &Dataset) -> Result<Outcome> {
+        let v = self.validate(clock, val_set, Some("finished"))?;
+        self.state.elapsed_secs = clock.elapsed();
+        self.save()?;
+        let (cfg, arch) = (self.cfg, self.arch);
+        let n = cfg.samples.max(1);
+        let pixels = sample_pixels(&mut self.flow, n, cfg.temperature, cfg.seed)?;
+        let samples_png = self.run_dir.join("samples.png");
+        let cols = (n as f64).sqrt().ceil() as usize;
+        let upscale = if arch.height <= 32 { 3 } else { 1 };
+        report::write_png_grid(
+            &samples_png,
+            &pixels,
+            n,
+            arch.channels,
+            arch.height,
+            arch.width,
+            cols,
+            2,
+            upscale,
+        )?;
+        let records = report::read_metrics(&self.metrics_path)?;
+        report::write_loss_svg(
+            self.run_dir.join("loss.svg"),
+            &records,
+            &format!("clayflow: {}", cfg.dataset),
+        )?;
+        let session_steps = self.state.step - clock.start_step;
+        let secs = clock.session_start.elapsed().as_secs_f64();
+        Ok(Outcome {
+            steps: self.state.step,
+            val_bpd: v,
+            val_images: val_set.len(),
+            images_per_sec: session_steps as f64 * cfg.batch_size as f64 / secs.max(1e-9),
+            elapsed_secs: self.state.elapsed_secs,
+            samples_png,
+            nonfinite_skips: self.state.nonfinite_skips,
+        })
+    }
 }

@@ -9,8 +9,10 @@ use clayflow_trainer::backend::{cpu::CpuBackend, Backend};
 use clayflow_trainer::checkpoint;
 use clayflow_trainer::config::ModelConfig;
 use clayflow_trainer::data::{self, Crop, Dataset};
-use clayflow_trainer::export::{self, Source};
+use clayflow_trainer::eval;
+use clayflow_trainer::export;
 use clayflow_trainer::report;
+use clayflow_trainer::source::Source;
 use clayflow_trainer::train::{self, Outcome, Quiet, TrainConfig};
 use tempfile::TempDir;
 
@@ -101,7 +103,7 @@ fn train_reports_its_outcome() {
     assert_ne!(init, ck.params);
     let mut flow =
         clayflow_trainer::model::Flow::new(backend(), cfg.model.to_arch().unwrap(), &init).unwrap();
-    let before = train::evaluate(&mut flow, &val, 16).unwrap();
+    let before = eval::evaluate(&mut flow, &val, 16).unwrap();
     assert!(
         o.val_bpd < before,
         "12 steps did not improve validation: {before} -> {}",
