@@ -1,6 +1,6 @@
 //! The weight-blob rows of the bad-input table (RELIABILITY.md): one test per class of
 //! corrupt blob, each checking the error variant *and* that its message names the problem,
-//! through the public API only. (The parser's unit tests in `src/weights.rs` go through
+//! through the public API only. (The parser's unit tests in `src/weights/read.rs` go through
 //! every header field; these pin what a user sees.)
 
 use clayflow_kernel::error::Buffer;

@@ -1,0 +1,79 @@
+//! Deterministic shuffling: the epoch order of the training set and the SplitMix64
+//! generator behind it (also used for random crop positions).
+
+/// A shuffled order of `0..n` for one epoch, deterministic from `seed` and
+/// `epoch` (its own SplitMix64 generator, so it never changes with library
+/// versions). Cut it into mini-batches with `chunks(batch_size)`.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = SplitMix64::new(mix(mix(seed, epoch), 0x6570_6f63_6873_6866));
+    for i in (1..n).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// Combine two values into one well-mixed seed.
+pub(super) fn mix(a: u64, b: u64) -> u64 {
+    let mut r = SplitMix64::new(a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17));
+    r.next_u64()
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast and good enough for
+/// shuffling and crop positions.
+#[derive(Clone, Debug)]
+pub(super) struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub(super) fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..bound` (Lemire's unbiased multiply-shift); `bound > 0`.
+    pub(super) fn below(&mut self, bound: u64) -> u64 {
+        let threshold = bound.wrapping_neg() % bound;
+        loop {
+            let m = u128::from(self.next_u64()) * u128::from(bound);
+            if (m as u64) >= threshold {
+                return (m >> 64) as u64;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn epoch_order_is_deterministic_permutation() {
+        let a = epoch_order(1000, 1, 0);
+        assert_eq!(a, epoch_order(1000, 1, 0));
+        assert_ne!(a, epoch_order(1000, 1, 1));
+        assert_ne!(a, epoch_order(1000, 2, 0));
+        assert_ne!(a, (0..1000).collect::<Vec<_>>());
+        assert!(epoch_order(0, 1, 0).is_empty());
+        assert_eq!(epoch_order(1, 1, 0), vec![0]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn epoch_order_permutes(n in 0usize..300, seed: u64, epoch in 0u64..5) {
+            let mut o = epoch_order(n, seed, epoch);
+            o.sort_unstable();
+            prop_assert_eq!(o, (0..n).collect::<Vec<_>>());
+        }
+    }
+}
