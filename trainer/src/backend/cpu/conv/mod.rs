@@ -121,6 +121,10 @@ mod tests;
 
 use rayon::prelude::*;
 
+// `ConvShape` lives with the other backend types (`backend/types.rs`); re-exported here for
+// the ops' callers (`backend::cpu::conv::ConvShape`, e.g. benches/conv_cpu.rs).
+pub use crate::backend::ConvShape;
+
 use backward_weight::backward_weight_with;
 use gemm::gemm;
 use im2col::col2im;
@@ -128,68 +132,6 @@ use layout::flip_transpose_weights;
 use same_conv::SameConv;
 use scratch::{with_scratch, with_worker_scratch, FLIP_SCRATCH};
 use select::{pick_algo_for, pick_data_plan, pick_wgrad_algo, Algo, DataPlan};
-
-/// Shape of one convolution problem.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvShape {
-    /// Number of images (N).
-    pub batch: usize,
-    /// Input channels.
-    pub cin: usize,
-    /// Output channels.
-    pub cout: usize,
-    /// Image height (same for input and output).
-    pub height: usize,
-    /// Image width (same for input and output).
-    pub width: usize,
-    /// Square kernel size; must be odd.
-    pub kernel: usize,
-}
-
-impl ConvShape {
-    /// Number of `f32`s in the input `x` (and in `dx`): `batch * cin * height * width`.
-    pub fn input_len(&self) -> usize {
-        self.batch * self.cin * self.hw()
-    }
-
-    /// Number of `f32`s in the output `y` (and in `dy`): `batch * cout * height * width`.
-    pub fn output_len(&self) -> usize {
-        self.batch * self.cout * self.hw()
-    }
-
-    /// Number of `f32`s in the weights `w` (and in `dw`): `cout * cin * kernel * kernel`.
-    pub fn weight_len(&self) -> usize {
-        self.cout * self.cin * self.kernel * self.kernel
-    }
-
-    /// Floating-point operations of the forward pass: `2 * batch * cout * cin * k * k * h * w`
-    /// (two per multiply-accumulate, counting the padded taps; bias and ReLU are not counted).
-    /// Backward-data and backward-weight cost the same.
-    pub fn flops(&self) -> u64 {
-        2 * self.batch as u64
-            * self.cout as u64
-            * self.cin as u64
-            * (self.kernel * self.kernel) as u64
-            * self.hw() as u64
-    }
-
-    /// Zero padding on each side: `kernel / 2`.
-    pub fn pad(&self) -> usize {
-        self.kernel / 2
-    }
-
-    fn hw(&self) -> usize {
-        self.height * self.width
-    }
-
-    fn check_kernel(&self, op: &str) {
-        assert!(
-            self.kernel % 2 == 1,
-            "{op}: kernel size must be odd, got {}",
-            self.kernel
-        );
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Public ops
