@@ -40,7 +40,7 @@ fn busy_params(arch: &Arch) -> Vec<Vec<f32>> {
 }
 
 fn train_step(c: &mut Criterion) {
-    // One sgemm thread per rayon task (see trainer/src/backend/cpu/conv.rs).
+    // One sgemm thread per rayon task (see trainer/src/backend/cpu/conv/mod.rs).
     if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
         std::env::set_var("MATMUL_NUM_THREADS", "1");
     }

@@ -186,7 +186,7 @@ fn main() -> ExitCode {
 
 fn run() -> Res<()> {
     let a = parse()?;
-    // One sgemm thread per rayon task (see trainer/src/backend/cpu/conv.rs).
+    // One sgemm thread per rayon task (see trainer/src/backend/cpu/conv/mod.rs).
     if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
         std::env::set_var("MATMUL_NUM_THREADS", "1");
     }

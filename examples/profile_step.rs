@@ -22,8 +22,9 @@
 //! load (A B A B ...); the last table gives both medians and the ratio per round.
 
 use clayflow_kernel::{Arch, Mask, Pcg32, COLOR, MNIST};
+use clayflow_trainer::backend::prelude::*;
 use clayflow_trainer::backend::{
-    cpu::CpuBackend, AdamStep, Backend, Buffer, ConvShape, CouplingScale, LuFactors, Result, Shape4,
+    cpu::CpuBackend, AdamStep, Buffer, ConvShape, CouplingScale, LuFactors, Result, Shape4,
 };
 use clayflow_trainer::data::{epoch_order, load_idx_images, Dataset};
 use clayflow_trainer::model::{init_params, Flow};
@@ -101,6 +102,9 @@ impl Backend for Timed {
     fn name(&self) -> String {
         format!("timed {}", self.inner.name())
     }
+}
+
+impl Memory for Timed {
     fn zeros(&self, len: usize) -> Result<Buffer> {
         self.time(
             || "misc: alloc/upload/download".into(),
@@ -167,6 +171,9 @@ impl Backend for Timed {
             || self.inner.sum_squares_all(xs),
         )
     }
+}
+
+impl Convolution for Timed {
     fn conv_forward(
         &self,
         s: &ConvShape,
@@ -212,6 +219,9 @@ impl Backend for Timed {
     fn relu_backward(&self, y: &Buffer, dy: &mut Buffer) -> Result<()> {
         self.time(|| "relu bwd".into(), 0, || self.inner.relu_backward(y, dy))
     }
+}
+
+impl FlowLayers for Timed {
     fn logit_forward(
         &self,
         shape: Shape4,
@@ -412,6 +422,16 @@ impl Backend for Timed {
             || self.inner.add_log_det(plane, v, log_det),
         )
     }
+    fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer, acc: &mut Buffer) -> Result<()> {
+        self.time(
+            || "misc: log p (sum z^2)".into(),
+            0,
+            || self.inner.per_image_sum_squares(shape, z, acc),
+        )
+    }
+}
+
+impl Optimiser for Timed {
     fn adam_all(
         &self,
         hp: &AdamStep,
@@ -425,13 +445,6 @@ impl Backend for Timed {
             || "opt: adam".into(),
             0,
             || self.inner.adam_all(hp, params, grads, m, v, trainable),
-        )
-    }
-    fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer, acc: &mut Buffer) -> Result<()> {
-        self.time(
-            || "misc: log p (sum z^2)".into(),
-            0,
-            || self.inner.per_image_sum_squares(shape, z, acc),
         )
     }
     fn adam(

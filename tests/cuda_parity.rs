@@ -22,6 +22,7 @@ use clayflow_cuda_sim::{Schedule, SimDevice};
 use clayflow_kernel::{Mask, Pcg32, Rng};
 use clayflow_trainer::backend::cpu::CpuBackend;
 use clayflow_trainer::backend::cuda::{KernelDevice, LaunchCfg, Param};
+use clayflow_trainer::backend::prelude::*;
 use clayflow_trainer::backend::{
     hi_lo, AdamStep, Backend, Buffer, ConvShape, CouplingScale, Shape4,
 };

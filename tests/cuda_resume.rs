@@ -15,6 +15,7 @@
 use clayflow_cuda_sim::SimDevice;
 use clayflow_trainer::backend::cpu::CpuBackend;
 use clayflow_trainer::backend::cuda::CudaBackend;
+use clayflow_trainer::backend::prelude::*;
 use clayflow_trainer::backend::Backend;
 use clayflow_trainer::checkpoint;
 use clayflow_trainer::config::ModelConfig;

@@ -14,6 +14,7 @@
 
 use clayflow_kernel::{Mask, Pcg32, Rng};
 use clayflow_trainer::backend::cpu::CpuBackend;
+use clayflow_trainer::backend::prelude::*;
 use clayflow_trainer::backend::select;
 use clayflow_trainer::backend::{
     hi_lo, AdamStep, Backend, Buffer, ConvShape, CouplingScale, Shape4,

@@ -7,7 +7,7 @@
 
 use clayflow_kernel::Mask;
 
-use super::{expect_len, Buffer, ConvShape, CouplingScale, Result, Shape4};
+use super::{BackendError, Buffer, ConvShape, CouplingScale, LuFactors, Result, Shape4};
 
 /// `y = conv(x, w) + b`: every operand against the conv shape.
 pub(crate) fn conv_forward(
@@ -146,4 +146,73 @@ pub(crate) fn adam(param: &Buffer, grad: &Buffer, m: &Buffer, v: &Buffer) -> Res
     expect_len(op, "grad", grad, n)?;
     expect_len(op, "m", m, n)?;
     expect_len(op, "v", v, n)
+}
+
+/// Checks that the slices of [`Optimiser::adam_all`](super::Optimiser::adam_all) have one
+/// length.
+pub(crate) fn check_adam_all(
+    params: &[Buffer],
+    grads: &[Buffer],
+    m: &[Buffer],
+    v: &[Buffer],
+    trainable: &[bool],
+) -> Result<()> {
+    let n = params.len();
+    for (what, len) in [
+        ("grads", grads.len()),
+        ("m", m.len()),
+        ("v", v.len()),
+        ("trainable", trainable.len()),
+    ] {
+        if len != n {
+            return Err(BackendError::Size {
+                op: "adam_all",
+                what,
+                expected: n,
+                got: len,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks the buffers of an ActNorm op: per-channel `logs` and `bias`, a `shape` tensor `x`.
+pub(crate) fn check_actnorm(
+    op: &'static str,
+    shape: Shape4,
+    logs: &Buffer,
+    bias: &Buffer,
+    x: &Buffer,
+) -> Result<()> {
+    expect_len(op, "logs", logs, shape.channels)?;
+    expect_len(op, "bias", bias, shape.channels)?;
+    expect_len(op, "x", x, shape.len())
+}
+
+/// Checks the five LU factors of a `c`-channel 1x1 convolution.
+pub(crate) fn check_lu(op: &'static str, c: usize, lu: &LuFactors<'_>) -> Result<()> {
+    expect_len(op, "perm", lu.perm, c)?;
+    expect_len(op, "sign", lu.sign, c)?;
+    expect_len(op, "lower", lu.lower, c * c)?;
+    expect_len(op, "upper", lu.upper, c * c)?;
+    expect_len(op, "log_s", lu.log_s, c)
+}
+
+/// Checks a buffer's length for an op.
+pub(crate) fn expect_len(
+    op: &'static str,
+    what: &'static str,
+    buf: &Buffer,
+    expected: usize,
+) -> Result<()> {
+    if buf.len() == expected {
+        Ok(())
+    } else {
+        Err(BackendError::Size {
+            op,
+            what,
+            expected,
+            got: buf.len(),
+        })
+    }
 }

@@ -14,173 +14,26 @@ mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod select;
+mod types;
 
-pub use cpu::conv::ConvShape;
+pub use types::{
+    hi_lo, to_hi_lo, AdamStep, BackendError, Buffer, ConvShape, CouplingScale, LuFactors, Result,
+    Shape4, Storage,
+};
+
+/// The backend traits in one import (`use clayflow_trainer::backend::prelude::*;`): an op
+/// called on a concrete backend (`CpuBackend`, `CudaBackend<D>`) needs its op-group trait in
+/// scope (calls through `dyn Backend` or a `B: Backend` bound do not).
+pub mod prelude {
+    pub use super::{Backend, Convolution, FlowLayers, Memory, Optimiser};
+}
 
 use clayflow_kernel::Mask;
 use std::fmt::Debug;
 
-/// A failed backend operation.
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    /// A buffer has the wrong length for the operation.
-    #[error("{op}: buffer `{what}` has length {got}, expected {expected}")]
-    Size {
-        /// The operation.
-        op: &'static str,
-        /// Which argument.
-        what: &'static str,
-        /// Expected length.
-        expected: usize,
-        /// Actual length.
-        got: usize,
-    },
-    /// A buffer belongs to another backend.
-    #[error("{op}: buffer lives on another device")]
-    WrongDevice {
-        /// The operation.
-        op: &'static str,
-    },
-    /// A device-level failure (driver, kernel launch, out of memory).
-    #[error("device error: {0}")]
-    Device(String),
-}
-
-/// Result of a backend operation.
-pub type Result<T> = std::result::Result<T, BackendError>;
-
-/// Storage of a [`Buffer`]. Each backend reads only its own variant.
-#[derive(Debug)]
-pub enum Storage {
-    /// Host memory (the CPU backend, and the CUDA backend on the host simulator).
-    Host(Vec<f32>),
-    /// GPU memory (the CUDA backend on a real GPU).
-    Cuda(cuda::gpu::CudaMem),
-}
-
-/// An f32 tensor owned by a backend. Not `Clone`: copies go through [`Backend::copy`], on the
-/// buffer's own device.
-#[derive(Debug)]
-pub struct Buffer {
-    /// The storage.
-    pub storage: Storage,
-}
-
-impl Buffer {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        match &self.storage {
-            Storage::Host(v) => v.len(),
-            Storage::Cuda(m) => m.len(),
-        }
-    }
-
-    /// True when empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Shape of a batch of images or flow states: `batch x channels x height x width`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shape4 {
-    /// Images in the batch.
-    pub batch: usize,
-    /// Channels.
-    pub channels: usize,
-    /// Height.
-    pub height: usize,
-    /// Width.
-    pub width: usize,
-}
-
-impl Shape4 {
-    /// Elements per image.
-    pub fn image_len(&self) -> usize {
-        self.channels * self.height * self.width
-    }
-
-    /// Elements in the batch.
-    pub fn len(&self) -> usize {
-        self.batch * self.image_len()
-    }
-
-    /// True when the batch holds no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Pixels per channel plane.
-    pub fn plane(&self) -> usize {
-        self.height * self.width
-    }
-}
-
-/// One Adam update's hyper-parameters.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamStep {
-    /// Learning rate for this step (after warm-up and any reduction).
-    pub lr: f32,
-    /// First-moment decay.
-    pub beta1: f32,
-    /// Second-moment decay.
-    pub beta2: f32,
-    /// Denominator epsilon.
-    pub eps: f32,
-    /// 1-based step count, for bias correction.
-    pub step: u64,
-    /// Factor applied to the gradient first (gradient-norm clipping).
-    pub grad_scale: f32,
-}
-
-/// The log-scale function of an affine coupling, `s = f(s_raw)` on each changed element
-/// (the kernel's `coupling::apply` makes the same choice by `Arch::glow`).
-#[derive(Clone, Copy, Debug)]
-pub enum CouplingScale<'a> {
-    /// The seed's RealNVP: `s = scale[j] * tanh(s_raw)`, with the learned per-channel `scale`
-    /// (one value per changed channel). Its backward adds `dL/dscale` to `d_scale`.
-    Tanh(&'a Buffer),
-    /// Glow's bound `s = log sigmoid(s_raw + 2)`: `exp(s)` lies in `(0, 1)`, so a coupling
-    /// only contracts and an unusual image cannot be blown up through many couplings
-    /// (measured: with `tanh`, one held-out digit reached 6,090 bits/dim after 10 minutes of
-    /// training while the median was 1.43). No `scale` tensor is read and `d_scale` is left
-    /// untouched.
-    Sigmoid,
-}
-
-impl CouplingScale<'_> {
-    /// The kernels' `mode` code: 0 `Tanh`, 1 `Sigmoid`.
-    pub fn code(&self) -> i32 {
-        match self {
-            CouplingScale::Tanh(_) => 0,
-            CouplingScale::Sigmoid => 1,
-        }
-    }
-}
-
-/// The five LU factors of an invertible 1x1 convolution on a backend (the layout of
-/// [`crate::invconv`]: `W = P L (U + diag(sign exp(log_s)))`).
-#[derive(Clone, Copy, Debug)]
-pub struct LuFactors<'a> {
-    /// Row permutation (`C` integers stored as f32): `W[r] = M[perm[r]]`.
-    pub perm: &'a Buffer,
-    /// Signs of `diag U'` (`C` values, each +-1).
-    pub sign: &'a Buffer,
-    /// `C x C`, strict lower triangle used.
-    pub lower: &'a Buffer,
-    /// `C x C`, strict upper triangle used.
-    pub upper: &'a Buffer,
-    /// `C` values.
-    pub log_s: &'a Buffer,
-}
-
-/// The operations a compute device provides to the model. Object safe: the model holds a
-/// `&dyn Backend`. Every op is required: a backend that lacks one does not compile (nothing
-/// falls back to moving a device's buffers through the host).
-pub trait Backend: Send + Sync + Debug {
-    /// A short human-readable name ("cpu (2 threads)", "cuda:0 NVIDIA H200").
-    fn name(&self) -> String;
-
+/// Buffers on a device: allocation, transfers between the host and the device, and
+/// whole-buffer arithmetic (copy, fill, `axpy`, sums of squares).
+pub trait Memory {
     /// A zero-filled buffer of `len` elements.
     fn zeros(&self, len: usize) -> Result<Buffer>;
     /// A new buffer holding a copy of `data` (allocates: for set-up, not inside a step).
@@ -200,9 +53,13 @@ pub trait Backend: Send + Sync + Debug {
     /// `sum(x^2)`, accumulated in f64.
     fn sum_squares(&self, x: &Buffer) -> Result<f64>;
     /// `sum(x^2)` over several buffers (the squared gradient norm): the per-buffer
-    /// [`Backend::sum_squares`] added in order, with one transfer.
+    /// [`Memory::sum_squares`] added in order, with one transfer.
     fn sum_squares_all(&self, xs: &[Buffer]) -> Result<f64>;
+}
 
+/// The couplings' CNN: batched stride-1 "same" convolution (see [`ConvShape`]) forward,
+/// backward-data and backward-weight, and ReLU's backward.
+pub trait Convolution {
     /// `y = conv(x, w) + b`, then ReLU if `relu` (see [`ConvShape`]).
     fn conv_forward(
         &self,
@@ -232,7 +89,12 @@ pub trait Backend: Send + Sync + Debug {
     ) -> Result<()>;
     /// `dy *= (y > 0)` where `y` is a ReLU's output.
     fn relu_backward(&self, y: &Buffer, dy: &mut Buffer) -> Result<()>;
+}
 
+/// The flow's own layers: logit, squeeze, the mask gather and scatter around each
+/// coupling's CNN, the affine coupling, ActNorm, the LU-parametrised 1x1 convolution, and
+/// the per-image log-det and prior sums.
+pub trait FlowLayers {
     /// In place `u -> logit(a + (1 - 2a) u)`; writes each image's log-det to `log_det`
     /// (length `batch`).
     fn logit_forward(
@@ -242,7 +104,7 @@ pub trait Backend: Send + Sync + Debug {
         x: &mut Buffer,
         log_det: &mut Buffer,
     ) -> Result<()>;
-    /// In place inverse of [`Backend::logit_forward`].
+    /// In place inverse of [`FlowLayers::logit_forward`].
     fn logit_inverse(&self, alpha: f32, x: &mut Buffer) -> Result<()>;
     /// Squeeze `x` (shape `shape`) into `y` (`4C x H/2 x W/2`), or the inverse when `inverse`
     /// (then `shape` is still the *unsqueezed* shape).
@@ -281,7 +143,7 @@ pub trait Backend: Send + Sync + Debug {
         st: &Buffer,
         y: &mut Buffer,
     ) -> Result<()>;
-    /// Backward of [`Backend::coupling_forward`] given the coupling's *input* `x`: turns
+    /// Backward of [`FlowLayers::coupling_forward`] given the coupling's *input* `x`: turns
     /// `dy` (gradient w.r.t. the output) into the gradient w.r.t. the input through the
     /// affine path (`dx_b = dy_b exp(s)`, `dx_a = dy_a`), writes `d_st` (gradient w.r.t.
     /// `(s_raw, t)`) and, for [`CouplingScale::Tanh`], *adds* to `d_scale` (one value per
@@ -311,7 +173,7 @@ pub trait Backend: Send + Sync + Debug {
         x: &mut Buffer,
         log_det: &mut Buffer,
     ) -> Result<()>;
-    /// The inverse of [`Backend::actnorm_forward`] in place: `y = (y - bias[c]) exp(-logs[c])`.
+    /// The inverse of [`FlowLayers::actnorm_forward`] in place: `y = (y - bias[c]) exp(-logs[c])`.
     fn actnorm_inverse(
         &self,
         shape: Shape4,
@@ -319,7 +181,7 @@ pub trait Backend: Send + Sync + Debug {
         bias: &Buffer,
         y: &mut Buffer,
     ) -> Result<()>;
-    /// Backward of [`Backend::actnorm_forward`] given its *input* `x`: `dy` becomes the
+    /// Backward of [`FlowLayers::actnorm_forward`] given its *input* `x`: `dy` becomes the
     /// input's gradient; *adds* to `d_logs` and `d_bias`. `g_log_det` is the loss's gradient
     /// w.r.t. each image's log-det.
     #[allow(clippy::too_many_arguments)]
@@ -374,6 +236,10 @@ pub trait Backend: Send + Sync + Debug {
     /// `i`'s running f64 total as the float pair `(hi, lo)` at `2i, 2i + 1`
     /// (value `hi as f64 + lo as f64`; see [`hi_lo`]).
     fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer, acc: &mut Buffer) -> Result<()>;
+}
+
+/// The fused Adam update.
+pub trait Optimiser {
     /// One Adam step on `param` with gradient `grad` and moments `m`, `v`.
     fn adam(
         &self,
@@ -383,7 +249,7 @@ pub trait Backend: Send + Sync + Debug {
         m: &mut Buffer,
         v: &mut Buffer,
     ) -> Result<()>;
-    /// [`Backend::adam`] on every tensor `i` with `trainable[i]` (all slices of one length);
+    /// [`Optimiser::adam`] on every tensor `i` with `trainable[i]` (all slices of one length);
     /// a device does them all in one launch.
     fn adam_all(
         &self,
@@ -396,84 +262,12 @@ pub trait Backend: Send + Sync + Debug {
     ) -> Result<()>;
 }
 
-/// Checks that the slices of [`Backend::adam_all`] have one length.
-pub(crate) fn check_adam_all(
-    params: &[Buffer],
-    grads: &[Buffer],
-    m: &[Buffer],
-    v: &[Buffer],
-    trainable: &[bool],
-) -> Result<()> {
-    let n = params.len();
-    for (what, len) in [
-        ("grads", grads.len()),
-        ("m", m.len()),
-        ("v", v.len()),
-        ("trainable", trainable.len()),
-    ] {
-        if len != n {
-            return Err(BackendError::Size {
-                op: "adam_all",
-                what,
-                expected: n,
-                got: len,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The f64 values of `(hi, lo)` float pairs (see [`Backend::per_image_sum_squares`]).
-pub fn hi_lo(pairs: &[f32]) -> Vec<f64> {
-    pairs
-        .chunks_exact(2)
-        .map(|p| f64::from(p[0]) + f64::from(p[1]))
-        .collect()
-}
-
-/// Splits an f64 into the `(hi, lo)` float pair that [`hi_lo`] reads back (about 48 bits).
-pub fn to_hi_lo(v: f64) -> [f32; 2] {
-    let hi = v as f32;
-    [hi, (v - f64::from(hi)) as f32]
-}
-
-/// Checks the buffers of an ActNorm op: per-channel `logs` and `bias`, a `shape` tensor `x`.
-pub(crate) fn check_actnorm(
-    op: &'static str,
-    shape: Shape4,
-    logs: &Buffer,
-    bias: &Buffer,
-    x: &Buffer,
-) -> Result<()> {
-    expect_len(op, "logs", logs, shape.channels)?;
-    expect_len(op, "bias", bias, shape.channels)?;
-    expect_len(op, "x", x, shape.len())
-}
-
-/// Checks the five LU factors of a `c`-channel 1x1 convolution.
-pub(crate) fn check_lu(op: &'static str, c: usize, lu: &LuFactors<'_>) -> Result<()> {
-    expect_len(op, "perm", lu.perm, c)?;
-    expect_len(op, "sign", lu.sign, c)?;
-    expect_len(op, "lower", lu.lower, c * c)?;
-    expect_len(op, "upper", lu.upper, c * c)?;
-    expect_len(op, "log_s", lu.log_s, c)
-}
-
-/// Checks a buffer's length for an op.
-pub(crate) fn expect_len(
-    op: &'static str,
-    what: &'static str,
-    buf: &Buffer,
-    expected: usize,
-) -> Result<()> {
-    if buf.len() == expected {
-        Ok(())
-    } else {
-        Err(BackendError::Size {
-            op,
-            what,
-            expected,
-            got: buf.len(),
-        })
-    }
+/// The operations a compute device provides to the model, in four op groups ([`Memory`],
+/// [`Convolution`], [`FlowLayers`], [`Optimiser`]; `use backend::prelude::*` brings them
+/// into scope), and its name. Object safe: the model holds a `&dyn Backend`. Every op is
+/// required: a backend that lacks one does not compile (nothing falls back to moving a
+/// device's buffers through the host).
+pub trait Backend: Memory + Convolution + FlowLayers + Optimiser + Send + Sync + Debug {
+    /// A short human-readable name ("cpu (2 threads)", "cuda:0 NVIDIA H200").
+    fn name(&self) -> String;
 }

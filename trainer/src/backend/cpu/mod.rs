@@ -4,10 +4,10 @@
 
 pub mod conv;
 
-use super::check;
+use super::check::{self, check_actnorm, check_adam_all, check_lu, expect_len};
 use super::{
-    actnorm, check_actnorm, check_adam_all, check_lu, expect_len, to_hi_lo, AdamStep, Backend,
-    BackendError, Buffer, ConvShape, CouplingScale, LuFactors, Result, Shape4, Storage,
+    actnorm, to_hi_lo, AdamStep, Backend, BackendError, Buffer, ConvShape, Convolution,
+    CouplingScale, FlowLayers, LuFactors, Memory, Optimiser, Result, Shape4, Storage,
 };
 use crate::invconv;
 use clayflow_kernel::coupling::log_sigmoid;
@@ -91,7 +91,9 @@ impl Backend for CpuBackend {
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
+}
 
+impl Memory for CpuBackend {
     fn zeros(&self, len: usize) -> Result<Buffer> {
         Ok(Buffer {
             storage: Storage::Host(vec![0.0; len]),
@@ -162,7 +164,9 @@ impl Backend for CpuBackend {
         }
         Ok(total)
     }
+}
 
+impl Convolution for CpuBackend {
     fn conv_forward(
         &self,
         s: &ConvShape,
@@ -234,7 +238,9 @@ impl Backend for CpuBackend {
             });
         Ok(())
     }
+}
 
+impl FlowLayers for CpuBackend {
     fn logit_forward(
         &self,
         shape: Shape4,
@@ -678,7 +684,9 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+}
 
+impl Optimiser for CpuBackend {
     fn adam(
         &self,
         hp: &AdamStep,

@@ -13,10 +13,10 @@ pub mod gpu;
 
 pub use device::{KernelDevice, LaunchCfg, Param};
 
-use super::check;
+use super::check::{self, check_actnorm, check_adam_all, check_lu, expect_len};
 use super::{
-    check_actnorm, check_adam_all, check_lu, expect_len, AdamStep, Backend, BackendError, Buffer,
-    ConvShape, CouplingScale, LuFactors, Result, Shape4,
+    AdamStep, Backend, BackendError, Buffer, ConvShape, Convolution, CouplingScale, FlowLayers,
+    LuFactors, Memory, Optimiser, Result, Shape4,
 };
 use clayflow_kernel::Mask;
 use std::collections::HashMap;
@@ -432,7 +432,9 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
     fn name(&self) -> String {
         self.dev.name()
     }
+}
 
+impl<D: KernelDevice> Memory for CudaBackend<D> {
     fn zeros(&self, len: usize) -> Result<Buffer> {
         self.dev.alloc_zeros(len)
     }
@@ -606,7 +608,9 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         }
         Ok(total)
     }
+}
 
+impl<D: KernelDevice> Convolution for CudaBackend<D> {
     fn conv_forward(
         &self,
         s: &ConvShape,
@@ -779,7 +783,9 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         ];
         self.launch_ew("cf_relu_backward", n, &p)
     }
+}
 
+impl<D: KernelDevice> FlowLayers for CudaBackend<D> {
     fn logit_forward(
         &self,
         shape: Shape4,
@@ -1212,7 +1218,9 @@ impl<D: KernelDevice> Backend for CudaBackend<D> {
         self.dev
             .launch("cf_per_image_sum_squares", per_image(shape.batch), &p)
     }
+}
 
+impl<D: KernelDevice> Optimiser for CudaBackend<D> {
     fn adam(
         &self,
         hp: &AdamStep,
