@@ -719,21 +719,13 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        // Under Miri (which checks the unsafe loads and stores of this module), small shapes
-        // that still reach every case: partial channel and row blocks, rows wider than one
-        // vector, every kernel size, two input-channel groups on both paths.
+        // Under Miri (which checks the unsafe loads and stores of this module, at about a
+        // millionth of the speed), three tiny shapes: a partial channel and row block, a row
+        // wider than one vector with a 5x5 kernel, and the 1x1 path.
         let miri: &[(usize, usize, usize, usize, usize)] = &[
-            (1, 1, 1, 1, 1),
             (2, 5, 3, 7, 3),
-            (2, 6, 9, 9, 5),
-            (3, 5, 5, 17, 7),
-            (1, 2, 3, 9, 15),
-            (2, 3, 2, 37, 11),
-            (110, 1, 8, 8, 3),
-            (4, 6, 5, 50, 1),
-            (8, 8, 7, 7, 1),
-            (STAGE / C + 3, 5, 3, 3, 1),
-            (2, 3, 1, 1, 1),
+            (1, 2, 2, 17, 5),
+            (3, 6, 2, 9, 1),
         ];
         let all: &[(usize, usize, usize, usize, usize)] = &[
             (1, 1, 1, 1, 1),
