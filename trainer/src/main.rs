@@ -8,7 +8,7 @@ use clayflow_trainer::backend::Backend;
 use clayflow_trainer::config::ModelConfig;
 use clayflow_trainer::data::{self, Crop, Dataset};
 use clayflow_trainer::export;
-use clayflow_trainer::report;
+use clayflow_trainer::sample;
 use clayflow_trainer::source::Source;
 use clayflow_trainer::train::{self, Progress, TrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -490,19 +490,7 @@ fn cmd_sample(a: SampleArgs, device: DeviceChoice) -> Result<()> {
         bail!("--n must be at least 1");
     }
     let pixels = src.sample(backend(device)?, a.n, a.temperature, a.seed)?;
-    let cols = (a.n as f64).sqrt().ceil() as usize;
-    let upscale = if arch.height <= 32 { 3 } else { 1 };
-    report::write_png_grid(
-        &a.out,
-        &pixels,
-        a.n,
-        arch.channels,
-        arch.height,
-        arch.width,
-        cols,
-        2,
-        upscale,
-    )?;
+    sample::write_grid(&a.out, &pixels, a.n, &arch)?;
     println!(
         "wrote {} samples (temperature {}, seed {}) to {}",
         a.n,

@@ -5,10 +5,12 @@
 
 use crate::backend::Backend;
 use crate::model::Flow;
+use crate::report;
 use crate::source::Source;
 use anyhow::Result;
-use clayflow_kernel::{Model, Pcg32};
+use clayflow_kernel::{Arch, Model, Pcg32};
 use rayon::prelude::*;
+use std::path::Path;
 use std::sync::Arc;
 
 /// Draws `n` samples from `flow` at `temperature` (latents from the kernel's generator
@@ -28,6 +30,25 @@ pub fn sample_pixels(flow: &mut Flow, n: usize, temperature: f32, seed: u64) -> 
     clayflow_kernel::preprocess::quantize(&u, arch.bits, &mut pixels)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(pixels)
+}
+
+/// Writes `n` samples of `arch` as a square-ish PNG grid (2-pixel gaps; images of 32 pixels
+/// or less shown 3x), the layout of a run's `samples.png` and of `clayflow sample`.
+pub fn write_grid(path: &Path, pixels: &[u8], n: usize, arch: &Arch) -> Result<()> {
+    let cols = (n as f64).sqrt().ceil() as usize;
+    let upscale = if arch.height <= 32 { 3 } else { 1 };
+    report::write_png_grid(
+        path,
+        pixels,
+        n,
+        arch.channels,
+        arch.height,
+        arch.width,
+        cols,
+        2,
+        upscale,
+    )?;
+    Ok(())
 }
 
 impl Source {

@@ -13,7 +13,7 @@ use crate::eval::{evaluate, uniform01};
 use crate::fsutil;
 use crate::model::{init_params, Flow};
 use crate::report::{self, MetricRecord, MetricsLog};
-use crate::sample::sample_pixels;
+use crate::sample::{self, sample_pixels};
 use anyhow::{bail, Context, Result};
 use clayflow_kernel::{preprocess::dequantize, Arch, Pcg32};
 use serde::{Deserialize, Serialize};
@@ -748,19 +748,7 @@ impl<'a> Run<'a> {
         let n = cfg.samples.max(1);
         let pixels = sample_pixels(&mut self.flow, n, cfg.temperature, cfg.seed)?;
         let samples_png = self.run_dir.join("samples.png");
-        let cols = (n as f64).sqrt().ceil() as usize;
-        let upscale = if arch.height <= 32 { 3 } else { 1 };
-        report::write_png_grid(
-            &samples_png,
-            &pixels,
-            n,
-            arch.channels,
-            arch.height,
-            arch.width,
-            cols,
-            2,
-            upscale,
-        )?;
+        sample::write_grid(&samples_png, &pixels, n, &arch)?;
         let records = report::read_metrics(&self.metrics_path)?;
         report::write_loss_svg(
             self.run_dir.join("loss.svg"),

@@ -722,11 +722,8 @@ mod tests {
         // Under Miri (which checks the unsafe loads and stores of this module, at about a
         // millionth of the speed), three tiny shapes: a partial channel and row block, a row
         // wider than one vector with a 5x5 kernel, and the 1x1 path.
-        let miri: &[(usize, usize, usize, usize, usize)] = &[
-            (2, 5, 3, 7, 3),
-            (1, 2, 2, 17, 5),
-            (3, 6, 2, 9, 1),
-        ];
+        let miri: &[(usize, usize, usize, usize, usize)] =
+            &[(2, 5, 3, 7, 3), (1, 2, 2, 17, 5), (3, 6, 2, 9, 1)];
         let all: &[(usize, usize, usize, usize, usize)] = &[
             (1, 1, 1, 1, 1),
             (2, 5, 3, 7, 3),
