@@ -38,7 +38,7 @@
 pub mod arch;
 pub mod base;
 pub mod buffers;
-// conv.rs multiplies sizes only after `Conv::check` has formed every product with
+// conv/ multiplies sizes only after `Conv::check` has formed every product with
 // `checked_mul` and matched it to a real slice length, so its index math is bounded by slice
 // lengths and cannot overflow; it has no indexing (see its own `deny`).
 #[allow(clippy::arithmetic_side_effects)]
@@ -49,7 +49,7 @@ pub mod flow;
 pub mod preprocess;
 // The compile-time SIMD convolution paths; present only when the target flags enable one
 // (`cfg(clayflow_simd)`, set by build.rs, the one place that predicate is written).
-// Like conv.rs, its index arithmetic runs on sizes `Conv::check` has already bounded.
+// Like conv/, its index arithmetic runs on sizes `Conv::check` has already bounded.
 #[cfg(clayflow_simd)]
 #[allow(unsafe_code, clippy::arithmetic_side_effects)]
 pub mod simd;
