@@ -27,6 +27,7 @@
 //! on row-major host buffers; the matrices it returns ([`weight`], [`inverse`]) and the
 //! gradients ([`backward`]) are `f64`.
 
+use crate::rng::SplitMix64;
 use std::fmt;
 
 /// Borrowed views of one layer's five LU parameters (see the module docs for the layout).
@@ -549,33 +550,23 @@ pub fn backward(
 // Random orthogonal matrices (no dependencies: splitmix64 + Box–Muller + Householder QR).
 // ---------------------------------------------------------------------------------------------
 
-/// splitmix64 (Steele, Lea & Flood 2014) with a Box–Muller Gaussian on top.
+/// [`SplitMix64`] with a Box–Muller Gaussian on top.
 #[derive(Debug)]
 struct Rng {
-    state: u64,
+    bits: SplitMix64,
     spare: Option<f64>,
 }
 
 impl Rng {
     fn new(seed: u64) -> Self {
         Self {
-            state: seed,
+            bits: SplitMix64::new(seed),
             spare: None,
         }
     }
 
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform on `(0, 1]` (never 0, so its logarithm is finite): the top 53 bits, plus one,
-    /// times 2⁻⁵³.
     fn uniform_open0(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
+        self.bits.uniform_open0()
     }
 
     /// Standard normal: Box–Muller turns two uniforms `u1, u2` into the two independent
@@ -731,7 +722,13 @@ mod tests {
         let init = init(c, seed ^ 0xABCD);
         let perm = init.perm.iter().map(|&p| p as usize).collect();
         let sign = (0..c)
-            .map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 })
+            .map(|_| {
+                if rng.bits.next_u64() & 1 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                }
+            })
             .collect();
         let mut lower = vec![0.0; c * c];
         let mut upper = vec![0.0; c * c];

@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod invconv;
 pub mod model;
 pub mod report;
+pub mod rng;
 pub mod sample;
 pub mod source;
 pub mod train;

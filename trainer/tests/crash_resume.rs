@@ -40,21 +40,13 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// How long the test hook holds a checkpoint write (the test kills the writer long before).
 const PAUSE_MS: u64 = 10_000;
 
-/// SplitMix64: the kill schedule's random numbers.
-struct Rng(u64);
+/// The kill schedule's random numbers (the trainer's SplitMix64).
+struct Rng(clayflow_trainer::rng::SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     /// Uniform in `lo..=hi`.
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
+        lo + self.0.next_u64() % (hi - lo + 1)
     }
 }
 
@@ -410,7 +402,7 @@ fn sigkill_at_random_moments_and_mid_checkpoint_then_resume_matches_an_uninterru
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(DEFAULT_SEED);
     eprintln!("crash_resume: kill schedule seed {seed} (set CLAYFLOW_CRASH_SEED to change)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng(clayflow_trainer::rng::SplitMix64::new(seed));
     let t0 = Instant::now();
     let tmp = TempDir::new().unwrap();
     let reference = tmp.path().join("reference");

@@ -271,7 +271,7 @@ mod tests {
     #[test]
     fn state_floats_survive_json() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut rng = Rng(99);
+        let mut rng = Rng::new(99);
         let mut c = make(tiny(), 5, 1);
         for i in 0..50 {
             c.state.step = i;

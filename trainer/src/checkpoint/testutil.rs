@@ -29,15 +29,14 @@ pub(super) fn tiny() -> ModelConfig {
     }
 }
 
-/// SplitMix64: deterministic pseudo-random values.
-pub(super) struct Rng(pub(super) u64);
+/// The trainer's [`SplitMix64`](crate::rng::SplitMix64), with the draws these tests need.
+pub(super) struct Rng(pub(super) crate::rng::SplitMix64);
 impl Rng {
+    pub(super) fn new(seed: u64) -> Rng {
+        Rng(crate::rng::SplitMix64::new(seed))
+    }
     pub(super) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// A finite f32 with arbitrary bits (any sign, exponent, subnormals).
     pub(super) fn any_finite(&mut self) -> f32 {
@@ -78,7 +77,7 @@ pub(super) fn state(step: u64) -> TrainState {
 
 pub(super) fn make(model: ModelConfig, seed: u64, step: u64) -> Checkpoint {
     let specs = tensor_specs(&model.to_arch().unwrap());
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut gen = |f: &mut dyn FnMut(&mut Rng) -> f32| -> Vec<Vec<f32>> {
         specs
             .iter()

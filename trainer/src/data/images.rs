@@ -7,8 +7,9 @@ use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageDecoder, ImageReader};
 use rayon::prelude::*;
 
-use super::shuffle::{mix, SplitMix64};
+use super::shuffle::mix;
 use super::{has_ext, read_dir_sorted, DataError, Dataset, MAX_PICTURE_BYTES};
+use crate::rng::SplitMix64;
 
 /// How to fit an image folder's pictures to the target size.
 #[derive(Clone, Debug, PartialEq, Eq)]

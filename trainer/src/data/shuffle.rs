@@ -1,5 +1,7 @@
-//! Deterministic shuffling: the epoch order of the training set and the SplitMix64
-//! generator behind it (also used for random crop positions).
+//! Deterministic shuffling: the epoch order of the training set and the seed mixing behind
+//! it and the random crop positions ([`SplitMix64`] streams).
+
+use crate::rng::SplitMix64;
 
 /// A shuffled order of `0..n` for one epoch, deterministic from `seed` and
 /// `epoch` (its own SplitMix64 generator, so it never changes with library
@@ -18,36 +20,6 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 pub(super) fn mix(a: u64, b: u64) -> u64 {
     let mut r = SplitMix64::new(a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17));
     r.next_u64()
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast and good enough for
-/// shuffling and crop positions.
-#[derive(Clone, Debug)]
-pub(super) struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub(super) fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..bound` (Lemire's unbiased multiply-shift); `bound > 0`.
-    pub(super) fn below(&mut self, bound: u64) -> u64 {
-        let threshold = bound.wrapping_neg() % bound;
-        loop {
-            let m = u128::from(self.next_u64()) * u128::from(bound);
-            if (m as u64) >= threshold {
-                return (m >> 64) as u64;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,23 +1,20 @@
 use super::reference::*;
 use super::*;
+use crate::rng::SplitMix64;
 use proptest::prelude::*;
 
 /// Unit roundoff of f32.
 const U: f64 = f32::EPSILON as f64 / 2.0;
 
-/// Tiny deterministic generator (splitmix64) so tests need no RNG dependency.
-struct Rng(u64);
+/// The trainer's [`SplitMix64`], with the draws these tests need.
+struct Rng(SplitMix64);
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    fn new(seed: u64) -> Rng {
+        Rng(SplitMix64::new(seed))
     }
     /// Uniform in [-1, 1).
     fn f(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        ((self.0.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
     }
     fn vec(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.f()).collect()
@@ -158,17 +155,17 @@ proptest! {
 
     #[test]
     fn forward_matches_reference(s in shape_strategy(), seed: u64, relu: bool) {
-        check_forward(&s, &mut Rng(seed), relu);
+        check_forward(&s, &mut Rng::new(seed), relu);
     }
 
     #[test]
     fn backward_data_matches_reference(s in shape_strategy(), seed: u64) {
-        check_backward_data(&s, &mut Rng(seed));
+        check_backward_data(&s, &mut Rng::new(seed));
     }
 
     #[test]
     fn backward_weight_matches_reference(s in shape_strategy(), seed: u64) {
-        check_backward_weight(&s, &mut Rng(seed));
+        check_backward_weight(&s, &mut Rng::new(seed));
     }
 }
 
@@ -194,7 +191,7 @@ fn preset_shapes(batch: usize) -> Vec<ConvShape> {
 
 #[test]
 fn preset_shapes_match_reference() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for s in preset_shapes(2) {
         check_forward(&s, &mut rng, true);
         check_backward_data(&s, &mut rng);
@@ -206,7 +203,7 @@ fn preset_shapes_match_reference() {
 /// weight-gradient reduction (more images than chunks).
 #[test]
 fn grouped_batches_match_reference() {
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     for s in [
         ConvShape {
             batch: 37,
@@ -244,7 +241,7 @@ fn grouped_batches_match_reference() {
 /// (bias zero), both sides accumulated in f64.
 #[test]
 fn backward_ops_are_adjoints() {
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let mut shapes = preset_shapes(2);
     shapes.push(ConvShape {
         batch: 3,
@@ -318,7 +315,7 @@ fn finite_difference_gradients() {
         width: 4,
         kernel: 3,
     };
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let x = rng.vec(s.input_len());
     let w = rng.vec(s.weight_len());
     let b = rng.vec(s.cout);
@@ -390,7 +387,7 @@ fn relu_is_fused() {
         width: 9,
         kernel: 3,
     };
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     let x = rng.vec(s.input_len());
     let w = rng.vec(s.weight_len());
     let b = rng.vec(s.cout);
@@ -416,7 +413,7 @@ fn deterministic_across_thread_counts() {
         width: 14,
         kernel: 5,
     };
-    let mut rng = Rng(13);
+    let mut rng = Rng::new(13);
     let x = rng.vec(s.input_len());
     let w = rng.vec(s.weight_len());
     let b = rng.vec(s.cout);
@@ -460,7 +457,7 @@ fn wgrad_ci_deterministic_across_thread_counts() {
         width: 13,
         kernel: 3,
     };
-    let mut rng = Rng(17);
+    let mut rng = Rng::new(17);
     let x = rng.vec(s.input_len());
     let dy = rng.vec(s.output_len());
     let run = |threads: usize| {
@@ -563,7 +560,7 @@ fn conv_timing() {
                 if only.is_some_and(|o| o != si) {
                     continue;
                 }
-                let mut rng = Rng(1);
+                let mut rng = Rng::new(1);
                 let x = rng.vec(s.input_len());
                 let w = rng.vec(s.weight_len());
                 let b = rng.vec(s.cout);
