@@ -103,43 +103,6 @@ pub fn random_inv_conv(rng: &mut Pcg32, c: usize) -> (Vec<f32>, Vec<f32>, f32) {
     (w, inv.iter().map(|&v| v as f32).collect(), logdet as f32)
 }
 
-/// The inverse and `ln|det|` of a dense `n x n` row-major matrix, by Gauss-Jordan
-/// elimination with partial pivoting in f64.
-pub fn invert(a: &[f64], n: usize) -> (Vec<f64>, f64) {
-    let mut m = a.to_vec();
-    let mut inv = std::vec![0f64; n * n];
-    for k in 0..n {
-        inv[k * n + k] = 1.0;
-    }
-    let mut logdet = 0.0;
-    for col in 0..n {
-        let piv = (col..n)
-            .max_by(|&i, &j| m[i * n + col].abs().total_cmp(&m[j * n + col].abs()))
-            .unwrap();
-        for k in 0..n {
-            m.swap(col * n + k, piv * n + k);
-            inv.swap(col * n + k, piv * n + k);
-        }
-        let d = m[col * n + col];
-        assert!(d != 0.0, "singular matrix");
-        logdet += d.abs().ln();
-        for k in 0..n {
-            m[col * n + k] /= d;
-            inv[col * n + k] /= d;
-        }
-        for r in 0..n {
-            if r != col {
-                let f = m[r * n + col];
-                for k in 0..n {
-                    m[r * n + k] -= f * m[col * n + k];
-                    inv[r * n + k] -= f * inv[col * n + k];
-                }
-            }
-        }
-    }
-    (inv, logdet)
-}
-
 /// The blob of `params`.
 pub fn blob(arch: &Arch, dtype: DType, params: &[f32]) -> Vec<u8> {
     let mut out = std::vec![0u8; blob_len(arch, dtype)];
@@ -147,3 +110,5 @@ pub fn blob(arch: &Arch, dtype: DType, params: &[f32]) -> Vec<u8> {
     assert_eq!(n, out.len());
     out
 }
+
+pub use clayflow_testkit::invert;

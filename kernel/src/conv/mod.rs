@@ -263,42 +263,27 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
 mod tests {
     use super::*;
     use crate::weights::DType;
+    use clayflow_testkit::conv::{conv2d_forward_ref, ConvShape};
+
+    /// The test kit's f64 convolution, rounded to f32.
+    fn reference(c: &Conv, input: &[f32], w: &[f32], b: &[f32], relu: bool) -> std::vec::Vec<f32> {
+        let s = ConvShape {
+            batch: 1,
+            cin: c.cin,
+            cout: c.cout,
+            height: c.height,
+            width: c.width,
+            kernel: c.kernel,
+        };
+        let y = conv2d_forward_ref(&s, input, w, b, relu);
+        y.iter().map(|&v| v as f32).collect()
+    }
 
     fn tensor(values: &[f32], buf: &mut std::vec::Vec<u8>) {
         buf.clear();
         for v in values {
             buf.extend_from_slice(&v.to_le_bytes());
         }
-    }
-
-    /// Naive f64 reference: out[o][y][x] = b[o] + sum w[o][i][ky][kx] * in[i][y+ky-p][x+kx-p].
-    fn reference(c: &Conv, input: &[f32], w: &[f32], b: &[f32], relu: bool) -> std::vec::Vec<f32> {
-        let (h, wd, k) = (c.height as isize, c.width as isize, c.kernel as isize);
-        let p = k / 2;
-        let mut out = std::vec![0f32; c.cout * c.height * c.width];
-        for o in 0..c.cout {
-            for y in 0..h {
-                for x in 0..wd {
-                    let mut acc = b[o] as f64;
-                    for i in 0..c.cin {
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let (iy, ix) = (y + ky - p, x + kx - p);
-                                if iy < 0 || ix < 0 || iy >= h || ix >= wd {
-                                    continue;
-                                }
-                                let wi = ((o * c.cin + i) as isize * k + ky) * k + kx;
-                                let xi = (i as isize * h + iy) * wd + ix;
-                                acc += w[wi as usize] as f64 * input[xi as usize] as f64;
-                            }
-                        }
-                    }
-                    let v = if relu { acc.max(0.0) } else { acc };
-                    out[(o * c.height + y as usize) * c.width + x as usize] = v as f32;
-                }
-            }
-        }
-        out
     }
 
     #[test]

@@ -673,37 +673,22 @@ mod tests {
         b
     }
 
-    /// Exact (f64) pre-activation and `|b| + sum |w x|` per output.
+    /// The exact sums (f64, the test kit's convolution) and their magnitudes
+    /// `|b| + sum |w x|`.
     fn reference(c: &Conv, x: &[f32], w: Tensor<'_>, b: Tensor<'_>) -> (Vec<f64>, Vec<f64>) {
-        let (h, wd, k) = (c.height as isize, c.width as isize, c.kernel as isize);
-        let p = k / 2;
-        let wv: Vec<f64> = w.iter().map(f64::from).collect();
-        let bv: Vec<f64> = b.iter().map(f64::from).collect();
-        let (mut exact, mut mag) = (Vec::new(), Vec::new());
-        for (o, &bo) in bv.iter().enumerate() {
-            for y in 0..h {
-                for xx in 0..wd {
-                    let (mut s, mut m) = (bo, bo.abs());
-                    for i in 0..c.cin {
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let (iy, ix) = (y + ky - p, xx + kx - p);
-                                if iy < 0 || ix < 0 || iy >= h || ix >= wd {
-                                    continue;
-                                }
-                                let wi = ((o * c.cin + i) as isize * k + ky) * k + kx;
-                                let xi = (i as isize * h + iy) * wd + ix;
-                                let t = wv[wi as usize] * f64::from(x[xi as usize]);
-                                s += t;
-                                m += t.abs();
-                            }
-                        }
-                    }
-                    exact.push(s);
-                    mag.push(m);
-                }
-            }
-        }
+        use clayflow_testkit::conv::{conv2d_forward_ref, ConvShape};
+        let s = ConvShape {
+            batch: 1,
+            cin: c.cin,
+            cout: c.cout,
+            height: c.height,
+            width: c.width,
+            kernel: c.kernel,
+        };
+        let (wv, bv): (Vec<f32>, Vec<f32>) = (w.iter().collect(), b.iter().collect());
+        let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<f32>>();
+        let exact = conv2d_forward_ref(&s, x, &wv, &bv, false);
+        let mag = conv2d_forward_ref(&s, &abs(x), &abs(&wv), &abs(&bv), false);
         (exact, mag)
     }
 

@@ -55,8 +55,8 @@
 //! flipped-kernel backward-data, `backward_weight` the weight gradient; `im2col` (and
 //! col2im), `layout` (padded images, transposes, small copies), `gemm` (the sgemm
 //! wrapper) and `scratch` (thread-local buffers) serve them; `avx2` and `avx512` hold
-//! the x86-64 kernels (`fallback` stubs them elsewhere). Tests only: `reference` (plain f64
-//! implementations) and `tests`.
+//! the x86-64 kernels (`fallback` stubs them elsewhere). Tests only: `tests`, against the plain f64
+//! references of `clayflow-testkit`.
 //!
 //! # Threading and matrixmultiply
 //!
@@ -114,8 +114,6 @@ mod fallback;
 #[cfg(not(target_arch = "x86_64"))]
 use fallback::{avx2, avx512};
 
-#[cfg(test)]
-mod reference;
 #[cfg(test)]
 mod tests;
 

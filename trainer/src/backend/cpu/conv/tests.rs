@@ -1,7 +1,19 @@
-use super::reference::*;
 use super::*;
 use crate::rng::SplitMix64;
+use clayflow_testkit::conv as reference;
 use proptest::prelude::*;
+
+/// The test kit's copy of a convolution's shape.
+fn dims(s: &ConvShape) -> reference::ConvShape {
+    reference::ConvShape {
+        batch: s.batch,
+        cin: s.cin,
+        cout: s.cout,
+        height: s.height,
+        width: s.width,
+        kernel: s.kernel,
+    }
+}
 
 /// Unit roundoff of f32.
 const U: f64 = f32::EPSILON as f64 / 2.0;
@@ -74,8 +86,8 @@ fn check_forward(s: &ConvShape, rng: &mut Rng, relu: bool) {
     let x = rng.vec(s.input_len());
     let w = rng.vec(s.weight_len());
     let b = rng.vec(s.cout);
-    let want = conv2d_forward_ref(s, &x, &w, &b, relu);
-    let mag = conv2d_forward_ref(s, &abs(&x), &abs(&w), &abs(&b), false);
+    let want = reference::conv2d_forward_ref(&dims(s), &x, &w, &b, relu);
+    let mag = reference::conv2d_forward_ref(&dims(s), &abs(&x), &abs(&w), &abs(&b), false);
     let terms = s.cin * s.kernel * s.kernel + 1;
     let mut y = vec![f32::NAN; s.output_len()];
     conv2d_forward(s, &x, &w, &b, relu, &mut y);
@@ -90,8 +102,8 @@ fn check_forward(s: &ConvShape, rng: &mut Rng, relu: bool) {
 fn check_backward_data(s: &ConvShape, rng: &mut Rng) {
     let dy = rng.vec(s.output_len());
     let w = rng.vec(s.weight_len());
-    let want = conv2d_backward_data_ref(s, &dy, &w);
-    let mag = conv2d_backward_data_ref(s, &abs(&dy), &abs(&w));
+    let want = reference::conv2d_backward_data_ref(&dims(s), &dy, &w);
+    let mag = reference::conv2d_backward_data_ref(&dims(s), &abs(&dy), &abs(&w));
     let terms = s.cout * s.kernel * s.kernel;
     let mut dx = vec![f32::NAN; s.input_len()];
     conv2d_backward_data(s, &dy, &w, &mut dx);
@@ -112,8 +124,8 @@ fn check_backward_data(s: &ConvShape, rng: &mut Rng) {
 fn check_backward_weight(s: &ConvShape, rng: &mut Rng) {
     let x = rng.vec(s.input_len());
     let dy = rng.vec(s.output_len());
-    let (want_w, want_b) = conv2d_backward_weight_ref(s, &x, &dy);
-    let (mag_w, mag_b) = conv2d_backward_weight_ref(s, &abs(&x), &abs(&dy));
+    let (want_w, want_b) = reference::conv2d_backward_weight_ref(&dims(s), &x, &dy);
+    let (mag_w, mag_b) = reference::conv2d_backward_weight_ref(&dims(s), &abs(&x), &abs(&dy));
     // The direct kernel also runs over the zero "gap" columns of the padded-width
     // grid (exact zero products, but they lengthen the summation), so count them.
     let terms = s.batch * s.height * (s.width + 2 * s.pad()) + 8;
@@ -273,7 +285,7 @@ fn backward_ops_are_adjoints() {
         let lhs = dot(&dy, &y);
         // Scale: Σ|dy| * |conv|(|x|, |w|); each f32 value carries relative error
         // <= (terms + 2) u, so the inner products agree to that times the scale.
-        let mag_y = conv2d_forward_ref(&s, &abs(&x), &abs(&w), &zero_b, false);
+        let mag_y = reference::conv2d_forward_ref(&dims(&s), &abs(&x), &abs(&w), &zero_b, false);
         let scale: f64 = dy
             .iter()
             .zip(&mag_y)
@@ -475,8 +487,8 @@ fn wgrad_ci_deterministic_across_thread_counts() {
     let a = run(1);
     assert!(a == run(2));
     assert!(a == run(3));
-    let (want, _) = conv2d_backward_weight_ref(&s, &x, &dy);
-    let (mag, _) = conv2d_backward_weight_ref(&s, &abs(&x), &abs(&dy));
+    let (want, _) = reference::conv2d_backward_weight_ref(&dims(&s), &x, &dy);
+    let (mag, _) = reference::conv2d_backward_weight_ref(&dims(&s), &abs(&x), &abs(&dy));
     assert_close("dw ci", &a.0, &want, &mag, s.batch * s.height * s.width + 8);
 }
 

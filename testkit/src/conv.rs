@@ -1,10 +1,44 @@
-//! Plain, slow, obviously-correct `f64` implementations of the three ops, for tests.
+//! Plain, slow, obviously-correct `f64` convolutions ("same" padding, stride 1, odd square
+//! kernels, PyTorch's cross-correlation): forward, backward to the data, backward to the
+//! weights.
 //!
 //! Inputs are the same `f32` slices as the fast ops (converted exactly to `f64`); outputs
 //! are `Vec<f64>`. Passing element-wise absolute values of the inputs (and `relu =
-//! false`) yields `Σ |terms|` for each output, the natural scale for error bounds.
+//! false`) yields `Σ |terms|` for each output, the natural scale for error bounds. Each
+//! output's sum runs bias first, then input channel, kernel row, kernel column.
 
-use super::ConvShape;
+/// A batch of convolutions: `x` is `[batch][cin][height][width]`, `w` is
+/// `[cout][cin][kernel][kernel]`, `y` is `[batch][cout][height][width]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Images.
+    pub batch: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Height of input and output.
+    pub height: usize,
+    /// Width of input and output.
+    pub width: usize,
+    /// Kernel size (odd).
+    pub kernel: usize,
+}
+
+impl ConvShape {
+    /// Length of `x`.
+    pub fn input_len(&self) -> usize {
+        self.batch * self.cin * self.height * self.width
+    }
+    /// Length of `y`.
+    pub fn output_len(&self) -> usize {
+        self.batch * self.cout * self.height * self.width
+    }
+    /// Length of `w`.
+    pub fn weight_len(&self) -> usize {
+        self.cout * self.cin * self.kernel * self.kernel
+    }
+}
 
 /// Output positions `o` (in `0..len`) whose input position `o + t - pad` is in `0..len`.
 fn valid(len: usize, t: usize, pad: usize) -> std::ops::Range<usize> {
