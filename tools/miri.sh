@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Runs the kernel's unit tests and golden tests under Miri (nightly), failing on any error.
+# Runs the kernel's unsafe code under Miri (nightly), failing on any undefined behaviour.
 #
-# What Miri adds here: the kernel itself forbids `unsafe`, so Miri checks for undefined
-# behaviour inside its dependencies (`half`'s bit casts, `libm`) and turns every
-# arithmetic overflow or out-of-bounds access on the test inputs into a hard error (debug
-# assertions and overflow checks are on). Tests on full-size models (MNIST: 334k weights,
-# ~65M multiply-adds per image) are `#[cfg_attr(miri, ignore = "...")]`; each one has a
-# tiny-architecture twin that runs the same code paths under Miri. Property tests run
-# fewer cases under `cfg(miri)`. The list: `grep -rn "miri" kernel/src kernel/tests`.
-#
-# Runs `--lib` and `--test golden` only, by name, so that a new, heavy integration test
-# does not silently stretch CI; add it here once it is Miri-sized.
+# What Miri is for here: the only `unsafe` in the kernel is the SIMD convolution path
+# (`kernel/src/simd/`: raw-pointer vector loads and stores, each with its SAFETY argument).
+# Miri checks every one of those accesses for bounds, alignment and initialisation, which no
+# ordinary test can. So the kernel is built with `-C target-feature=+avx2,+fma` (Miri runs
+# the AVX2 intrinsics; the AVX-512 and NEON paths share the same generic tiling code in
+# `simd/mod.rs` and differ only in their small `Simd` impls) and Miri runs:
+#   - the `simd::` unit tests: three tiny shapes through both paths (windowed and 1x1) against
+#     an f64 reference, the f16 widening on all 65,536 bit patterns, ReLU's NaN/-0 rule, and a
+#     whole Miri-sized model sample and log p through the SIMD path;
+#   - the golden tests (`kernel/tests/golden.rs`): two small models, f32 and f16, against the
+#     NumPy reference, through the SIMD path and `half`'s and libm's code.
+# Not under Miri any more: the safe scalar code (the blob reader, the scalar convolutions, the
+# flow). Miri adds no UB check there; its overflow and bounds checks are the ordinary tests'
+# (overflow checks are on in the test profile), the fuzz targets and the kernel's lints.
+# `half` is built without F16C: Miri does not implement `vcvtps2ph`.
 #
 # Usage: tools/miri.sh [-- TEST-HARNESS-ARGS]   e.g. tools/miri.sh -- weights::
+#   (with arguments: the kernel's lib and golden tests filtered by them, like before)
 # (from anywhere; builds in target/miri like `cargo miri`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +38,12 @@ done
 start=$(date +%s)
 # `soft-float`: libm's x86 `sqrtss` inline assembly is not something Miri can run; the
 # pure-Rust libm paths it uses instead are the ones no_std targets without an FPU use.
-cargo +nightly miri test -p clayflow-kernel --features soft-float --lib --test golden "$@"
-echo "miri: kernel lib + golden tests passed in $(($(date +%s) - start)) s"
+export RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+avx2,+fma"
+miri() { cargo +nightly miri test -p clayflow-kernel --features soft-float "$@"; }
+if [ $# -gt 0 ]; then
+    miri --lib --test golden "$@"
+else
+    miri --lib -- simd::
+    miri --test golden
+fi
+echo "miri: kernel SIMD and golden tests passed in $(($(date +%s) - start)) s"
