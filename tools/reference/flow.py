@@ -3,7 +3,7 @@
 
 Never a runtime dependency of clayflow and never used in CI. The math is the one in
 shared MATH.md and in the Rust sources (kernel/src/{arch,coupling,preprocess,squeeze}.rs,
-trainer/src/model.rs), restated here:
+trainer/src/model/), restated here:
 
 * dequantize: u = (x + v) / 2^bits, v in [0, 1)  (noise for training; fixed noise or the
   midpoint v = 0.5 for scoring)
@@ -119,7 +119,7 @@ class Coupling(nn.Module):
         h0, h1 = hidden
         self.scale = nn.Parameter(torch.ones(self.changed))
         # PyTorch's default Conv2d init is U(+-1/sqrt(fan_in)) for weight and bias, the same
-        # bound the Rust trainer uses (trainer/src/model.rs `init_params`).
+        # bound the Rust trainer uses (trainer/src/model/init.rs `init_params`).
         self.conv0 = nn.Conv2d(self.cin, h0, k0, padding=k0 // 2)
         self.conv1 = nn.Conv2d(h0, h1, k1, padding=k1 // 2)
         self.conv2 = nn.Conv2d(h1, 2 * self.changed, k2, padding=k2 // 2)
