@@ -127,39 +127,33 @@ struct CouplingTensors<T> {
     bias: [T; 3],
 }
 
+impl<T> CouplingTensors<T> {
+    /// Names the seven tensors, given in checkpoint order.
+    fn named([scale, w0, b0, w1, b1, w2, b2]: [T; 7]) -> Self {
+        CouplingTensors {
+            scale,
+            w: [w0, w1, w2],
+            bias: [b0, b1, b2],
+        }
+    }
+}
+
+fn seven_err(got: usize) -> BackendError {
+    size_err("coupling tensors", "count", COUPLING_TENSORS.len(), got)
+}
+
 impl<'a> CouplingTensors<&'a Buffer> {
     fn of(t: &'a [Buffer]) -> Result<Self> {
-        match t {
-            [scale, w0, b0, w1, b1, w2, b2] => Ok(CouplingTensors {
-                scale,
-                w: [w0, w1, w2],
-                bias: [b0, b1, b2],
-            }),
-            _ => Err(size_err(
-                "coupling tensors",
-                "count",
-                COUPLING_TENSORS.len(),
-                t.len(),
-            )),
-        }
+        let t: &[Buffer; 7] = t.try_into().map_err(|_| seven_err(t.len()))?;
+        Ok(Self::named(t.each_ref()))
     }
 }
 
 impl<'a> CouplingTensors<&'a mut Buffer> {
     fn of_mut(t: &'a mut [Buffer]) -> Result<Self> {
-        match t {
-            [scale, w0, b0, w1, b1, w2, b2] => Ok(CouplingTensors {
-                scale,
-                w: [w0, w1, w2],
-                bias: [b0, b1, b2],
-            }),
-            _ => Err(size_err(
-                "coupling tensors",
-                "count",
-                COUPLING_TENSORS.len(),
-                t.len(),
-            )),
-        }
+        let n = t.len();
+        let t: &mut [Buffer; 7] = t.try_into().map_err(|_| seven_err(n))?;
+        Ok(Self::named(t.each_mut()))
     }
 }
 

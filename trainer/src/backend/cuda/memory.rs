@@ -3,16 +3,7 @@
 
 use super::{int, CudaBackend, KernelDevice, LaunchCfg, Param, BLOCK};
 use crate::backend::check::expect_len;
-use crate::backend::{Buffer, Memory, Result};
-
-/// Sum of `(hi, lo)` float pairs in order, in f64 (see KERNELS.md: each pair is one block's
-/// f64 sum split into two floats).
-fn sum_hi_lo(pairs: &[f32]) -> f64 {
-    pairs
-        .chunks_exact(2)
-        .map(|p| f64::from(p[0]) + f64::from(p[1]))
-        .sum()
-}
+use crate::backend::{hi_lo, Buffer, Memory, Result};
 
 impl<D: KernelDevice> Memory for CudaBackend<D> {
     fn zeros(&self, len: usize) -> Result<Buffer> {
@@ -131,7 +122,7 @@ impl<D: KernelDevice> Memory for CudaBackend<D> {
             self.dev.download(&part)
         })();
         self.put_scratch(op, part);
-        Ok(sum_hi_lo(&r?))
+        Ok(hi_lo(&r?).iter().sum::<f64>())
     }
 
     fn sum_squares_all(&self, xs: &[Buffer]) -> Result<f64> {
@@ -183,7 +174,7 @@ impl<D: KernelDevice> Memory for CudaBackend<D> {
         let mut total = 0.0;
         let mut at = 0;
         for g in blocks {
-            total += sum_hi_lo(&host[at..at + 2 * g]);
+            total += hi_lo(&host[at..at + 2 * g]).iter().sum::<f64>();
             at += 2 * g;
         }
         Ok(total)
