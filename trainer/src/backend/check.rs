@@ -198,6 +198,71 @@ pub(crate) fn check_lu(op: &'static str, c: usize, lu: &LuFactors<'_>) -> Result
     expect_len(op, "log_s", lu.log_s, c)
 }
 
+/// ActNorm forward: the operands of [`check_actnorm`] and one log-det per image.
+pub(crate) fn actnorm_forward(
+    shape: Shape4,
+    logs: &Buffer,
+    bias: &Buffer,
+    x: &Buffer,
+    log_det: &Buffer,
+) -> Result<()> {
+    let op = "actnorm_forward";
+    check_actnorm(op, shape, logs, bias, x)?;
+    expect_len(op, "log_det", log_det, shape.batch)
+}
+
+/// ActNorm backward: the forward's operands, `dy` like `x`, one `d_logs` per channel.
+pub(crate) fn actnorm_backward(
+    shape: Shape4,
+    logs: &Buffer,
+    x: &Buffer,
+    dy: &Buffer,
+    d_logs: &Buffer,
+    d_bias: &Buffer,
+) -> Result<()> {
+    let op = "actnorm_backward";
+    check_actnorm(op, shape, logs, d_bias, x)?;
+    expect_len(op, "dy", dy, shape.len())?;
+    expect_len(op, "d_logs", d_logs, shape.channels)
+}
+
+/// The LU factors of a `c x c` 1x1 convolution and the `c x c` matrix `out` made of them
+/// (`W` for `invconv_weight`, `W^-1` for `invconv_inverse`).
+pub(crate) fn invconv(
+    op: &'static str,
+    c: usize,
+    lu: &LuFactors<'_>,
+    name: &'static str,
+    out: &Buffer,
+) -> Result<()> {
+    check_lu(op, c, lu)?;
+    expect_len(op, name, out, c * c)
+}
+
+/// The 1x1 convolution's backward: `dW` and the factors' gradients.
+pub(crate) fn invconv_backward(
+    c: usize,
+    lu: &LuFactors<'_>,
+    d_w: &Buffer,
+    d_lower: &Buffer,
+    d_upper: &Buffer,
+    d_log_s: &Buffer,
+) -> Result<()> {
+    let op = "invconv_backward";
+    check_lu(op, c, lu)?;
+    expect_len(op, "d_w", d_w, c * c)?;
+    expect_len(op, "d_lower", d_lower, c * c)?;
+    expect_len(op, "d_upper", d_upper, c * c)?;
+    expect_len(op, "d_log_s", d_log_s, c)
+}
+
+/// `acc[i] += |z_i|^2` as `(hi, lo)` pairs: `z` of `shape`, two floats per image.
+pub(crate) fn per_image_sum_squares(shape: Shape4, z: &Buffer, acc: &Buffer) -> Result<()> {
+    let op = "per_image_sum_squares";
+    expect_len(op, "z", z, shape.len())?;
+    expect_len(op, "acc", acc, 2 * shape.batch)
+}
+
 /// Checks a buffer's length for an op.
 pub(crate) fn expect_len(
     op: &'static str,

@@ -4,7 +4,7 @@
 
 pub mod conv;
 
-use super::check::{self, check_actnorm, check_adam_all, check_lu, expect_len};
+use super::check::{self, check_actnorm, check_adam_all, expect_len};
 use super::{
     actnorm, to_hi_lo, AdamStep, Backend, BackendError, Buffer, ConvShape, Convolution,
     CouplingScale, FlowLayers, LuFactors, Memory, Optimiser, Result, Shape4, Storage,
@@ -547,8 +547,7 @@ impl FlowLayers for CpuBackend {
         log_det: &mut Buffer,
     ) -> Result<()> {
         let op = "actnorm_forward";
-        check_actnorm(op, shape, logs, bias, x)?;
-        expect_len(op, "log_det", log_det, shape.batch)?;
+        check::actnorm_forward(shape, logs, bias, x, log_det)?;
         actnorm::forward(
             shape,
             host(op, logs)?,
@@ -583,9 +582,7 @@ impl FlowLayers for CpuBackend {
         d_bias: &mut Buffer,
     ) -> Result<()> {
         let op = "actnorm_backward";
-        check_actnorm(op, shape, logs, d_bias, x)?;
-        expect_len(op, "dy", dy, shape.len())?;
-        expect_len(op, "d_logs", d_logs, shape.channels)?;
+        check::actnorm_backward(shape, logs, x, dy, d_logs, d_bias)?;
         actnorm::backward(
             shape,
             host(op, x)?,
@@ -616,8 +613,7 @@ impl FlowLayers for CpuBackend {
 
     fn invconv_weight(&self, c: usize, lu: LuFactors<'_>, w: &mut Buffer) -> Result<()> {
         let op = "invconv_weight";
-        check_lu(op, c, &lu)?;
-        expect_len(op, "w", w, c * c)?;
+        check::invconv(op, c, &lu, "w", w)?;
         let wf = invconv::weight(c, &lu_host(op, &lu)?).map_err(|e| invconv_err(op, e))?;
         write_f64(host_mut(op, w)?, &wf);
         Ok(())
@@ -625,8 +621,7 @@ impl FlowLayers for CpuBackend {
 
     fn invconv_inverse(&self, c: usize, lu: LuFactors<'_>, w_inv: &mut Buffer) -> Result<()> {
         let op = "invconv_inverse";
-        check_lu(op, c, &lu)?;
-        expect_len(op, "w_inv", w_inv, c * c)?;
+        check::invconv(op, c, &lu, "w_inv", w_inv)?;
         let wf = invconv::weight(c, &lu_host(op, &lu)?).map_err(|e| invconv_err(op, e))?;
         let wi = invconv::inverse(c, &wf).map_err(|e| invconv_err(op, e))?;
         write_f64(host_mut(op, w_inv)?, &wi);
@@ -645,11 +640,7 @@ impl FlowLayers for CpuBackend {
         d_log_s: &mut Buffer,
     ) -> Result<()> {
         let op = "invconv_backward";
-        check_lu(op, c, &lu)?;
-        expect_len(op, "d_w", d_w, c * c)?;
-        expect_len(op, "d_lower", d_lower, c * c)?;
-        expect_len(op, "d_upper", d_upper, c * c)?;
-        expect_len(op, "d_log_s", d_log_s, c)?;
+        check::invconv_backward(c, &lu, d_w, d_lower, d_upper, d_log_s)?;
         let dw: Vec<f64> = host(op, d_w)?.iter().map(|&v| f64::from(v)).collect();
         let total = f64::from(g_log_det) * count as f64;
         let g =
@@ -672,8 +663,7 @@ impl FlowLayers for CpuBackend {
 
     fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer, acc: &mut Buffer) -> Result<()> {
         let op = "per_image_sum_squares";
-        expect_len(op, "z", z, shape.len())?;
-        expect_len(op, "acc", acc, 2 * shape.batch)?;
+        check::per_image_sum_squares(shape, z, acc)?;
         let sums: Vec<f64> = host(op, z)?
             .par_chunks(shape.image_len().max(1))
             .map(|img| img.iter().map(|&v| f64::from(v) * f64::from(v)).sum())

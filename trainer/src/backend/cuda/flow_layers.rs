@@ -2,7 +2,7 @@
 //! and merge, coupling, ActNorm, the invertible 1x1 convolution and the per-image sums.
 
 use super::{ew, int, per_image, CudaBackend, KernelDevice, LaunchCfg, Param, BLOCK, MAX_GRID_YZ};
-use crate::backend::check::{self, check_actnorm, check_lu, expect_len};
+use crate::backend::check::{self, check_actnorm};
 use crate::backend::{BackendError, Buffer, CouplingScale, FlowLayers, LuFactors, Result, Shape4};
 use clayflow_kernel::Mask;
 
@@ -20,6 +20,33 @@ fn channel_chunks(c: usize, batch: usize) -> (usize, usize) {
 const MAX_INVCONV_CHANNELS: usize = 6144;
 
 impl<D: KernelDevice> CudaBackend<D> {
+    /// One thread per element of the coupling network's input (`batch x cin x plane`): the
+    /// mask kernels `cf_mask_gather` (`src` the state, `dst` the network's input) and
+    /// `cf_mask_scatter_add` (the other way round). Operands already checked.
+    fn launch_mask(
+        &self,
+        op: &'static str,
+        kernel: &'static str,
+        shape: Shape4,
+        mask: Mask,
+        src: &Buffer,
+        dst: &mut Buffer,
+    ) -> Result<()> {
+        let (_, cin) = mask.split_channels(shape.channels);
+        let n = shape.batch * cin * shape.plane();
+        int(op, "length", shape.len())?;
+        let p = [
+            int(op, "batch", shape.batch)?,
+            int(op, "channels", shape.channels)?,
+            int(op, "height", shape.height)?,
+            int(op, "width", shape.width)?,
+            Param::I32(i32::from(mask as u8)),
+            Param::Ptr(self.dev.ptr(src)?),
+            Param::Ptr(self.dev.ptr_mut(dst)?),
+        ];
+        self.launch_ew(kernel, n, &p)
+    }
+
     /// Runs `cf_actnorm_sums` then `cf_actnorm_finish` (KERNELS.md, glow.cu) in `mode` 0
     /// (statistics into `out0 = logs`, `out1 = bias`) or 1 (backward: `dy` scaled in place,
     /// `out0 = d_logs`, `out1 = d_bias` accumulated).
@@ -161,21 +188,8 @@ impl<D: KernelDevice> FlowLayers for CudaBackend<D> {
         x: &Buffer,
         cnn_in: &mut Buffer,
     ) -> Result<()> {
-        let op = "mask_gather";
-        let (_, cin) = mask.split_channels(shape.channels);
-        let n = shape.batch * cin * shape.plane();
         check::mask_gather(shape, mask, x, cnn_in)?;
-        int(op, "length", shape.len())?;
-        let p = [
-            int(op, "batch", shape.batch)?,
-            int(op, "channels", shape.channels)?,
-            int(op, "height", shape.height)?,
-            int(op, "width", shape.width)?,
-            Param::I32(i32::from(mask as u8)),
-            Param::Ptr(self.dev.ptr(x)?),
-            Param::Ptr(self.dev.ptr_mut(cnn_in)?),
-        ];
-        self.launch_ew("cf_mask_gather", n, &p)
+        self.launch_mask("mask_gather", "cf_mask_gather", shape, mask, x, cnn_in)
     }
 
     fn mask_scatter_add(
@@ -185,21 +199,15 @@ impl<D: KernelDevice> FlowLayers for CudaBackend<D> {
         d_cnn_in: &Buffer,
         dx: &mut Buffer,
     ) -> Result<()> {
-        let op = "mask_scatter_add";
-        let (_, cin) = mask.split_channels(shape.channels);
-        let n = shape.batch * cin * shape.plane();
         check::mask_scatter_add(shape, mask, d_cnn_in, dx)?;
-        int(op, "length", shape.len())?;
-        let p = [
-            int(op, "batch", shape.batch)?,
-            int(op, "channels", shape.channels)?,
-            int(op, "height", shape.height)?,
-            int(op, "width", shape.width)?,
-            Param::I32(i32::from(mask as u8)),
-            Param::Ptr(self.dev.ptr(d_cnn_in)?),
-            Param::Ptr(self.dev.ptr_mut(dx)?),
-        ];
-        self.launch_ew("cf_mask_scatter_add", n, &p)
+        self.launch_mask(
+            "mask_scatter_add",
+            "cf_mask_scatter_add",
+            shape,
+            mask,
+            d_cnn_in,
+            dx,
+        )
     }
 
     fn coupling_forward(
@@ -344,8 +352,7 @@ impl<D: KernelDevice> FlowLayers for CudaBackend<D> {
         log_det: &mut Buffer,
     ) -> Result<()> {
         let op = "actnorm_forward";
-        check_actnorm(op, shape, logs, bias, x)?;
-        expect_len(op, "log_det", log_det, shape.batch)?;
+        check::actnorm_forward(shape, logs, bias, x, log_det)?;
         // An empty tensor adds plane * sum(logs) = 0 or has no image: nothing to do.
         let n = shape.len();
         let p = [
@@ -394,9 +401,7 @@ impl<D: KernelDevice> FlowLayers for CudaBackend<D> {
         d_bias: &mut Buffer,
     ) -> Result<()> {
         let op = "actnorm_backward";
-        check_actnorm(op, shape, logs, d_bias, x)?;
-        expect_len(op, "dy", dy, shape.len())?;
-        expect_len(op, "d_logs", d_logs, shape.channels)?;
+        check::actnorm_backward(shape, logs, x, dy, d_logs, d_bias)?;
         self.actnorm_reduce(
             op,
             shape,
@@ -424,8 +429,7 @@ impl<D: KernelDevice> FlowLayers for CudaBackend<D> {
 
     fn invconv_weight(&self, c: usize, lu: LuFactors<'_>, w: &mut Buffer) -> Result<()> {
         let op = "invconv_weight";
-        check_lu(op, c, &lu)?;
-        expect_len(op, "w", w, c * c)?;
+        check::invconv(op, c, &lu, "w", w)?;
         int(op, "length", c * c)?;
         let mut p = vec![int(op, "channels", c)?];
         p.extend(self.lu_ptrs(&lu)?);
@@ -435,8 +439,7 @@ impl<D: KernelDevice> FlowLayers for CudaBackend<D> {
 
     fn invconv_inverse(&self, c: usize, lu: LuFactors<'_>, w_inv: &mut Buffer) -> Result<()> {
         let op = "invconv_inverse";
-        check_lu(op, c, &lu)?;
-        expect_len(op, "w_inv", w_inv, c * c)?;
+        check::invconv(op, c, &lu, "w_inv", w_inv)?;
         if c > MAX_INVCONV_CHANNELS {
             return Err(BackendError::Device(format!(
                 "{op}: {c} channels is more than the CUDA kernel's {MAX_INVCONV_CHANNELS}"
@@ -468,11 +471,7 @@ impl<D: KernelDevice> FlowLayers for CudaBackend<D> {
         d_log_s: &mut Buffer,
     ) -> Result<()> {
         let op = "invconv_backward";
-        check_lu(op, c, &lu)?;
-        expect_len(op, "d_w", d_w, c * c)?;
-        expect_len(op, "d_lower", d_lower, c * c)?;
-        expect_len(op, "d_upper", d_upper, c * c)?;
-        expect_len(op, "d_log_s", d_log_s, c)?;
+        check::invconv_backward(c, &lu, d_w, d_lower, d_upper, d_log_s)?;
         if c > MAX_INVCONV_CHANNELS {
             return Err(BackendError::Device(format!(
                 "{op}: {c} channels is more than the CUDA kernel's {MAX_INVCONV_CHANNELS}"
@@ -515,8 +514,7 @@ impl<D: KernelDevice> FlowLayers for CudaBackend<D> {
 
     fn per_image_sum_squares(&self, shape: Shape4, z: &Buffer, acc: &mut Buffer) -> Result<()> {
         let op = "per_image_sum_squares";
-        expect_len(op, "z", z, shape.len())?;
-        expect_len(op, "acc", acc, 2 * shape.batch)?;
+        check::per_image_sum_squares(shape, z, acc)?;
         int(op, "length", shape.len())?;
         if shape.is_empty() {
             // Every image adds 0.
