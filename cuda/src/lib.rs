@@ -379,7 +379,13 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
         let mut count = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
-            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            // The kernel sources: `.cu` files and `common.cuh` (the folder is also the
+            // `clayflow-cuda-kernels` crate, with `src/`, `ptx/` and a manifest).
+            let path = entry.unwrap().path();
+            if !path.extension().is_some_and(|x| x == "cu" || x == "cuh") {
+                continue;
+            }
+            let text = std::fs::read_to_string(path).unwrap();
             for part in text.split("extern \"C\" __global__").skip(1) {
                 // The name is the identifier just before the parameter list's '(' (skipping
                 // a `__launch_bounds__(..)` first).
