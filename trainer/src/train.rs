@@ -247,6 +247,11 @@ fn run_fraction(
     }
 }
 
+/// Path of the run's metrics log (`metrics.jsonl`) in a run folder.
+fn metrics_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("metrics.jsonl")
+}
+
 /// Path of the saved training configuration in a run folder.
 pub fn config_path(run_dir: &Path) -> PathBuf {
     run_dir.join("train.json")
@@ -388,7 +393,7 @@ impl<'a> Run<'a> {
         adam_host: Option<Moments>,
         state: TrainState,
     ) -> Result<Run<'a>> {
-        let metrics_path = run_dir.join("metrics.jsonl");
+        let metrics_path = metrics_path(run_dir);
         let metrics = MetricsLog::open(&metrics_path)?;
         let flow = Flow::new(backend.clone(), arch, params)?;
         let adam = match adam_host {
@@ -438,7 +443,7 @@ impl<'a> Run<'a> {
             &config_path(run_dir),
             serde_json::to_string_pretty(cfg)?.as_bytes(),
         )?;
-        let metrics_path = run_dir.join("metrics.jsonl");
+        let metrics_path = metrics_path(run_dir);
         if metrics_path.exists() {
             std::fs::remove_file(&metrics_path)?;
         }
@@ -490,7 +495,7 @@ impl<'a> Run<'a> {
             loaded.dir.display(),
             c.state.step
         ));
-        let metrics_path = run_dir.join("metrics.jsonl");
+        let metrics_path = metrics_path(run_dir);
         if metrics_path.exists() {
             report::truncate_after_step(&metrics_path, c.state.step)?;
         }
