@@ -18,6 +18,7 @@ use clayflow_trainer::backend::cuda::CudaBackend;
 use clayflow_trainer::backend::prelude::*;
 use clayflow_trainer::backend::Backend;
 use clayflow_trainer::checkpoint;
+use clayflow_trainer::collective::Single;
 use clayflow_trainer::config::ModelConfig;
 use clayflow_trainer::data::{self, Crop, Dataset};
 use clayflow_trainer::model::init_params;
@@ -67,7 +68,17 @@ fn config(steps: u64) -> TrainConfig {
 
 fn run(be: Arc<dyn Backend>, steps: u64, dir: &Path, resume: bool) -> Outcome {
     let (tr, val) = digits();
-    train::train(be, &config(steps), &tr, &val, dir, resume, &mut Quiet).expect("training")
+    train::train(
+        be,
+        &Single,
+        &config(steps),
+        &tr,
+        &val,
+        dir,
+        resume,
+        &mut Quiet,
+    )
+    .expect("training")
 }
 
 fn params(dir: &Path) -> Vec<f32> {

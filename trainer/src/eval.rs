@@ -36,16 +36,33 @@ pub fn eval_u(ds: &Dataset, i: usize, bits: u32, out: &mut [f32]) -> Result<()> 
 /// Mean bits/dim of `flow` on `ds` with the fixed evaluation noise, in batches of `batch`
 /// (the last batch padded by repeating images; padding is not scored).
 pub fn evaluate(flow: &mut Flow, ds: &Dataset, batch: usize) -> Result<f64> {
-    let d = ds.image_len();
-    let arch = *flow.arch();
     if ds.is_empty() {
         bail!("cannot evaluate on an empty data set");
     }
+    Ok(evaluate_sum(flow, ds, 0..ds.len(), batch)? / ds.len() as f64)
+}
+
+/// The sum of the bits/dim of images `range` of `ds` (their fixed evaluation noise, as
+/// [`evaluate`]): data-parallel validation scores one slice per rank and adds the sums.
+pub fn evaluate_sum(
+    flow: &mut Flow,
+    ds: &Dataset,
+    range: std::ops::Range<usize>,
+    batch: usize,
+) -> Result<f64> {
+    let d = ds.image_len();
+    let arch = *flow.arch();
+    if range.end > ds.len() || batch == 0 {
+        bail!(
+            "cannot evaluate images {range:?} of {} in batches of {batch}",
+            ds.len()
+        );
+    }
     let mut total = 0.0;
     let mut u = vec![0.0f32; batch * d];
-    let mut start = 0;
-    while start < ds.len() {
-        let n = batch.min(ds.len() - start);
+    let mut start = range.start;
+    while start < range.end {
+        let n = batch.min(range.end - start);
         for k in 0..batch {
             let i = start + k.min(n - 1);
             eval_u(ds, i, arch.bits, &mut u[k * d..(k + 1) * d])?;
@@ -57,7 +74,7 @@ pub fn evaluate(flow: &mut Flow, ds: &Dataset, batch: usize) -> Result<f64> {
             .sum::<f64>();
         start += n;
     }
-    Ok(total / ds.len() as f64)
+    Ok(total)
 }
 
 /// Per-image bits/dim of dequantized images `u` (concatenated) through the kernel, in

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod data;
 pub mod eval;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use clayflow_kernel::DType;
 use clayflow_trainer::backend::select::{self, DeviceChoice};
 use clayflow_trainer::backend::Backend;
+use clayflow_trainer::collective::{self, Collective};
 use clayflow_trainer::config::ModelConfig;
 use clayflow_trainer::data::{self, Crop, Dataset};
 use clayflow_trainer::export;
@@ -101,7 +102,8 @@ struct TrainArgs {
     /// Stop after this many steps.
     #[arg(long)]
     steps: Option<u64>,
-    /// Images per step.
+    /// Images per step on each rank: under `mpirun -np N` (a build with `--features mpi`)
+    /// the global batch is N times this.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
     /// Peak learning rate (Adam); default 2e-3 for the Glow presets (measured: 1.4457 against
@@ -249,6 +251,10 @@ fn load_data(args: &DataArgs, c: usize, h: usize, w: usize) -> Result<(Dataset, 
 
 struct Bar {
     bar: Option<ProgressBar>,
+    /// Ranks of a data-parallel run (the images/s are over all of them).
+    ranks: usize,
+    /// Only rank 0 talks.
+    quiet: bool,
 }
 
 impl Progress for Bar {
@@ -260,9 +266,14 @@ impl Progress for Bar {
         frac: f64,
     ) {
         if let Some(b) = &self.bar {
+            let ranks = if self.ranks > 1 {
+                format!(" on {} ranks", self.ranks)
+            } else {
+                String::new()
+            };
             b.set_position((frac * 1000.0) as u64);
             b.set_message(format!(
-                "step {} epoch {} | train {:.3} bits/dim | {:.0} img/s",
+                "step {} epoch {} | train {:.3} bits/dim | {:.0} img/s{ranks}",
                 state.step,
                 state.epoch + 1,
                 running_bpd,
@@ -272,6 +283,9 @@ impl Progress for Bar {
     }
 
     fn note(&mut self, line: &str) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(b) => b.println(line),
             None => eprintln!("{line}"),
@@ -281,7 +295,13 @@ impl Progress for Bar {
 
 /// The backend for `--device`; prints the one-line notice when `auto` falls back to the CPU.
 fn backend(device: DeviceChoice) -> Result<Arc<dyn Backend>> {
-    let opened = select::open(device)?;
+    backend_of_rank(device, 0)
+}
+
+/// The backend for `--device` of a rank whose index on its machine is `local_rank`: `auto`
+/// picks that GPU.
+fn backend_of_rank(device: DeviceChoice, local_rank: usize) -> Result<Arc<dyn Backend>> {
+    let opened = select::open_local(device, local_rank)?;
     if let Some(n) = &opened.notice {
         eprintln!("{n}");
     }
@@ -289,8 +309,28 @@ fn backend(device: DeviceChoice) -> Result<Arc<dyn Backend>> {
 }
 
 fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
+    let comm = collective::open()?;
+    let result = train_as_rank(a, device, comm.as_ref());
+    if let Err(e) = &result {
+        if comm.size() > 1 {
+            // The other ranks would wait for this one forever: end the whole job.
+            eprintln!("Error on rank {} of {}: {e:#}", comm.rank(), comm.size());
+            comm.abort(1);
+        }
+    }
+    result
+}
+
+/// `clayflow train` as one rank of `comm` (the only one, without MPI).
+fn train_as_rank(a: TrainArgs, device: DeviceChoice, comm: &dyn Collective) -> Result<()> {
+    let root = comm.rank() == 0;
     let (cfg, run_dir, resume) = if let Some(run) = &a.resume {
-        let mut cfg = train::read_config(run)?;
+        // Rank 0 reads the run's settings (the others may not see its folder) and shares them.
+        let mut cfg = if root {
+            train::read_config(run)?
+        } else {
+            TrainConfig::new(ModelConfig::preset("mnist")?, String::new())
+        };
         // Budget flags given on resume replace the saved ones.
         if a.epochs.is_some() || a.minutes.is_some() || a.steps.is_some() {
             cfg.epochs = a.epochs;
@@ -382,13 +422,14 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
         });
         (cfg, out, false)
     };
+    let cfg = collective::broadcast_json(comm, &cfg)?;
     let arch = cfg.model.to_arch()?;
     let data_args = DataArgs {
         data: cfg.data.clone(),
         crops_per_image: Some(cfg.crops_per_image),
     };
     // The device first: a missing GPU fails before the data is loaded.
-    let be = backend(device)?;
+    let be = backend_of_rank(device, comm.local_rank())?;
     let (ds, desc) = load_data(&data_args, arch.channels, arch.height, arch.width)?;
     // Hold out the last `val_split` images, but never more than a fifth of a small set.
     let val_n = cfg.val_split.min(ds.len() / 5).max(1);
@@ -400,16 +441,28 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
     if !resume {
         cfg.dataset = desc;
     }
-    eprintln!(
-        "clayflow: {} parameters, {} training / {} validation images, batch {}, on {}",
-        clayflow_trainer::config::trainable_params(&arch),
-        train_set.len(),
-        val_set.len(),
-        cfg.batch_size,
-        be.name()
-    );
-    eprintln!("run folder: {}", run_dir.display());
-    let bar = if a.quiet || !console_is_tty() {
+    let ranks = comm.size();
+    if root {
+        let batch = if ranks > 1 {
+            format!(
+                "batch {} x {ranks} ranks = {} ({})",
+                cfg.batch_size,
+                cfg.batch_size * ranks,
+                comm.describe()
+            )
+        } else {
+            format!("batch {}", cfg.batch_size)
+        };
+        eprintln!(
+            "clayflow: {} parameters, {} training / {} validation images, {batch}, on {}",
+            clayflow_trainer::config::trainable_params(&arch),
+            train_set.len(),
+            val_set.len(),
+            be.name()
+        );
+        eprintln!("run folder: {}", run_dir.display());
+    }
+    let bar = if a.quiet || !root || !console_is_tty() {
         None
     } else {
         let b = ProgressBar::new(1000);
@@ -422,9 +475,14 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
         b.enable_steady_tick(Duration::from_millis(500));
         Some(b)
     };
-    let mut progress = Bar { bar };
+    let mut progress = Bar {
+        bar,
+        ranks,
+        quiet: !root,
+    };
     let outcome = train::train(
         be,
+        comm,
         &cfg,
         &train_set,
         &val_set,
@@ -435,8 +493,19 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
     if let Some(b) = &progress.bar {
         b.finish_and_clear();
     }
+    if !root {
+        return Ok(());
+    }
+    let ranks = if outcome.world_size > 1 {
+        format!(
+            " on {} ranks (global batch {})",
+            outcome.world_size, outcome.global_batch
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "trained {} steps in {:.1} min ({:.0} images/s); validation {:.4} bits/dim on {} held-out images",
+        "trained {} steps in {:.1} min{ranks} ({:.0} images/s); validation {:.4} bits/dim on {} held-out images",
         outcome.steps,
         outcome.elapsed_secs / 60.0,
         outcome.images_per_sec,

@@ -4,12 +4,22 @@
 //! Everything random is a pure function of `(seed, step)` or `(seed, epoch)`: the epoch's
 //! shuffle, each step's dequantization noise, the validation noise. A run resumed from a
 //! checkpoint therefore takes exactly the steps the uninterrupted run would have taken.
+//!
+//! Data-parallel training: every rank runs this loop in lockstep through a [`Collective`].
+//! The global batch is `batch_size` images on each rank; rank `r` takes images
+//! `r * batch_size..(r + 1) * batch_size` of each global batch of the epoch's permutation,
+//! with the noise the single-process run would give them, so a run on N ranks takes the
+//! steps of one process with a batch N times larger (up to the summation order). Gradients
+//! are summed in rank order and scaled by `1 / N` in the update; the loss, the clock and
+//! every decision come from collectives, so the ranks never disagree. Rank 0 alone writes
+//! metrics, checkpoints and samples; a checkpoint does not depend on the world size.
 
 use crate::backend::{AdamStep, Backend, Buffer};
 use crate::checkpoint::{self, Checkpoint, TrainState};
+use crate::collective::{self, Collective};
 use crate::config::ModelConfig;
 use crate::data::{epoch_order, Dataset};
-use crate::eval::{evaluate, uniform01};
+use crate::eval::{evaluate_sum, uniform01};
 use crate::fsutil;
 use crate::model::{init_params, Flow};
 use crate::report::{self, MetricRecord, MetricsLog};
@@ -33,7 +43,7 @@ pub struct TrainConfig {
     pub model: ModelConfig,
     /// Human-readable description of the data.
     pub dataset: String,
-    /// Images per step.
+    /// Images per step on each rank (the global batch is this times the number of ranks).
     pub batch_size: usize,
     /// Peak learning rate.
     pub lr: f32,
@@ -143,8 +153,12 @@ pub struct Outcome {
     pub val_bpd: f64,
     /// Validation images scored.
     pub val_images: usize,
-    /// Mean training throughput of this session, images/s.
+    /// Mean training throughput of this session, images/s over all ranks.
     pub images_per_sec: f64,
+    /// Ranks that trained (1 for a single process).
+    pub world_size: usize,
+    /// Images per step over all ranks.
+    pub global_batch: usize,
     /// Training seconds in total.
     pub elapsed_secs: f64,
     /// Where the sample grid was written.
@@ -208,7 +222,7 @@ impl Progress for Quiet {
     fn note(&mut self, _: &str) {}
 }
 
-fn state_of(cfg: &TrainConfig) -> TrainState {
+fn state_of(cfg: &TrainConfig, world_size: usize) -> TrainState {
     TrainState {
         step: 0,
         epoch: 0,
@@ -222,6 +236,7 @@ fn state_of(cfg: &TrainConfig) -> TrainState {
         eps: cfg.eps,
         clip_norm: cfg.clip_norm,
         batch_size: cfg.batch_size,
+        world_size,
         elapsed_secs: 0.0,
         best_val_bpd: None,
         last_val_bpd: None,
@@ -266,10 +281,13 @@ pub fn read_config(run_dir: &Path) -> Result<TrainConfig> {
 }
 
 /// Trains (or, with `resume`, continues) the run in `run_dir` on `train`, validating on
-/// `val`. The phases: check the inputs, set up (a new run, or resume one), the steps, and
+/// `val`, as one rank of `comm` (every rank calls this with the same configuration and
+/// data). The phases: check the inputs, set up (a new run, or resume one), the steps, and
 /// the finish (final validation, checkpoint, samples and plot).
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     backend: Arc<dyn Backend>,
+    comm: &dyn Collective,
     cfg: &TrainConfig,
     train_set: &Dataset,
     val_set: &Dataset,
@@ -277,30 +295,49 @@ pub fn train(
     resume: bool,
     progress: &mut dyn Progress,
 ) -> Result<Outcome> {
-    let arch = check_inputs(cfg, train_set, val_set)?;
-    // Fail now, not after an hour, if the run folder cannot be written.
-    fsutil::check_writable_dir(run_dir)?;
+    let arch = check_inputs(cfg, comm.size(), train_set, val_set)?;
+    let (c, h, w) = train_set.shape();
+    collective::check_same(
+        comm,
+        "the data (channels, height, width, training images, validation images)",
+        &[c, h, w, train_set.len(), val_set.len()].map(|v| v as u64),
+    )?;
+    if comm.rank() == 0 {
+        // Fail now, not after an hour, if the run folder cannot be written.
+        fsutil::check_writable_dir(run_dir)?;
+    }
     let mut run = if resume {
-        Run::resume(backend, cfg, arch, run_dir, progress)?
+        Run::resume(backend, comm, cfg, arch, run_dir, progress)?
     } else {
-        Run::start(backend, cfg, arch, run_dir, train_set, progress)?
+        Run::start(backend, comm, cfg, arch, run_dir, train_set, progress)?
     };
-    let clock = Clock::new(cfg, train_set, &run.state);
+    let clock = Clock::new(cfg, comm.size(), train_set, &run.state);
     run.steps(&clock, train_set, val_set, progress)?;
     run.finish(&clock, val_set)
 }
 
 /// The architecture, once the configuration and both data sets are known to fit it.
-fn check_inputs(cfg: &TrainConfig, train_set: &Dataset, val_set: &Dataset) -> Result<Arch> {
+fn check_inputs(
+    cfg: &TrainConfig,
+    world_size: usize,
+    train_set: &Dataset,
+    val_set: &Dataset,
+) -> Result<Arch> {
     let arch = cfg.model.to_arch()?;
     if cfg.batch_size == 0 {
         bail!("batch size must be at least 1");
     }
-    if train_set.len() < cfg.batch_size {
+    let global = cfg.batch_size * world_size;
+    if train_set.len() < global {
+        let ranks = if world_size > 1 {
+            format!(" ({} on each of {world_size} ranks)", cfg.batch_size)
+        } else {
+            String::new()
+        };
         bail!(
-            "the training set has {} images, fewer than one batch of {}; lower --batch-size",
+            "the training set has {} images, fewer than one batch of {global}{ranks}; lower \
+             --batch-size",
             train_set.len(),
-            cfg.batch_size
         );
     }
     if val_set.is_empty() {
@@ -332,8 +369,8 @@ struct Clock {
 }
 
 impl Clock {
-    fn new(cfg: &TrainConfig, train_set: &Dataset, state: &TrainState) -> Clock {
-        let steps_per_epoch = (train_set.len() / cfg.batch_size) as u64;
+    fn new(cfg: &TrainConfig, world_size: usize, train_set: &Dataset, state: &TrainState) -> Clock {
+        let steps_per_epoch = (train_set.len() / (cfg.batch_size * world_size)) as u64;
         Clock {
             steps_per_epoch,
             total_steps: [cfg.epochs.map(|e| e * steps_per_epoch), cfg.max_steps]
@@ -366,14 +403,16 @@ impl Clock {
 type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
 /// A training run in progress: the model and optimiser on the device, the state that goes
-/// into checkpoints, and the metrics log.
+/// into checkpoints, and the metrics log (rank 0's).
 struct Run<'a> {
     backend: Arc<dyn Backend>,
+    comm: &'a dyn Collective,
     cfg: &'a TrainConfig,
     arch: Arch,
     run_dir: &'a Path,
     metrics_path: PathBuf,
-    metrics: MetricsLog,
+    /// Rank 0 writes the metrics; the other ranks have none.
+    metrics: Option<MetricsLog>,
     flow: Flow,
     adam: Adam,
     grads: Vec<Buffer>,
@@ -382,10 +421,22 @@ struct Run<'a> {
     state: TrainState,
 }
 
+/// Rank 0's value of `v` on every rank (a clock, so the ranks take the same decisions).
+fn rank0_value(comm: &dyn Collective, v: f64) -> Result<f64> {
+    if comm.size() == 1 {
+        return Ok(v);
+    }
+    let mut x = [if comm.rank() == 0 { v } else { 0.0 }];
+    comm.all_reduce_sum_f64(&mut x)?;
+    Ok(x[0])
+}
+
 impl<'a> Run<'a> {
     /// Everything but the parameters, the optimiser moments and the state.
+    #[allow(clippy::too_many_arguments)]
     fn with(
         backend: Arc<dyn Backend>,
+        comm: &'a dyn Collective,
         cfg: &'a TrainConfig,
         arch: Arch,
         run_dir: &'a Path,
@@ -394,7 +445,11 @@ impl<'a> Run<'a> {
         state: TrainState,
     ) -> Result<Run<'a>> {
         let metrics_path = metrics_path(run_dir);
-        let metrics = MetricsLog::open(&metrics_path)?;
+        let metrics = if comm.rank() == 0 {
+            Some(MetricsLog::open(&metrics_path)?)
+        } else {
+            None
+        };
         let flow = Flow::new(backend.clone(), arch, params)?;
         let adam = match adam_host {
             Some((m, v)) => Adam {
@@ -410,6 +465,7 @@ impl<'a> Run<'a> {
         let trainable = flow.trainable();
         Ok(Run {
             backend,
+            comm,
             cfg,
             arch,
             run_dir,
@@ -423,36 +479,63 @@ impl<'a> Run<'a> {
         })
     }
 
+    fn is_root(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// Images per step over all ranks.
+    fn global_batch(&self) -> usize {
+        self.cfg.batch_size * self.comm.size()
+    }
+
+    /// Gives every rank rank 0's parameters, moments and state.
+    fn share_rank0(&mut self) -> Result<()> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let be = self.backend.as_ref();
+        self.comm.broadcast(be, &mut self.flow.params)?;
+        self.comm.broadcast(be, &mut self.adam.m)?;
+        self.comm.broadcast(be, &mut self.adam.v)?;
+        self.state = collective::broadcast_json(self.comm, &self.state)?;
+        Ok(())
+    }
+
     /// A new run: writes its configuration, initialises the parameters (and ActNorm from
     /// the first batch), and saves the step-0 checkpoint.
     fn start(
         backend: Arc<dyn Backend>,
+        comm: &'a dyn Collective,
         cfg: &'a TrainConfig,
         arch: Arch,
         run_dir: &'a Path,
         train_set: &Dataset,
         progress: &mut dyn Progress,
     ) -> Result<Run<'a>> {
-        if checkpoint::latest(run_dir)?.is_some() {
-            bail!(
-                "{} already holds a run; use --resume to continue it or choose another --out",
-                run_dir.display()
-            );
-        }
-        fsutil::atomic_write(
-            &config_path(run_dir),
-            serde_json::to_string_pretty(cfg)?.as_bytes(),
-        )?;
-        let metrics_path = metrics_path(run_dir);
-        if metrics_path.exists() {
-            std::fs::remove_file(&metrics_path)?;
+        if comm.rank() == 0 {
+            if checkpoint::latest(run_dir)?.is_some() {
+                bail!(
+                    "{} already holds a run; use --resume to continue it or choose another --out",
+                    run_dir.display()
+                );
+            }
+            fsutil::atomic_write(
+                &config_path(run_dir),
+                serde_json::to_string_pretty(cfg)?.as_bytes(),
+            )?;
+            let metrics_path = metrics_path(run_dir);
+            if metrics_path.exists() {
+                std::fs::remove_file(&metrics_path)?;
+            }
         }
         let params = init_params(&arch, cfg.seed);
-        let mut run = Run::with(backend, cfg, arch, run_dir, &params, None, state_of(cfg))?;
-        if arch.glow {
-            // ActNorm's data-dependent initialisation on the first training batch (the one
+        let state = state_of(cfg, comm.size());
+        let mut run = Run::with(backend, comm, cfg, arch, run_dir, &params, None, state)?;
+        if arch.glow && run.is_root() {
+            // ActNorm's data-dependent initialisation on the first global batch (the one
             // step 0 will see), before the step-0 checkpoint so a resume never redoes it.
-            let n = cfg.batch_size.min(train_set.len()).max(1);
+            // Rank 0 computes it and shares it below.
+            let n = run.global_batch().min(train_set.len()).max(1);
             let idx = &epoch_order(train_set.len(), cfg.seed, 0)[..n];
             let mut noise = Pcg32::with_stream(cfg.seed ^ 0xd1ce, 0);
             let mut u0 = Vec::new();
@@ -463,19 +546,39 @@ impl<'a> Run<'a> {
                 stats.mean_bpd
             ));
         }
+        run.share_rank0()?;
         // Step 0: there is always a last good checkpoint to go back to.
         run.save()?;
         Ok(run)
     }
 
     /// Continues the run in `run_dir` from its latest checkpoint (metrics after it dropped).
+    /// Rank 0 reads it and shares it with the other ranks.
     fn resume(
         backend: Arc<dyn Backend>,
+        comm: &'a dyn Collective,
         cfg: &'a TrainConfig,
         arch: Arch,
         run_dir: &'a Path,
         progress: &mut dyn Progress,
     ) -> Result<Run<'a>> {
+        if comm.rank() != 0 {
+            // Shapes only: the values come from rank 0.
+            let params = init_params(&arch, cfg.seed);
+            let mut run = Run::with(
+                backend,
+                comm,
+                cfg,
+                arch,
+                run_dir,
+                &params,
+                None,
+                state_of(cfg, comm.size()),
+            )?;
+            run.share_rank0()?;
+            run.state.world_size = comm.size();
+            return Ok(run);
+        }
         let loaded = match checkpoint::load_with_notes(run_dir) {
             Ok(l) => l,
             // Killed before its first checkpoint (step 0) was committed: nothing to resume.
@@ -495,16 +598,33 @@ impl<'a> Run<'a> {
             loaded.dir.display(),
             c.state.step
         ));
+        let was = c.state.world_size;
+        if was != comm.size() {
+            progress.note(&format!(
+                "the run trained on {was} rank(s) (global batch {}); it continues on {} \
+                 (global batch {}), so it is no longer the run an unchanged world size would give",
+                cfg.batch_size * was,
+                comm.size(),
+                cfg.batch_size * comm.size()
+            ));
+        }
         let metrics_path = metrics_path(run_dir);
         if metrics_path.exists() {
             report::truncate_after_step(&metrics_path, c.state.step)?;
         }
         let adam = Some((c.adam_m, c.adam_v));
-        Run::with(backend, cfg, arch, run_dir, &c.params, adam, c.state)
+        let mut run = Run::with(backend, comm, cfg, arch, run_dir, &c.params, adam, c.state)?;
+        run.share_rank0()?;
+        run.state.world_size = comm.size();
+        Ok(run)
     }
 
-    /// Saves a checkpoint of the parameters, the moments and the state.
-    fn save(&self) -> Result<PathBuf> {
+    /// Saves a checkpoint of the parameters, the moments and the state (rank 0; the others
+    /// hold the same values).
+    fn save(&self) -> Result<Option<PathBuf>> {
+        if !self.is_root() {
+            return Ok(None);
+        }
         let ck = Checkpoint {
             model: self.cfg.model.clone(),
             params: self.flow.params_host()?,
@@ -512,7 +632,15 @@ impl<'a> Run<'a> {
             adam_v: to_host(self.backend.as_ref(), &self.adam.v)?,
             state: self.state.clone(),
         };
-        Ok(checkpoint::save(self.run_dir, &ck, self.cfg.keep)?)
+        Ok(Some(checkpoint::save(self.run_dir, &ck, self.cfg.keep)?))
+    }
+
+    /// Appends a record to the metrics (rank 0).
+    fn record(&mut self, rec: &MetricRecord) -> Result<()> {
+        if let Some(m) = &mut self.metrics {
+            m.append(rec)?;
+        }
+        Ok(())
     }
 
     /// Appends an event line to the metrics and tells the user.
@@ -520,8 +648,7 @@ impl<'a> Run<'a> {
         progress.note(&msg);
         let mut rec = MetricRecord::new(self.state.step, self.state.epoch, elapsed);
         rec.event = Some(msg);
-        self.metrics.append(&rec)?;
-        Ok(())
+        self.record(&rec)
     }
 
     /// Goes back to the last checkpoint with half the learning rate, after `max_bad_steps`
@@ -539,13 +666,19 @@ impl<'a> Run<'a> {
                 self.metrics_path.display()
             );
         }
-        let (c, dir) = checkpoint::load(self.run_dir)?;
-        self.flow.set_params(&c.params)?;
-        self.adam.m = upload_all(self.backend.as_ref(), &c.adam_m)?;
-        self.adam.v = upload_all(self.backend.as_ref(), &c.adam_v)?;
         let (skips, restores) = (self.state.nonfinite_skips, self.state.restores + 1);
         let lr_scale = self.state.lr_scale * 0.5;
-        self.state = c.state;
+        let mut dir = PathBuf::new();
+        if self.is_root() {
+            let (c, d) = checkpoint::load(self.run_dir)?;
+            self.flow.set_params(&c.params)?;
+            self.adam.m = upload_all(self.backend.as_ref(), &c.adam_m)?;
+            self.adam.v = upload_all(self.backend.as_ref(), &c.adam_v)?;
+            self.state = c.state;
+            dir = d;
+        }
+        self.share_rank0()?;
+        self.state.world_size = self.comm.size();
         self.state.nonfinite_skips = skips;
         self.state.restores = restores;
         self.state.lr_scale = lr_scale;
@@ -576,20 +709,23 @@ impl<'a> Run<'a> {
         cfg.lr * self.state.lr_scale * warm * decay
     }
 
-    /// One Adam update of every trainable tensor, gradients clipped to `clip_norm`.
+    /// One Adam update of every trainable tensor, gradients clipped to `clip_norm`. The
+    /// gradients are the sum over the ranks; `norm` is their mean's norm.
     fn update(&mut self, lr: f32, norm: f64) -> Result<()> {
         let cfg = self.cfg;
+        let clip = if norm > f64::from(cfg.clip_norm) {
+            f64::from(cfg.clip_norm) / norm
+        } else {
+            1.0
+        };
         let hp = AdamStep {
             lr,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
             eps: cfg.eps,
             step: self.state.step + 1,
-            grad_scale: if norm > f64::from(cfg.clip_norm) {
-                (f64::from(cfg.clip_norm) / norm) as f32
-            } else {
-                1.0
-            },
+            // The mean over the ranks (exact for one rank: the scale is unchanged).
+            grad_scale: (clip / self.comm.size() as f64) as f32,
         };
         self.backend.adam_all(
             &hp,
@@ -604,14 +740,24 @@ impl<'a> Run<'a> {
 
     /// Scores the validation set and records it in the state and the metrics (with `event`,
     /// if any, on the same line).
+    /// Each rank scores its slice of the validation set; the sums are added.
     fn validate(&mut self, clock: &Clock, val_set: &Dataset, event: Option<&str>) -> Result<f64> {
-        let v = evaluate(&mut self.flow, val_set, self.cfg.batch_size)?;
+        let (r, n, len) = (self.comm.rank(), self.comm.size(), val_set.len());
+        let slice = r * len / n..(r + 1) * len / n;
+        let mut sum = [evaluate_sum(
+            &mut self.flow,
+            val_set,
+            slice,
+            self.cfg.batch_size,
+        )?];
+        self.comm.all_reduce_sum_f64(&mut sum)?;
+        let v = sum[0] / len as f64;
         self.state.last_val_bpd = Some(v);
         self.state.best_val_bpd = Some(self.state.best_val_bpd.map_or(v, |b: f64| b.min(v)));
         let mut rec = MetricRecord::new(self.state.step, self.state.epoch, clock.elapsed());
         rec.val_bpd = Some(v);
         rec.event = event.map(str::to_string);
-        self.metrics.append(&rec)?;
+        self.record(&rec)?;
         Ok(v)
     }
 
@@ -627,8 +773,11 @@ impl<'a> Run<'a> {
     ) -> Result<()> {
         let cfg = self.cfg;
         let bs = cfg.batch_size;
+        let (rank, world) = (self.comm.rank(), self.comm.size());
+        let global = self.global_batch();
         let spe = clock.steps_per_epoch;
-        let mut last_ckpt = Instant::now();
+        // Checkpoint timing on rank 0's clock, so that every rank agrees when one is due.
+        let mut last_ckpt_at = rank0_value(self.comm, clock.elapsed())?;
         let mut u = Vec::new();
         let mut bad_in_a_row = 0u32;
         let mut running = (0.0f64, 0u64);
@@ -642,7 +791,7 @@ impl<'a> Run<'a> {
         // from the same point keeps diverging even at a much lower learning rate.
         let mut restores_in_a_row = 0u32;
         loop {
-            let elapsed = clock.elapsed();
+            let elapsed = rank0_value(self.comm, clock.elapsed())?;
             self.state.elapsed_secs = elapsed;
             if clock.done(self.state.step, elapsed) {
                 return Ok(());
@@ -653,20 +802,42 @@ impl<'a> Run<'a> {
                 order = epoch_order(train_set.len(), cfg.seed, epoch);
                 order_epoch = epoch;
             }
-            let idx = &order[(b as usize) * bs..(b as usize + 1) * bs];
+            // This rank's part of the global batch, with the noise the single-process
+            // run gives those images (one noise word per pixel).
+            let first = b as usize * global + rank * bs;
+            let idx = &order[first..first + bs];
             let mut noise = Pcg32::with_stream(cfg.seed ^ 0xd1ce, self.state.step);
+            noise.advance((rank * bs * self.arch.dim()) as u64);
             dequantize_batch(train_set, idx, self.arch.bits, &mut noise, &mut u)?;
             debug_assert_eq!(u.len(), bs * self.arch.dim());
             if let Some(k) = nan_pending.iter().position(|&s| s == self.state.step) {
                 nan_pending.swap_remove(k);
-                u[0] = f32::NAN;
+                if rank == 0 {
+                    u[0] = f32::NAN;
+                }
             }
             let stats = self.flow.forward(&u, bs)?;
-            let mut ok = stats.mean_bpd.is_finite();
+            // The global loss, and whether any rank's was non-finite: every rank decides
+            // the same.
+            let finite = stats.mean_bpd.is_finite();
+            let mut agree = [
+                if finite { stats.mean_bpd } else { 0.0 },
+                f64::from(!finite),
+            ];
+            self.comm.all_reduce_sum_f64(&mut agree)?;
+            let loss = if agree[1] > 0.0 {
+                f64::NAN
+            } else {
+                agree[0] / world as f64
+            };
+            let mut ok = loss.is_finite();
             let mut norm = f64::NAN;
             if ok {
                 self.flow.backward(&mut self.grads)?;
-                norm = self.backend.sum_squares_all(&self.grads)?.sqrt();
+                self.comm
+                    .all_reduce_sum(self.backend.as_ref(), &mut self.grads)?;
+                // The norm of the mean gradient (the grads hold the sum over the ranks).
+                norm = self.backend.sum_squares_all(&self.grads)?.sqrt() / world as f64;
                 ok = norm.is_finite();
             }
             self.state.epoch = epoch;
@@ -674,14 +845,15 @@ impl<'a> Run<'a> {
             if !ok {
                 self.state.nonfinite_skips += 1;
                 bad_in_a_row += 1;
-                let what = if stats.mean_bpd.is_finite() {
-                    "gradient"
+                let what = if loss.is_finite() { "gradient" } else { "loss" };
+                let ranks = if world > 1 && agree[1] > 0.0 {
+                    format!(" on {} of {world} ranks", agree[1])
                 } else {
-                    "loss"
+                    String::new()
                 };
                 let msg = format!(
-                    "step {}: non-finite {what} (loss {}, grad norm {norm}); step skipped",
-                    self.state.step, stats.mean_bpd
+                    "step {}: non-finite {what}{ranks} (loss {loss}, grad norm {norm}); step skipped",
+                    self.state.step
                 );
                 self.event(msg, progress, elapsed)?;
                 if bad_in_a_row >= cfg.max_bad_steps {
@@ -698,9 +870,9 @@ impl<'a> Run<'a> {
             let lr = self.lr(clock, elapsed);
             self.update(lr, norm)?;
             self.state.step += 1;
-            running.0 += stats.mean_bpd;
+            running.0 += loss;
             running.1 += 1;
-            window_images += bs as u64;
+            window_images += global as u64;
             let ips = window_images as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
             let frac = clock.fraction(self.state.step, elapsed);
             let train_bpd = running.0 / running.1.max(1) as f64;
@@ -710,7 +882,7 @@ impl<'a> Run<'a> {
                 rec.train_bpd = Some(train_bpd);
                 rec.images_per_sec = Some(ips);
                 rec.lr = Some(f64::from(lr));
-                self.metrics.append(&rec)?;
+                self.record(&rec)?;
                 running = (0.0, 0);
                 window_start = Instant::now();
                 window_images = 0;
@@ -731,14 +903,14 @@ impl<'a> Run<'a> {
                 ));
             }
             let ckpt_due = epoch_end
-                || last_ckpt.elapsed().as_secs_f64() >= cfg.checkpoint_secs
+                || elapsed - last_ckpt_at >= cfg.checkpoint_secs
                 || cfg
                     .checkpoint_steps
                     .is_some_and(|c| self.state.step.is_multiple_of(c));
             if ckpt_due {
                 self.state.elapsed_secs = clock.elapsed();
                 self.save()?;
-                last_ckpt = Instant::now();
+                last_ckpt_at = elapsed;
                 restores_in_a_row = 0;
             }
         }
@@ -750,23 +922,30 @@ impl<'a> Run<'a> {
         self.state.elapsed_secs = clock.elapsed();
         self.save()?;
         let (cfg, arch) = (self.cfg, self.arch);
-        let n = cfg.samples.max(1);
-        let pixels = sample_pixels(&mut self.flow, n, cfg.temperature, cfg.seed)?;
         let samples_png = self.run_dir.join("samples.png");
-        sample::write_grid(&samples_png, &pixels, n, &arch)?;
-        let records = report::read_metrics(&self.metrics_path)?;
-        report::write_loss_svg(
-            self.run_dir.join("loss.svg"),
-            &records,
-            &format!("clayflow: {}", cfg.dataset),
-        )?;
+        if self.is_root() {
+            let n = cfg.samples.max(1);
+            let pixels = sample_pixels(&mut self.flow, n, cfg.temperature, cfg.seed)?;
+            sample::write_grid(&samples_png, &pixels, n, &arch)?;
+            let records = report::read_metrics(&self.metrics_path)?;
+            report::write_loss_svg(
+                self.run_dir.join("loss.svg"),
+                &records,
+                &format!("clayflow: {}", cfg.dataset),
+            )?;
+        }
+        // Every rank leaves together (rank 0 last wrote the samples).
+        self.comm.barrier()?;
         let session_steps = self.state.step - clock.start_step;
         let secs = clock.session_start.elapsed().as_secs_f64();
+        let global = self.global_batch();
         Ok(Outcome {
             steps: self.state.step,
             val_bpd: v,
             val_images: val_set.len(),
-            images_per_sec: session_steps as f64 * cfg.batch_size as f64 / secs.max(1e-9),
+            images_per_sec: session_steps as f64 * global as f64 / secs.max(1e-9),
+            world_size: self.comm.size(),
+            global_batch: global,
             elapsed_secs: self.state.elapsed_secs,
             samples_png,
             nonfinite_skips: self.state.nonfinite_skips,

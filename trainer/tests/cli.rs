@@ -902,3 +902,27 @@ fn bad_device_names_are_usage_errors() {
         );
     }
 }
+
+/// A build without the `mpi` feature started as one of several MPI ranks says how to build
+/// with MPI instead of training N copies of the same run into one folder.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn several_ranks_without_the_mpi_feature_is_an_error() {
+    let dir = TempDir::new().unwrap();
+    for env in [
+        [("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_RANK", "1")],
+        [("PMI_SIZE", "4"), ("PMI_RANK", "0")],
+    ] {
+        let out = run_env(dir.path(), &["train", "--out", "r"], LIMIT, &env).failed();
+        assert!(
+            out.stderr.contains("built without MPI") && out.stderr.contains("--features mpi"),
+            "{}",
+            out.stderr
+        );
+        assert!(!dir.path().join("r").exists(), "it wrote a run folder");
+    }
+    // One rank is just a single process.
+    let mut args = vec!["train", "--out", "one", "--steps", "1"];
+    args.extend_from_slice(TINY);
+    run_env(dir.path(), &args, LIMIT, &[("OMPI_COMM_WORLD_SIZE", "1")]).ok();
+}

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clayflow_kernel::{DType, Model};
 use clayflow_trainer::backend::{cpu::CpuBackend, Backend};
 use clayflow_trainer::checkpoint;
+use clayflow_trainer::collective::Single;
 use clayflow_trainer::config::ModelConfig;
 use clayflow_trainer::data::{self, Crop, Dataset};
 use clayflow_trainer::eval;
@@ -55,7 +56,7 @@ fn tiny_config(steps: u64) -> TrainConfig {
 
 fn train_run(cfg: &TrainConfig, dir: &Path, resume: bool) -> anyhow::Result<Outcome> {
     let (tr, val) = digits();
-    train::train(backend(), cfg, &tr, &val, dir, resume, &mut Quiet)
+    train::train(backend(), &Single, cfg, &tr, &val, dir, resume, &mut Quiet)
 }
 
 #[test]
@@ -145,13 +146,13 @@ fn train_rejects_bad_settings_before_writing() {
     let dir = tmp.path().join("run");
     let mut cfg = tiny_config(4);
     cfg.batch_size = 257;
-    let err = train::train(backend(), &cfg, &tr, &val, &dir, false, &mut Quiet)
+    let err = train::train(backend(), &Single, &cfg, &tr, &val, &dir, false, &mut Quiet)
         .unwrap_err()
         .to_string();
     assert!(err.contains("--batch-size"), "{err}");
     let mut cfg = tiny_config(4);
     cfg.model = ModelConfig::preset("color").unwrap();
-    let err = train::train(backend(), &cfg, &tr, &val, &dir, false, &mut Quiet)
+    let err = train::train(backend(), &Single, &cfg, &tr, &val, &dir, false, &mut Quiet)
         .unwrap_err()
         .to_string();
     assert!(err.contains("model expects (3, 32, 32)"), "{err}");

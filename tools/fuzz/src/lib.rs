@@ -431,6 +431,7 @@ pub fn tiny_checkpoint() -> Checkpoint {
             eps: 1e-8,
             clip_norm: 100.0,
             batch_size: 4,
+            world_size: 1,
             elapsed_secs: 1.25,
             best_val_bpd: Some(5.5),
             last_val_bpd: Some(5.75),

@@ -228,6 +228,13 @@ const CHECK_ADVICE: &str = "this is a bug in clayflow's CUDA kernels or the driv
 
 /// Opens the backend for `choice`.
 pub fn open(choice: DeviceChoice) -> Result<Opened, NoGpu> {
+    open_local(choice, 0)
+}
+
+/// Opens the backend for `choice` in a process whose index among the ranks on its machine
+/// is `local_rank` (0 outside data-parallel runs): `auto` picks GPU `local_rank`, one GPU
+/// per rank.
+pub fn open_local(choice: DeviceChoice, local_rank: usize) -> Result<Opened, NoGpu> {
     match choice {
         DeviceChoice::Cpu => Ok(Opened {
             backend: Arc::new(CpuBackend),
@@ -246,7 +253,7 @@ pub fn open(choice: DeviceChoice) -> Result<Opened, NoGpu> {
                 ),
             }),
         },
-        DeviceChoice::Auto => match open_checked(0) {
+        DeviceChoice::Auto => match open_checked(local_rank) {
             Ok(backend) => Ok(Opened {
                 backend,
                 notice: None,

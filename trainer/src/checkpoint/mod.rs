@@ -100,8 +100,12 @@ pub struct TrainState {
     pub eps: f32,
     /// Gradient-norm clipping threshold.
     pub clip_norm: f32,
-    /// Batch size.
+    /// Images per step on each rank.
     pub batch_size: usize,
+    /// Ranks the run trained on last (the global batch is `batch_size * world_size`). The
+    /// checkpoint itself does not depend on it: a run resumes on any number of ranks.
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
     /// Training time so far, in seconds.
     pub elapsed_secs: f64,
     /// Best validation bits per dimension seen.
@@ -114,6 +118,10 @@ pub struct TrainState {
     pub nonfinite_skips: u64,
     /// Times the run was rolled back to a checkpoint after diverging.
     pub restores: u64,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// Everything needed to resume a run or export a model.

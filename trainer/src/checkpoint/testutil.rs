@@ -66,6 +66,7 @@ pub(super) fn state(step: u64) -> TrainState {
         eps: 1e-8,
         clip_norm: 100.0,
         batch_size: 64,
+        world_size: 1,
         elapsed_secs: 1234.5625,
         best_val_bpd: Some(1.0625),
         last_val_bpd: None,

@@ -84,17 +84,25 @@ pub fn run_in(cwd: &Path, args: &[&str], limit: Duration) -> Out {
 /// [`run_in`] with extra environment variables. The checkpoint test hook is always unset,
 /// so a developer's shell cannot slow these runs down.
 pub fn run_env(cwd: &Path, args: &[&str], limit: Duration, env: &[(&str, &str)]) -> Out {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).envs(env.iter().copied()).current_dir(cwd);
+    run_command(cmd, limit)
+}
+
+/// Runs `cmd` (a `clayflow` command line, or a launcher of one), killing it after `limit`;
+/// the checkpoint test hook is unset unless `cmd` sets it.
+pub fn run_command(mut cmd: Command, limit: Duration) -> Out {
     let start = Instant::now();
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove(checkpoint::TEST_PAUSE_ENV)
-        .envs(env.iter().copied())
-        .current_dir(cwd)
+    let what = format!("{cmd:?}");
+    if !cmd.get_envs().any(|(k, _)| k == checkpoint::TEST_PAUSE_ENV) {
+        cmd.env_remove(checkpoint::TEST_PAUSE_ENV);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("cannot start clayflow");
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
     let out = drain(child.stdout.take().expect("stdout"));
     let err = drain(child.stderr.take().expect("stderr"));
     let status = loop {
@@ -109,10 +117,7 @@ pub fn run_env(cwd: &Path, args: &[&str], limit: Duration, env: &[(&str, &str)])
                 let lines: Vec<&str> = stderr.lines().collect();
                 lines[lines.len().saturating_sub(10)..].join("\n")
             };
-            panic!(
-                "clayflow {} did not finish within {limit:?}; last stderr lines:\n{tail}",
-                args.join(" ")
-            );
+            panic!("{what} did not finish within {limit:?}; last stderr lines:\n{tail}");
         }
         std::thread::sleep(Duration::from_millis(10));
     };
