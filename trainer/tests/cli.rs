@@ -902,3 +902,189 @@ fn bad_device_names_are_usage_errors() {
         );
     }
 }
+
+/// `eval --data FILE` scores every image of the file unless `--last N` says otherwise; the
+/// bundled data keeps its validation split (the last 1000). The output says which images.
+/// Regression: a 2,000-image test file used to be scored by its last 400 only.
+#[test]
+fn eval_scores_every_image_of_a_data_file_by_default() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    train(t, "run", &["--steps", "2", "--samples", "1"]).ok();
+    let file = mnist();
+    let file = file.to_str().unwrap();
+    let out = run(t, &["eval", "--model", "run", "--data", file]).ok();
+    assert!(out.stdout.contains("on 8000 images"), "{}", out.stdout);
+    assert!(out.stdout.contains(": all 8000 ["), "{}", out.stdout);
+    let out = run(
+        t,
+        &["eval", "--model", "run", "--data", file, "--last", "64"],
+    )
+    .ok();
+    assert!(out.stdout.contains("on 64 images"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("the last 64 of 8000 (indices 7936..7999)"),
+        "{}",
+        out.stdout
+    );
+    // The bundled data: its validation split, and how to score all of it.
+    let out = run(t, &["eval", "--model", "run"]).ok();
+    assert!(out.stdout.contains("on 1000 images"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("validation split") && out.stdout.contains("--last 0"),
+        "{}",
+        out.stdout
+    );
+    let out = run(t, &["eval", "--model", "run", "--last", "0"]).ok();
+    assert!(out.stdout.contains("on 8000 images"), "{}", out.stdout);
+}
+
+/// On `--resume`, a flag the saved settings override is named in a warning with the saved
+/// value, and the run continues with the saved settings (the same weights as a run that was
+/// never given the flag); budget, data and `--early-stop` flags apply without a warning.
+#[test]
+fn resume_warns_about_each_flag_its_saved_settings_override() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    train(t, "a", &["--steps", "6", "--samples", "1"]).ok();
+    train(t, "b", &["--steps", "3", "--samples", "1"]).ok();
+    let out = run(
+        t,
+        &[
+            "train",
+            "--resume",
+            "b",
+            "--steps",
+            "6",
+            "--early-stop",
+            "50",
+            "--lr",
+            "0.5",
+            "--batch-size",
+            "64",
+            "--hidden",
+            "16,16",
+            "--seed",
+            "9",
+            "--quiet",
+        ],
+    )
+    .ok();
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 4, "{}", out.stderr);
+    for (flag, saved) in [
+        ("--lr", "lr 0.001"),
+        ("--batch-size", "batch size 16"),
+        ("--hidden", "hidden widths 4,8"),
+        ("--seed", "seed 0"),
+    ] {
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains(&format!("{flag} is ignored on --resume"))
+                    && w.contains(saved)),
+            "{flag}: {warnings:?}"
+        );
+    }
+    assert_eq!(
+        tensors(&final_model(&t.join("a"))),
+        tensors(&final_model(&t.join("b")))
+    );
+    // No warning when nothing is overridden.
+    let out = run(t, &["train", "--resume", "b", "--steps", "8", "--quiet"]).ok();
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+}
+
+/// `eval`, `sample` and `export` of a run use the checkpoint `BEST` names (the best
+/// validation) unless given `--latest`, and say which checkpoint they used; an unusable
+/// `BEST` falls back to the latest with a warning.
+#[test]
+fn eval_sample_and_export_of_a_run_use_its_best_checkpoint() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let out = train(
+        t,
+        "run",
+        &[
+            "--steps",
+            "12",
+            "--eval-steps",
+            "4",
+            "--checkpoint-steps",
+            "4",
+            "--samples",
+            "1",
+        ],
+    )
+    .ok();
+    assert!(
+        out.stdout.contains("best checkpoint: ") && out.stdout.contains("run/checkpoints/step-"),
+        "{}",
+        out.stdout
+    );
+    let ck = t.join("run/checkpoints");
+    assert!(ck.join("BEST").is_file());
+    // Point BEST at an earlier validated checkpoint, as an overfitting run would.
+    std::fs::write(ck.join("BEST"), "step-00000004\n").unwrap();
+    let eval = |extra: &[&str]| -> (f64, String) {
+        let mut args = vec!["eval", "--model", "run", "--last", "64"];
+        args.extend_from_slice(extra);
+        let out = run(t, &args).ok();
+        (number_before(&out.stdout, "bits/dim"), out.stderr)
+    };
+    let (best, said) = eval(&[]);
+    assert!(
+        said.contains("step-00000004, the run's best (step 4, validation "),
+        "{said}"
+    );
+    let (latest, said) = eval(&["--latest"]);
+    assert!(
+        said.contains("step-00000012, the run's latest (step 12, validation "),
+        "{said}"
+    );
+    assert!(best != latest, "step 4 and step 12 scored alike: {best}");
+    let out = run(
+        t,
+        &["sample", "--model", "run", "--n", "1", "--out", "s.png"],
+    )
+    .ok();
+    assert!(
+        out.stderr.contains("the run's best (step 4,"),
+        "{}",
+        out.stderr
+    );
+    let out = run(t, &["export", "--model", "run", "--out", "m.blob"]).ok();
+    assert!(
+        out.stderr.contains("the run's best (step 4,"),
+        "{}",
+        out.stderr
+    );
+    let out = run(
+        t,
+        &["export", "--model", "run", "--out", "l.blob", "--latest"],
+    )
+    .ok();
+    assert!(
+        out.stderr.contains("the run's latest (step 12,"),
+        "{}",
+        out.stderr
+    );
+    // A corrupt or missing BEST: the latest checkpoint, with a warning saying why.
+    std::fs::write(ck.join("BEST"), "garbage\n").unwrap();
+    let (score, said) = eval(&[]);
+    assert_eq!(score, latest);
+    assert!(
+        said.contains("warning: ") && said.contains("does not name a checkpoint"),
+        "{said}"
+    );
+    assert!(said.contains("the run's latest (step 12,"), "{said}");
+    std::fs::remove_file(ck.join("BEST")).unwrap();
+    let (score, said) = eval(&[]);
+    assert_eq!(score, latest);
+    assert!(said.contains("BEST is missing"), "{said}");
+}
