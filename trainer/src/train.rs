@@ -553,21 +553,27 @@ impl<'a> Run<'a> {
         Run::with(backend, cfg, arch, run_dir, &c.params, adam, c.state)
     }
 
-    /// Saves a checkpoint of the parameters, the moments and the state (unless this
-    /// session saved the same state last, e.g. right after an improved validation).
+    /// Saves a checkpoint of the parameters, the moments and the state, unless this
+    /// session saved the same state last (right after an improved validation).
     fn save(&mut self) -> Result<PathBuf> {
-        self.save_marked(false)
-    }
-
-    /// [`Run::save`]; with `best`, `BEST` names the checkpoint too (always written then).
-    fn save_marked(&mut self, best: bool) -> Result<PathBuf> {
-        let mut key = self.state.clone();
-        key.elapsed_secs = 0.0;
         if let Some((saved, dir)) = &self.saved {
-            if !best && *saved == key {
+            if *saved == Self::save_key(&self.state) {
                 return Ok(dir.clone());
             }
         }
+        self.write_checkpoint(false)
+    }
+
+    /// The state as [`Run::save`] compares it: without the training time.
+    fn save_key(state: &TrainState) -> TrainState {
+        let mut key = state.clone();
+        key.elapsed_secs = 0.0;
+        key
+    }
+
+    /// Writes a checkpoint (always); with `best`, `BEST` names it too.
+    fn write_checkpoint(&mut self, best: bool) -> Result<PathBuf> {
+        let key = Self::save_key(&self.state);
         let ck = Checkpoint {
             model: self.cfg.model.clone(),
             params: self.flow.params_host()?,
@@ -693,7 +699,7 @@ impl<'a> Run<'a> {
         rec.event = event.map(str::to_string);
         self.metrics.append(&rec)?;
         if improved {
-            self.save_marked(true)?;
+            self.write_checkpoint(true)?;
         }
         if repeat {
             return Ok(v);
@@ -863,7 +869,8 @@ impl<'a> Run<'a> {
     ) -> Result<Outcome> {
         let v = self.validate(clock, val_set, Some("finished"), progress)?;
         self.state.elapsed_secs = clock.elapsed();
-        self.save()?;
+        // Always written: the last checkpoint holds the run's whole training time.
+        self.write_checkpoint(false)?;
         let (cfg, arch) = (self.cfg, self.arch);
         let n = cfg.samples.max(1);
         let samples = sample_images(&mut self.flow, n, cfg.temperature, cfg.seed)?;
