@@ -122,7 +122,9 @@ struct TrainArgs {
     /// (`runs/custom` with --config).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run in this folder from its last checkpoint.
+    /// Continue the run in this folder from its last checkpoint, with its saved settings:
+    /// budget, data and --early-stop flags apply; a model or optimiser flag given with it
+    /// is not applied, and a warning names it and the saved value.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Seconds between checkpoints.
