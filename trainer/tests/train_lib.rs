@@ -252,7 +252,7 @@ fn early_stop_stops_and_the_best_checkpoint_survives_pruning() {
     assert!(loaded.notes.is_empty(), "{:?}", loaded.notes);
     assert_eq!(loaded.checkpoint.state.step, 2);
     assert_eq!(checkpoint::load(&dir).unwrap().0.state.step, 6);
-    let events: Vec<String> = report::read_metrics(&dir.join("metrics.jsonl"))
+    let events: Vec<String> = report::read_metrics(dir.join("metrics.jsonl"))
         .unwrap()
         .into_iter()
         .filter_map(|r| r.event)
@@ -280,7 +280,7 @@ fn the_best_checkpoint_is_the_one_of_the_lowest_validation() {
     cfg.eval_steps = Some(4);
     let out = train_run(&cfg, &dir, false).unwrap();
     let best = out.best.expect("a best checkpoint");
-    let records = report::read_metrics(&dir.join("metrics.jsonl")).unwrap();
+    let records = report::read_metrics(dir.join("metrics.jsonl")).unwrap();
     let vals: Vec<(u64, f64)> = records
         .iter()
         .filter_map(|r| r.val_bpd.map(|v| (r.step, v)))
