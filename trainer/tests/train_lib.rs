@@ -296,3 +296,38 @@ fn the_best_checkpoint_is_the_one_of_the_lowest_validation() {
         Some(dir.join(format!("checkpoints/step-{step:08}")))
     );
 }
+
+/// Sampling tells which images came out non-finite, on the trainer and on the kernel path:
+/// none for a trained model; every one once a coupling network's output bias is NaN (a
+/// stand-in for an inverse that overflows: the pixels come out NaN, drawn black).
+#[test]
+fn sampling_reports_the_images_whose_inverse_is_not_finite() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("run");
+    train_run(&tiny_config(4), &dir, false).unwrap();
+    let (mut ck, _) = checkpoint::load(&dir).unwrap();
+    let n = 16;
+    let healthy = Source::Checkpoint(Box::new(ck.clone()))
+        .sample(backend(), n, 1.0, 3)
+        .unwrap();
+    assert_eq!(healthy.pixels.len(), n * 28 * 28);
+    assert!(healthy.nonfinite.is_empty(), "{:?}", healthy.nonfinite);
+    assert_eq!(healthy.nonfinite_note(n), None);
+
+    let specs = clayflow_trainer::config::tensor_specs(&ck.model.to_arch().unwrap());
+    let last_bias = specs
+        .iter()
+        .rposition(|s| s.name.starts_with("coupling.") && s.name.ends_with(".bias"))
+        .unwrap();
+    ck.params[last_bias].iter_mut().for_each(|v| *v = f32::NAN);
+    let s = Source::Checkpoint(Box::new(ck))
+        .sample(backend(), n, 1.0, 3)
+        .unwrap();
+    assert_eq!(s.pixels.len(), n * 28 * 28);
+    assert_eq!(s.nonfinite, (0..n).collect::<Vec<_>>());
+    let note = s.nonfinite_note(n).unwrap();
+    assert!(
+        note.starts_with("16 of 16 samples had non-finite pixels"),
+        "{note}"
+    );
+}
