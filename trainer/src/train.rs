@@ -27,7 +27,7 @@ use std::time::Instant;
 pub const MAX_RESTORES_IN_A_ROW: u32 = 5;
 
 /// Validations in a row, each higher than the one before, after which the run says that
-/// validation is rising (a progress note and a metrics event).
+/// validation is rising (a progress note and a metrics event; once until the next best).
 pub const RISES_WORTH_A_NOTE: u64 = 3;
 
 /// How to train: model, data handling, optimiser, budget and outputs. Saved as
@@ -428,6 +428,9 @@ struct Run<'a> {
     /// The step of this session's last validation (a second one at the same step, as at
     /// the finish right after an epoch end, does not count towards the streaks).
     validated_at: Option<u64>,
+    /// Whether this session said that validation is rising since the last new best (said
+    /// once per such stretch, not at every noisy rise).
+    rise_told: bool,
 }
 
 impl<'a> Run<'a> {
@@ -470,6 +473,7 @@ impl<'a> Run<'a> {
             state,
             saved: None,
             validated_at: None,
+            rise_told: false,
         })
     }
 
@@ -700,16 +704,20 @@ impl<'a> Run<'a> {
         self.metrics.append(&rec)?;
         if improved {
             self.write_checkpoint(true)?;
+            self.rise_told = false;
         }
         if repeat {
             return Ok(v);
         }
         let best = self.state.best_val_bpd.unwrap_or(v);
-        if self.state.val_rises == RISES_WORTH_A_NOTE {
+        if self.state.val_rises >= RISES_WORTH_A_NOTE && !self.rise_told {
+            self.rise_told = true;
             let msg = format!(
-                "validation has risen {RISES_WORTH_A_NOTE} times in a row (now {v:.4} bits/dim, \
-                 best {best:.4}): the model may be overfitting; the best checkpoint is kept \
-                 (checkpoints/BEST){}",
+                "validation has risen {} times in a row (now {v:.4} bits/dim; the best, \
+                 {best:.4}, was {} validations ago): the model may be overfitting; the best \
+                 checkpoint is kept (checkpoints/BEST){}",
+                self.state.val_rises,
+                self.state.val_since_best,
                 if self.cfg.early_stop.is_none() {
                     "; --early-stop N stops such a run"
                 } else {

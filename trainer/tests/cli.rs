@@ -1088,3 +1088,123 @@ fn eval_sample_and_export_of_a_run_use_its_best_checkpoint() {
     assert_eq!(score, latest);
     assert!(said.contains("BEST is missing"), "{said}");
 }
+
+/// The step and validation bits/dim of the `best checkpoint:` line of a training summary.
+fn best_of(stdout: &str) -> (u64, f64) {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("best checkpoint: "))
+        .unwrap_or_else(|| panic!("no best checkpoint line in {stdout:?}"));
+    let step = number_after(line, "(step") as u64;
+    let val = number_after(line, "validation");
+    assert!(
+        line.contains(&format!("checkpoints/step-{step:08} ")),
+        "{line}"
+    );
+    (step, val)
+}
+
+/// An overfitting run (16 training digits, one step per epoch, so a validation after every
+/// step, at a high learning rate). Measured here: its validation reaches a best of 7.0462 at
+/// step 30, then rises three times in a row (7.084, 7.153, 7.287). The run says so (a note
+/// and a metrics event); `--early-stop 3` ends a run 3 validations after its best (here at
+/// step 14, the best 7.1958 at step 11); the summary names the best checkpoint, `BEST`
+/// names it, and `eval` of the run scores it.
+#[test]
+fn an_overfitting_run_says_so_stops_early_and_keeps_its_best() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let overfit = |out: &str, extra: &[&str]| -> Out {
+        let mut args = vec![
+            "train",
+            "--out",
+            out,
+            "--preset",
+            "mnist",
+            "--couplings",
+            "2",
+            "--hidden",
+            "4,8",
+            "--limit",
+            "16",
+            "--batch-size",
+            "16",
+            "--val-split",
+            "64",
+            "--lr",
+            "0.05",
+            "--constant-lr",
+            "--samples",
+            "1",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        run(t, &args).ok()
+    };
+    let out = overfit("rising", &["--steps", "33"]);
+    let notes: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("validation has risen 3 times in a row (now "))
+        .collect();
+    // Said once per stretch without a new best, not at every rise.
+    assert_eq!(notes.len(), 1, "{}", out.stderr);
+    assert!(
+        notes[0].ends_with(
+            "the model may be overfitting; the best checkpoint is kept (checkpoints/BEST); \
+             --early-stop N stops such a run"
+        ),
+        "{}",
+        notes[0]
+    );
+    let (step, val) = best_of(&out.stdout);
+    assert!(
+        notes[0].contains(&format!("the best, {val:.4}, was ")),
+        "{} / best {val}",
+        notes[0]
+    );
+    let events: Vec<String> = metrics(&t.join("rising"))
+        .iter()
+        .filter_map(|r| r["event"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        events.iter().any(|e| e.as_str() == &notes[0][..]),
+        "{events:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.join("rising/checkpoints/BEST")).unwrap(),
+        format!("step-{step:08}\n")
+    );
+    let out = run(t, &["eval", "--model", "rising", "--last", "64"]).ok();
+    assert!(
+        out.stderr.contains(&format!(
+            "the run's best (step {step}, validation {val:.4} bits/dim)"
+        )),
+        "{}",
+        out.stderr
+    );
+
+    let out = overfit("stopped", &["--steps", "100", "--early-stop", "3"]);
+    let steps = number_after(&out.stdout, "trained") as u64;
+    let (step, val) = best_of(&out.stdout);
+    assert!(steps < 100, "{}", out.stdout);
+    assert_eq!(steps, step + 3, "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!(
+            "stopped before the budget: early stop: 3 validations in a row without improving \
+             on the best ({val:.4} bits/dim)"
+        )),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        metrics(&t.join("stopped")).iter().any(|r| r["event"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("early stop: 3"))),
+        "no early-stop event"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.join("stopped/checkpoints/BEST")).unwrap(),
+        format!("step-{step:08}\n")
+    );
+}
