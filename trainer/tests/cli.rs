@@ -1167,10 +1167,7 @@ fn an_overfitting_run_says_so_stops_early_and_keeps_its_best() {
         .iter()
         .filter_map(|r| r["event"].as_str().map(str::to_string))
         .collect();
-    assert!(
-        events.iter().any(|e| e.as_str() == &notes[0][..]),
-        "{events:?}"
-    );
+    assert!(events.iter().any(|e| e.as_str() == notes[0]), "{events:?}");
     assert_eq!(
         std::fs::read_to_string(t.join("rising/checkpoints/BEST")).unwrap(),
         format!("step-{step:08}\n")
