@@ -912,9 +912,10 @@ impl<'a> Run<'a> {
 
 /// Records the validation score `v` in `st`: the latest and best scores and the streaks
 /// (validations since the best, rises in a row), which a `repeat` (a second validation at
-/// the same step) leaves alone. Returns whether `v` is a new best (strictly below the old).
+/// the same step) leaves alone. Returns whether `v` is a new best (finite, and strictly
+/// below the old).
 fn record_validation(st: &mut TrainState, v: f64, repeat: bool) -> bool {
-    let improved = st.best_val_bpd.is_none_or(|b| v < b);
+    let improved = v.is_finite() && st.best_val_bpd.is_none_or(|b| v < b);
     if !repeat {
         st.val_since_best = if improved { 0 } else { st.val_since_best + 1 };
         let rose = st.last_val_bpd.is_some_and(|last| v > last);
@@ -948,6 +949,9 @@ mod tests {
             ModelConfig::preset("mnist").unwrap(),
             String::new(),
         ));
+        // A non-finite score is never a best, not even the first.
+        assert!(!record_validation(&mut st, f64::NAN, false));
+        assert_eq!((st.best_val_bpd, st.val_since_best), (None, 1));
         let mut seen = Vec::new();
         // Falls, then overfits: 4.9 is the best; 5.0 is no rise (below 5.2) but no best.
         for v in [5.0, 4.9, 5.1, 5.2, 5.0, 5.3, 5.4, 5.5] {
