@@ -792,6 +792,41 @@ mod tests {
         explicit_args(m.subcommand_matches("train").unwrap())
     }
 
+    /// Every `train` flag either applies on `--resume` or is warned about: a new flag cannot
+    /// be silently ignored.
+    #[test]
+    fn every_train_flag_applies_on_resume_or_is_warned_about() {
+        let applies = [
+            "epochs",
+            "minutes",
+            "steps",
+            "early_stop",
+            "data",
+            "crops_per_image",
+            "limit",
+            "val_split",
+            "quiet",
+            "resume",
+            // Global.
+            "threads",
+            "device",
+            "help",
+        ];
+        let cfg = TrainConfig::new(ModelConfig::preset("mnist").unwrap(), String::new());
+        let mut cmd = Cli::command();
+        cmd.build();
+        let train = cmd.find_subcommand("train").unwrap();
+        let ids: Vec<String> = train
+            .get_arguments()
+            .map(|a| a.get_id().as_str().to_string())
+            .collect();
+        assert!(ids.len() > 20, "{ids:?}");
+        for id in ids.iter().filter(|id| !applies.contains(&id.as_str())) {
+            let w = resume_ignored(std::slice::from_ref(id), &cfg, Path::new("r"));
+            assert_eq!(w.len(), 1, "--resume neither applies nor warns about {id}");
+        }
+    }
+
     #[test]
     fn resume_names_each_explicit_setting_it_ignores_with_the_saved_value() {
         let mut cfg = TrainConfig::new(ModelConfig::preset("mnist").unwrap(), String::new());
