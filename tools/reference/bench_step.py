@@ -15,7 +15,7 @@ Prints a table and, last, one JSON line with every number.
 `--check RUN_DIR` instead loads the run's latest checkpoint and prints the validation
 bits/dim on the last 1000 images, with clayflow's own fixed evaluation noise (the PCG32
 streams of trainer/src/train.rs `eval_noise`, reproduced here) so the number is directly
-comparable with `clayflow eval --model RUN_DIR`; `--midpoint` uses v = 0.5 instead (the
+comparable with `clayflow eval --model RUN_DIR --latest`; `--midpoint` uses v = 0.5 instead (the
 kernel's `log_prob`).
 
 Not part of clayflow, its tests or CI. Set-up: tools/reference/setup.sh.
@@ -365,7 +365,7 @@ def check(args, pixels: np.ndarray) -> dict:
     print(f"data: {args.data}, last {n} images; noise: {noise}")
     print(f"validation bits/dim: {out['f32']:.6f} (float32), {out['f64']:.6f} (float64)")
     if not args.midpoint:
-        print(f"compare with: clayflow eval --model {run} --last {n}   (prints 4 decimals)")
+        print(f"compare with: clayflow eval --model {run} --last {n} --latest   (prints 4 decimals)")
     return dict(checkpoint=path, images=n, noise="midpoint" if args.midpoint else "clayflow-eval",
                 bpd_f32=out["f32"], bpd_f64=out["f64"], torch=torch.__version__)
 

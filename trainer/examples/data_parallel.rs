@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         .build_global()?;
     let comm = collective::open()?;
     let (rank, n) = (comm.rank(), comm.size());
-    if global % n != 0 {
+    if !global.is_multiple_of(n) {
         anyhow::bail!("the global batch {global} does not split over {n} ranks");
     }
     let batch = global / n;

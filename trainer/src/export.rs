@@ -124,9 +124,10 @@ pub fn verify(
     })
 }
 
-/// Exports the checkpoint at `from` (run folder or checkpoint folder) to `out` as `dtype`,
-/// after verifying kernel/trainer agreement on `check`. Refuses to write a blob that
-/// disagrees.
+/// Exports the checkpoint at `from` (a run folder: its latest checkpoint; or a checkpoint
+/// folder) to `out` as `dtype`, after verifying kernel/trainer agreement on `check`.
+/// Refuses to write a blob that disagrees. [`export_checkpoint`] exports a checkpoint
+/// already loaded (`clayflow export` loads a run's best).
 pub fn export(
     backend: Arc<dyn Backend>,
     from: &Path,
@@ -135,7 +136,19 @@ pub fn export(
     check: &Dataset,
 ) -> Result<Agreement> {
     let (ckpt, dir) = checkpoint::load(from)?;
-    let (_, blob) = encode(&ckpt, dtype)?;
+    export_checkpoint(backend, &ckpt, &dir, out, dtype, check)
+}
+
+/// [`export`] of `ckpt`, loaded from the folder `dir` (named in errors).
+pub fn export_checkpoint(
+    backend: Arc<dyn Backend>,
+    ckpt: &Checkpoint,
+    dir: &Path,
+    out: &Path,
+    dtype: DType,
+    check: &Dataset,
+) -> Result<Agreement> {
+    let (_, blob) = encode(ckpt, dtype)?;
     let agreement = verify(backend, &blob, &ckpt.params, check, 64)
         .with_context(|| format!("verifying the export of {}", dir.display()))?;
     if !(agreement.max_bpd_diff <= MAX_BPD_DIFF && agreement.max_sample_diff <= MAX_SAMPLE_DIFF) {

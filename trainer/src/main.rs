@@ -1,7 +1,8 @@
 //! `clayflow`: train, evaluate, sample from and export RealNVP normalizing flows.
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use clayflow_kernel::DType;
 use clayflow_trainer::backend::select::{self, DeviceChoice};
 use clayflow_trainer::backend::Backend;
@@ -10,10 +11,10 @@ use clayflow_trainer::config::ModelConfig;
 use clayflow_trainer::data::{self, Crop, Dataset};
 use clayflow_trainer::export;
 use clayflow_trainer::sample;
-use clayflow_trainer::source::Source;
+use clayflow_trainer::source::{self, Pick, Source};
 use clayflow_trainer::train::{self, Progress, TrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,7 +124,9 @@ struct TrainArgs {
     /// (`runs/custom` with --config).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run in this folder from its last checkpoint.
+    /// Continue the run in this folder from its last checkpoint, with its saved settings:
+    /// budget, data and --early-stop flags apply; a model or optimiser flag given with it
+    /// is not applied, and a warning names it and the saved value.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Seconds between checkpoints.
@@ -135,6 +138,10 @@ struct TrainArgs {
     /// Validate every N steps (besides every epoch end).
     #[arg(long)]
     eval_steps: Option<u64>,
+    /// Stop once N validations in a row have not improved on the best (the best checkpoint
+    /// is kept either way; applies on --resume too).
+    #[arg(long, value_name = "N")]
+    early_stop: Option<u64>,
     /// Samples in the final grid.
     #[arg(long, default_value_t = 64)]
     samples: usize,
@@ -154,25 +161,34 @@ struct TrainArgs {
 
 #[derive(clap::Args, Debug)]
 struct EvalArgs {
-    /// A run folder, a checkpoint folder, or an exported blob.
+    /// A run folder (its best-validation checkpoint), a checkpoint folder, or an exported
+    /// blob.
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
     data: DataArgs,
-    /// Score only the last N images, at most a fifth of the data (the validation split used
-    /// in training); 0 = all.
-    #[arg(long, default_value_t = 1000)]
-    last: usize,
+    /// Score only the last N images, at most a fifth of the data (how training holds out its
+    /// validation split); 0 = all. Default: all images of a --data file; without --data, the
+    /// bundled data's validation split (the last 1000).
+    #[arg(long)]
+    last: Option<usize>,
     /// Images per batch.
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
+    /// Of a run folder, use the latest checkpoint instead of the best-validation one.
+    #[arg(long)]
+    latest: bool,
 }
 
 #[derive(clap::Args, Debug)]
 struct SampleArgs {
-    /// A run folder, a checkpoint folder, or an exported blob (sampled with the kernel).
+    /// A run folder (its best-validation checkpoint), a checkpoint folder, or an exported
+    /// blob (sampled with the kernel).
     #[arg(long)]
     model: PathBuf,
+    /// Of a run folder, use the latest checkpoint instead of the best-validation one.
+    #[arg(long)]
+    latest: bool,
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     n: usize,
@@ -195,9 +211,12 @@ enum Dtype {
 
 #[derive(clap::Args, Debug)]
 struct ExportArgs {
-    /// A run folder (its latest checkpoint) or a checkpoint folder.
+    /// A run folder (its best-validation checkpoint) or a checkpoint folder.
     #[arg(long)]
     model: PathBuf,
+    /// Of a run folder, export the latest checkpoint instead of the best-validation one.
+    #[arg(long)]
+    latest: bool,
     /// Output blob.
     #[arg(long)]
     out: PathBuf,
@@ -308,9 +327,87 @@ fn backend_of_rank(device: DeviceChoice, local_rank: usize) -> Result<Arc<dyn Ba
     Ok(opened.backend)
 }
 
-fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
+/// The ids of the arguments given on the command line (not defaulted) in `m`.
+fn explicit_args(m: &ArgMatches) -> Vec<String> {
+    m.ids()
+        .map(|id| id.as_str())
+        .filter(|id| m.value_source(id) == Some(ValueSource::CommandLine))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Warnings for the flags in `explicit` (argument ids given on the command line) that a
+/// resumed run does not apply because its saved settings (`run/train.json`, `cfg`) decide
+/// them: each names the flag and the saved value used instead. Budget (`--epochs`,
+/// `--minutes`, `--steps`, `--early-stop`), data (`--data`, `--limit`, `--val-split`,
+/// `--crops-per-image`) and display (`--quiet`) flags apply on resume and are not listed.
+fn resume_ignored(explicit: &[String], cfg: &TrainConfig, run: &Path) -> Vec<String> {
+    let m = &cfg.model;
+    let model = format!(
+        "the run's saved model ({}x{}x{}, {} levels, {} couplings, hidden {},{}{})",
+        m.channels,
+        m.height,
+        m.width,
+        m.levels,
+        m.masks.len(),
+        m.hidden[0],
+        m.hidden[1],
+        if m.glow { ", Glow" } else { "" }
+    );
+    let opt = |v: Option<u64>| v.map_or("none".to_string(), |v| v.to_string());
+    explicit
+        .iter()
+        .filter_map(|id| {
+            let (flag, saved) = match id.as_str() {
+                "preset" => ("--preset", model.clone()),
+                "config" => ("--config", model.clone()),
+                "couplings" => ("--couplings", format!("{} couplings", m.masks.len())),
+                "hidden" => (
+                    "--hidden",
+                    format!("hidden widths {},{}", m.hidden[0], m.hidden[1]),
+                ),
+                "batch_size" => ("--batch-size", format!("batch size {}", cfg.batch_size)),
+                "lr" => ("--lr", format!("lr {}", cfg.lr)),
+                "warmup" => ("--warmup", format!("warm-up {} steps", cfg.warmup_steps)),
+                "clip" => ("--clip", format!("clip {}", cfg.clip_norm)),
+                "seed" => ("--seed", format!("seed {}", cfg.seed)),
+                "constant_lr" => (
+                    "--constant-lr",
+                    if cfg.cosine_decay {
+                        "the cosine decay".to_string()
+                    } else {
+                        "a constant learning rate".to_string()
+                    },
+                ),
+                "checkpoint_secs" => (
+                    "--checkpoint-secs",
+                    format!("a checkpoint every {} s", cfg.checkpoint_secs),
+                ),
+                "checkpoint_steps" => (
+                    "--checkpoint-steps",
+                    format!("checkpoint steps {}", opt(cfg.checkpoint_steps)),
+                ),
+                "eval_steps" => (
+                    "--eval-steps",
+                    format!("eval steps {}", opt(cfg.eval_steps)),
+                ),
+                "samples" => ("--samples", format!("{} samples", cfg.samples)),
+                "temperature" => ("--temperature", format!("temperature {}", cfg.temperature)),
+                "out" => ("--out", format!("the run folder {}", run.display())),
+                "inject_nan_at" => ("--inject-nan-at", format!("{:?}", cfg.inject_nan_at)),
+                _ => return None,
+            };
+            Some(format!(
+                "warning: {flag} is ignored on --resume: the run keeps its saved setting, {saved} ({})",
+                train::config_path(run).display()
+            ))
+        })
+        .collect()
+}
+
+fn cmd_train(a: TrainArgs, device: DeviceChoice, explicit: &[String]) -> Result<()> {
     let comm = collective::open()?;
-    let result = train_as_rank(a, device, comm.as_ref());
+    let result = train_as_rank(a, device, explicit, comm.as_ref());
     if let Err(e) = &result {
         if comm.size() > 1 {
             // The other ranks would wait for this one forever: end the whole job.
@@ -322,12 +419,21 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice) -> Result<()> {
 }
 
 /// `clayflow train` as one rank of `comm` (the only one, without MPI).
-fn train_as_rank(a: TrainArgs, device: DeviceChoice, comm: &dyn Collective) -> Result<()> {
+fn train_as_rank(
+    a: TrainArgs,
+    device: DeviceChoice,
+    explicit: &[String],
+    comm: &dyn Collective,
+) -> Result<()> {
     let root = comm.rank() == 0;
     let (cfg, run_dir, resume) = if let Some(run) = &a.resume {
         // Rank 0 reads the run's settings (the others may not see its folder) and shares them.
         let mut cfg = if root {
-            train::read_config(run)?
+            let cfg = train::read_config(run)?;
+            for w in resume_ignored(explicit, &cfg, run) {
+                eprintln!("{w}");
+            }
+            cfg
         } else {
             TrainConfig::new(ModelConfig::preset("mnist")?, String::new())
         };
@@ -349,6 +455,9 @@ fn train_as_rank(a: TrainArgs, device: DeviceChoice, comm: &dyn Collective) -> R
         }
         if let Some(c) = a.data.crops_per_image {
             cfg.crops_per_image = c;
+        }
+        if a.early_stop.is_some() {
+            cfg.early_stop = a.early_stop;
         }
         (cfg, run.clone(), true)
     } else {
@@ -398,6 +507,7 @@ fn train_as_rank(a: TrainArgs, device: DeviceChoice, comm: &dyn Collective) -> R
         cfg.checkpoint_secs = a.checkpoint_secs;
         cfg.checkpoint_steps = a.checkpoint_steps;
         cfg.eval_steps = a.eval_steps;
+        cfg.early_stop = a.early_stop;
         cfg.samples = a.samples;
         cfg.temperature = a.temperature;
         cfg.inject_nan_at = a.inject_nan_at.clone();
@@ -512,6 +622,24 @@ fn train_as_rank(a: TrainArgs, device: DeviceChoice, comm: &dyn Collective) -> R
         outcome.val_bpd,
         outcome.val_images
     );
+    if let Some(why) = &outcome.early_stop {
+        println!("stopped before the budget: {why}");
+    }
+    match &outcome.best {
+        Some(b) => println!(
+            "best checkpoint: {} (step {}, validation {:.4} bits/dim); eval, sample and export use it unless given --latest",
+            b.dir.display(),
+            b.step,
+            b.val_bpd
+        ),
+        None => println!("best checkpoint: none marked (eval, sample and export use the latest)"),
+    }
+    if outcome.nonfinite_samples > 0 {
+        println!(
+            "{} of the {} samples had non-finite pixels (see metrics.jsonl)",
+            outcome.nonfinite_samples, cfg.samples
+        );
+    }
     if outcome.nonfinite_skips > 0 {
         println!(
             "{} non-finite steps were skipped (see metrics.jsonl)",
@@ -529,16 +657,52 @@ fn console_is_tty() -> bool {
     std::io::stderr().is_terminal()
 }
 
+/// The checkpoint choice of `--latest`.
+fn pick(latest: bool) -> Pick {
+    if latest {
+        Pick::Latest
+    } else {
+        Pick::Best
+    }
+}
+
+/// Opens `--model` for `eval` and `sample`, telling the user (stderr) which checkpoint of a
+/// run is used and any fallback taken.
+fn open_model(path: &Path, latest: bool) -> Result<Source> {
+    let (src, origin) = Source::open_pick(path, pick(latest))?;
+    if let Some(o) = origin {
+        tell_origin(&o);
+    }
+    Ok(src)
+}
+
+fn tell_origin(o: &source::Origin) {
+    for n in &o.notes {
+        eprintln!("warning: {n}");
+    }
+    eprintln!("model: {}", o.what);
+}
+
 fn cmd_eval(a: EvalArgs, device: DeviceChoice) -> Result<()> {
-    let src = Source::open(&a.model)?;
+    let src = open_model(&a.model, a.latest)?;
     let arch = src.arch()?;
     let (ds, desc) = load_data(&a.data, arch.channels, arch.height, arch.width)?;
-    // The same held-out rule as `train`: the last N images, at most a fifth of the data.
-    let ds = if a.last > 0 {
-        let k = a.last.min(ds.len() / 5).max(1);
-        ds.split_last(k)?.1
-    } else {
-        ds
+    let total = ds.len();
+    let (ds, which) = match eval_last(a.last, a.data.data.is_some(), total) {
+        Some(k) => {
+            let which = format!(
+                "the last {k} of {total} (indices {}..{}){}",
+                total - k,
+                total - 1,
+                if a.last.is_none() {
+                    ", the validation split of the bundled data; --last 0 scores all"
+                } else {
+                    ""
+                }
+            );
+            (ds.split_last(k)?.1, which)
+        }
+        None => (ds, format!("all {total}")),
     };
     let v = src.evaluate(backend(device)?, &ds, a.batch_size.max(1))?;
     let kind = match src {
@@ -546,20 +710,34 @@ fn cmd_eval(a: EvalArgs, device: DeviceChoice) -> Result<()> {
         Source::Blob(_) => "blob (kernel)",
     };
     println!(
-        "{v:.4} bits/dim on {} images of {desc} [{kind}; fixed uniform dequantization noise]",
+        "{v:.4} bits/dim on {} images of {desc}: {which} [{kind}; fixed uniform dequantization noise]",
         ds.len()
     );
     Ok(())
 }
 
+/// How many of the last images `eval` scores (`None`: all of them). `--last N` (`last`)
+/// takes the last N, at most a fifth of the data, as training holds out its validation
+/// split; `--last 0` takes all. Without `--last`, a `--data` file is scored whole and the
+/// bundled data by its validation split (the last 1000).
+fn eval_last(last: Option<usize>, data_given: bool, total: usize) -> Option<usize> {
+    let n = match last {
+        Some(0) => return None,
+        Some(n) => n,
+        None if data_given => return None,
+        None => 1000,
+    };
+    Some(n.min(total / 5).max(1).min(total))
+}
+
 fn cmd_sample(a: SampleArgs, device: DeviceChoice) -> Result<()> {
-    let src = Source::open(&a.model)?;
+    let src = open_model(&a.model, a.latest)?;
     let arch = src.arch()?;
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
-    let pixels = src.sample(backend(device)?, a.n, a.temperature, a.seed)?;
-    sample::write_grid(&a.out, &pixels, a.n, &arch)?;
+    let samples = src.sample(backend(device)?, a.n, a.temperature, a.seed)?;
+    sample::write_grid(&a.out, &samples.pixels, a.n, &arch)?;
     println!(
         "wrote {} samples (temperature {}, seed {}) to {}",
         a.n,
@@ -567,6 +745,9 @@ fn cmd_sample(a: SampleArgs, device: DeviceChoice) -> Result<()> {
         a.seed,
         a.out.display()
     );
+    if let Some(note) = samples.nonfinite_note(a.n) {
+        println!("{note}");
+    }
     Ok(())
 }
 
@@ -575,12 +756,14 @@ fn cmd_export(a: ExportArgs, device: DeviceChoice) -> Result<()> {
         Dtype::F16 => DType::F16,
         Dtype::F32 => DType::F32,
     };
-    let src = Source::open(&a.model)?;
-    let arch = src.arch()?;
+    let (ckpt, origin) = source::open_checkpoint(&a.model, pick(a.latest))?;
+    tell_origin(&origin);
+    let arch = ckpt.model.to_arch()?;
     let (ds, _) = load_data(&a.data, arch.channels, arch.height, arch.width)?;
     let k = 64.min(ds.len());
     let check = ds.split_last(k)?.1;
-    let ag = export::export(backend(device)?, &a.model, &a.out, dtype, &check)?;
+    let ag =
+        export::export_checkpoint(backend(device)?, &ckpt, &origin.dir, &a.out, dtype, &check)?;
     let size = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
     println!(
         "wrote {} ({} bytes, {:?} weights); kernel vs trainer on {} images: max |bits/dim diff| {:.2e}, max |sample diff| {:.2e} ({} of {} sample pixels differ); kernel bits/dim {:.4}",
@@ -613,7 +796,15 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let train_explicit = matches
+        .subcommand_matches("train")
+        .map(explicit_args)
+        .unwrap_or_default();
     if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
         // rayon parallelises across the batch; matrixmultiply's own threads would fight it.
         std::env::set_var("MATMUL_NUM_THREADS", "1");
@@ -629,7 +820,7 @@ fn main() {
     }
     let device = cli.device;
     let result = match cli.command {
-        Some(Command::Train(a)) => cmd_train(*a, device),
+        Some(Command::Train(a)) => cmd_train(*a, device, &train_explicit),
         Some(Command::Eval(a)) => cmd_eval(a, device),
         Some(Command::Sample(a)) => cmd_sample(a, device),
         Some(Command::Export(a)) => cmd_export(a, device),
@@ -637,7 +828,7 @@ fn main() {
             Ok(Cli {
                 command: Some(Command::Train(a)),
                 ..
-            }) => cmd_train(*a, device),
+            }) => cmd_train(*a, device, &[]),
             _ => Err(anyhow::anyhow!(
                 "internal: default train arguments do not parse"
             )),
@@ -646,5 +837,111 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {}", describe(&e));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_scores_a_data_file_whole_and_the_bundled_data_by_its_split() {
+        // A --data file: all of it, unless --last says otherwise.
+        assert_eq!(eval_last(None, true, 2000), None);
+        assert_eq!(eval_last(Some(0), true, 2000), None);
+        assert_eq!(eval_last(Some(64), true, 2000), Some(64));
+        // --last N keeps training's rule: at most a fifth of the data.
+        assert_eq!(eval_last(Some(1500), true, 2000), Some(400));
+        // The bundled data: its validation split by default.
+        assert_eq!(eval_last(None, false, 8000), Some(1000));
+        assert_eq!(eval_last(Some(0), false, 8000), None);
+        // Tiny sets never panic and score at least one image.
+        assert_eq!(eval_last(None, false, 3), Some(1));
+        assert_eq!(eval_last(Some(5), true, 0), Some(0));
+    }
+
+    fn train_matches(args: &[&str]) -> Vec<String> {
+        let m = Cli::command()
+            .try_get_matches_from(["clayflow", "train"].iter().chain(args))
+            .unwrap();
+        explicit_args(m.subcommand_matches("train").unwrap())
+    }
+
+    /// Every `train` flag either applies on `--resume` or is warned about: a new flag cannot
+    /// be silently ignored.
+    #[test]
+    fn every_train_flag_applies_on_resume_or_is_warned_about() {
+        let applies = [
+            "epochs",
+            "minutes",
+            "steps",
+            "early_stop",
+            "data",
+            "crops_per_image",
+            "limit",
+            "val_split",
+            "quiet",
+            "resume",
+            // Global.
+            "threads",
+            "device",
+            "help",
+        ];
+        let cfg = TrainConfig::new(ModelConfig::preset("mnist").unwrap(), String::new());
+        let mut cmd = Cli::command();
+        cmd.build();
+        let train = cmd.find_subcommand("train").unwrap();
+        let ids: Vec<String> = train
+            .get_arguments()
+            .map(|a| a.get_id().as_str().to_string())
+            .collect();
+        assert!(ids.len() > 20, "{ids:?}");
+        for id in ids.iter().filter(|id| !applies.contains(&id.as_str())) {
+            let w = resume_ignored(std::slice::from_ref(id), &cfg, Path::new("r"));
+            assert_eq!(w.len(), 1, "--resume neither applies nor warns about {id}");
+        }
+    }
+
+    #[test]
+    fn resume_names_each_explicit_setting_it_ignores_with_the_saved_value() {
+        let mut cfg = TrainConfig::new(ModelConfig::preset("mnist").unwrap(), String::new());
+        cfg.batch_size = 16;
+        cfg.lr = 1e-3;
+        let run = Path::new("runs/x");
+        // Defaults (batch 64, seed 0, ...) given by clap are not "explicit".
+        let explicit = train_matches(&["--resume", "runs/x", "--steps", "5", "--quiet"]);
+        assert!(
+            resume_ignored(&explicit, &cfg, run).is_empty(),
+            "{explicit:?}"
+        );
+        // Giving a default value explicitly still counts.
+        let explicit = train_matches(&[
+            "--resume",
+            "runs/x",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.5",
+            "--hidden",
+            "4,8",
+            "--seed",
+            "0",
+            "--data",
+            "d.gz",
+        ]);
+        let w = resume_ignored(&explicit, &cfg, run);
+        assert_eq!(w.len(), 4, "{w:?}");
+        let find = |flag: &str| {
+            w.iter()
+                .find(|l| l.contains(&format!("{flag} is ignored on --resume")))
+                .unwrap_or_else(|| panic!("no warning for {flag}: {w:?}"))
+                .clone()
+        };
+        assert!(find("--batch-size").contains("batch size 16"));
+        assert!(find("--lr").contains("lr 0.001"));
+        let h = cfg.model.hidden;
+        assert!(find("--hidden").contains(&format!("hidden widths {},{}", h[0], h[1])));
+        assert!(find("--seed").contains("seed 0"));
+        assert!(w.iter().all(|l| l.contains("train.json")), "{w:?}");
     }
 }

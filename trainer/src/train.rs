@@ -23,10 +23,11 @@ use crate::eval::{evaluate_sum, uniform01};
 use crate::fsutil;
 use crate::model::{init_params, Flow};
 use crate::report::{self, MetricRecord, MetricsLog};
-use crate::sample::{self, sample_pixels};
+use crate::sample::{self, sample_images};
 use anyhow::{bail, Context, Result};
 use clayflow_kernel::{preprocess::dequantize, Arch, Pcg32};
 use serde::{Deserialize, Serialize};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +35,10 @@ use std::time::Instant;
 /// Restores of the last checkpoint in a row (no new checkpoint in between) before training
 /// gives up: each halves the learning rate, so the last ran at 1/32 of the original.
 pub const MAX_RESTORES_IN_A_ROW: u32 = 5;
+
+/// Validations in a row, each higher than the one before, after which the run says that
+/// validation is rising (a progress note and a metrics event; once until the next best).
+pub const RISES_WORTH_A_NOTE: u64 = 3;
 
 /// How to train: model, data handling, optimiser, budget and outputs. Saved as
 /// `RUN/train.json` so `--resume` continues with the same settings.
@@ -100,6 +105,9 @@ pub struct TrainConfig {
     /// Random crops per picture when the data is an image folder (0: one centre crop each).
     #[serde(default = "default_crops_per_image")]
     pub crops_per_image: usize,
+    /// Stop once this many validations in a row have not improved on the best (if set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stop: Option<u64>,
 }
 
 fn default_val_split() -> usize {
@@ -140,6 +148,7 @@ impl TrainConfig {
             limit: None,
             val_split: default_val_split(),
             crops_per_image: default_crops_per_image(),
+            early_stop: None,
         }
     }
 }
@@ -165,6 +174,23 @@ pub struct Outcome {
     pub samples_png: PathBuf,
     /// Steps skipped as non-finite in total.
     pub nonfinite_skips: u64,
+    /// The checkpoint `BEST` names (`None` when it is missing or does not load).
+    pub best: Option<BestCheckpoint>,
+    /// Why the run stopped before its budget ([`TrainConfig::early_stop`]), if it did.
+    pub early_stop: Option<String>,
+    /// Samples of the final grid that came out non-finite.
+    pub nonfinite_samples: usize,
+}
+
+/// The run's best-validation checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BestCheckpoint {
+    /// Its folder.
+    pub dir: PathBuf,
+    /// Its step.
+    pub step: u64,
+    /// Its validation bits/dim.
+    pub val_bpd: f64,
 }
 
 /// Dequantizes images `indices` of `ds` with uniform noise from `rng` into `u`.
@@ -243,6 +269,8 @@ fn state_of(cfg: &TrainConfig, world_size: usize) -> TrainState {
         dataset: cfg.dataset.clone(),
         nonfinite_skips: 0,
         restores: 0,
+        val_since_best: 0,
+        val_rises: 0,
     }
 }
 
@@ -313,7 +341,7 @@ pub fn train(
     };
     let clock = Clock::new(cfg, comm.size(), train_set, &run.state);
     run.steps(&clock, train_set, val_set, progress)?;
-    run.finish(&clock, val_set)
+    run.finish(&clock, val_set, progress)
 }
 
 /// The architecture, once the configuration and both data sets are known to fit it.
@@ -355,6 +383,9 @@ fn check_inputs(
     if cfg.epochs.is_none() && cfg.minutes.is_none() && cfg.max_steps.is_none() {
         bail!("no stopping rule: give epochs, minutes or max steps");
     }
+    if cfg.early_stop == Some(0) {
+        bail!("early stopping needs at least 1 validation without improvement (got 0)");
+    }
     Ok(arch)
 }
 
@@ -366,6 +397,8 @@ struct Clock {
     session_start: Instant,
     elapsed_before: f64,
     start_step: u64,
+    /// Set by early stopping: the run is done at the next check.
+    stop: Cell<Option<String>>,
 }
 
 impl Clock {
@@ -381,6 +414,7 @@ impl Clock {
             session_start: Instant::now(),
             elapsed_before: state.elapsed_secs,
             start_step: state.step,
+            stop: Cell::new(None),
         }
     }
 
@@ -390,8 +424,16 @@ impl Clock {
     }
 
     fn done(&self, step: u64, elapsed: f64) -> bool {
-        self.total_steps.is_some_and(|t| step >= t)
+        self.stopped().is_some()
+            || self.total_steps.is_some_and(|t| step >= t)
             || self.budget_secs.is_some_and(|b| elapsed >= b)
+    }
+
+    /// Why the run was stopped early, if it was.
+    fn stopped(&self) -> Option<String> {
+        let why = self.stop.take();
+        self.stop.set(why.clone());
+        why
     }
 
     fn fraction(&self, step: u64, elapsed: f64) -> f64 {
@@ -419,6 +461,15 @@ struct Run<'a> {
     /// The 1x1 convolutions' permutations and signs are fixed: the optimiser skips them.
     trainable: Vec<bool>,
     state: TrainState,
+    /// The state (with `elapsed_secs` zeroed) and folder of the checkpoint this session
+    /// saved last: saving the same state again is skipped.
+    saved: Option<(TrainState, PathBuf)>,
+    /// The step of this session's last validation (a second one at the same step, as at
+    /// the finish right after an epoch end, does not count towards the streaks).
+    validated_at: Option<u64>,
+    /// Whether this session said that validation is rising since the last new best (said
+    /// once per such stretch, not at every noisy rise).
+    rise_told: bool,
 }
 
 /// Rank 0's value of `v` on every rank (a clock, so the ranks take the same decisions).
@@ -476,6 +527,9 @@ impl<'a> Run<'a> {
             grads,
             trainable,
             state,
+            saved: None,
+            validated_at: None,
+            rise_told: false,
         })
     }
 
@@ -619,12 +673,31 @@ impl<'a> Run<'a> {
         Ok(run)
     }
 
-    /// Saves a checkpoint of the parameters, the moments and the state (rank 0; the others
-    /// hold the same values).
-    fn save(&self) -> Result<Option<PathBuf>> {
+    /// Saves a checkpoint of the parameters, the moments and the state, unless this
+    /// session saved the same state last (right after an improved validation). Rank 0
+    /// writes; the other ranks hold the same values and return `None`.
+    fn save(&mut self) -> Result<Option<PathBuf>> {
+        if let Some((saved, dir)) = &self.saved {
+            if *saved == Self::save_key(&self.state) {
+                return Ok(Some(dir.clone()));
+            }
+        }
+        self.write_checkpoint(false)
+    }
+
+    /// The state as [`Run::save`] compares it: without the training time.
+    fn save_key(state: &TrainState) -> TrainState {
+        let mut key = state.clone();
+        key.elapsed_secs = 0.0;
+        key
+    }
+
+    /// Writes a checkpoint (always, on rank 0); with `best`, `BEST` names it too.
+    fn write_checkpoint(&mut self, best: bool) -> Result<Option<PathBuf>> {
         if !self.is_root() {
             return Ok(None);
         }
+        let key = Self::save_key(&self.state);
         let ck = Checkpoint {
             model: self.cfg.model.clone(),
             params: self.flow.params_host()?,
@@ -632,7 +705,13 @@ impl<'a> Run<'a> {
             adam_v: to_host(self.backend.as_ref(), &self.adam.v)?,
             state: self.state.clone(),
         };
-        Ok(Some(checkpoint::save(self.run_dir, &ck, self.cfg.keep)?))
+        let dir = if best {
+            checkpoint::save_best(self.run_dir, &ck, self.cfg.keep)?
+        } else {
+            checkpoint::save(self.run_dir, &ck, self.cfg.keep)?
+        };
+        self.saved = Some((key, dir.clone()));
+        Ok(Some(dir))
     }
 
     /// Appends a record to the metrics (rank 0).
@@ -739,9 +818,19 @@ impl<'a> Run<'a> {
     }
 
     /// Scores the validation set and records it in the state and the metrics (with `event`,
-    /// if any, on the same line).
-    /// Each rank scores its slice of the validation set; the sums are added.
-    fn validate(&mut self, clock: &Clock, val_set: &Dataset, event: Option<&str>) -> Result<f64> {
+    /// if any, on the same line). A score below the best so far is saved at once as the
+    /// run's `BEST` checkpoint. Says when validation has risen [`RISES_WORTH_A_NOTE`] times
+    /// in a row, and stops the run (through `clock`) after [`TrainConfig::early_stop`]
+    /// validations in a row without a new best.
+    fn validate(
+        &mut self,
+        clock: &Clock,
+        val_set: &Dataset,
+        event: Option<&str>,
+        progress: &mut dyn Progress,
+    ) -> Result<f64> {
+        // Each rank scores its slice of the validation set; the sums are added, so every
+        // rank sees the same score and takes the same decisions below.
         let (r, n, len) = (self.comm.rank(), self.comm.size(), val_set.len());
         let slice = r * len / n..(r + 1) * len / n;
         let mut sum = [evaluate_sum(
@@ -752,12 +841,48 @@ impl<'a> Run<'a> {
         )?];
         self.comm.all_reduce_sum_f64(&mut sum)?;
         let v = sum[0] / len as f64;
-        self.state.last_val_bpd = Some(v);
-        self.state.best_val_bpd = Some(self.state.best_val_bpd.map_or(v, |b: f64| b.min(v)));
-        let mut rec = MetricRecord::new(self.state.step, self.state.epoch, clock.elapsed());
+        let repeat = self.validated_at == Some(self.state.step);
+        self.validated_at = Some(self.state.step);
+        let improved = record_validation(&mut self.state, v, repeat);
+        let elapsed = clock.elapsed();
+        let mut rec = MetricRecord::new(self.state.step, self.state.epoch, elapsed);
         rec.val_bpd = Some(v);
         rec.event = event.map(str::to_string);
         self.record(&rec)?;
+        if improved {
+            self.write_checkpoint(true)?;
+            self.rise_told = false;
+        }
+        if repeat {
+            return Ok(v);
+        }
+        let best = self.state.best_val_bpd.unwrap_or(v);
+        if self.state.val_rises >= RISES_WORTH_A_NOTE && !self.rise_told {
+            self.rise_told = true;
+            let msg = format!(
+                "validation has risen {} times in a row (now {v:.4} bits/dim; the best, \
+                 {best:.4}, was {} validations ago): the model may be overfitting; the best \
+                 checkpoint is kept (checkpoints/BEST){}",
+                self.state.val_rises,
+                self.state.val_since_best,
+                if self.cfg.early_stop.is_none() {
+                    "; --early-stop N stops such a run"
+                } else {
+                    ""
+                }
+            );
+            self.event(msg, progress, elapsed)?;
+        }
+        if let Some(n) = self.cfg.early_stop {
+            if self.state.val_since_best >= n {
+                let msg = format!(
+                    "early stop: {n} validations in a row without improving on the best \
+                     ({best:.4} bits/dim)"
+                );
+                self.event(msg.clone(), progress, elapsed)?;
+                clock.stop.set(Some(msg));
+            }
+        }
         Ok(v)
     }
 
@@ -893,7 +1018,7 @@ impl<'a> Run<'a> {
                     .eval_steps
                     .is_some_and(|e| self.state.step.is_multiple_of(e))
             {
-                let v = self.validate(clock, val_set, None)?;
+                let v = self.validate(clock, val_set, None, progress)?;
                 progress.note(&format!(
                     "step {} (epoch {}): validation {:.4} bits/dim on {} images",
                     self.state.step,
@@ -917,16 +1042,27 @@ impl<'a> Run<'a> {
     }
 
     /// Final validation, checkpoint, samples and plot.
-    fn finish(mut self, clock: &Clock, val_set: &Dataset) -> Result<Outcome> {
-        let v = self.validate(clock, val_set, Some("finished"))?;
+    fn finish(
+        mut self,
+        clock: &Clock,
+        val_set: &Dataset,
+        progress: &mut dyn Progress,
+    ) -> Result<Outcome> {
+        let v = self.validate(clock, val_set, Some("finished"), progress)?;
         self.state.elapsed_secs = clock.elapsed();
-        self.save()?;
+        // Always written: the last checkpoint holds the run's whole training time.
+        self.write_checkpoint(false)?;
         let (cfg, arch) = (self.cfg, self.arch);
         let samples_png = self.run_dir.join("samples.png");
+        let mut nonfinite_samples = 0;
         if self.is_root() {
             let n = cfg.samples.max(1);
-            let pixels = sample_pixels(&mut self.flow, n, cfg.temperature, cfg.seed)?;
-            sample::write_grid(&samples_png, &pixels, n, &arch)?;
+            let samples = sample_images(&mut self.flow, n, cfg.temperature, cfg.seed)?;
+            sample::write_grid(&samples_png, &samples.pixels, n, &arch)?;
+            nonfinite_samples = samples.nonfinite.len();
+            if let Some(note) = samples.nonfinite_note(n) {
+                self.event(format!("samples.png: {note}"), progress, clock.elapsed())?;
+            }
             let records = report::read_metrics(&self.metrics_path)?;
             report::write_loss_svg(
                 self.run_dir.join("loss.svg"),
@@ -949,6 +1085,97 @@ impl<'a> Run<'a> {
             elapsed_secs: self.state.elapsed_secs,
             samples_png,
             nonfinite_skips: self.state.nonfinite_skips,
+            best: best_checkpoint(self.run_dir),
+            early_stop: clock.stopped(),
+            nonfinite_samples,
         })
+    }
+}
+
+/// Records the validation score `v` in `st`: the latest and best scores and the streaks
+/// (validations since the best, rises in a row), which a `repeat` (a second validation at
+/// the same step) leaves alone. Returns whether `v` is a new best (finite, and strictly
+/// below the old).
+fn record_validation(st: &mut TrainState, v: f64, repeat: bool) -> bool {
+    let improved = v.is_finite() && st.best_val_bpd.is_none_or(|b| v < b);
+    if !repeat {
+        st.val_since_best = if improved { 0 } else { st.val_since_best + 1 };
+        let rose = st.last_val_bpd.is_some_and(|last| v > last);
+        st.val_rises = if rose { st.val_rises + 1 } else { 0 };
+    }
+    st.last_val_bpd = Some(v);
+    if improved {
+        st.best_val_bpd = Some(v);
+    }
+    improved
+}
+
+/// The checkpoint a run's `BEST` names, when it exists and loads.
+fn best_checkpoint(run_dir: &Path) -> Option<BestCheckpoint> {
+    let dir = checkpoint::best(run_dir).ok().flatten()?;
+    let c = checkpoint::load_dir(&dir).ok()?;
+    Some(BestCheckpoint {
+        dir,
+        step: c.state.step,
+        val_bpd: c.state.last_val_bpd?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_streaks_count_rises_and_validations_since_the_best() {
+        let mut st = state_of(
+            &TrainConfig::new(ModelConfig::preset("mnist").unwrap(), String::new()),
+            1,
+        );
+        // A non-finite score is never a best, not even the first.
+        assert!(!record_validation(&mut st, f64::NAN, false));
+        assert_eq!((st.best_val_bpd, st.val_since_best), (None, 1));
+        let mut seen = Vec::new();
+        // Falls, then overfits: 4.9 is the best; 5.0 is no rise (below 5.2) but no best.
+        for v in [5.0, 4.9, 5.1, 5.2, 5.0, 5.3, 5.4, 5.5] {
+            let improved = record_validation(&mut st, v, false);
+            seen.push((improved, st.val_since_best, st.val_rises));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (true, 0, 0),
+                (true, 0, 0),
+                (false, 1, 1),
+                (false, 2, 2),
+                (false, 3, 0),
+                (false, 4, 1),
+                (false, 5, 2),
+                (false, 6, 3),
+            ]
+        );
+        assert_eq!(st.best_val_bpd, Some(4.9));
+        assert_eq!(st.last_val_bpd, Some(5.5));
+        // A repeat at the same step changes the scores but not the streaks.
+        assert!(!record_validation(&mut st, 5.6, true));
+        assert_eq!((st.val_since_best, st.val_rises), (6, 3));
+        // An equal score is not a new best; a lower one resets the count.
+        assert!(!record_validation(&mut st, 4.9, false));
+        assert_eq!((st.val_since_best, st.val_rises), (7, 0));
+        assert!(record_validation(&mut st, 4.8, false));
+        assert_eq!((st.val_since_best, st.best_val_bpd), (0, Some(4.8)));
+    }
+
+    #[test]
+    fn old_train_json_without_early_stop_still_loads() {
+        let cfg = TrainConfig::new(ModelConfig::preset("mnist").unwrap(), "d".into());
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(!json.contains("early_stop"), "{json}");
+        let back: TrainConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.early_stop, None);
+        let mut with = cfg.clone();
+        with.early_stop = Some(4);
+        let back: TrainConfig =
+            serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back.early_stop, Some(4));
     }
 }

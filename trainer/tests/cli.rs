@@ -926,3 +926,306 @@ fn several_ranks_without_the_mpi_feature_is_an_error() {
     args.extend_from_slice(TINY);
     run_env(dir.path(), &args, LIMIT, &[("OMPI_COMM_WORLD_SIZE", "1")]).ok();
 }
+
+/// `eval --data FILE` scores every image of the file unless `--last N` says otherwise; the
+/// bundled data keeps its validation split (the last 1000). The output says which images.
+/// Regression: a 2,000-image test file used to be scored by its last 400 only.
+#[test]
+fn eval_scores_every_image_of_a_data_file_by_default() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    train(t, "run", &["--steps", "2", "--samples", "1"]).ok();
+    let file = mnist();
+    let file = file.to_str().unwrap();
+    let out = run(t, &["eval", "--model", "run", "--data", file]).ok();
+    assert!(out.stdout.contains("on 8000 images"), "{}", out.stdout);
+    assert!(out.stdout.contains(": all 8000 ["), "{}", out.stdout);
+    let out = run(
+        t,
+        &["eval", "--model", "run", "--data", file, "--last", "64"],
+    )
+    .ok();
+    assert!(out.stdout.contains("on 64 images"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("the last 64 of 8000 (indices 7936..7999)"),
+        "{}",
+        out.stdout
+    );
+    // The bundled data: its validation split, and how to score all of it.
+    let out = run(t, &["eval", "--model", "run"]).ok();
+    assert!(out.stdout.contains("on 1000 images"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("validation split") && out.stdout.contains("--last 0"),
+        "{}",
+        out.stdout
+    );
+    let out = run(t, &["eval", "--model", "run", "--last", "0"]).ok();
+    assert!(out.stdout.contains("on 8000 images"), "{}", out.stdout);
+}
+
+/// On `--resume`, a flag the saved settings override is named in a warning with the saved
+/// value, and the run continues with the saved settings (the same weights as a run that was
+/// never given the flag); budget, data and `--early-stop` flags apply without a warning.
+#[test]
+fn resume_warns_about_each_flag_its_saved_settings_override() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    train(t, "a", &["--steps", "6", "--samples", "1"]).ok();
+    train(t, "b", &["--steps", "3", "--samples", "1"]).ok();
+    let out = run(
+        t,
+        &[
+            "train",
+            "--resume",
+            "b",
+            "--steps",
+            "6",
+            "--early-stop",
+            "50",
+            "--lr",
+            "0.5",
+            "--batch-size",
+            "64",
+            "--hidden",
+            "16,16",
+            "--seed",
+            "9",
+            "--quiet",
+        ],
+    )
+    .ok();
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 4, "{}", out.stderr);
+    for (flag, saved) in [
+        ("--lr", "lr 0.001"),
+        ("--batch-size", "batch size 16"),
+        ("--hidden", "hidden widths 4,8"),
+        ("--seed", "seed 0"),
+    ] {
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains(&format!("{flag} is ignored on --resume"))
+                    && w.contains(saved)),
+            "{flag}: {warnings:?}"
+        );
+    }
+    assert_eq!(
+        tensors(&final_model(&t.join("a"))),
+        tensors(&final_model(&t.join("b")))
+    );
+    // No warning when nothing is overridden.
+    let out = run(t, &["train", "--resume", "b", "--steps", "8", "--quiet"]).ok();
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+}
+
+/// `eval`, `sample` and `export` of a run use the checkpoint `BEST` names (the best
+/// validation) unless given `--latest`, and say which checkpoint they used; an unusable
+/// `BEST` falls back to the latest with a warning.
+#[test]
+fn eval_sample_and_export_of_a_run_use_its_best_checkpoint() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let out = train(
+        t,
+        "run",
+        &[
+            "--steps",
+            "12",
+            "--eval-steps",
+            "4",
+            "--checkpoint-steps",
+            "4",
+            "--samples",
+            "1",
+        ],
+    )
+    .ok();
+    assert!(
+        out.stdout.contains("best checkpoint: ") && out.stdout.contains("run/checkpoints/step-"),
+        "{}",
+        out.stdout
+    );
+    let ck = t.join("run/checkpoints");
+    assert!(ck.join("BEST").is_file());
+    // Point BEST at an earlier validated checkpoint, as an overfitting run would.
+    std::fs::write(ck.join("BEST"), "step-00000004\n").unwrap();
+    let eval = |extra: &[&str]| -> (f64, String) {
+        let mut args = vec!["eval", "--model", "run", "--last", "64"];
+        args.extend_from_slice(extra);
+        let out = run(t, &args).ok();
+        (number_before(&out.stdout, "bits/dim"), out.stderr)
+    };
+    let (best, said) = eval(&[]);
+    assert!(
+        said.contains("step-00000004, the run's best (step 4, validation "),
+        "{said}"
+    );
+    let (latest, said) = eval(&["--latest"]);
+    assert!(
+        said.contains("step-00000012, the run's latest (step 12, validation "),
+        "{said}"
+    );
+    assert!(best != latest, "step 4 and step 12 scored alike: {best}");
+    let out = run(
+        t,
+        &["sample", "--model", "run", "--n", "1", "--out", "s.png"],
+    )
+    .ok();
+    assert!(
+        out.stderr.contains("the run's best (step 4,"),
+        "{}",
+        out.stderr
+    );
+    let out = run(t, &["export", "--model", "run", "--out", "m.blob"]).ok();
+    assert!(
+        out.stderr.contains("the run's best (step 4,"),
+        "{}",
+        out.stderr
+    );
+    let out = run(
+        t,
+        &["export", "--model", "run", "--out", "l.blob", "--latest"],
+    )
+    .ok();
+    assert!(
+        out.stderr.contains("the run's latest (step 12,"),
+        "{}",
+        out.stderr
+    );
+    // A corrupt or missing BEST: the latest checkpoint, with a warning saying why.
+    std::fs::write(ck.join("BEST"), "garbage\n").unwrap();
+    let (score, said) = eval(&[]);
+    assert_eq!(score, latest);
+    assert!(
+        said.contains("warning: ") && said.contains("does not name a checkpoint"),
+        "{said}"
+    );
+    assert!(said.contains("the run's latest (step 12,"), "{said}");
+    std::fs::remove_file(ck.join("BEST")).unwrap();
+    let (score, said) = eval(&[]);
+    assert_eq!(score, latest);
+    assert!(said.contains("BEST is missing"), "{said}");
+}
+
+/// The step and validation bits/dim of the `best checkpoint:` line of a training summary.
+fn best_of(stdout: &str) -> (u64, f64) {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("best checkpoint: "))
+        .unwrap_or_else(|| panic!("no best checkpoint line in {stdout:?}"));
+    let step = number_after(line, "(step") as u64;
+    let val = number_after(line, "validation");
+    assert!(
+        line.contains(&format!("checkpoints/step-{step:08} ")),
+        "{line}"
+    );
+    (step, val)
+}
+
+/// An overfitting run (16 training digits, one step per epoch, so a validation after every
+/// step, at a high learning rate). Measured here: its validation reaches a best of 7.0462 at
+/// step 30, then rises three times in a row (7.084, 7.153, 7.287). The run says so (a note
+/// and a metrics event); `--early-stop 3` ends a run 3 validations after its best (here at
+/// step 14, the best 7.1958 at step 11); the summary names the best checkpoint, `BEST`
+/// names it, and `eval` of the run scores it.
+#[test]
+fn an_overfitting_run_says_so_stops_early_and_keeps_its_best() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    let overfit = |out: &str, extra: &[&str]| -> Out {
+        let mut args = vec![
+            "train",
+            "--out",
+            out,
+            "--preset",
+            "mnist",
+            "--couplings",
+            "2",
+            "--hidden",
+            "4,8",
+            "--limit",
+            "16",
+            "--batch-size",
+            "16",
+            "--val-split",
+            "64",
+            "--lr",
+            "0.05",
+            "--constant-lr",
+            "--samples",
+            "1",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        run(t, &args).ok()
+    };
+    let out = overfit("rising", &["--steps", "33"]);
+    let notes: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("validation has risen 3 times in a row (now "))
+        .collect();
+    // Said once per stretch without a new best, not at every rise.
+    assert_eq!(notes.len(), 1, "{}", out.stderr);
+    assert!(
+        notes[0].ends_with(
+            "the model may be overfitting; the best checkpoint is kept (checkpoints/BEST); \
+             --early-stop N stops such a run"
+        ),
+        "{}",
+        notes[0]
+    );
+    let (step, val) = best_of(&out.stdout);
+    assert!(
+        notes[0].contains(&format!("the best, {val:.4}, was ")),
+        "{} / best {val}",
+        notes[0]
+    );
+    let events: Vec<String> = metrics(&t.join("rising"))
+        .iter()
+        .filter_map(|r| r["event"].as_str().map(str::to_string))
+        .collect();
+    assert!(events.iter().any(|e| e.as_str() == notes[0]), "{events:?}");
+    assert_eq!(
+        std::fs::read_to_string(t.join("rising/checkpoints/BEST")).unwrap(),
+        format!("step-{step:08}\n")
+    );
+    let out = run(t, &["eval", "--model", "rising", "--last", "64"]).ok();
+    assert!(
+        out.stderr.contains(&format!(
+            "the run's best (step {step}, validation {val:.4} bits/dim)"
+        )),
+        "{}",
+        out.stderr
+    );
+
+    let out = overfit("stopped", &["--steps", "100", "--early-stop", "3"]);
+    let steps = number_after(&out.stdout, "trained") as u64;
+    let (step, val) = best_of(&out.stdout);
+    assert!(steps < 100, "{}", out.stdout);
+    assert_eq!(steps, step + 3, "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!(
+            "stopped before the budget: early stop: 3 validations in a row without improving \
+             on the best ({val:.4} bits/dim)"
+        )),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        metrics(&t.join("stopped")).iter().any(|r| r["event"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("early stop: 3"))),
+        "no early-stop event"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.join("stopped/checkpoints/BEST")).unwrap(),
+        format!("step-{step:08}\n")
+    );
+}

@@ -219,3 +219,116 @@ fn export_verify_catches_a_mismatch() {
     let ag = export::verify(backend(), &blob, &wrong, &val, 16).unwrap();
     assert!(ag.max_bpd_diff > 1e-3, "{ag:?}");
 }
+
+/// `early_stop`: the run stops after that many validations in a row without a new best,
+/// and the best checkpoint outlives pruning. With a learning rate of 0 the parameters never
+/// change, so every validation equals the first (the best): validations at steps 2 (the
+/// best), 4 and 6 (two without improvement) stop the run at step 6 of 40.
+#[test]
+fn early_stop_stops_and_the_best_checkpoint_survives_pruning() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("run");
+    let mut cfg = tiny_config(40);
+    cfg.lr = 0.0;
+    cfg.eval_steps = Some(2);
+    cfg.early_stop = Some(2);
+    cfg.checkpoint_steps = Some(1);
+    cfg.keep = 1;
+    let out = train_run(&cfg, &dir, false).unwrap();
+    assert_eq!(out.steps, 6);
+    let why = out.early_stop.expect("stopped early");
+    assert!(why.contains("2 validations in a row"), "{why}");
+    let best = out.best.expect("a best checkpoint");
+    assert_eq!(best.step, 2);
+    assert_eq!(best.dir, dir.join("checkpoints/step-00000002"));
+    assert_eq!(Some(best.val_bpd), Some(out.val_bpd));
+    // keep = 1: only the latest and the best are left.
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["BEST", "LATEST", "step-00000002", "step-00000006"]);
+    let loaded = checkpoint::load_best_with_notes(&dir).unwrap();
+    assert!(loaded.notes.is_empty(), "{:?}", loaded.notes);
+    assert_eq!(loaded.checkpoint.state.step, 2);
+    assert_eq!(checkpoint::load(&dir).unwrap().0.state.step, 6);
+    let events: Vec<String> = report::read_metrics(dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.event)
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("early stop: 2 validations")),
+        "{events:?}"
+    );
+    // Without early stopping the same run takes its whole budget.
+    cfg.early_stop = None;
+    let out = train_run(&cfg, &tmp.path().join("full"), false).unwrap();
+    assert_eq!((out.steps, out.early_stop), (40, None));
+}
+
+/// `BEST` names the checkpoint of the lowest validation (the first of equal ones), and the
+/// outcome reports it.
+#[test]
+fn the_best_checkpoint_is_the_one_of_the_lowest_validation() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("run");
+    let mut cfg = tiny_config(12);
+    cfg.lr = 1e-2;
+    cfg.eval_steps = Some(4);
+    let out = train_run(&cfg, &dir, false).unwrap();
+    let best = out.best.expect("a best checkpoint");
+    let records = report::read_metrics(dir.join("metrics.jsonl")).unwrap();
+    let vals: Vec<(u64, f64)> = records
+        .iter()
+        .filter_map(|r| r.val_bpd.map(|v| (r.step, v)))
+        .collect();
+    // The best is the lowest validation, at its step.
+    let &(step, v) = vals
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("validations");
+    assert_eq!((best.step, best.val_bpd), (step, v), "{vals:?}");
+    assert_eq!(
+        checkpoint::best(&dir).unwrap(),
+        Some(dir.join(format!("checkpoints/step-{step:08}")))
+    );
+}
+
+/// Sampling tells which images came out non-finite, on the trainer and on the kernel path:
+/// none for a trained model; every one once a coupling network's output bias is NaN (a
+/// stand-in for an inverse that overflows: the pixels come out NaN, drawn black).
+#[test]
+fn sampling_reports_the_images_whose_inverse_is_not_finite() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("run");
+    train_run(&tiny_config(4), &dir, false).unwrap();
+    let (mut ck, _) = checkpoint::load(&dir).unwrap();
+    let n = 16;
+    let healthy = Source::Checkpoint(Box::new(ck.clone()))
+        .sample(backend(), n, 1.0, 3)
+        .unwrap();
+    assert_eq!(healthy.pixels.len(), n * 28 * 28);
+    assert!(healthy.nonfinite.is_empty(), "{:?}", healthy.nonfinite);
+    assert_eq!(healthy.nonfinite_note(n), None);
+
+    let specs = clayflow_trainer::config::tensor_specs(&ck.model.to_arch().unwrap());
+    let last_bias = specs
+        .iter()
+        .rposition(|s| s.name.starts_with("coupling.") && s.name.ends_with(".bias"))
+        .unwrap();
+    ck.params[last_bias].iter_mut().for_each(|v| *v = f32::NAN);
+    let s = Source::Checkpoint(Box::new(ck))
+        .sample(backend(), n, 1.0, 3)
+        .unwrap();
+    assert_eq!(s.pixels.len(), n * 28 * 28);
+    assert_eq!(s.nonfinite, (0..n).collect::<Vec<_>>());
+    let note = s.nonfinite_note(n).unwrap();
+    assert!(
+        note.starts_with("16 of 16 samples had non-finite pixels"),
+        "{note}"
+    );
+}

@@ -438,6 +438,8 @@ pub fn tiny_checkpoint() -> Checkpoint {
             dataset: "fuzz".to_string(),
             nonfinite_skips: 0,
             restores: 0,
+            val_since_best: 0,
+            val_rises: 0,
         },
     }
 }

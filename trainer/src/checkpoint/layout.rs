@@ -1,11 +1,11 @@
 //! The run folder's layout: checkpoint folder names, the leftovers of interrupted saves,
-//! the `LATEST` pointer and finding the newest checkpoint.
+//! the `LATEST` and `BEST` pointers and finding the newest checkpoint.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::{io_err, CheckpointError, CHECKPOINTS_DIR, LATEST_FILE};
+use super::{io_err, CheckpointError, BEST_FILE, CHECKPOINTS_DIR, LATEST_FILE};
 
 /// The folder name of the checkpoint at `step` (`step-00000500`).
 pub fn step_dir_name(step: u64) -> String {
@@ -103,7 +103,17 @@ pub(super) fn candidates(ckdir: &Path) -> Result<Vec<(String, PathBuf)>, Checkpo
 
 /// What `LATEST` says: `Ok(None)` when it does not exist, `Err(note)` when it is unusable.
 pub(super) fn read_latest(ckdir: &Path) -> Result<Option<String>, String> {
-    let path = ckdir.join(LATEST_FILE);
+    read_pointer(ckdir, LATEST_FILE)
+}
+
+/// What `BEST` says: `Ok(None)` when it does not exist, `Err(note)` when it is unusable.
+pub(super) fn read_best(ckdir: &Path) -> Result<Option<String>, String> {
+    read_pointer(ckdir, BEST_FILE)
+}
+
+/// The checkpoint folder name a pointer file (`LATEST`, `BEST`) of `ckdir` holds.
+fn read_pointer(ckdir: &Path, file: &str) -> Result<Option<String>, String> {
+    let path = ckdir.join(file);
     match fs::read(&path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
@@ -136,4 +146,26 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
         }
     }
     Ok(candidates(&ckdir)?.into_iter().next().map(|(_, p)| p))
+}
+
+/// The checkpoint folder a run's `BEST` names (the best validation bits/dim so far):
+/// `Ok(None)` when the run has no `BEST`, `Err(note)` when `BEST` is unreadable, does not
+/// name a checkpoint or names a missing folder. The folder is not validated;
+/// [`load_best_with_notes`](fn@super::load_best_with_notes) does that.
+pub fn best(run_dir: &Path) -> Result<Option<PathBuf>, String> {
+    let ckdir = run_dir.join(CHECKPOINTS_DIR);
+    match read_best(&ckdir)? {
+        None => Ok(None),
+        Some(name) => {
+            let p = ckdir.join(&name);
+            if p.is_dir() {
+                Ok(Some(p))
+            } else {
+                Err(format!(
+                    "{} names {name}, which does not exist",
+                    ckdir.join(BEST_FILE).display()
+                ))
+            }
+        }
+    }
 }

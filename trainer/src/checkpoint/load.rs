@@ -1,5 +1,6 @@
 //! Loading: a checkpoint folder validated file by file, or a run folder through `LATEST`
-//! with fallbacks to the newest checkpoint that loads.
+//! with fallbacks to the newest checkpoint that loads (or through `BEST`, falling back to
+//! `LATEST`).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -11,10 +12,10 @@ use safetensors::tensor::{Dtype, Metadata, SafeTensorError};
 use crate::config::{tensor_specs, ModelConfig};
 
 use super::format::StateFileIn;
-use super::layout::{candidates, parse_entry, read_latest};
+use super::layout::{candidates, parse_entry, read_best, read_latest};
 use super::validate::{bad_value, check_state, config_diff, describe_bad, Values};
 use super::{
-    io_err, Checkpoint, CheckpointError, CHECKPOINTS_DIR, FORMAT_VERSION, LATEST_FILE,
+    io_err, Checkpoint, CheckpointError, BEST_FILE, CHECKPOINTS_DIR, FORMAT_VERSION, LATEST_FILE,
     METADATA_FORMAT, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
 };
 
@@ -92,7 +93,47 @@ pub fn load_with_notes(path: &Path) -> Result<Loaded, CheckpointError> {
     load_run(&ckdir)
 }
 
-/// Loads the best checkpoint of a checkpoints folder (see [`load`]).
+/// Like [`load_with_notes`], but a run folder (or its `checkpoints/` folder) gives the
+/// checkpoint its `BEST` names: the best validation bits/dim of the run. When `BEST` is
+/// missing, unreadable, or names a checkpoint that does not load, the run's latest
+/// checkpoint is loaded as [`load_with_notes`] does, with a note saying why. A checkpoint
+/// folder is loaded as it is.
+pub fn load_best_with_notes(path: &Path) -> Result<Loaded, CheckpointError> {
+    let ckdir = if path.join(CHECKPOINTS_DIR).is_dir() {
+        path.join(CHECKPOINTS_DIR)
+    } else if path.join(BEST_FILE).is_file() || path.join(LATEST_FILE).is_file() {
+        path.to_path_buf()
+    } else {
+        return load_with_notes(path);
+    };
+    let note = match read_best(&ckdir) {
+        Ok(Some(name)) => {
+            let dir = ckdir.join(&name);
+            match load_dir(&dir) {
+                Ok(checkpoint) => {
+                    return Ok(Loaded {
+                        checkpoint,
+                        dir,
+                        notes: Vec::new(),
+                    })
+                }
+                Err(e) => format!("{BEST_FILE} names {name}, which cannot be used: {e}"),
+            }
+        }
+        Ok(None) => format!(
+            "{} is missing (no validation has been saved as the best yet)",
+            ckdir.join(BEST_FILE).display()
+        ),
+        Err(note) => note,
+    };
+    let mut loaded = load_run(&ckdir)?;
+    loaded
+        .notes
+        .insert(0, format!("{note}; using the latest checkpoint"));
+    Ok(loaded)
+}
+
+/// Loads the newest good checkpoint of a checkpoints folder (see [`load`]).
 fn load_run(ckdir: &Path) -> Result<Loaded, CheckpointError> {
     let mut notes = Vec::new();
     let mut tried = HashSet::new();
@@ -346,7 +387,7 @@ pub fn load_dir(dir: &Path) -> Result<Checkpoint, CheckpointError> {
 #[cfg(test)]
 mod tests {
     use super::super::layout::{latest, parse_entry, EntryKind};
-    use super::super::save::save;
+    use super::super::save::{save, save_best};
     use super::super::testutil::*;
     use super::super::validate::validate_for_save;
     use super::*;
@@ -385,6 +426,56 @@ mod tests {
         // Pruning itself goes through `.del`: nothing is left under the old name.
         save(run, &make(tiny(), 3, 300), 1).unwrap();
         assert_eq!(names(&ck), vec!["LATEST", "step-00000300"]);
+    }
+
+    #[test]
+    fn best_is_followed_and_a_bad_best_falls_back_to_latest_with_a_note() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let ck = run.join("checkpoints");
+        // No BEST yet: the latest, with a note.
+        save(run, &make(tiny(), 1, 100), 3).unwrap();
+        let l = load_best_with_notes(run).unwrap();
+        assert_eq!(l.checkpoint.state.step, 100);
+        assert!(l.notes[0].contains("BEST is missing"), "{:?}", l.notes);
+        let best = make(tiny(), 2, 200);
+        let best_dir = save_best(run, &best, 3).unwrap();
+        let latest_dir = save(run, &make(tiny(), 3, 300), 3).unwrap();
+        // BEST wins over LATEST, from the run folder and from its checkpoints folder.
+        for p in [run.to_path_buf(), ck.clone()] {
+            let l = load_best_with_notes(&p).unwrap();
+            assert_eq!(l.dir, best_dir);
+            assert!(l.notes.is_empty(), "{:?}", l.notes);
+            assert_same(&l.checkpoint, &best);
+        }
+        // Plain loading still follows LATEST, and a checkpoint folder is itself.
+        assert_eq!(load(run).unwrap().1, latest_dir);
+        assert_eq!(load_best_with_notes(&latest_dir).unwrap().dir, latest_dir);
+        // Garbage in BEST, a BEST naming a missing folder, a corrupt best checkpoint: the
+        // latest checkpoint, and a note saying why.
+        let cases: [(&[u8], &str); 3] = [
+            (b"../../etc\n", "does not name a checkpoint"),
+            (b"step-00000900\n", "step-00000900, which cannot be used"),
+            (b"step-00000200\n", "step-00000200, which cannot be used"),
+        ];
+        fs::write(best_dir.join(MODEL_FILE), b"not safetensors").unwrap();
+        for (text, want) in cases {
+            fs::write(ck.join(BEST_FILE), text).unwrap();
+            let l = load_best_with_notes(run).unwrap();
+            assert_eq!(l.dir, latest_dir);
+            assert_eq!(l.checkpoint.state.step, 300);
+            assert!(
+                l.notes[0].contains(want) && l.notes[0].ends_with("using the latest checkpoint"),
+                "{want}: {:?}",
+                l.notes
+            );
+        }
+        // An unreadable BEST (a folder in its place) never panics either.
+        fs::remove_file(ck.join(BEST_FILE)).unwrap();
+        fs::create_dir(ck.join(BEST_FILE)).unwrap();
+        let l = load_best_with_notes(run).unwrap();
+        assert_eq!(l.dir, latest_dir);
+        assert!(!l.notes.is_empty());
     }
 
     #[test]

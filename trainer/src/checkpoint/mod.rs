@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! RUN/checkpoints/LATEST                          the name of the newest good checkpoint
+//! RUN/checkpoints/BEST                            the name of the best-validation checkpoint
 //! RUN/checkpoints/step-00000500/model.safetensors parameters (f32, PyTorch-loadable)
 //! RUN/checkpoints/step-00000500/optimizer.safetensors   Adam m (`m.<name>`) and v (`v.<name>`)
 //! RUN/checkpoints/step-00000500/state.json        {"format_version":1,"model":..,"state":..}
@@ -15,9 +16,13 @@
 //!
 //! Saving writes everything into a hidden `.step-N.tmp/` folder, fsyncs it, renames it into
 //! place, fsyncs `checkpoints/`, and only then moves `LATEST`; the last good checkpoint is
-//! never modified in place. Loading validates every file and reports problems naming the
-//! file (and tensor) at fault; corrupt input never panics. Loading a run folder follows
-//! `LATEST` and falls back to the newest checkpoint that loads.
+//! never modified in place. A checkpoint saved right after a validation that improved on
+//! the run's best ([`save_best`]) is also named by `BEST`, written (atomically, like
+//! `LATEST`) just before `LATEST`; pruning never removes the folder `BEST` names. Loading
+//! validates every file and reports problems naming the file (and tensor) at fault; corrupt
+//! input never panics. Loading a run folder follows `LATEST` and falls back to the newest
+//! checkpoint that loads; [`load_best_with_notes`] follows `BEST` instead and falls back
+//! to `LATEST` with a note.
 //!
 //! One process writes to a run folder at a time.
 //!
@@ -51,9 +56,9 @@ mod save;
 mod testutil;
 mod validate;
 
-pub use layout::{latest, step_dir_name};
-pub use load::{load, load_dir, load_with_notes, Loaded};
-pub use save::{save, TEST_PAUSE_ENV};
+pub use layout::{best, latest, step_dir_name};
+pub use load::{load, load_best_with_notes, load_dir, load_with_notes, Loaded};
+pub use save::{save, save_best, TEST_PAUSE_ENV};
 pub use validate::check_arch;
 
 /// Version of the `state.json` layout written by this build (and the only one it reads).
@@ -62,6 +67,8 @@ pub const FORMAT_VERSION: u64 = 1;
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// File in [`CHECKPOINTS_DIR`] naming the newest good checkpoint.
 pub const LATEST_FILE: &str = "LATEST";
+/// File in [`CHECKPOINTS_DIR`] naming the checkpoint with the best validation bits/dim.
+pub const BEST_FILE: &str = "BEST";
 /// Parameters of a checkpoint.
 pub const MODEL_FILE: &str = "model.safetensors";
 /// Adam moments of a checkpoint.
@@ -118,6 +125,13 @@ pub struct TrainState {
     pub nonfinite_skips: u64,
     /// Times the run was rolled back to a checkpoint after diverging.
     pub restores: u64,
+    /// Validations in a row, up to this state, that did not improve on `best_val_bpd`
+    /// (what `--early-stop` counts; 0 in checkpoints written before it existed).
+    #[serde(default)]
+    pub val_since_best: u64,
+    /// Validations in a row, up to this state, each higher than the one before.
+    #[serde(default)]
+    pub val_rises: u64,
 }
 
 fn one_rank() -> usize {

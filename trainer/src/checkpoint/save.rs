@@ -1,5 +1,5 @@
-//! Saving: the crash-safe write of a checkpoint folder, moving `LATEST`, and pruning old
-//! checkpoints and the leftovers of interrupted saves.
+//! Saving: the crash-safe write of a checkpoint folder, moving `LATEST` (and `BEST`), and
+//! pruning old checkpoints and the leftovers of interrupted saves.
 
 use std::collections::HashMap;
 use std::fs;
@@ -10,10 +10,12 @@ use crate::config::TensorSpec;
 use crate::fsutil::{atomic_write, fsync_dir, write_synced};
 
 use super::format::{encode_tensors, model_metadata, StateFileOut};
-use super::layout::{aside_name, list_entries, read_latest, step_dir_name, tmp_name, EntryKind};
+use super::layout::{
+    aside_name, list_entries, read_best, read_latest, step_dir_name, tmp_name, EntryKind,
+};
 use super::validate::validate_for_save;
 use super::{
-    io_err, Checkpoint, CheckpointError, CHECKPOINTS_DIR, FORMAT_VERSION, LATEST_FILE,
+    io_err, Checkpoint, CheckpointError, BEST_FILE, CHECKPOINTS_DIR, FORMAT_VERSION, LATEST_FILE,
     METADATA_FORMAT, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
 };
 
@@ -97,6 +99,27 @@ fn io_plain(e: io::Error) -> CheckpointError {
 ///
 /// [`tensor_specs`]: crate::config::tensor_specs
 pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, CheckpointError> {
+    save_marked(run_dir, ckpt, keep, false)
+}
+
+/// [`save`], and `BEST` names the checkpoint too: the run's best validation so far. `BEST`
+/// is moved (atomically) after the folder is committed and before `LATEST`, so a `LATEST`
+/// never names a step newer than the last `BEST` update it implies; pruning never removes
+/// the folder `BEST` names.
+pub fn save_best(
+    run_dir: &Path,
+    ckpt: &Checkpoint,
+    keep: usize,
+) -> Result<PathBuf, CheckpointError> {
+    save_marked(run_dir, ckpt, keep, true)
+}
+
+fn save_marked(
+    run_dir: &Path,
+    ckpt: &Checkpoint,
+    keep: usize,
+    best: bool,
+) -> Result<PathBuf, CheckpointError> {
     let specs = validate_for_save(ckpt)?;
     let model_bytes = encode_tensors(&specs, "", &ckpt.params, model_metadata(&ckpt.model)?)?;
     let opt_meta = HashMap::from([
@@ -154,6 +177,9 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, C
     rename(&tmp, &dest)?;
     fsync_dir(&ckdir).map_err(io_plain)?;
     test_pause("renamed");
+    if best {
+        atomic_write(&ckdir.join(BEST_FILE), format!("{name}\n").as_bytes()).map_err(io_plain)?;
+    }
     atomic_write(&ckdir.join(LATEST_FILE), format!("{name}\n").as_bytes()).map_err(io_plain)?;
     if replacing {
         discard(&aside)?;
@@ -169,16 +195,18 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, C
 }
 
 /// Removes committed checkpoints older than `step` beyond the newest `keep - 1`, and
-/// leftovers of interrupted saves up to `step`.
+/// leftovers of interrupted saves up to `step`. The folders `LATEST` and `BEST` name are
+/// never removed (nor counted among the `keep`).
 fn prune(ckdir: &Path, step: u64, keep: usize) -> Result<(), CheckpointError> {
     let keep_older = keep.max(1) - 1;
     let latest = read_latest(ckdir).ok().flatten();
+    let best = read_best(ckdir).ok().flatten();
     let mut entries = list_entries(ckdir)?;
     entries.sort_by_key(|e| std::cmp::Reverse(e.0));
     let mut older_kept = 0;
     let mut removed = false;
     for (s, kind, name, path) in entries {
-        if latest.as_deref() == Some(name.as_str()) {
+        if latest.as_deref() == Some(name.as_str()) || best.as_deref() == Some(name.as_str()) {
             continue;
         }
         let remove = match kind {
@@ -199,8 +227,8 @@ fn prune(ckdir: &Path, step: u64, keep: usize) -> Result<(), CheckpointError> {
             removed = true;
         }
     }
-    // A process killed inside `atomic_write(LATEST)` leaves its temporary file behind.
-    let stale_prefix = format!(".{LATEST_FILE}.tmp-");
+    // A process killed inside `atomic_write(LATEST or BEST)` leaves its temporary file behind.
+    let stale_prefixes = [format!(".{LATEST_FILE}.tmp-"), format!(".{BEST_FILE}.tmp-")];
     for entry in fs::read_dir(ckdir)
         .map_err(io_err(format!("cannot list {}", ckdir.display())))?
         .flatten()
@@ -208,7 +236,7 @@ fn prune(ckdir: &Path, step: u64, keep: usize) -> Result<(), CheckpointError> {
         let stale = entry
             .file_name()
             .to_str()
-            .is_some_and(|n| n.starts_with(&stale_prefix));
+            .is_some_and(|n| stale_prefixes.iter().any(|p| n.starts_with(p.as_str())));
         if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
             remove_any(&entry.path())?;
             removed = true;
@@ -346,6 +374,58 @@ mod tests {
             names(&run.join("checkpoints")),
             vec!["LATEST", "step-00000400"]
         );
+    }
+
+    #[test]
+    fn pruning_never_deletes_the_best_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let ck = run.join("checkpoints");
+        save(run, &make(tiny(), 1, 100), 2).unwrap();
+        let best = save_best(run, &make(tiny(), 2, 200), 2).unwrap();
+        assert_eq!(
+            fs::read_to_string(ck.join(BEST_FILE)).unwrap(),
+            "step-00000200\n"
+        );
+        for step in [300, 400, 500, 600] {
+            save(run, &make(tiny(), step, step), 2).unwrap();
+        }
+        // keep = 2: the newest two, and step 200 because BEST names it.
+        assert_eq!(
+            names(&ck),
+            vec![
+                "BEST",
+                "LATEST",
+                "step-00000200",
+                "step-00000500",
+                "step-00000600"
+            ]
+        );
+        assert_eq!(super::super::best(run).unwrap(), Some(best));
+        assert_eq!(latest_text(run), "step-00000600\n");
+        // A new best moves BEST; the old best is then pruned like any other checkpoint.
+        save_best(run, &make(tiny(), 7, 700), 2).unwrap();
+        save(run, &make(tiny(), 8, 800), 2).unwrap();
+        assert_eq!(
+            names(&ck),
+            vec![
+                "BEST",
+                "LATEST",
+                "step-00000600",
+                "step-00000700",
+                "step-00000800"
+            ]
+        );
+        // keep = 1 with BEST on an older step still keeps both.
+        save(run, &make(tiny(), 9, 900), 1).unwrap();
+        assert_eq!(
+            names(&ck),
+            vec!["BEST", "LATEST", "step-00000700", "step-00000900"]
+        );
+        // A stale BEST temporary (a kill inside its atomic write) is cleaned up.
+        fs::write(ck.join(".BEST.tmp-4242"), b"step-").unwrap();
+        save(run, &make(tiny(), 10, 1000), 1).unwrap();
+        assert!(!ck.join(".BEST.tmp-4242").exists());
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub(super) fn state(step: u64) -> TrainState {
         dataset: "mnist:/data/mnist \"quoted\" ünïcode".to_string(),
         nonfinite_skips: 3,
         restores: 1,
+        val_since_best: 0,
+        val_rises: 0,
     }
 }
 
