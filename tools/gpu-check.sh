@@ -40,7 +40,8 @@ pack() {
     echo "gpu-check: building (release) into $dir"
     cargo build --release -p clayflow-trainer --bin clayflow --example throughput
     local tests
-    tests=$(cargo test --release -p clayflow-trainer --test gpu --no-run 2>&1 \
+    # `nccl`: the NCCL collective's check (libnccl is loaded at run time, not linked).
+    tests=$(cargo test --release -p clayflow-trainer --features nccl --test gpu --no-run 2>&1 \
         | sed -n 's/.*Executable tests\/gpu.rs (\(.*\))/\1/p' | tail -1)
     [ -n "$tests" ] || { echo "gpu-check: could not find the gpu test binary" >&2; exit 1; }
     case $tests in /*) ;; *) tests="$root/$tests" ;; esac
@@ -143,6 +144,20 @@ check() {
         row "$([ $rc = 0 ] && echo ok || echo FAIL)" "parity tests ($mode)" \
             "$(grep -E '^test result' "$WORK/parity-$mode.log" | tail -1)"
     done
+
+    # NCCL: a communicator of one GPU through the whole path (init, all-reduce, broadcast,
+    # destroy) and the collective's conformance checks. Needs libnccl.so.2 (e.g. the
+    # nvidia-nccl-cu12 wheel's lib folder on LD_LIBRARY_PATH), which a bare machine lacks.
+    log "NCCL communicator of one GPU"
+    "$bin/gpu-parity" --ignored --test-threads 1 --nocapture nccl_ >"$WORK/nccl.log" 2>&1
+    local nrc=$?
+    cat "$WORK/nccl.log"
+    if grep -q 'libnccl.so.2 was not found' "$WORK/nccl.log"; then
+        row skip "NCCL (one GPU)" "libnccl.so.2 not found on this machine: not checked"
+    else
+        row "$([ $nrc = 0 ] && echo ok || echo FAIL)" "NCCL (one GPU)" \
+            "$(grep -E '^test result' "$WORK/nccl.log" | tail -1)"
+    fi
 
     # Train mnist-glow on the GPU, score it on both devices, resume it on the CPU.
     log "training mnist-glow for $STEPS steps on the GPU"

@@ -540,6 +540,12 @@ fn train_as_rank(
     };
     // The device first: a missing GPU fails before the data is loaded.
     let be = backend_of_rank(device, comm.local_rank())?;
+    // On GPUs with NCCL, the gradients are summed on the device.
+    let (on_device, why_host) = collective::for_backend(comm, be.as_ref());
+    let comm: &dyn Collective = on_device.as_deref().unwrap_or(comm);
+    if let (Some(why), true) = (why_host, root) {
+        eprintln!("{why}");
+    }
     let (ds, desc) = load_data(&data_args, arch.channels, arch.height, arch.width)?;
     // Hold out the last `val_split` images, but never more than a fifth of a small set.
     let val_n = cfg.val_split.min(ds.len() / 5).max(1);

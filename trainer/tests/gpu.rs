@@ -403,3 +403,20 @@ fn gpu_mnist_glow_training_step_matches_cpu() {
 fn gpu_color_glow_training_step_matches_cpu() {
     step_parity("color-glow", 8);
 }
+
+/// NCCL through its whole path on one GPU: a communicator of size 1 (init), the collective's
+/// conformance checks on device buffers (all-reduce, broadcast, in NCCL groups), and its
+/// destruction. Run by `tools/gpu-check.sh` where libnccl.so.2 is on the loader path.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs an NVIDIA GPU and NCCL; run by tools/gpu-check.sh"]
+fn nccl_communicator_of_one_gpu_passes_the_conformance_checks() {
+    use clayflow_trainer::collective::{conformance, nccl, Single};
+    if !nccl::nccl_present() {
+        panic!("libnccl.so.2 was not found: pip install nvidia-nccl-cu12 and put its lib folder on LD_LIBRARY_PATH");
+    }
+    let be = gpu();
+    let nccl = nccl::Nccl::new(&Single, 0).expect("an NCCL communicator of one GPU");
+    conformance::check(&nccl, be.as_ref()).unwrap();
+    drop(nccl);
+}

@@ -3,7 +3,10 @@
 //!
 //! - [`Single`]: one process; every operation is the identity.
 //! - `Mpi` (cargo feature `mpi`): ranks started by `mpirun`/`srun`, reducing host copies of
-//!   the buffers with MPI (the CPU backend, and any GPU backend).
+//!   the buffers with MPI (the CPU backend, and a GPU backend without NCCL).
+//! - `nccl::Nccl` (cargo feature `nccl`, part of `mpi`): the device buffers of a GPU run
+//!   summed in place by NCCL; everything else through the host collective it wraps.
+//!   [`for_backend`] picks it once the backend is open.
 //!
 //! [`open`] picks one from how the process was launched ([`launch`]). Every implementation
 //! passes the same checks ([`conformance::check`]).
@@ -18,6 +21,8 @@ pub mod conformance;
 pub mod launch;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod single;
 
 #[cfg(feature = "mpi")]
@@ -112,6 +117,23 @@ fn open_launched(l: launch::Launch) -> Result<Box<dyn Collective>> {
         });
     }
     Ok(Box::new(Single))
+}
+
+/// The collective for a run on `backend`: with the `nccl` feature, NCCL over `comm` when
+/// every rank runs on a GPU and has NCCL (`Some`), else `None` (use `comm`). The second value
+/// says why a GPU run keeps the host path. Every rank calls this together.
+pub fn for_backend<'a>(
+    comm: &'a dyn Collective,
+    backend: &dyn Backend,
+) -> (Option<Box<dyn Collective + 'a>>, Option<String>) {
+    #[cfg(feature = "nccl")]
+    {
+        if comm.size() > 1 {
+            return nccl::with_device(comm, backend);
+        }
+    }
+    let _ = (comm, backend);
+    (None, None)
 }
 
 /// Rank 0's value of `value`, on every rank (through JSON).

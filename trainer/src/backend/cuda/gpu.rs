@@ -144,6 +144,17 @@ impl CudaMem {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The GPU the memory lives on.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The allocation (`None` when empty), for collectives that work on device memory in
+    /// place (NCCL).
+    pub fn slice_mut(&mut self) -> Option<&mut CudaSlice<f32>> {
+        self.slice.as_mut()
+    }
 }
 
 /// Page-locked host memory reused for transfers, one buffer per transfer length (a training
