@@ -13,6 +13,7 @@
 //! 2e-7 and 3e-9; a wrong kernel or a lost optimiser state is off by percent.
 
 use clayflow_cuda_sim::SimDevice;
+use clayflow_testkit::l2_distance;
 use clayflow_trainer::backend::cpu::CpuBackend;
 use clayflow_trainer::backend::cuda::CudaBackend;
 use clayflow_trainer::backend::prelude::*;
@@ -86,14 +87,6 @@ fn params(dir: &Path) -> Vec<f32> {
     ck.params.concat()
 }
 
-fn dist(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum::<f64>()
-        .sqrt()
-}
-
 #[test]
 fn a_run_moves_between_the_cuda_and_cpu_backends() {
     // A fresh folder under cargo's per-target scratch space (the suite has no tempfile).
@@ -115,12 +108,12 @@ fn a_run_moves_between_the_cuda_and_cpu_backends() {
 
     let p_ref = params(&ref_dir);
     let init = init_params(&config(total).model.to_arch().unwrap(), 0).concat();
-    let moved = dist(&p_ref, &init);
+    let moved = l2_distance(&p_ref, &init);
     assert!(moved > 1e-3, "training did not move the weights ({moved})");
     for (name, dir, o) in [("cuda->cpu", &ab, &o_ab), ("cpu->cuda", &ba, &o_ba)] {
         let (ck, _) = checkpoint::load(dir).unwrap();
         assert_eq!(ck.state.step, total, "{name}");
-        let d = dist(&params(dir), &p_ref) / moved;
+        let d = l2_distance(&params(dir), &p_ref) / moved;
         let bpd = (o.val_bpd - o_ref.val_bpd).abs() / o_ref.val_bpd;
         println!(
             "{name}: parameter distance {d:.2e} of the distance moved, validation {:.6} vs \

@@ -3,12 +3,22 @@
 //! published).
 //!
 //! - [`conv`]: the convolution and its two gradients;
-//! - [`invert`]: a dense matrix's inverse and `ln|det|`.
+//! - [`invert`]: a dense matrix's inverse and `ln|det|`;
+//! - [`l2_distance`]: how far apart two weight vectors are.
 //!
 //! The small random generators stay with their crates: the kernel's `Pcg32` and the trainer's
 //! `SplitMix64` are part of what those crates compute.
 
 pub mod conv;
+
+/// `||a - b||_2` in f64 (over the common length), e.g. of two runs' flattened weights.
+pub fn l2_distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
 
 /// The inverse and `ln|det|` of a dense `n x n` row-major matrix, by Gauss-Jordan
 /// elimination with partial pivoting in f64. Panics on a singular matrix.

@@ -19,6 +19,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use clayflow_testkit::l2_distance;
 use clayflow_trainer::backend::cpu::CpuBackend;
 use clayflow_trainer::checkpoint;
 use clayflow_trainer::collective::{conformance, Collective, CollectiveError, Mpi};
@@ -174,14 +175,6 @@ fn weights(run: &Path) -> (Vec<f32>, checkpoint::TrainState) {
     (c.params.concat(), c.state)
 }
 
-fn dist(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum::<f64>()
-        .sqrt()
-}
-
 /// Two ranks with 16 images each against one process with 32: the same images, noise and
 /// initialisation, so the runs differ only in the order f32 sums are taken in.
 ///
@@ -221,8 +214,8 @@ fn two_ranks_train_what_one_process_trains() {
     let (w0, s0) = weights(&one.join("checkpoints").join(checkpoint::step_dir_name(0)));
     assert_eq!((s1.step, s2.step, s0.step), (steps, steps, 0));
     assert_eq!((s1.world_size, s2.world_size), (1, 2));
-    let travelled = dist(&w1, &w0);
-    let apart = dist(&w2, &w1);
+    let travelled = l2_distance(&w1, &w0);
+    let apart = l2_distance(&w2, &w1);
     let bound = 2.0 * 32.0 * 784.0 * f64::from(f32::EPSILON / 2.0) * travelled;
     eprintln!("weights travelled {travelled:.4e}; two ranks vs one process {apart:.4e}; bound {bound:.4e}");
     assert!(travelled > 0.1, "the runs barely trained: {travelled}");

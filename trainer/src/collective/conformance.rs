@@ -5,7 +5,7 @@
 //! leaks into the result all fail.
 
 use super::{check_same, Collective, CollectiveError};
-use crate::backend::Backend;
+use crate::backend::{Backend, Buffer};
 
 /// Lengths that exercise padding (not multiples of the world size) and an empty buffer.
 const LENGTHS: [usize; 4] = [3, 1001, 0, 17];
@@ -14,6 +14,18 @@ const LENGTHS: [usize; 4] = [3, 1001, 0, 17];
 fn value(r: usize, b: usize, j: usize) -> f32 {
     let x = (r * 7919 + b * 104_729 + j * 31) % 1000;
     0.1 + x as f32 * 1.000_1e-3 + (r as f32) * 1e3
+}
+
+/// Rank `r`'s buffers, of [`LENGTHS`], on `backend`.
+fn rank_buffers(backend: &dyn Backend, r: usize) -> Result<Vec<Buffer>, CollectiveError> {
+    LENGTHS
+        .iter()
+        .enumerate()
+        .map(|(b, &len)| {
+            let host: Vec<f32> = (0..len).map(|j| value(r, b, j)).collect();
+            Ok(backend.upload(&host)?)
+        })
+        .collect()
 }
 
 /// Runs every check; the first failure is the error, naming the operation.
@@ -29,15 +41,7 @@ pub fn check(comm: &dyn Collective, backend: &dyn Backend) -> Result<(), String>
     comm.barrier().map_err(|e| fail("barrier", e))?;
 
     // all_reduce_sum on backend buffers.
-    let mut bufs = Vec::new();
-    for (b, &len) in LENGTHS.iter().enumerate() {
-        let host: Vec<f32> = (0..len).map(|j| value(r, b, j)).collect();
-        bufs.push(
-            backend
-                .upload(&host)
-                .map_err(|e| fail("upload", e.into()))?,
-        );
-    }
+    let mut bufs = rank_buffers(backend, r).map_err(|e| fail("upload", e))?;
     comm.all_reduce_sum(backend, &mut bufs)
         .map_err(|e| fail("all_reduce_sum", e))?;
     for (b, buf) in bufs.iter().enumerate() {
@@ -75,15 +79,7 @@ pub fn check(comm: &dyn Collective, backend: &dyn Backend) -> Result<(), String>
     }
 
     // broadcast from rank 0.
-    let mut bufs = Vec::new();
-    for (b, &len) in LENGTHS.iter().enumerate() {
-        let host: Vec<f32> = (0..len).map(|j| value(r, b, j)).collect();
-        bufs.push(
-            backend
-                .upload(&host)
-                .map_err(|e| fail("upload", e.into()))?,
-        );
-    }
+    let mut bufs = rank_buffers(backend, r).map_err(|e| fail("upload", e))?;
     comm.broadcast(backend, &mut bufs)
         .map_err(|e| fail("broadcast", e))?;
     for (b, buf) in bufs.iter().enumerate() {
