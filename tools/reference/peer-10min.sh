@@ -101,7 +101,7 @@ for run, label in names.items():
         r = json.load(f)
     s = r["settings"]
     opt = "Adamax (wd 1e-5)" if s["optimizer"] == "adamax" else "Adam"
-    parts = [f"logit {s['logit']}" if s["logit"] > 0 else "no logit", opt, f"lr {s['lr']:g}"]
+    parts = [f"logit {s['logit']}" if s["logit"] > 0 else "no logit", opt, f"lr {s['lr']:.0e}".replace("e-0", "e-")]
     if s["warmup"]:
         parts.append(f"warm-up {s['warmup']}")
     parts.append("cosine to 5%" if s["schedule"] == "cosine" else "constant lr")
