@@ -18,13 +18,18 @@
 # Env:   VENV (default /tmp/clayflow-torch-venv, with torch and normflows), MINUTES (10),
 #        THREADS (2).
 set -euo pipefail
+OUT="${1:-}"
+case "$OUT" in
+    "" | /*) ;;
+    *) OUT="$PWD/$OUT" ;;  # relative to where it was started, before the cd below
+esac
 cd "$(dirname "$0")/../.."
 
 MINUTES="${MINUTES:-10}"
 THREADS="${THREADS:-2}"
 VENV="${VENV:-/tmp/clayflow-torch-venv}"
 PY="$VENV/bin/python"
-OUT="${1:-runs/peer-10min-$(date -u +%Y%m%d-%H%M)}"
+OUT="${OUT:-runs/peer-10min-$(date -u +%Y%m%d-%H%M)}"
 NF=tools/reference/normflows_glow.py
 
 if [ -e "$OUT" ]; then
@@ -90,8 +95,19 @@ def pgm_to_png(src, dst):
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
                 + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
-rows = [("clayflow `mnist-glow` (default)",
-         "logit 0.05, Adam, lr 2e-3, warm-up 100, cosine to 5%, clip 100 (`clayflow train` defaults)",
+def lr_text(lr):
+    return f"lr {lr:.0e}".replace("e-0", "e-")
+
+# clayflow's settings as the run saved them (train.json), to show what actually ran.
+with open(os.path.join(out, "clayflow", "train.json")) as f:
+    c = json.load(f)
+cf = [f"logit {c['model']['logit_alpha']:g}" if c["model"]["logit_alpha"] > 0 else "no logit",
+      f"Adam (betas {c['beta1']:g}/{c['beta2']:g}, eps {c['eps']:.0e})".replace("e-0", "e-"), lr_text(c["lr"])]
+if c["warmup_steps"]:
+    cf.append(f"warm-up {c['warmup_steps']}")
+cf.append("cosine to 5%" if c.get("cosine_decay") else "constant lr")
+cf += [f"clip {c['clip_norm']:g}", "loss in bpd", f"batch {c['batch_size']}"]
+rows = [("clayflow `mnist-glow` (default `clayflow train`)", ", ".join(cf),
          cf_steps, cf_ips, cf_bpd, "samples-clayflow.png")]
 names = {"nf-like-lr1e-3": "normflows Glow, like-for-like, lr 1e-3",
          "nf-like-lr2e-3": "normflows Glow, like-for-like, lr 2e-3",
@@ -100,13 +116,17 @@ for run, label in names.items():
     with open(os.path.join(out, run, "result.json")) as f:
         r = json.load(f)
     s = r["settings"]
-    opt = "Adamax (wd 1e-5)" if s["optimizer"] == "adamax" else "Adam"
-    parts = [f"logit {s['logit']}" if s["logit"] > 0 else "no logit", opt, f"lr {s['lr']:.0e}".replace("e-0", "e-")]
+    if s["optimizer"] == "adamax":
+        opt = f"Adamax (weight decay {r['weight_decay']:g})"
+    else:
+        b1, b2 = r["adam"]["betas"]
+        opt = f"Adam (betas {b1:g}/{b2:g}, eps {r['adam']['eps']:.0e})".replace("e-0", "e-")
+    parts = [f"logit {s['logit']:g}" if s["logit"] > 0 else "no logit", opt, lr_text(s["lr"])]
     if s["warmup"]:
         parts.append(f"warm-up {s['warmup']}")
     parts.append("cosine to 5%" if s["schedule"] == "cosine" else "constant lr")
     parts.append(f"clip {s['clip']:g}" if s["clip"] > 0 else "no clip")
-    parts.append(f"loss in {s['loss']}")
+    parts += [f"loss in {s['loss']}", f"batch {r['batch']}"]
     png = f"samples-{run}.png"
     pgm_to_png(os.path.join(out, run, "samples.pgm"), os.path.join(out, png))
     rows.append((f"{label} ({r['normflows']}, torch {r['torch']})", ", ".join(parts),
