@@ -169,11 +169,16 @@ pub fn check_same(comm: &dyn Collective, what: &str, values: &[u64]) -> Result<(
     Ok(())
 }
 
-/// The buffers' elements, concatenated into a host vector of `len` (at least their total;
-/// the tail is zero).
+/// The buffers' elements, concatenated into `flat` (cleared first), then zeros up to `len`
+/// (at least their total).
 #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
-pub(crate) fn pack(backend: &dyn Backend, bufs: &[Buffer], len: usize) -> Result<Vec<f32>> {
-    let mut flat = Vec::with_capacity(len);
+pub(crate) fn pack_into(
+    backend: &dyn Backend,
+    bufs: &[Buffer],
+    len: usize,
+    flat: &mut Vec<f32>,
+) -> Result<()> {
+    flat.clear();
     for b in bufs {
         match &b.storage {
             Storage::Host(v) => flat.extend_from_slice(v),
@@ -181,10 +186,10 @@ pub(crate) fn pack(backend: &dyn Backend, bufs: &[Buffer], len: usize) -> Result
         }
     }
     flat.resize(len.max(flat.len()), 0.0);
-    Ok(flat)
+    Ok(())
 }
 
-/// Writes `flat` (as [`pack`] laid it out) back into the buffers.
+/// Writes `flat` (as [`pack_into`] laid it out) back into the buffers.
 #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub(crate) fn unpack(backend: &dyn Backend, flat: &[f32], bufs: &mut [Buffer]) -> Result<()> {
     let mut at = 0;
@@ -234,7 +239,8 @@ mod tests {
     fn pack_and_unpack_round_trip_with_padding() {
         let be = CpuBackend;
         let mut bufs = vec![be.upload(&[1.0, 2.0]).unwrap(), be.upload(&[3.0]).unwrap()];
-        let flat = pack(&be, &bufs, 5).unwrap();
+        let mut flat = vec![9.0; 7];
+        pack_into(&be, &bufs, 5, &mut flat).unwrap();
         assert_eq!(flat, [1.0, 2.0, 3.0, 0.0, 0.0]);
         unpack(&be, &[7.0, 8.0, 9.0, 0.0], &mut bufs).unwrap();
         assert_eq!(be.download(&bufs[0]).unwrap(), [7.0, 8.0]);

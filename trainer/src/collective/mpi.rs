@@ -6,6 +6,7 @@
 //! Errors: MPI's default handler (`MPI_ERRORS_ARE_FATAL`) ends the whole job when a
 //! collective fails or a rank dies; the launcher names the rank.
 
+use std::cell::RefCell;
 use std::ops::AddAssign;
 
 use mpi::datatype::Equivalence;
@@ -14,7 +15,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use mpi::Threading;
 
-use super::{pack, total_len, unpack, Collective, CollectiveError, Result};
+use super::{pack_into, total_len, unpack, Collective, CollectiveError, Result};
 use crate::backend::{Backend, Buffer};
 
 /// The ranks of an MPI job, on `MPI_COMM_WORLD`.
@@ -24,6 +25,9 @@ pub struct Mpi {
     size: usize,
     local_rank: usize,
     library: String,
+    /// The send and receive vectors of the f32 sums, kept between steps: a training run sums
+    /// the same gradients every step, and fresh pages would cost more than the copy.
+    scratch: RefCell<(Vec<f32>, Vec<f32>)>,
     // Last: MPI_Finalize runs when it drops, after the communicators.
     _universe: Universe,
 }
@@ -63,13 +67,14 @@ impl Mpi {
             size,
             local_rank,
             library,
+            scratch: RefCell::new((Vec::new(), Vec::new())),
             _universe: universe,
         })
     }
 
     /// Sums `data` over the ranks in rank order, in place (`data.len()` a multiple of the
-    /// world size).
-    fn ordered_sum<T>(&self, data: &mut [T])
+    /// world size), with `recv` as the receive vector.
+    fn ordered_sum<T>(&self, data: &mut [T], recv: &mut Vec<T>)
     where
         T: Equivalence + Copy + Default + AddAssign,
     {
@@ -77,7 +82,7 @@ impl Mpi {
         if chunk == 0 {
             return;
         }
-        let mut recv = vec![T::default(); data.len()];
+        recv.resize(data.len(), T::default());
         self.world.all_to_all_into(&*data, &mut recv[..]);
         let (mine, rest) = recv.split_at_mut(chunk);
         for from in rest.chunks_exact(chunk) {
@@ -110,22 +115,25 @@ impl Collective for Mpi {
 
     fn all_reduce_sum(&self, backend: &dyn Backend, bufs: &mut [Buffer]) -> Result<()> {
         let n = total_len(bufs);
-        let mut flat = pack(backend, bufs, self.padded(n))?;
-        self.ordered_sum(&mut flat);
-        unpack(backend, &flat, bufs)
+        let mut scratch = self.scratch.borrow_mut();
+        let (flat, recv) = &mut *scratch;
+        pack_into(backend, bufs, self.padded(n), flat)?;
+        self.ordered_sum(flat, recv);
+        unpack(backend, flat, bufs)
     }
 
     fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<()> {
         let mut flat = values.to_vec();
         flat.resize(self.padded(values.len()), 0.0);
-        self.ordered_sum(&mut flat);
+        self.ordered_sum(&mut flat, &mut Vec::new());
         values.copy_from_slice(&flat[..values.len()]);
         Ok(())
     }
 
     fn broadcast(&self, backend: &dyn Backend, bufs: &mut [Buffer]) -> Result<()> {
         let n = total_len(bufs);
-        let mut flat = pack(backend, bufs, n)?;
+        let mut flat = Vec::new();
+        pack_into(backend, bufs, n, &mut flat)?;
         self.world.process_at_rank(0).broadcast_into(&mut flat[..]);
         if self.rank != 0 {
             unpack(backend, &flat, bufs)?;
