@@ -7,7 +7,8 @@
 //!   the bound derived at [`two_ranks_train_what_one_process_trains`]), and the run resumes
 //!   on one process;
 //! - killing one rank ends the job within seconds, naming the rank, with the last
-//!   checkpoint intact and resumable.
+//!   checkpoint intact and resumable;
+//! - an error on one rank ends the job with its message.
 //!
 //! The tests that need MPI inside the test binary run it again under `mpirun`, with
 //! [`CHILD_ENV`] naming the test the ranks run.
@@ -331,4 +332,31 @@ fn killing_a_rank_ends_the_job_and_keeps_the_last_checkpoint() {
         "resume after the kill",
     );
     assert_eq!(weights(&run).1.step, c.state.step + 3);
+}
+
+/// An error on one rank (here rank 0 refusing a folder that already holds a run) ends the
+/// whole job with a message naming the rank, instead of leaving rank 1 waiting for it.
+#[test]
+fn an_error_on_one_rank_ends_the_job_with_its_message() {
+    let dir = TempDir::new().unwrap();
+    let run = dir.path().join("run");
+    ok(
+        run_command(clayflow(&job(&run, 16, 1)), LIMIT),
+        "the first run",
+    );
+    let start = Instant::now();
+    let out = run_command(on_ranks(2, &job(&run, 16, 5)), LIMIT);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert_ne!(out.code, Some(0), "the job reported success:\n{text}");
+    assert!(
+        text.contains("Error on rank 0 of 2") && text.contains("already holds a run"),
+        "{text}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "the job took {:?} to end",
+        start.elapsed()
+    );
+    // The first run's checkpoint is untouched.
+    assert_eq!(weights(&run).1.step, 1);
 }
