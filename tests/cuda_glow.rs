@@ -6,7 +6,7 @@
 //!   LU-parametrised 1x1 convolution's `W`, `W^-1` and gradients, the log-det) against the CPU
 //!   backend, through the `Backend` trait.
 //! - For each of the four presets (`mnist`, `mnist-glow`, `color`, `color-glow`, small
-//!   batches: the simulator is slow), training steps exactly as `train.rs` takes them
+//!   batches: the simulator is slow), training steps exactly as `train/steps.rs` takes them
 //!   (forward, backward, gradient norm, Adam on the trainable tensors): the loss and every
 //!   gradient tensor against the CPU (norm-relative error <= 1e-4, the criterion), and
 //!   the simulator's counts of one warm step: at most 2 device-to-host copies (the loss terms
@@ -214,7 +214,7 @@ fn settled_params(arch: &Arch, seed: u64) -> Vec<Vec<f32>> {
     p
 }
 
-/// A model with its optimiser, stepped as `train.rs` steps it (forward, backward, the
+/// A model with its optimiser, stepped as `train/steps.rs` steps it (forward, backward, the
 /// gradient norm with `sum_squares_all`, `adam_all` on the trainable tensors).
 struct Trainer {
     backend: Arc<dyn Backend>,
