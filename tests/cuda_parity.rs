@@ -684,11 +684,12 @@ fn coupling_forward_inverse_backward_match_cpu() {
             let ld0 = rand_vec(&mut rng, shape.batch, -1.0, 1.0);
             // Both scale functions; the sigmoid's kernels get null `scale` and partial-sum
             // pointers, which they must not touch (the simulator would crash).
-            for mode in [0, 1] {
+            // Glow with and without its floor (st in [-2, 2]: the floor of 1/2 bites).
+            for (mode, floor) in [(0, 0.0f32), (1, 0.0), (1, 0.5)] {
                 let f = if mode == 0 {
                     CouplingScale::Tanh(&scale)
                 } else {
-                    CouplingScale::Sigmoid
+                    CouplingScale::Sigmoid { floor }
                 };
                 let scale_p = if mode == 0 {
                     l.p(&scale)
@@ -701,8 +702,9 @@ fn coupling_forward_inverse_backward_match_cpu() {
                     i(shape.width),
                     i(mask as usize),
                     i(mode),
+                    Param::F32(floor),
                 ];
-                let what = format!("{shape:?} {mask:?} mode {mode}");
+                let what = format!("{shape:?} {mask:?} mode {mode} floor {floor}");
 
                 // forward: x in place, log_det accumulated
                 let (mut x, mut ld) = (cpu_buf(&x0), cpu_buf(&ld0));
@@ -1070,7 +1072,11 @@ fn backend_flow_ops_match_cpu() {
                         .unwrap();
                     let (stb, scb) = (up(b, &st), up(b, &scale));
                     let mut out = vec![down(b, &cnn_in), down(b, &dx)];
-                    for f in [CouplingScale::Tanh(&scb), CouplingScale::Sigmoid] {
+                    for f in [
+                        CouplingScale::Tanh(&scb),
+                        CouplingScale::Sigmoid { floor: 0.0 },
+                        CouplingScale::Sigmoid { floor: 0.0625 },
+                    ] {
                         let mut y = up(b, &x0);
                         let mut ld = up(b, &vec![0.5; shape.batch]);
                         b.coupling_forward(shape, mask, f, &stb, &mut y, &mut ld)
@@ -1225,6 +1231,7 @@ fn training_step_matches_cpu() {
         hidden: [3, 4],
         bits: 8,
         logit_alpha: 0.05,
+        scale_floor: 0.0,
     };
     let cases = [
         ("MNIST preset, 12 couplings", MNIST, 2),

@@ -83,10 +83,24 @@ static __device__ __forceinline__ float cf_log_sigmoid(float x) {
 
 // Coupling scale functions (backend::CouplingScale::code): the log-scale s of a changed
 // element from its raw CNN output sr. mode 0: RealNVP, s = sc * tanh(sr) with the channel's
-// learned scale sc; mode 1: Glow, s = log sigmoid(sr + 2) (sc unused).
+// learned scale sc; mode 1: Glow with floor f = sc, exp(s) = f + (1 - f) sigmoid(sr + 2)
+// (the kernel crate's coupling::glow_log_scale; f = 0: s = log sigmoid(sr + 2)).
 #define CF_SCALE_TANH 0
 #define CF_SCALE_SIGMOID 1
 
+static __device__ __forceinline__ float cf_glow_log_scale(float sr, float floor) {
+    float x = sr + 2.0f;
+    if (floor <= 0.0f) return cf_log_sigmoid(x);
+    return log1pf(-(1.0f - floor) * expf(cf_log_sigmoid(-x)));
+}
+
+// ds/dsr of cf_glow_log_scale given ex = exp(s) (coupling::glow_log_scale_grad).
+static __device__ __forceinline__ float cf_glow_log_scale_grad(float sr, float floor, float ex) {
+    if (floor <= 0.0f) return 1.0f - ex;
+    float x = sr + 2.0f;
+    return (1.0f - floor) * expf(cf_log_sigmoid(x)) * expf(cf_log_sigmoid(-x)) / ex;
+}
+
 static __device__ __forceinline__ float cf_coupling_s(int mode, float sc, float sr) {
-    return mode == CF_SCALE_SIGMOID ? cf_log_sigmoid(sr + 2.0f) : sc * tanhf(sr);
+    return mode == CF_SCALE_SIGMOID ? cf_glow_log_scale(sr, sc) : sc * tanhf(sr);
 }

@@ -4,14 +4,15 @@
 // shared memory, so results are deterministic and need no atomics.
 //
 // The coupling takes its scale function as `mode` (common.cuh): 0 RealNVP's
-// s = scale[j] * tanh(s_raw), 1 Glow's s = log sigmoid(s_raw + 2) (then `scale` and
-// `d_scale_part` are not touched and may be null).
+// s = scale[j] * tanh(s_raw), 1 Glow's exp(s) = floor + (1 - floor) sigmoid(s_raw + 2) (then
+// `scale` and `d_scale_part` are not touched and may be null; `floor` is unused in mode 0).
 
 #include "common.cuh"
 
 // x_b = x_b exp(s) + t on the changed half of image blockIdx.x; log_det[n] += sum(s).
 extern "C" __global__ void __launch_bounds__(256)
-    cf_coupling_forward(int c, int h, int w, int mask, int mode, const float* __restrict__ st,
+    cf_coupling_forward(int c, int h, int w, int mask, int mode, float floor,
+                        const float* __restrict__ st,
                         const float* __restrict__ scale, float* __restrict__ x,
                         float* __restrict__ log_det) {
     const int n = blockIdx.x;
@@ -25,7 +26,7 @@ extern "C" __global__ void __launch_bounds__(256)
         int j = e / p, i = e - (e / p) * p;
         int row = i / w, col = i - (i / w) * w;
         if (!cf_changes_pixel(mask, row, col)) continue;
-        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : 0.0f, stn[e]);
+        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : floor, stn[e]);
         float* xp = xn + cf_changed_channel(mask, j) * p + i;
         *xp = *xp * expf(s) + stn[per + e];
         acc += (double)s;
@@ -38,11 +39,11 @@ extern "C" __global__ void __launch_bounds__(256)
 // y = x e^s + t and log_det += s:  dL/ds = g x e^s + g_log_det, dL/dt = g,
 // dL/dx_b = g e^s (kept half: identity), and
 //   mode 0: dL/ds_raw = dL/ds * scale * (1 - tanh^2), dL/dscale += dL/ds * tanh;
-//   mode 1: dL/ds_raw = dL/ds * (1 - e^s)   (d/dx log sigmoid(x) = 1 - sigmoid(x)).
+//   mode 1: dL/ds_raw = dL/ds * cf_glow_log_scale_grad (1 - e^s without a floor).
 // Mode 0 writes the image's per-channel dL/dscale to d_scale_part[n][j] (summed by
 // cf_col_sum_add).
 extern "C" __global__ void __launch_bounds__(256)
-    cf_coupling_backward(int c, int h, int w, int mask, int mode, float g_log_det,
+    cf_coupling_backward(int c, int h, int w, int mask, int mode, float floor, float g_log_det,
                          const float* __restrict__ x, const float* __restrict__ st,
                          const float* __restrict__ scale, float* __restrict__ dy,
                          float* __restrict__ d_st, float* __restrict__ d_scale_part) {
@@ -65,10 +66,10 @@ extern "C" __global__ void __launch_bounds__(256)
                 continue;
             }
             const int xi = cf_changed_channel(mask, j) * p + i;
-            float ex = expf(cf_log_sigmoid(stn[e] + 2.0f));
+            float ex = expf(cf_glow_log_scale(stn[e], floor));
             float g = dyn[xi];
             float ds = g * xn[xi] * ex + g_log_det;
-            dstn[e] = ds * (1.0f - ex);
+            dstn[e] = ds * cf_glow_log_scale_grad(stn[e], floor, ex);
             dstn[per + e] = g;
             dyn[xi] = g * ex;
         }

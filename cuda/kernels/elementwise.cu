@@ -104,10 +104,10 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // Inverse affine coupling in place on the changed half: y_b = (y_b - t) exp(-s) with
-// s = cf_coupling_s(mode, scale[j], s_raw), (s_raw, t) = st[n] ([2cc][h][w]). One thread per
-// (n, j, i). `scale` is not read in mode 1 (Glow).
+// s = cf_coupling_s(mode, scale[j] or floor, s_raw), (s_raw, t) = st[n] ([2cc][h][w]). One
+// thread per (n, j, i). `scale` is not read in mode 1 (Glow), `floor` not in mode 0.
 extern "C" __global__ void __launch_bounds__(256)
-    cf_coupling_inverse(int batch, int c, int h, int w, int mask, int mode,
+    cf_coupling_inverse(int batch, int c, int h, int w, int mask, int mode, float floor,
                         const float* __restrict__ st, const float* __restrict__ scale,
                         float* __restrict__ y) {
     const int p = h * w;
@@ -121,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(256)
         if (!cf_changes_pixel(mask, row, col)) continue;
         int ch = cf_changed_channel(mask, j);
         const float* stn = st + (cf_u64)n * (cf_u64)(2 * per);
-        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : 0.0f, stn[r]);
+        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : floor, stn[r]);
         float t = stn[per + r];
         cf_u64 yi = (cf_u64)n * (cf_u64)(c * p) + (cf_u64)(ch * p + i);
         y[yi] = (y[yi] - t) * expf(-s);

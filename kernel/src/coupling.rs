@@ -2,9 +2,13 @@
 //!
 //! The mask splits the input into a kept half `x_a` and a changed half `x_b`. The CNN reads
 //! only `x_a` and gives `(s_raw, t)`; with the log-scale `s = scale * tanh(s_raw)` (the
-//! seed's RealNVP) or, in a Glow architecture, `s = log sigmoid(s_raw + 2)` (Glow's bound:
-//! `exp(s)` in `(0, 1)`, so a coupling never expands and an unusual image cannot be blown up
-//! through many couplings; a Glow coupling has no `scale` tensor):
+//! seed's RealNVP) or, in a Glow architecture, [`glow_log_scale`]:
+//! `exp(s) = f + (1 - f) sigmoid(s_raw + 2)` with the architecture's floor `f`
+//! ([`Arch::scale_floor`]). Glow's sigmoid keeps `exp(s)` below 1, so a coupling never
+//! expands and an unusual image cannot be blown up through many couplings; the floor keeps it
+//! above `f`, so the *inverse* expands at most `1/f`-fold and an unusual latent cannot be
+//! blown up to infinity either (without it, `1/sigmoid` has no bound). A Glow coupling has no
+//! `scale` tensor:
 //!
 //! * forward:  `y_a = x_a`, `y_b = x_b * exp(s) + t`, log-det `+= sum(s)`;
 //! * inverse:  `x_a = y_a`, `x_b = (y_b - t) * exp(-s)`, with the *same* bounded `s`.
@@ -137,9 +141,10 @@ fn apply(
         let xp = x.chunks_exact_mut(plane).nth(ch).ok_or(INTERNAL)?;
         // One changed element: bounded log-scale, |s| <= |scale| (RealNVP) or s < 0 (Glow).
         let glow = arch.glow;
+        let floor = arch.scale_floor;
         let mut affine = |xv: &mut f32, sr: f32, t: f32| {
             let s = if glow {
-                log_sigmoid(sr + 2.0)
+                glow_log_scale(sr, floor)
             } else {
                 scale * libm::tanhf(sr)
             };
@@ -169,6 +174,31 @@ fn apply(
         }
     }
     Ok(log_det)
+}
+
+/// Glow's log-scale with a floor `f` (`0 <= f < 1`, [`Arch::scale_floor`]):
+/// `s = log(f + (1 - f) sigmoid(s_raw + 2))`, so `log f < s < 0` (`f = 0`: Glow's
+/// `log sigmoid(s_raw + 2)`, bit for bit what models before the floor computed).
+///
+/// Finite for every finite or infinite `s_raw` when `f > 0`: computed as
+/// `log1p(-(1 - f) sigmoid(-x))` with `x = s_raw + 2`, whose argument stays above `-1`.
+pub fn glow_log_scale(s_raw: f32, floor: f32) -> f32 {
+    let x = s_raw + 2.0;
+    if floor <= 0.0 {
+        return log_sigmoid(x);
+    }
+    libm::log1pf(-(1.0 - floor) * libm::expf(log_sigmoid(-x)))
+}
+
+/// `ds/ds_raw` of [`glow_log_scale`], given `e = exp(s)`:
+/// `(1 - f) sigmoid(x) sigmoid(-x) / e` with `x = s_raw + 2` (`f = 0`: `1 - e`, as before
+/// the floor). In `[0, 1/4 / f]`, finite since `e >= f`.
+pub fn glow_log_scale_grad(s_raw: f32, floor: f32, e: f32) -> f32 {
+    if floor <= 0.0 {
+        return 1.0 - e;
+    }
+    let x = s_raw + 2.0;
+    (1.0 - floor) * libm::expf(log_sigmoid(x)) * libm::expf(log_sigmoid(-x)) / e
 }
 
 /// `log(sigmoid(x)) = -softplus(-x)`, computed without overflow for any `x`:
@@ -235,7 +265,74 @@ pub fn inverse(
 
 #[cfg(test)]
 mod tests {
-    use super::log_sigmoid;
+    use super::{glow_log_scale, glow_log_scale_grad, log_sigmoid};
+
+    /// `log(f + (1 - f) sigmoid(sr + 2))` and its derivative in f64.
+    fn reference(sr: f32, f: f32) -> (f64, f64) {
+        let (x, f) = (f64::from(sr) + 2.0, f64::from(f));
+        let sig = 1.0 / (1.0 + (-x).exp());
+        let e = f + (1.0 - f) * sig;
+        (e.ln(), (1.0 - f) * sig * (1.0 - sig) / e)
+    }
+
+    #[test]
+    fn glow_log_scale_matches_the_definition_with_and_without_a_floor() {
+        for &f in &[0.0f32, 1.0 / 64.0, 0.0625, 0.5] {
+            for &sr in &[-30.0f32, -9.0, -2.5, -0.3, 0.0, 0.4, 3.0, 12.0, 40.0] {
+                let s = glow_log_scale(sr, f);
+                let (want, dwant) = reference(sr, f);
+                assert!(
+                    (f64::from(s) - want).abs() < 2e-6 * (1.0 + want.abs()),
+                    "f {f}, s_raw {sr}: {s} vs {want}"
+                );
+                let d = glow_log_scale_grad(sr, f, s.exp());
+                assert!(
+                    (f64::from(d) - dwant).abs() < 1e-5 * (1.0 + dwant.abs()),
+                    "f {f}, s_raw {sr}: ds/ds_raw {d} vs {dwant}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_floor_bounds_the_scale_for_every_input() {
+        for &f in &[1.0f32 / 64.0, 0.0625, 0.5] {
+            let lo = f.ln();
+            for &sr in &[
+                f32::NEG_INFINITY,
+                -f32::MAX,
+                -1e30,
+                -200.0,
+                -20.0,
+                0.0,
+                20.0,
+                f32::MAX,
+                f32::INFINITY,
+            ] {
+                let s = glow_log_scale(sr, f);
+                // The inverse multiplies by exp(-s) <= 1/f (up to the last ulp).
+                assert!(s <= 0.0 && s >= lo - 1e-6, "f {f}, s_raw {sr}: s {s}");
+                assert!(s.exp() >= f * (1.0 - 1e-6), "f {f}, s_raw {sr}");
+                let d = glow_log_scale_grad(sr, f, s.exp());
+                assert!(d.is_finite() && d >= 0.0, "f {f}, s_raw {sr}: {d}");
+            }
+        }
+        // Without a floor the scale of a very negative s_raw is ~exp(s_raw): unbounded.
+        assert!(glow_log_scale(-200.0, 0.0) < -190.0);
+    }
+
+    #[test]
+    fn a_zero_floor_is_exactly_the_unfloored_sigmoid() {
+        for &sr in &[-50.0f32, -3.0, 0.0, 1.5, 30.0] {
+            let s = glow_log_scale(sr, 0.0);
+            assert_eq!(s.to_bits(), log_sigmoid(sr + 2.0).to_bits());
+            let e = s.exp();
+            assert_eq!(
+                glow_log_scale_grad(sr, 0.0, e).to_bits(),
+                (1.0 - e).to_bits()
+            );
+        }
+    }
 
     #[test]
     fn log_sigmoid_matches_the_definition_and_never_overflows() {

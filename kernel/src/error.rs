@@ -44,6 +44,8 @@ pub enum ArchField {
     Bits,
     /// Logit constant alpha (finite, 0 < alpha < 0.5).
     LogitAlpha,
+    /// Glow scale floor (0, or with Glow steps a positive f16 value up to 1/2).
+    ScaleFloor,
     /// The image or the parameter count is too large for this kernel.
     TooLarge,
 }
@@ -149,6 +151,9 @@ impl fmt::Display for ArchField {
             ArchField::Hidden => "hidden widths must be 1..=4096",
             ArchField::Bits => "pixel bits must be 1..=8",
             ArchField::LogitAlpha => "logit alpha must be finite with 0 < alpha < 0.5",
+            ArchField::ScaleFloor => {
+                "the scale floor must be 0, or with Glow steps a value in (0, 1/2] that f16 holds exactly"
+            }
             ArchField::TooLarge => "image or parameter count too large",
         })
     }

@@ -413,6 +413,7 @@ mod tests {
             hidden: [4, 6],
             bits: 8,
             logit_alpha: 0.05,
+            scale_floor: 0.0,
         }
     }
 
@@ -654,6 +655,7 @@ mod tests {
             hidden: [4, 6],
             bits: 8,
             logit_alpha: 0.05,
+            scale_floor: crate::GLOW_SCALE_FLOOR,
         };
         let mut checker = Arch {
             channels: 2,
@@ -679,7 +681,14 @@ mod tests {
             ("glow checker", checker),
         ];
         for (name, a) in [("realnvp 2 levels", base), ("realnvp checker", checker)] {
-            v.push((name, Arch { glow: false, ..a }));
+            v.push((
+                name,
+                Arch {
+                    glow: false,
+                    scale_floor: 0.0,
+                    ..a
+                },
+            ));
         }
         v.push((
             "glow 1 level",

@@ -61,7 +61,7 @@ mod testutil;
 
 pub use arch::{
     alternating_masks, image_len, scratch_len, Arch, Mask, ScratchLayout, COLOR, COLOR_GLOW,
-    GLOW_TENSORS, MAX_COUPLINGS, MAX_LEVELS, MNIST, MNIST_GLOW,
+    GLOW_SCALE_FLOOR, GLOW_TENSORS, MAX_COUPLINGS, MAX_LEVELS, MNIST, MNIST_GLOW,
 };
 pub use base::{Normal, Pcg32, Rng};
 pub use buffers::Buffers;

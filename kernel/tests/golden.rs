@@ -52,6 +52,7 @@ const MODEL_A: Arch = Arch {
     hidden: [4, 5],
     bits: 8,
     logit_alpha: 0.05,
+    scale_floor: 0.0,
 };
 
 const MODEL_B: Arch = Arch {
@@ -67,6 +68,7 @@ const MODEL_B: Arch = Arch {
     hidden: [3, 4],
     bits: 5,
     logit_alpha: 0.1,
+    scale_floor: 0.0,
 };
 
 /// The fixture: `key v1 v2 ...` per line, `#` comments.

@@ -69,6 +69,10 @@ pub struct ModelConfig {
     pub bits: u32,
     /// Logit constant.
     pub logit_alpha: f32,
+    /// Floor of a Glow coupling's scale (`Arch::scale_floor`); absent in checkpoints
+    /// written before it existed, which had none (0).
+    #[serde(default)]
+    pub scale_floor: f32,
 }
 
 /// An invalid configuration.
@@ -120,6 +124,7 @@ impl ModelConfig {
             hidden: a.hidden,
             bits: a.bits,
             logit_alpha: a.logit_alpha,
+            scale_floor: a.scale_floor,
         }
     }
 
@@ -146,6 +151,7 @@ impl ModelConfig {
             hidden: self.hidden,
             bits: self.bits,
             logit_alpha: self.logit_alpha,
+            scale_floor: self.scale_floor,
         };
         arch.validate().map_err(ConfigError::Arch)?;
         Ok(arch)

@@ -222,7 +222,12 @@ fn gpu_flow_ops_match_cpu() {
                 let (fg, fc) = if tanh {
                     (CouplingScale::Tanh(&scg), CouplingScale::Tanh(&scc))
                 } else {
-                    (CouplingScale::Sigmoid, CouplingScale::Sigmoid)
+                    // The presets' floor; in [-1.5, 1.5] it changes every scale.
+                    let floor = clayflow_kernel::GLOW_SCALE_FLOOR;
+                    (
+                        CouplingScale::Sigmoid { floor },
+                        CouplingScale::Sigmoid { floor },
+                    )
                 };
                 let what = format!("{m:?} {s:?} tanh={tanh}");
                 let (mut yg, mut yc) = p.up(&x);

@@ -232,18 +232,20 @@ mod tests {
         let b = valid_glow(DType::F16);
         assert_eq!(b[8..12], [3, 0, 2, 0]); // version 3, f16
         assert_eq!(b[16..20], [2, 0, 2, 1]); // channels 2, levels 2, flags: Glow
-        assert_eq!(b[30..32], [0, 0]);
+        assert_eq!(b[30..32], [0x00, 0x2c]); // scale floor 1/16 as f16
         assert_eq!(b[40..44], [0, 3, 1, 2]);
         // Levels without Glow: flags 0.
         let multi = blob(
             &Arch {
                 glow: false,
+                scale_floor: 0.0,
                 ..glow_small()
             },
             DType::F32,
             &random_params(
                 &Arch {
                     glow: false,
+                    scale_floor: 0.0,
                     ..glow_small()
                 },
                 1,
@@ -265,6 +267,7 @@ mod tests {
         assert_eq!(
             blob_version(&Arch {
                 glow: false,
+                scale_floor: 0.0,
                 ..glow_small()
             }),
             VERSION_2

@@ -86,13 +86,20 @@ impl<'a> Model<'a> {
             *m = Mask::from_code(code).ok_or(Error::BadHeader("unknown mask code"))?;
         }
         // Version 1 reserves bytes 18-19; versions 2 and 3 store the levels and the flags.
+        // Version 3 stores the Glow scale floor in bytes 30-31 (f16); earlier versions
+        // reserve them.
+        let scale_floor = if version == VERSION_3 {
+            crate::conv::f16_to_f32(read_u16(blob, 30)?)
+        } else {
+            0.0
+        };
         let (levels, glow) = if version == VERSION {
             if read_u16(blob, 18)? != 0 || read_u16(blob, 30)? != 0 {
                 return Err(Error::BadHeader("reserved bytes 18-19 or 30-31 are not 0"));
             }
             (1, false)
         } else {
-            if read_u16(blob, 30)? != 0 {
+            if version == VERSION_2 && read_u16(blob, 30)? != 0 {
                 return Err(Error::BadHeader("reserved bytes 30-31 are not 0"));
             }
             let flags = read_u8(blob, 19)?;
@@ -123,6 +130,7 @@ impl<'a> Model<'a> {
                 usize::from(read_u16(blob, 28)?),
             ],
             logit_alpha: f32::from_bits(read_u32(blob, 32)?),
+            scale_floor,
         };
         arch.validate()?;
         // One encoding per model (a one-level, non-Glow architecture is version 1, a Glow one
@@ -330,7 +338,12 @@ mod tests {
     /// the same parameters; its own corruptions are still caught.
     #[test]
     fn version_2_glow_blobs_still_load() {
-        let arch = glow_small();
+        // Written before the scale floor existed: no floor (and a version 3 blob of the same
+        // model has zeros in bytes 30-31, as version 3 blobs of that time had).
+        let arch = Arch {
+            scale_floor: 0.0,
+            ..glow_small()
+        };
         let params = random_params(&arch, 31, 1.0);
         for dtype in [DType::F32, DType::F16] {
             let old = spec_blob_as(&arch, dtype, &params, true);
@@ -419,7 +432,34 @@ mod tests {
                 "flags {flags:#x}"
             );
         }
-        let mut m = b.clone();
+        // Bytes 30-31 of version 3: the scale floor (f16), 0 or in (0, 1/2].
+        for bits in [0x8000u16, 0x7e00, 0x7c00, 0x3a00, 0xbc00] {
+            let mut m = b.clone();
+            set_u16(&mut m, 30, bits);
+            assert_eq!(
+                err(&m),
+                Error::InvalidArch(ArchField::ScaleFloor),
+                "floor bits {bits:#x}"
+            );
+        }
+        // A version 2 (multi-level RealNVP) blob still reserves them.
+        let mut m = blob(
+            &Arch {
+                glow: false,
+                scale_floor: 0.0,
+                ..glow_small()
+            },
+            DType::F32,
+            &random_params(
+                &Arch {
+                    glow: false,
+                    scale_floor: 0.0,
+                    ..glow_small()
+                },
+                8,
+                1.0,
+            ),
+        );
         m[30] = 1;
         assert_eq!(err(&m), Error::BadHeader("reserved bytes 30-31 are not 0"));
         // Levels 1, no Glow, under version 2: must be written as version 1.
@@ -431,16 +471,22 @@ mod tests {
             Error::BadHeader("version 2 blob with 1 level and no Glow flag (must be version 1)")
         );
         // Glow flag cleared: version 3 is only for Glow models.
+        // (With the floor left in bytes 30-31 the floor is what is wrong: only Glow has one.)
         let mut m = b.clone();
         m[19] = 0;
+        assert_eq!(err(&m), Error::InvalidArch(ArchField::ScaleFloor));
+        set_u16(&mut m, 30, 0);
         assert_eq!(
             err(&m),
             Error::BadHeader("version 3 blob without the Glow flag (must be version 1 or 2)")
         );
         // Relabelled version 2 (the older Glow encoding): its parameter count includes the
         // `scale` tensors, so this header's does not match.
+        // (A floor in bytes 30-31 is already wrong there: version 2 reserves them.)
         let mut m = b.clone();
         m[8] = 2;
+        assert_eq!(err(&m), Error::BadHeader("reserved bytes 30-31 are not 0"));
+        set_u16(&mut m, 30, 0);
         assert!(matches!(err(&m), Error::BadHeader(s) if s.contains("parameter count")));
         // A version 3 blob relabelled 1: bytes 18-19 are reserved there.
         let mut m = b.clone();
@@ -1081,6 +1127,7 @@ mod tests {
                     bits: u32::from(f.bits),
                     hidden: f.hidden.map(usize::from),
                     logit_alpha: f.alpha,
+                    scale_floor: 0.0,
                 })
             }
             _ => None,

@@ -30,6 +30,7 @@ pub(super) fn small() -> Arch {
         hidden: [3, 5],
         bits: 5,
         logit_alpha: 0.01,
+        scale_floor: 0.0,
     }
 }
 
@@ -48,6 +49,7 @@ pub(super) fn squeezed() -> Arch {
         hidden: [2, 4],
         bits: 8,
         logit_alpha: 0.05,
+        scale_floor: 0.0,
     }
 }
 
@@ -74,6 +76,7 @@ pub(super) fn glow_small() -> Arch {
         hidden: [3, 5],
         bits: 8,
         logit_alpha: 0.05,
+        scale_floor: crate::GLOW_SCALE_FLOOR,
     }
 }
 
@@ -229,8 +232,19 @@ pub(super) fn spec_blob_as(arch: &Arch, dtype: DType, params: &[f32], legacy: bo
         arch.kernels[2] as u8,
         arch.bits as u8,
     ]);
-    for v in [arch.hidden[0], arch.hidden[1], 0] {
-        b.extend_from_slice(&(v as u16).to_le_bytes());
+    // Bytes 30-31: version 3's scale floor as f16 (written by hand: 1/16 is 0x2c00), else 0.
+    let floor: u16 = if version == 3 {
+        match arch.scale_floor {
+            f if f == 0.0 => 0,
+            f if f == 0.0625 => 0x2c00,
+            f => half::f16::from_f32(f).to_bits(),
+        }
+    } else {
+        assert_eq!(arch.scale_floor, 0.0, "only version 3 stores a scale floor");
+        0
+    };
+    for v in [arch.hidden[0] as u16, arch.hidden[1] as u16, floor] {
+        b.extend_from_slice(&v.to_le_bytes());
     }
     b.extend_from_slice(&arch.logit_alpha.to_le_bytes());
     let scales: usize = (0..arch.couplings)

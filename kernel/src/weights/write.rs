@@ -5,7 +5,7 @@ use crate::error::{Buffer, Error};
 
 use super::format::{non_finite, tensor_bytes, FIXED_HEADER};
 use super::{blob_len, blob_version, crc32, header_len, stored_dtype, DType};
-use super::{FLAG_GLOW, MAGIC, VERSION};
+use super::{FLAG_GLOW, MAGIC, VERSION, VERSION_3};
 
 /// The `len` bytes of `out` at `at`, or a `BufferSize` error for the blob buffer.
 fn region(out: &mut [u8], at: usize, len: usize) -> Result<&mut [u8], Error> {
@@ -86,6 +86,11 @@ pub fn write_blob(
     )?;
     put(out, 26, &narrow(arch.hidden[0])?.to_le_bytes())?;
     put(out, 28, &narrow(arch.hidden[1])?.to_le_bytes())?;
+    if version == VERSION_3 {
+        // Exact: a valid arch's floor is an f16 value.
+        let floor = half::f16::from_f32(arch.scale_floor).to_bits();
+        put(out, 30, &floor.to_le_bytes())?;
+    }
     put(out, 32, &arch.logit_alpha.to_bits().to_le_bytes())?;
     let count = u32::try_from(arch.param_count())
         .map_err(|_| Error::InvalidArch(crate::error::ArchField::TooLarge))?;
@@ -228,6 +233,7 @@ mod tests {
     fn writer_matches_the_documented_layout() {
         let multi = Arch {
             glow: false,
+            scale_floor: 0.0,
             ..glow_small()
         };
         for arch in [small(), squeezed(), MNIST_OR_MINI, glow_small(), multi] {

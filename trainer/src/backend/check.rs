@@ -136,7 +136,7 @@ pub(crate) fn coupling_backward(
     expect_len(op, "d_st", d_st, st_len(shape, mask))?;
     match scale {
         CouplingScale::Tanh(s) => expect_len(op, "d_scale", d_scale, s.len()),
-        CouplingScale::Sigmoid => Ok(()),
+        CouplingScale::Sigmoid { .. } => Ok(()),
     }
 }
 

@@ -187,12 +187,17 @@ pub enum CouplingScale<'a> {
     /// The seed's RealNVP: `s = scale[j] * tanh(s_raw)`, with the learned per-channel `scale`
     /// (one value per changed channel). Its backward adds `dL/dscale` to `d_scale`.
     Tanh(&'a Buffer),
-    /// Glow's bound `s = log sigmoid(s_raw + 2)`: `exp(s)` lies in `(0, 1)`, so a coupling
-    /// only contracts and an unusual image cannot be blown up through many couplings
-    /// (measured: with `tanh`, one held-out digit reached 6,090 bits/dim after 10 minutes of
-    /// training while the median was 1.43). No `scale` tensor is read and `d_scale` is left
-    /// untouched.
-    Sigmoid,
+    /// Glow's bound with a floor `f` ([`clayflow_kernel::coupling::glow_log_scale`]):
+    /// `exp(s) = f + (1 - f) sigmoid(s_raw + 2)` lies in `(f, 1)`, so a coupling only
+    /// contracts and an unusual image cannot be blown up through many couplings (measured:
+    /// with `tanh`, one held-out digit reached 6,090 bits/dim after 10 minutes of training
+    /// while the median was 1.43), and its inverse expands at most `1/f`-fold, so an unusual
+    /// latent cannot be blown up to infinity (`f = 0`, models before the floor: it could).
+    /// No `scale` tensor is read and `d_scale` is left untouched.
+    Sigmoid {
+        /// The floor `f` (`Arch::scale_floor`).
+        floor: f32,
+    },
 }
 
 impl CouplingScale<'_> {
@@ -200,7 +205,15 @@ impl CouplingScale<'_> {
     pub fn code(&self) -> i32 {
         match self {
             CouplingScale::Tanh(_) => 0,
-            CouplingScale::Sigmoid => 1,
+            CouplingScale::Sigmoid { .. } => 1,
+        }
+    }
+
+    /// The kernels' `floor` argument: the Glow floor, 0 for `Tanh` (which ignores it).
+    pub fn floor(&self) -> f32 {
+        match self {
+            CouplingScale::Tanh(_) => 0.0,
+            CouplingScale::Sigmoid { floor } => *floor,
         }
     }
 }

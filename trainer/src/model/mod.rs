@@ -3,7 +3,7 @@
 //!
 //! The math is the kernel's (`clayflow_kernel`), batched: logit, optional squeeze, then each
 //! coupling `x_b <- x_b exp(s) + t` with `s = scale * tanh(s_raw)` (Glow:
-//! `s = log sigmoid(s_raw + 2)`) and `(s_raw, t)` from a three-conv CNN of the kept half.
+//! `exp(s) = f + (1 - f) sigmoid(s_raw + 2)`, floor `f`) and `(s_raw, t)` from a three-conv CNN of the kept half.
 //! The loss is the mean bits/dim, `-log p(u) / (D ln 2) + bits`, and its gradient flows back
 //! through every op.
 //!
@@ -283,11 +283,13 @@ impl Flow {
         }
     }
 
-    /// The scale function of step `i`'s coupling: Glow's sigmoid, or the seed's tanh with the
-    /// step's learned `scale` tensor.
+    /// The scale function of step `i`'s coupling: Glow's floored sigmoid, or the seed's tanh
+    /// with the step's learned `scale` tensor.
     fn scale(&self, i: usize) -> CouplingScale<'_> {
         if self.arch.glow {
-            CouplingScale::Sigmoid
+            CouplingScale::Sigmoid {
+                floor: self.arch.scale_floor,
+            }
         } else {
             CouplingScale::Tanh(&self.params[self.step_base(i).1])
         }

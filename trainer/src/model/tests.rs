@@ -17,6 +17,7 @@ pub fn tiny(squeeze: bool, first: Mask, couplings: usize) -> Arch {
         hidden: [3, 4],
         bits: 8,
         logit_alpha: 0.05,
+        scale_floor: 0.0,
     }
 }
 

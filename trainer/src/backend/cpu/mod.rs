@@ -10,7 +10,7 @@ use super::{
     CouplingScale, FlowLayers, LuFactors, Memory, Optimiser, Result, Shape4, Storage,
 };
 use crate::invconv;
-use clayflow_kernel::coupling::log_sigmoid;
+use clayflow_kernel::coupling::{glow_log_scale, glow_log_scale_grad};
 use clayflow_kernel::Mask;
 use rayon::prelude::*;
 
@@ -45,14 +45,14 @@ fn is_changed(mask: Mask, i: usize, width: usize) -> bool {
 #[derive(Clone, Copy)]
 enum HostScale<'a> {
     Tanh(&'a [f32]),
-    Sigmoid,
+    Sigmoid(f32),
 }
 
 impl<'a> HostScale<'a> {
     fn of(op: &'static str, scale: CouplingScale<'a>) -> Result<HostScale<'a>> {
         Ok(match scale {
             CouplingScale::Tanh(b) => HostScale::Tanh(host(op, b)?),
-            CouplingScale::Sigmoid => HostScale::Sigmoid,
+            CouplingScale::Sigmoid { floor } => HostScale::Sigmoid(floor),
         })
     }
 
@@ -61,7 +61,7 @@ impl<'a> HostScale<'a> {
     fn s(self, j: usize, sr: f32) -> f32 {
         match self {
             HostScale::Tanh(sc) => sc[j] * sr.tanh(),
-            HostScale::Sigmoid => log_sigmoid(sr + 2.0),
+            HostScale::Sigmoid(floor) => glow_log_scale(sr, floor),
         }
     }
 }
@@ -511,11 +511,10 @@ impl FlowLayers for CpuBackend {
                                 acc += f64::from(ds * th);
                                 e
                             }
-                            HostScale::Sigmoid => {
-                                // d/dx log sigmoid(x) = 1 - sigmoid(x) = 1 - e^s.
-                                let e = log_sigmoid(sr[i] + 2.0).exp();
+                            HostScale::Sigmoid(floor) => {
+                                let e = glow_log_scale(sr[i], floor).exp();
                                 let ds = g * xs[i] * e + g_log_det;
-                                dsr[i] = ds * (1.0 - e);
+                                dsr[i] = ds * glow_log_scale_grad(sr[i], floor, e);
                                 e
                             }
                         };
@@ -744,10 +743,11 @@ mod tests {
         CpuBackend.download(b).unwrap()
     }
 
-    /// Glow's scale: the inverse undoes the forward and every `exp(s)` lies in (0, 1), so the
-    /// log-dets are negative.
+    /// Glow's scale: the inverse undoes the forward and every `exp(s)` lies in (f, 1), so the
+    /// log-dets are negative, and the inverse expands at most `1/f`-fold however negative
+    /// `s_raw` is (without the floor it reaches infinity).
     #[test]
-    fn sigmoid_coupling_inverts_and_never_expands() {
+    fn sigmoid_coupling_inverts_and_its_inverse_expansion_is_bounded() {
         let shape = Shape4 {
             batch: 2,
             channels: 4,
@@ -759,17 +759,39 @@ mod tests {
         let st: Vec<f32> = (0..2 * 2 * 9 * 2)
             .map(|i| (i as f32 * 0.91).cos() * 3.0)
             .collect();
-        let (st, mut x, mut ld) = (buf(&st), buf(&x0), buf(&[0.0, 0.0]));
-        let f = CouplingScale::Sigmoid;
-        CpuBackend
-            .coupling_forward(shape, mask, f, &st, &mut x, &mut ld)
-            .unwrap();
-        assert!(get(&ld).iter().all(|&l| l < 0.0 && l.is_finite()));
-        CpuBackend
-            .coupling_inverse(shape, mask, f, &st, &mut x)
-            .unwrap();
-        for (a, b) in get(&x).iter().zip(&x0) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        for floor in [0.0, 0.0625] {
+            let f = CouplingScale::Sigmoid { floor };
+            let (st, mut x, mut ld) = (buf(&st), buf(&x0), buf(&[0.0, 0.0]));
+            CpuBackend
+                .coupling_forward(shape, mask, f, &st, &mut x, &mut ld)
+                .unwrap();
+            assert!(get(&ld).iter().all(|&l| l < 0.0 && l.is_finite()));
+            CpuBackend
+                .coupling_inverse(shape, mask, f, &st, &mut x)
+                .unwrap();
+            for (a, b) in get(&x).iter().zip(&x0) {
+                assert!((a - b).abs() < 1e-5, "floor {floor}: {a} vs {b}");
+            }
+        }
+        // s_raw = -1e4 everywhere, t = 0: the inverse multiplies the changed half by 1/f.
+        let per = 2 * 9;
+        let mut wild = vec![0.0f32; 2 * 2 * per];
+        for img in wild.chunks_mut(2 * per) {
+            img[..per].fill(-1e4);
+        }
+        let y0 = vec![1.0f32; shape.len()];
+        for (floor, want) in [(0.0625f32, 16.0f32), (0.0, f32::INFINITY)] {
+            let mut y = buf(&y0);
+            let f = CouplingScale::Sigmoid { floor };
+            CpuBackend
+                .coupling_inverse(shape, mask, f, &buf(&wild), &mut y)
+                .unwrap();
+            let top = get(&y).iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            if want.is_finite() {
+                assert!((top - want).abs() < 1e-3 * want, "floor {floor}: {top}");
+            } else {
+                assert_eq!(top, want, "floor 0 overflows");
+            }
         }
     }
 
@@ -789,7 +811,12 @@ mod tests {
         let w: Vec<f32> = (0..8).map(|i| (i as f32 * 1.3).sin()).collect();
         let scale = buf(&[0.8]);
         let g_ld = -0.7f32;
-        for f in [CouplingScale::Tanh(&scale), CouplingScale::Sigmoid] {
+        for f in [
+            CouplingScale::Tanh(&scale),
+            CouplingScale::Sigmoid { floor: 0.0 },
+            CouplingScale::Sigmoid { floor: 0.0625 },
+            CouplingScale::Sigmoid { floor: 0.5 },
+        ] {
             let loss = |x: &[f32], st: &[f32]| {
                 let (mut y, mut ld) = (buf(x), buf(&[0.0]));
                 CpuBackend
@@ -831,7 +858,7 @@ mod tests {
                 assert!((fd - f64::from(dy[k])).abs() < 1e-3, "{f:?} x[{k}]");
             }
             match f {
-                CouplingScale::Sigmoid => assert_eq!(get(&d_scale), vec![0.0]),
+                CouplingScale::Sigmoid { .. } => assert_eq!(get(&d_scale), vec![0.0]),
                 CouplingScale::Tanh(_) => {
                     let at = |s: f32| {
                         let sc = buf(&[s]);

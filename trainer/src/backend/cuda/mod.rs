@@ -134,7 +134,7 @@ impl<D: KernelDevice> CudaBackend<D> {
     fn scale_ptr(&self, scale: CouplingScale<'_>) -> Result<Param> {
         Ok(Param::Ptr(match scale {
             CouplingScale::Tanh(b) => self.dev.ptr(b)?,
-            CouplingScale::Sigmoid => 0,
+            CouplingScale::Sigmoid { .. } => 0,
         }))
     }
 
