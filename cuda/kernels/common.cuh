@@ -82,25 +82,34 @@ static __device__ __forceinline__ float cf_log_sigmoid(float x) {
 }
 
 // Coupling scale functions (backend::CouplingScale::code): the log-scale s of a changed
-// element from its raw CNN output sr. mode 0: RealNVP, s = sc * tanh(sr) with the channel's
-// learned scale sc; mode 1: Glow with floor f = sc, exp(s) = f + (1 - f) sigmoid(sr + 2)
-// (the kernel crate's coupling::glow_log_scale; f = 0: s = log sigmoid(sr + 2)).
+// element from its raw CNN output sr, and e = exp(s). mode 0: RealNVP, s = sc * tanh(sr) with
+// the channel's learned scale sc; mode 1: Glow with floor f = sc,
+// e = f + (1 - f) sigmoid(sr + 2) (the kernel crate's coupling::glow_scale: for f > 0,
+// a = (1 - f) / (1 + exp(sr + 2)), e = 1 - a, s = log1p(-a); for f = 0, s = log sigmoid(sr + 2)
+// and e = expf(s)).
 #define CF_SCALE_TANH 0
 #define CF_SCALE_SIGMOID 1
 
-static __device__ __forceinline__ float cf_glow_log_scale(float sr, float floor) {
-    float x = sr + 2.0f;
-    if (floor <= 0.0f) return cf_log_sigmoid(x);
-    return log1pf(-(1.0f - floor) * expf(cf_log_sigmoid(-x)));
+static __device__ __forceinline__ float cf_coupling_s(int mode, float sc, float sr, float* e) {
+    if (mode == CF_SCALE_SIGMOID && sc > 0.0f) {
+        float a = (1.0f - sc) / (1.0f + expf(sr + 2.0f));
+        *e = 1.0f - a;
+        return log1pf(-a);
+    }
+    float s = mode == CF_SCALE_SIGMOID ? cf_log_sigmoid(sr + 2.0f) : sc * tanhf(sr);
+    *e = expf(s);
+    return s;
 }
 
-// ds/dsr of cf_glow_log_scale given ex = exp(s) (coupling::glow_log_scale_grad).
-static __device__ __forceinline__ float cf_glow_log_scale_grad(float sr, float floor, float ex) {
-    if (floor <= 0.0f) return 1.0f - ex;
-    float x = sr + 2.0f;
-    return (1.0f - floor) * expf(cf_log_sigmoid(x)) * expf(cf_log_sigmoid(-x)) / ex;
-}
-
-static __device__ __forceinline__ float cf_coupling_s(int mode, float sc, float sr) {
-    return mode == CF_SCALE_SIGMOID ? cf_glow_log_scale(sr, sc) : sc * tanhf(sr);
+// Glow (mode 1) for the backward pass: returns ds/dsr and writes e = exp(s)
+// (coupling::glow_scale_grad): (1 - f) sigmoid(x) sigmoid(-x) / e, or 1 - e for f = 0.
+static __device__ __forceinline__ float cf_glow_scale_grad(float sr, float floor, float* e) {
+    if (floor <= 0.0f) {
+        *e = expf(cf_log_sigmoid(sr + 2.0f));
+        return 1.0f - *e;
+    }
+    float q = 1.0f / (1.0f + expf(sr + 2.0f));
+    float a = (1.0f - floor) * q;
+    *e = 1.0f - a;
+    return a * (1.0f - q) / *e;
 }

@@ -26,9 +26,10 @@ extern "C" __global__ void __launch_bounds__(256)
         int j = e / p, i = e - (e / p) * p;
         int row = i / w, col = i - (i / w) * w;
         if (!cf_changes_pixel(mask, row, col)) continue;
-        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : floor, stn[e]);
+        float ex;
+        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : floor, stn[e], &ex);
         float* xp = xn + cf_changed_channel(mask, j) * p + i;
-        *xp = *xp * expf(s) + stn[per + e];
+        *xp = *xp * ex + stn[per + e];
         acc += (double)s;
     }
     double sum = cf_block_sum(acc);
@@ -39,7 +40,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // y = x e^s + t and log_det += s:  dL/ds = g x e^s + g_log_det, dL/dt = g,
 // dL/dx_b = g e^s (kept half: identity), and
 //   mode 0: dL/ds_raw = dL/ds * scale * (1 - tanh^2), dL/dscale += dL/ds * tanh;
-//   mode 1: dL/ds_raw = dL/ds * cf_glow_log_scale_grad (1 - e^s without a floor).
+//   mode 1: dL/ds_raw = dL/ds * cf_glow_scale_grad (1 - e^s without a floor).
 // Mode 0 writes the image's per-channel dL/dscale to d_scale_part[n][j] (summed by
 // cf_col_sum_add).
 extern "C" __global__ void __launch_bounds__(256)
@@ -66,10 +67,11 @@ extern "C" __global__ void __launch_bounds__(256)
                 continue;
             }
             const int xi = cf_changed_channel(mask, j) * p + i;
-            float ex = expf(cf_glow_log_scale(stn[e], floor));
+            float ex;
+            float dsdr = cf_glow_scale_grad(stn[e], floor, &ex);
             float g = dyn[xi];
             float ds = g * xn[xi] * ex + g_log_det;
-            dstn[e] = ds * cf_glow_log_scale_grad(stn[e], floor, ex);
+            dstn[e] = ds * dsdr;
             dstn[per + e] = g;
             dyn[xi] = g * ex;
         }

@@ -121,10 +121,13 @@ extern "C" __global__ void __launch_bounds__(256)
         if (!cf_changes_pixel(mask, row, col)) continue;
         int ch = cf_changed_channel(mask, j);
         const float* stn = st + (cf_u64)n * (cf_u64)(2 * per);
-        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : floor, stn[r]);
+        float ex;
+        float s = cf_coupling_s(mode, mode == CF_SCALE_TANH ? scale[j] : floor, stn[r], &ex);
         float t = stn[per + r];
         cf_u64 yi = (cf_u64)n * (cf_u64)(c * p) + (cf_u64)(ch * p + i);
-        y[yi] = (y[yi] - t) * expf(-s);
+        // A floored Glow scale divides by e (the kernel crate's coupling::apply), else exp(-s).
+        y[yi] = (mode == CF_SCALE_SIGMOID && floor > 0.0f) ? (y[yi] - t) / ex
+                                                           : (y[yi] - t) * expf(-s);
     }
 }
 

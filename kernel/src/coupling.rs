@@ -143,16 +143,20 @@ fn apply(
         let glow = arch.glow;
         let floor = arch.scale_floor;
         let mut affine = |xv: &mut f32, sr: f32, t: f32| {
-            let s = if glow {
-                glow_log_scale(sr, floor)
+            let (s, e) = if glow {
+                glow_scale(sr, floor)
             } else {
-                scale * libm::tanhf(sr)
+                let s = scale * libm::tanhf(sr);
+                (s, libm::expf(s))
             };
-            if inverse {
-                *xv = (*xv - t) * libm::expf(-s);
-            } else {
-                *xv = *xv * libm::expf(s) + t;
+            if !inverse {
+                *xv = *xv * e + t;
                 log_det += s;
+            } else if glow && floor > 0.0 {
+                *xv = (*xv - t) / e;
+            } else {
+                // Without a floor as before it: exp(-s), bit for bit.
+                *xv = (*xv - t) * libm::expf(-s);
             }
         };
         if mask.is_channel() {
@@ -176,29 +180,48 @@ fn apply(
     Ok(log_det)
 }
 
-/// Glow's log-scale with a floor `f` (`0 <= f < 1`, [`Arch::scale_floor`]):
-/// `s = log(f + (1 - f) sigmoid(s_raw + 2))`, so `log f < s < 0` (`f = 0`: Glow's
-/// `log sigmoid(s_raw + 2)`, bit for bit what models before the floor computed).
+/// Glow's log-scale with a floor `f` (`0 <= f < 1`, [`Arch::scale_floor`]) and its
+/// exponential, `(s, exp(s))` with `exp(s) = f + (1 - f) sigmoid(s_raw + 2)`, so
+/// `log f < s < 0` (`f = 0`: Glow's `s = log sigmoid(s_raw + 2)` and `expf(s)`, bit for bit
+/// what models before the floor computed).
 ///
-/// Finite for every finite or infinite `s_raw` when `f > 0`: computed as
-/// `log1p(-(1 - f) sigmoid(-x))` with `x = s_raw + 2`, whose argument stays above `-1`.
-pub fn glow_log_scale(s_raw: f32, floor: f32) -> f32 {
+/// With `f > 0`: `a = (1 - f) sigmoid(-x)`, `x = s_raw + 2`, `exp(s) = 1 - a` and
+/// `s = log1p(-a)`: one `exp` and one `log1p`, finite for every non-NaN `s_raw`
+/// (`sigmoid(-x) = 1 / (1 + exp(x))` is 0 when `exp(x)` overflows, and `a <= 1 - f < 1`).
+pub fn glow_scale(s_raw: f32, floor: f32) -> (f32, f32) {
     let x = s_raw + 2.0;
     if floor <= 0.0 {
-        return log_sigmoid(x);
+        let s = log_sigmoid(x);
+        return (s, libm::expf(s));
     }
-    libm::log1pf(-(1.0 - floor) * libm::expf(log_sigmoid(-x)))
+    let a = (1.0 - floor) * sigmoid_neg(x);
+    (libm::log1pf(-a), 1.0 - a)
 }
 
-/// `ds/ds_raw` of [`glow_log_scale`], given `e = exp(s)`:
-/// `(1 - f) sigmoid(x) sigmoid(-x) / e` with `x = s_raw + 2` (`f = 0`: `1 - e`, as before
-/// the floor). In `[0, 1/4 / f]`, finite since `e >= f`.
-pub fn glow_log_scale_grad(s_raw: f32, floor: f32, e: f32) -> f32 {
-    if floor <= 0.0 {
-        return 1.0 - e;
-    }
+/// The log-scale `s` of [`glow_scale`] alone.
+pub fn glow_log_scale(s_raw: f32, floor: f32) -> f32 {
+    glow_scale(s_raw, floor).0
+}
+
+/// For the backward pass: `(exp(s), ds/ds_raw)` of [`glow_scale`], with
+/// `ds/ds_raw = (1 - f) sigmoid(x) sigmoid(-x) / exp(s)` (`f = 0`: `1 - exp(s)`). The
+/// derivative lies in `[0, (1 - f) / (4 f)]`, finite since `exp(s) >= f`. One `exp` when
+/// `f > 0` (the backward pass needs no `s`).
+pub fn glow_scale_grad(s_raw: f32, floor: f32) -> (f32, f32) {
     let x = s_raw + 2.0;
-    (1.0 - floor) * libm::expf(log_sigmoid(x)) * libm::expf(log_sigmoid(-x)) / e
+    if floor <= 0.0 {
+        let e = libm::expf(log_sigmoid(x));
+        return (e, 1.0 - e);
+    }
+    let q = sigmoid_neg(x);
+    let a = (1.0 - floor) * q;
+    let e = 1.0 - a;
+    (e, a * (1.0 - q) / e)
+}
+
+/// `sigmoid(-x) = 1 / (1 + exp(x))`: 0 when `exp(x)` overflows, 1 as `x -> -inf`.
+fn sigmoid_neg(x: f32) -> f32 {
+    1.0 / (1.0 + libm::expf(x))
 }
 
 /// `log(sigmoid(x)) = -softplus(-x)`, computed without overflow for any `x`:
@@ -265,7 +288,7 @@ pub fn inverse(
 
 #[cfg(test)]
 mod tests {
-    use super::{glow_log_scale, glow_log_scale_grad, log_sigmoid};
+    use super::{glow_log_scale, glow_scale, glow_scale_grad, log_sigmoid};
 
     /// `log(f + (1 - f) sigmoid(sr + 2))` and its derivative in f64.
     fn reference(sr: f32, f: f32) -> (f64, f64) {
@@ -285,10 +308,16 @@ mod tests {
                     (f64::from(s) - want).abs() < 2e-6 * (1.0 + want.abs()),
                     "f {f}, s_raw {sr}: {s} vs {want}"
                 );
-                let d = glow_log_scale_grad(sr, f, s.exp());
+                let (e, d) = glow_scale_grad(sr, f);
                 assert!(
                     (f64::from(d) - dwant).abs() < 1e-5 * (1.0 + dwant.abs()),
                     "f {f}, s_raw {sr}: ds/ds_raw {d} vs {dwant}"
+                );
+                // exp(s), from either function, is exp of the returned s.
+                assert_eq!(e.to_bits(), glow_scale(sr, f).1.to_bits());
+                assert!(
+                    (f64::from(e) - want.exp()).abs() < 2e-7,
+                    "f {f}, s_raw {sr}: {e}"
                 );
             }
         }
@@ -313,8 +342,11 @@ mod tests {
                 // The inverse multiplies by exp(-s) <= 1/f (up to the last ulp).
                 assert!(s <= 0.0 && s >= lo - 1e-6, "f {f}, s_raw {sr}: s {s}");
                 assert!(s.exp() >= f * (1.0 - 1e-6), "f {f}, s_raw {sr}");
-                let d = glow_log_scale_grad(sr, f, s.exp());
-                assert!(d.is_finite() && d >= 0.0, "f {f}, s_raw {sr}: {d}");
+                let (e, d) = glow_scale_grad(sr, f);
+                assert!(
+                    e >= f && d.is_finite() && d >= 0.0,
+                    "f {f}, s_raw {sr}: {d}"
+                );
             }
         }
         // Without a floor the scale of a very negative s_raw is ~exp(s_raw): unbounded.
@@ -324,12 +356,13 @@ mod tests {
     #[test]
     fn a_zero_floor_is_exactly_the_unfloored_sigmoid() {
         for &sr in &[-50.0f32, -3.0, 0.0, 1.5, 30.0] {
-            let s = glow_log_scale(sr, 0.0);
+            let (s, e) = glow_scale(sr, 0.0);
             assert_eq!(s.to_bits(), log_sigmoid(sr + 2.0).to_bits());
-            let e = s.exp();
+            assert_eq!(e.to_bits(), libm::expf(s).to_bits());
+            let (e2, d) = glow_scale_grad(sr, 0.0);
             assert_eq!(
-                glow_log_scale_grad(sr, 0.0, e).to_bits(),
-                (1.0 - e).to_bits()
+                (e2.to_bits(), d.to_bits()),
+                (e.to_bits(), (1.0 - e).to_bits())
             );
         }
     }

@@ -300,3 +300,35 @@ fn gradients_match_finite_differences() {
         }
     }
 }
+
+/// The trainer's inverse never overflows with the Glow scale floor: `mnist-glow`'s shape with
+/// narrow networks at full-scale random weights ([`busy_params`]), 1,000 latents at
+/// temperature 1. The control, the same weights without the floor, overflows (so the draw
+/// is large enough to catch it); the kernel's side is `tests/sampling.rs`.
+#[test]
+fn the_scale_floor_keeps_every_sample_finite() {
+    let arch = |scale_floor| Arch {
+        hidden: [8, 8],
+        scale_floor,
+        ..clayflow_kernel::MNIST_GLOW
+    };
+    let params = busy_params(&arch(0.0), 3);
+    let (n, d) = (1000, arch(0.0).dim());
+    let mut z = vec![0.0f32; n * d];
+    clayflow_kernel::Normal::new(Pcg32::new(17))
+        .fill(&mut z, 1.0)
+        .unwrap();
+    let count = |floor| {
+        let u = flow(arch(floor), &params).inverse(&z, n).unwrap();
+        u.chunks(d)
+            .filter(|img| img.iter().any(|v| !v.is_finite()))
+            .count()
+    };
+    let (without, with) = (count(0.0), count(clayflow_kernel::GLOW_SCALE_FLOOR));
+    eprintln!("non-finite samples of {n}: {without} without the floor, {with} with it");
+    assert!(
+        without > 0,
+        "the control: without the floor these weights overflow"
+    );
+    assert_eq!(with, 0);
+}

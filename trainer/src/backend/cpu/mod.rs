@@ -10,7 +10,7 @@ use super::{
     CouplingScale, FlowLayers, LuFactors, Memory, Optimiser, Result, Shape4, Storage,
 };
 use crate::invconv;
-use clayflow_kernel::coupling::{glow_log_scale, glow_log_scale_grad};
+use clayflow_kernel::coupling::{glow_scale, glow_scale_grad};
 use clayflow_kernel::Mask;
 use rayon::prelude::*;
 
@@ -56,12 +56,26 @@ impl<'a> HostScale<'a> {
         })
     }
 
-    /// The log-scale `s` of changed channel `j` at raw value `sr`.
+    /// The log-scale `s` of changed channel `j` at raw value `sr`, and `exp(s)`.
     #[inline]
-    fn s(self, j: usize, sr: f32) -> f32 {
+    fn s_exp(self, j: usize, sr: f32) -> (f32, f32) {
         match self {
-            HostScale::Tanh(sc) => sc[j] * sr.tanh(),
-            HostScale::Sigmoid(floor) => glow_log_scale(sr, floor),
+            HostScale::Tanh(sc) => {
+                let s = sc[j] * sr.tanh();
+                (s, s.exp())
+            }
+            HostScale::Sigmoid(floor) => glow_scale(sr, floor),
+        }
+    }
+
+    /// The inverse's unscaling of `v = y - t` at changed channel `j`, raw value `sr`:
+    /// `v / exp(s)` for a floored Glow scale ([`glow_scale`] gives `exp(s)` directly), else
+    /// `v * exp(-s)` (the kernel's `coupling::apply` does the same).
+    #[inline]
+    fn unscale(self, j: usize, sr: f32, v: f32) -> f32 {
+        match self {
+            HostScale::Sigmoid(floor) if floor > 0.0 => v / glow_scale(sr, floor).1,
+            _ => v * (-self.s_exp(j, sr).0).exp(),
         }
     }
 }
@@ -412,8 +426,8 @@ impl FlowLayers for CpuBackend {
                         if !is_changed(mask, i, shape.width) {
                             continue;
                         }
-                        let s = f.s(j, sr[i]);
-                        xs[i] = xs[i] * s.exp() + t[i];
+                        let (s, e) = f.s_exp(j, sr[i]);
+                        xs[i] = xs[i] * e + t[i];
                         acc += f64::from(s);
                     }
                 }
@@ -446,8 +460,7 @@ impl FlowLayers for CpuBackend {
                     let (sr, t) = (&s_all[j * p..(j + 1) * p], &t_all[j * p..(j + 1) * p]);
                     for i in 0..p {
                         if is_changed(mask, i, shape.width) {
-                            let s = f.s(j, sr[i]);
-                            ys[i] = (ys[i] - t[i]) * (-s).exp();
+                            ys[i] = f.unscale(j, sr[i], ys[i] - t[i]);
                         }
                     }
                 }
@@ -512,9 +525,9 @@ impl FlowLayers for CpuBackend {
                                 e
                             }
                             HostScale::Sigmoid(floor) => {
-                                let e = glow_log_scale(sr[i], floor).exp();
+                                let (e, dsdr) = glow_scale_grad(sr[i], floor);
                                 let ds = g * xs[i] * e + g_log_det;
-                                dsr[i] = ds * glow_log_scale_grad(sr[i], floor, e);
+                                dsr[i] = ds * dsdr;
                                 e
                             }
                         };
