@@ -234,10 +234,12 @@ pub(super) fn spec_blob_as(arch: &Arch, dtype: DType, params: &[f32], legacy: bo
     ]);
     // Bytes 30-31: version 3's scale floor as f16 (written by hand: 1/16 is 0x2c00), else 0.
     let floor: u16 = if version == 3 {
-        match arch.scale_floor {
-            f if f == 0.0 => 0,
-            f if f == 0.0625 => 0x2c00,
-            f => half::f16::from_f32(f).to_bits(),
+        if arch.scale_floor == 0.0 {
+            0
+        } else if arch.scale_floor == 0.0625 {
+            0x2c00
+        } else {
+            half::f16::from_f32(arch.scale_floor).to_bits()
         }
     } else {
         assert_eq!(arch.scale_floor, 0.0, "only version 3 stores a scale floor");
