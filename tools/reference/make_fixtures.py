@@ -49,7 +49,7 @@ computes in f32; f32 storage adds 6e-8 relative, far below the tolerances):
 
 Regenerate only when the math changes on purpose (never to make a failing test pass):
 
-    /tmp/clayflow-torch-venv/bin/python tools/reference/make_fixtures.py   # ~10 s + ~1 min (Glow)
+    /tmp/clayflow-torch-venv/bin/python tools/reference/make_fixtures.py   # ~20 s on a CPU
 
 A rerun reproduces every stored value exactly (checked once, with 2 threads). The files'
 bytes can still differ, in the order of the JSON header, so commit only on purpose.
