@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Writes the PyTorch golden fixtures `tests/fixtures/pytorch_{mnist,mnist_f16,color}.safetensors`.
+"""Writes the PyTorch golden fixtures `tests/fixtures/pytorch_{mnist,mnist_f16,color}.safetensors`,
+then (through `glow_fixtures.py`, whose docstring describes them) the Glow fixtures
+`tests/fixtures/pytorch_glow{,_f16}.safetensors`.
 
 `tests/pytorch_golden.rs` checks the kernel and the trainer against them. Everything here is
 computed in float64 by `flow.py` (PyTorch autograd for the gradients) from inputs that are
@@ -47,7 +49,7 @@ computes in f32; f32 storage adds 6e-8 relative, far below the tolerances):
 
 Regenerate only when the math changes on purpose (never to make a failing test pass):
 
-    /work/torch-venv/bin/python tools/reference/make_fixtures.py     # ~10 s on a CPU
+    /tmp/clayflow-torch-venv/bin/python tools/reference/make_fixtures.py   # ~20 s on a CPU
 
 A rerun reproduces every stored value exactly (checked once, with 2 threads). The files'
 bytes can still differ, in the order of the JSON header, so commit only on purpose.
@@ -368,6 +370,11 @@ def main() -> None:
              torch_f32_grad_err=cr["torch_f32_grad_err"])
     save("color", t, dict(common, weights="closed-form hash formula (make_fixtures.py)",
                           sub_stride=SUB_STRIDE))
+
+    # --- mnist-glow: closed-form weights (floor 1/16) and the trained f16 blob (floor 0).
+    import glow_fixtures  # here, not at the top: it imports this module's helpers
+
+    glow_fixtures.main(common)
 
 
 if __name__ == "__main__":
