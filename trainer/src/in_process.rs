@@ -1,7 +1,6 @@
-//! `clayflow train` in one process (part of the binary, not the library): as one rank, or as
-//! several in-process ranks ([`collective::threads`]) that split the batch, each a thread
-//! with its own rayon pool. On the CPU backend this beats rayon's parallelism inside each
-//! op (whose synchronisation costs more than the small ops of these models gain).
+//! `clayflow train` in one process (part of the binary, not the library): as one rank, or
+//! (`--ranks N`, CPU backend) as N in-process ranks ([`collective::threads`]) that split the
+//! batch, each a thread with its own share of the rayon threads.
 //!
 //! The settings and the data are read once and shared by the ranks; rank 0 alone writes the
 //! run folder and prints, as under MPI.
@@ -35,7 +34,6 @@ pub(super) fn train(a: TrainArgs, device: DeviceChoice, explicit: &[String]) -> 
         asked: a.ranks,
         on_host: on_host(be.as_ref())?,
         batch: a.batch_size,
-        threads,
         saved_world,
     };
     let ranks = plan.ranks()?;
@@ -79,8 +77,6 @@ struct Plan {
     on_host: bool,
     /// `--batch-size` (of a new run).
     batch: usize,
-    /// Threads of this process.
-    threads: usize,
     /// The world size of the checkpoint a resumed run continues from.
     saved_world: Option<usize>,
 }
@@ -102,13 +98,9 @@ impl Plan {
             // it was.
             return Ok(self.asked.unwrap_or(w).max(1));
         }
-        let n = self.asked.unwrap_or(
-            if self.threads > 1 && self.batch.is_multiple_of(self.threads) {
-                self.threads
-            } else {
-                1
-            },
-        );
+        // One rank unless asked: measured on 2 busy cores, 2 in-process ranks were no
+        // faster than rayon inside each op (README, "Data-parallel training in one process").
+        let n = self.asked.unwrap_or(1);
         if !self.batch.is_multiple_of(n) || self.batch < n {
             bail!(
                 "--batch-size {} does not split evenly among {n} ranks: give a batch that is \
@@ -124,51 +116,46 @@ impl Plan {
 mod tests {
     use super::*;
 
-    fn plan(asked: Option<usize>, on_host: bool, batch: usize, threads: usize) -> Plan {
+    fn plan(asked: Option<usize>, on_host: bool, batch: usize) -> Plan {
         Plan {
             asked,
             on_host,
             batch,
-            threads,
             saved_world: None,
         }
     }
 
     #[test]
-    fn the_default_is_a_rank_per_thread_when_the_batch_splits_evenly() {
-        assert_eq!(plan(None, true, 64, 2).ranks().unwrap(), 2);
-        assert_eq!(plan(None, true, 64, 16).ranks().unwrap(), 16);
-        assert_eq!(plan(None, true, 64, 3).ranks().unwrap(), 1);
-        assert_eq!(plan(None, true, 64, 1).ranks().unwrap(), 1);
-        assert_eq!(plan(None, true, 1, 2).ranks().unwrap(), 1);
+    fn a_new_run_has_one_rank_unless_asked() {
+        assert_eq!(plan(None, true, 64).ranks().unwrap(), 1);
+        assert_eq!(plan(None, true, 64).ranks().unwrap(), 1);
+        assert_eq!(plan(Some(2), true, 64).ranks().unwrap(), 2);
+        assert_eq!(plan(Some(16), true, 64).ranks().unwrap(), 16);
     }
 
     #[test]
     fn a_gpu_trains_as_one_rank_and_refuses_more() {
-        assert_eq!(plan(None, false, 64, 16).ranks().unwrap(), 1);
-        assert_eq!(plan(Some(1), false, 64, 16).ranks().unwrap(), 1);
-        let e = plan(Some(2), false, 64, 16)
-            .ranks()
-            .unwrap_err()
-            .to_string();
+        assert_eq!(plan(None, false, 64).ranks().unwrap(), 1);
+        assert_eq!(plan(Some(1), false, 64).ranks().unwrap(), 1);
+        let e = plan(Some(2), false, 64).ranks().unwrap_err().to_string();
         assert!(e.contains("CPU backend"), "{e}");
     }
 
     #[test]
     fn asked_ranks_must_split_the_batch() {
-        assert_eq!(plan(Some(4), true, 64, 2).ranks().unwrap(), 4);
-        let e = plan(Some(3), true, 64, 2).ranks().unwrap_err().to_string();
+        assert_eq!(plan(Some(4), true, 64).ranks().unwrap(), 4);
+        let e = plan(Some(3), true, 64).ranks().unwrap_err().to_string();
         assert!(
             e.contains("--batch-size 64 does not split evenly among 3"),
             "{e}"
         );
-        assert!(plan(Some(0), true, 64, 2).ranks().is_err());
-        assert!(plan(Some(8), true, 4, 2).ranks().is_err());
+        assert!(plan(Some(0), true, 64).ranks().is_err());
+        assert!(plan(Some(8), true, 4).ranks().is_err());
     }
 
     #[test]
     fn a_resumed_run_keeps_its_rank_count_unless_asked() {
-        let mut p = plan(None, true, 64, 2);
+        let mut p = plan(None, true, 64);
         p.saved_world = Some(3);
         assert_eq!(p.ranks().unwrap(), 3);
         p.asked = Some(1);

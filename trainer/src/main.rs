@@ -112,11 +112,10 @@ struct TrainArgs {
     batch_size: usize,
     /// Data-parallel ranks inside this process (CPU backend only): N threads, each training
     /// on batch-size/N images with its share of --threads, the gradients summed in rank
-    /// order (bit-identical to `mpirun -np N` with batch-size/N per process). Default: one
-    /// rank per thread when the batch splits evenly among them, else 1 (measured on 2
-    /// cores: 2 ranks x 1 thread train mnist-glow faster than 1 rank x 2 threads); 1 on a
-    /// GPU and under mpirun; on --resume, the run's own rank count (the saved batch is per
-    /// rank, so another count changes the global batch, with a warning).
+    /// order (bit-identical to `mpirun -np N` with batch-size/N per process). Default: 1
+    /// (rayon inside each op), except on --resume: the run's own rank count (the saved batch
+    /// is per rank, so another count changes the global batch, with a warning). Refused on a
+    /// GPU and under mpirun.
     #[arg(long, value_name = "N")]
     ranks: Option<usize>,
     /// Peak learning rate (Adam); default 2e-3 for the Glow presets (measured: 1.4457 against
@@ -944,6 +943,7 @@ mod tests {
             "val_split",
             "quiet",
             "resume",
+            "ranks",
             // Global.
             "threads",
             "device",

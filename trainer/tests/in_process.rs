@@ -1,12 +1,12 @@
-//! Data-parallel training with in-process ranks (`clayflow train --ranks N`, the CPU
-//! default when the batch splits among the threads):
+//! Data-parallel training with in-process ranks (`clayflow train --ranks N`, CPU backend):
 //!
 //! - two in-process ranks repeat bit for bit, and train the weights one rank trains with
 //!   the same global batch to within the bound of `tests/mpi.rs`
 //!   (`two_ranks_train_what_one_process_trains`);
 //! - a run resumes with its own rank count by default, and on another one with a warning;
 //! - an error on one rank ends the job with its message, naming the rank, without a hang;
-//! - a batch that does not split among the ranks is refused before training.
+//! - a batch that does not split among the ranks is refused before training; without
+//!   `--ranks` a new run has one rank.
 
 mod common;
 
@@ -93,8 +93,10 @@ fn two_in_process_ranks_repeat_and_train_what_one_rank_trains() {
         dir.path().join("one"),
     );
     let steps = 12;
-    // The default on two threads with an even batch: two ranks.
-    let out = ok(clayflow(&job(&a, 32, steps, &[])), "two ranks (default)");
+    let out = ok(
+        clayflow(&job(&a, 32, steps, &["--ranks", "2"])),
+        "two ranks",
+    );
     assert!(
         out.stderr
             .contains("batch 16 x 2 ranks = 32 (2 in-process ranks)"),
@@ -110,10 +112,9 @@ fn two_in_process_ranks_repeat_and_train_what_one_rank_trains() {
         clayflow(&job(&b, 32, steps, &["--ranks", "2"])),
         "two ranks",
     );
-    ok(
-        clayflow(&job(&one, 32, steps, &["--ranks", "1"])),
-        "one rank",
-    );
+    // The default: one rank.
+    let out = ok(clayflow(&job(&one, 32, steps, &[])), "one rank");
+    assert!(out.stderr.contains("batch 32, on cpu"), "{}", out.stderr);
 
     let (wa, sa) = weights(&a);
     let (wb, sb) = weights(&b);
@@ -216,7 +217,7 @@ fn a_batch_that_does_not_split_among_the_ranks_is_refused() {
         out.stderr
     );
     assert!(!run.join("train.json").exists());
-    // An odd batch without --ranks: one rank (no error).
-    let out = ok(clayflow(&job(&run, 33, 1, &[])), "odd batch");
-    assert!(out.stderr.contains("batch 33,"), "{}", out.stderr);
+    // An odd batch on one rank is fine.
+    let out = ok(clayflow(&job(&run, 33, 1, &["--ranks", "1"])), "odd batch");
+    assert!(out.stderr.contains("batch 33, on cpu"), "{}", out.stderr);
 }
