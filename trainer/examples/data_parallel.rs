@@ -8,7 +8,12 @@
 //! cargo build --release -p clayflow-trainer --features mpi --example data_parallel
 //! target/release/examples/data_parallel GLOBAL_BATCH STEPS THREADS
 //! mpirun -np 2 target/release/examples/data_parallel GLOBAL_BATCH STEPS THREADS
+//! target/release/examples/data_parallel GLOBAL_BATCH STEPS THREADS RANKS [PRESET,...]
 //! ```
+//!
+//! The last form runs RANKS in-process ranks (`collective::threads`, no MPI needed: `clayflow
+//! train --ranks`), THREADS threads each; `tools/in-process-bench.sh` compares it with one
+//! rank.
 //!
 //! Rank 0 prints one tab-separated row per preset: ranks, threads per rank, global batch,
 //! median step ms, median all-reduce ms (after a barrier, so that waiting for the slower
@@ -17,7 +22,7 @@
 
 use clayflow_trainer::backend::cpu::CpuBackend;
 use clayflow_trainer::backend::{AdamStep, Backend};
-use clayflow_trainer::collective;
+use clayflow_trainer::collective::{self, Collective};
 use clayflow_trainer::config::ModelConfig;
 use clayflow_trainer::model::{init_params, Flow};
 use std::sync::Arc;
@@ -33,12 +38,43 @@ fn main() -> anyhow::Result<()> {
     let global: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64);
     let steps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(6);
     let threads: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let in_process: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let presets: Vec<String> = args.get(5).map_or_else(
+        || {
+            ["mnist", "color", "mnist-glow", "color-glow"]
+                .map(String::from)
+                .to_vec()
+        },
+        |p| p.split(',').map(String::from).collect(),
+    );
     // As `clayflow --threads`: rayon across the batch, matrixmultiply single-threaded.
     std::env::set_var("MATMUL_NUM_THREADS", "1");
+    if in_process > 1 {
+        collective::threads::run(in_process, threads, |comm| {
+            bench(comm, global, steps, threads, &presets)
+        })?;
+        return Ok(());
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build_global()?;
-    let comm = collective::open()?;
+    bench(
+        collective::open()?.as_ref(),
+        global,
+        steps,
+        threads,
+        &presets,
+    )
+}
+
+/// Every preset's step on `comm`, rank 0 printing.
+fn bench(
+    comm: &dyn Collective,
+    global: usize,
+    steps: usize,
+    threads: usize,
+    presets: &[String],
+) -> anyhow::Result<()> {
     let (rank, n) = (comm.rank(), comm.size());
     if !global.is_multiple_of(n) {
         anyhow::bail!("the global batch {global} does not split over {n} ranks");
@@ -48,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     if rank == 0 {
         println!("preset\tranks\tthreads\tglobal_batch\tstep_ms\tallreduce_ms\tallreduce_share\tallreduce_bytes\timages_per_s");
     }
-    for preset in ["mnist", "color", "mnist-glow", "color-glow"] {
+    for preset in presets {
         let arch = ModelConfig::preset(preset)?.to_arch()?;
         let mut flow = Flow::new(backend.clone(), arch, &init_params(&arch, 1))?;
         let mut grads = flow.zeros_like_params()?;

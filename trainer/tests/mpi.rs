@@ -8,7 +8,8 @@
 //!   on one process;
 //! - killing one rank ends the job within seconds, naming the rank, with the last
 //!   checkpoint intact and resumable;
-//! - an error on one rank ends the job with its message.
+//! - an error on one rank ends the job with its message;
+//! - two in-process ranks (`--ranks 2`) train bit for bit what two MPI ranks train.
 //!
 //! The tests that need MPI inside the test binary run it again under `mpirun`, with
 //! [`CHILD_ENV`] naming the test the ranks run.
@@ -359,4 +360,38 @@ fn an_error_on_one_rank_ends_the_job_with_its_message() {
     );
     // The first run's checkpoint is untouched.
     assert_eq!(weights(&run).1.step, 1);
+}
+
+/// In-process ranks sum in the same order as MPI ranks, and take the same images and noise:
+/// `clayflow train --ranks 2 --batch-size 32` in one process ends with the very weights of
+/// `mpirun -np 2 clayflow train --batch-size 16`.
+#[test]
+fn in_process_ranks_train_what_mpi_ranks_train_bit_for_bit() {
+    let dir = TempDir::new().unwrap();
+    let (mpi, threads) = (dir.path().join("mpi"), dir.path().join("threads"));
+    let steps = 12;
+    ok(
+        run_command(on_ranks(2, &job(&mpi, 16, steps)), LIMIT),
+        "two MPI ranks",
+    );
+    let mut args = job(&threads, 32, steps);
+    let at = args.iter().position(|a| a == "--threads").unwrap();
+    args[at + 1] = "2".into();
+    args.extend(["--ranks".into(), "2".into()]);
+    let out = ok(run_command(clayflow(&args), LIMIT), "two in-process ranks");
+    assert!(out.stderr.contains("2 in-process ranks"), "{}", out.stderr);
+    let ((wm, sm), (wt, st)) = (weights(&mpi), weights(&threads));
+    assert_eq!((sm.step, st.step), (steps, steps));
+    assert_eq!((sm.world_size, st.world_size), (2, 2));
+    assert_eq!(wm.len(), wt.len());
+    let differ = wm
+        .iter()
+        .zip(&wt)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(differ, 0, "{differ} of {} weights differ", wm.len());
+    assert_eq!(
+        sm.last_val_bpd.map(f64::to_bits),
+        st.last_val_bpd.map(f64::to_bits)
+    );
 }

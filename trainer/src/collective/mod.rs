@@ -2,6 +2,8 @@
 //! loop calls to agree with the other ranks. Implementations:
 //!
 //! - [`Single`]: one process; every operation is the identity.
+//! - [`Threads`]: N ranks as N threads of one process ([`threads::run`] starts them), for
+//!   data-parallel training on the CPU without MPI.
 //! - `Mpi` (cargo feature `mpi`): ranks started by `mpirun`/`srun`, reducing host copies of
 //!   the buffers with MPI (the CPU backend, and a GPU backend without NCCL).
 //! - `nccl::Nccl` (cargo feature `nccl`, part of `mpi`): the device buffers of a GPU run
@@ -24,10 +26,12 @@ mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 mod single;
+pub mod threads;
 
 #[cfg(feature = "mpi")]
 pub use self::mpi::Mpi;
 pub use single::Single;
+pub use threads::Threads;
 
 /// A failed collective operation or launch.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,20 @@ pub enum CollectiveError {
         rank: usize,
         /// What differs, with both values.
         detail: String,
+    },
+    /// Another in-process rank stopped (failed, or finished early), so this one cannot go
+    /// on: the job ends with that rank's error.
+    #[error(
+        "rank {rank} of {size} {}, so the other ranks stopped",
+        if *failed { "failed" } else { "finished while the others still waited for it" }
+    )]
+    RankStopped {
+        /// The first rank that stopped.
+        rank: usize,
+        /// The number of ranks.
+        size: usize,
+        /// Whether it failed (an error or a panic) rather than finished.
+        failed: bool,
     },
     /// The buffers could not be read or written on their device.
     #[error(transparent)]
@@ -171,7 +189,6 @@ pub fn check_same(comm: &dyn Collective, what: &str, values: &[u64]) -> Result<(
 
 /// The buffers' elements, concatenated into `flat` (cleared first), then zeros up to `len`
 /// (at least their total).
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub(crate) fn pack_into(
     backend: &dyn Backend,
     bufs: &[Buffer],
@@ -190,7 +207,6 @@ pub(crate) fn pack_into(
 }
 
 /// Writes `flat` (as [`pack_into`] laid it out) back into the buffers.
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub(crate) fn unpack(backend: &dyn Backend, flat: &[f32], bufs: &mut [Buffer]) -> Result<()> {
     let mut at = 0;
     for b in bufs.iter_mut() {
@@ -214,7 +230,6 @@ pub(crate) fn unpack(backend: &dyn Backend, flat: &[f32], bufs: &mut [Buffer]) -
 }
 
 /// Total elements of `bufs`.
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub(crate) fn total_len(bufs: &[Buffer]) -> usize {
     bufs.iter().map(Buffer::len).sum()
 }
