@@ -98,8 +98,9 @@ impl Plan {
             // it was.
             return Ok(self.asked.unwrap_or(w).max(1));
         }
-        // One rank unless asked: measured on 2 busy cores, 2 in-process ranks were no
-        // faster than rayon inside each op (README, "Data-parallel training in one process").
+        // One rank unless asked: on 2 busy cores 2 in-process ranks were no faster than
+        // rayon inside each op, on 2 quiet ones about 1.2x faster (README, "Data-parallel
+        // training in one process"); the default waits for a longer quiet benchmark.
         let n = self.asked.unwrap_or(1);
         if !self.batch.is_multiple_of(n) || self.batch < n {
             bail!(
