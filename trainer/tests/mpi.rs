@@ -231,10 +231,12 @@ fn two_ranks_train_what_one_process_trains() {
     // Only rank 0 wrote: one metrics log, samples from one process.
     assert!(two.join("samples.png").is_file() && two.join("metrics.jsonl").is_file());
 
-    // The two-rank checkpoint resumes in one process with the global batch.
+    // The two-rank checkpoint resumes as one rank in one process when asked (by default it
+    // would resume as 2 in-process ranks, its own world size; `tests/in_process.rs`).
     let mut resume = job(&two, 32, steps + 4);
     let at = resume.iter().position(|a| a == "--out").unwrap();
     resume[at] = "--resume".into();
+    resume.extend(["--ranks".to_string(), "1".to_string()]);
     let out = ok(run_command(clayflow(&resume), LIMIT), "resume on one rank");
     assert!(
         out.stderr.contains("trained on 2 rank(s)"),
