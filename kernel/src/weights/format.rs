@@ -236,21 +236,9 @@ mod tests {
         assert_eq!(b[40..44], [0, 3, 1, 2]);
         // Levels without Glow: flags 0.
         let multi = blob(
-            &Arch {
-                glow: false,
-                scale_floor: 0.0,
-                ..glow_small()
-            },
+            &multi_small(),
             DType::F32,
-            &random_params(
-                &Arch {
-                    glow: false,
-                    scale_floor: 0.0,
-                    ..glow_small()
-                },
-                1,
-                1.0,
-            ),
+            &random_params(&multi_small(), 1, 1.0),
         );
         assert_eq!(multi[8..10], [2, 0]);
         assert_eq!(multi[18..20], [2, 0]);
@@ -264,14 +252,7 @@ mod tests {
         assert_eq!((b1[8], b1[18], b1[19]), (3, 1, 1));
         assert_eq!(blob_version(&one), VERSION_3);
         assert_eq!(blob_version(&glow_small()), VERSION_3);
-        assert_eq!(
-            blob_version(&Arch {
-                glow: false,
-                scale_floor: 0.0,
-                ..glow_small()
-            }),
-            VERSION_2
-        );
+        assert_eq!(blob_version(&multi_small()), VERSION_2);
         assert_eq!(blob_version(&MNIST), VERSION);
     }
 }

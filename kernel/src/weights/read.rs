@@ -444,21 +444,9 @@ mod tests {
         }
         // A version 2 (multi-level RealNVP) blob still reserves them.
         let mut m = blob(
-            &Arch {
-                glow: false,
-                scale_floor: 0.0,
-                ..glow_small()
-            },
+            &multi_small(),
             DType::F32,
-            &random_params(
-                &Arch {
-                    glow: false,
-                    scale_floor: 0.0,
-                    ..glow_small()
-                },
-                8,
-                1.0,
-            ),
+            &random_params(&multi_small(), 8, 1.0),
         );
         m[30] = 1;
         assert_eq!(err(&m), Error::BadHeader("reserved bytes 30-31 are not 0"));

@@ -80,6 +80,15 @@ pub(super) fn glow_small() -> Arch {
     }
 }
 
+/// [`glow_small`] without its Glow steps: a multi-level RealNVP (version 2, no floor).
+pub(super) fn multi_small() -> Arch {
+    Arch {
+        glow: false,
+        scale_floor: 0.0,
+        ..glow_small()
+    }
+}
+
 pub(super) fn valid_glow(dtype: DType) -> Vec<u8> {
     blob(&glow_small(), dtype, &random_params(&glow_small(), 8, 1.0))
 }

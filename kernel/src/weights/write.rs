@@ -231,11 +231,7 @@ mod tests {
 
     #[test]
     fn writer_matches_the_documented_layout() {
-        let multi = Arch {
-            glow: false,
-            scale_floor: 0.0,
-            ..glow_small()
-        };
+        let multi = multi_small();
         for arch in [small(), squeezed(), MNIST_OR_MINI, glow_small(), multi] {
             let params = random_params(&arch, 3, 1.0);
             for dtype in [DType::F32, DType::F16] {
