@@ -14,6 +14,7 @@ use clayflow_trainer::sample;
 use clayflow_trainer::source::{self, Pick, Source};
 use clayflow_trainer::train::{self, Progress, TrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -432,8 +433,13 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice, explicit: &[String]) -> Result<
     let result = train_as_rank(a, device, explicit, comm.as_ref());
     if let Err(e) = &result {
         if comm.size() > 1 {
-            // The other ranks would wait for this one forever: end the whole job.
-            eprintln!("Error on rank {} of {}: {e:#}", comm.rank(), comm.size());
+            // The other ranks would wait for this one forever: end the whole job. The line
+            // goes out in one write: `eprintln!` writes each formatted piece separately,
+            // and mpirun's own abort notice then lands in the middle of it.
+            let line = format!("Error on rank {} of {}: {e:#}\n", comm.rank(), comm.size());
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(line.as_bytes()).and_then(|()| err.flush());
+            drop(err);
             comm.abort(1);
         }
     }
