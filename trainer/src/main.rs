@@ -154,6 +154,11 @@ struct TrainArgs {
     /// is kept either way; applies on --resume too).
     #[arg(long, value_name = "N")]
     early_stop: Option<u64>,
+    /// Mirror each training image left to right with probability 1/2: cheap augmentation
+    /// for photos and small data (digits are not mirror-symmetric; validation images are
+    /// never mirrored).
+    #[arg(long)]
+    flip: bool,
     /// Samples in the final grid.
     #[arg(long, default_value_t = 64)]
     samples: usize,
@@ -383,6 +388,10 @@ fn resume_ignored(explicit: &[String], cfg: &TrainConfig, run: &Path) -> Vec<Str
                 "warmup" => ("--warmup", format!("warm-up {} steps", cfg.warmup_steps)),
                 "clip" => ("--clip", format!("clip {}", cfg.clip_norm)),
                 "seed" => ("--seed", format!("seed {}", cfg.seed)),
+                "flip" => (
+                    "--flip",
+                    if cfg.flip { "mirroring" } else { "no mirroring" }.to_string(),
+                ),
                 "constant_lr" => (
                     "--constant-lr",
                     if cfg.cosine_decay {
@@ -556,6 +565,7 @@ fn settings(
         cfg.checkpoint_steps = a.checkpoint_steps;
         cfg.eval_steps = a.eval_steps;
         cfg.early_stop = a.early_stop;
+        cfg.flip = a.flip;
         cfg.samples = a.samples;
         cfg.temperature = a.temperature;
         cfg.inject_nan_at = a.inject_nan_at.clone();
@@ -631,10 +641,15 @@ fn train_on(
             format!("batch {}", cfg.batch_size)
         };
         eprintln!(
-            "clayflow: {} parameters, {} training / {} validation images, {batch}, on {}",
+            "clayflow: {} parameters, {} training / {} validation images{}, {batch}, on {}",
             clayflow_trainer::config::trainable_params(&arch),
             train_set.len(),
             val_set.len(),
+            if cfg.flip {
+                " (mirrored at random)"
+            } else {
+                ""
+            },
             be.name()
         );
         eprintln!("run folder: {}", run_dir.display());

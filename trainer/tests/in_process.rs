@@ -6,7 +6,8 @@
 //! - a run resumes with its own rank count by default, and on another one with a warning;
 //! - an error on one rank ends the job with its message, naming the rank, without a hang;
 //! - a batch that does not split among the ranks is refused before training; without
-//!   `--ranks` a new run has one rank.
+//!   `--ranks` a new run has one rank;
+//! - `--flip` mirrors the same images on any rank count, and is saved with the run.
 
 mod common;
 
@@ -171,6 +172,62 @@ fn two_in_process_ranks_repeat_and_train_what_one_rank_trains() {
     );
     let (_, s) = weights(&a);
     assert_eq!((s.step, s.world_size), (steps + 5, 1));
+}
+
+/// `--flip` mirrors the images at the same positions of each global batch whatever the rank
+/// count (two ranks train what one trains, to the bound above), it changes what is
+/// trained, it is saved with the run, and giving it again on `--resume` is reported.
+#[test]
+fn mirroring_follows_the_global_batch_and_is_saved_with_the_run() {
+    let dir = TempDir::new().unwrap();
+    let (one, two, plain) = (
+        dir.path().join("one"),
+        dir.path().join("two"),
+        dir.path().join("plain"),
+    );
+    let steps = 12;
+    let out = ok(clayflow(&job(&one, 32, steps, &["--flip"])), "one rank");
+    assert!(
+        out.stderr
+            .contains("validation images (mirrored at random)"),
+        "{}",
+        out.stderr
+    );
+    ok(
+        clayflow(&job(&two, 32, steps, &["--flip", "--ranks", "2"])),
+        "two ranks",
+    );
+    ok(clayflow(&job(&plain, 32, steps, &[])), "no mirroring");
+    assert!(clayflow_trainer::train::read_config(&one).unwrap().flip);
+    assert!(!clayflow_trainer::train::read_config(&plain).unwrap().flip);
+
+    let ((w1, _), (w2, _), (wp, _)) = (weights(&one), weights(&two), weights(&plain));
+    let (w0, _) = weights(&one.join("checkpoints").join(checkpoint::step_dir_name(0)));
+    let travelled = l2_distance(&w1, &w0);
+    let bound = 2.0 * 32.0 * 784.0 * f64::from(f32::EPSILON / 2.0) * travelled;
+    let (apart, changed) = (l2_distance(&w2, &w1), l2_distance(&wp, &w1));
+    eprintln!("travelled {travelled:.4e}; two ranks {apart:.4e}; no flips {changed:.4e}");
+    assert!(
+        apart <= bound,
+        "two ranks ended {apart:e} away (bound {bound:e})"
+    );
+    assert!(
+        changed > 100.0 * bound,
+        "mirroring changed the weights by only {changed:e}"
+    );
+
+    let out = ok(
+        clayflow(&resume_job(&plain, steps + 1, &["--flip"])),
+        "resume with --flip",
+    );
+    assert!(
+        out.stderr.contains(
+            "--flip is ignored on --resume: the run keeps its saved setting, no mirroring"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert!(!clayflow_trainer::train::read_config(&plain).unwrap().flip);
 }
 
 /// Rank 0 refuses a folder that already holds a run while rank 1 waits for it in a

@@ -8,12 +8,13 @@
 //!
 //! The code is split by source: `idx` (MNIST-style IDX files), `cifar` (CIFAR-10 binary
 //! batches), `images` (folders of pictures), `auto` (format detection and the shape check),
-//! `shuffle` (the epoch order and its generator) and `error` ([`DataError`]); everything
+//! `shuffle` (the epoch order and its generator), `augment` (mirroring) and `error` ([`DataError`]); everything
 //! public is re-exported here.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+mod augment;
 mod auto;
 mod cifar;
 mod error;
@@ -23,6 +24,7 @@ mod shuffle;
 #[cfg(test)]
 mod testutil;
 
+pub use augment::{mirror_images, mirrored};
 pub use auto::{check_shape, load_auto};
 pub use cifar::{cifar10_batches_in, load_cifar10, load_cifar10_dir};
 pub use error::DataError;

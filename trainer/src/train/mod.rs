@@ -115,6 +115,10 @@ pub struct TrainConfig {
     /// Stop once this many validations in a row have not improved on the best (if set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop: Option<u64>,
+    /// Mirror each training image left to right with probability 1/2 (augmentation for
+    /// photos; validation images are never mirrored).
+    #[serde(default)]
+    pub flip: bool,
 }
 
 fn default_val_split() -> usize {
@@ -156,6 +160,7 @@ impl TrainConfig {
             val_split: default_val_split(),
             crops_per_image: default_crops_per_image(),
             early_stop: None,
+            flip: false,
         }
     }
 }

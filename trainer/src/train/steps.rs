@@ -6,7 +6,7 @@ use super::clock::{rank0_value, Clock};
 use super::run::Run;
 use super::validation::best_checkpoint;
 use super::{dequantize_batch, Outcome, Progress};
-use crate::data::{epoch_order, Dataset};
+use crate::data::{epoch_order, mirror_images, mirrored, Dataset};
 use crate::report::{self, MetricRecord};
 use crate::sample::{self, sample_images};
 use anyhow::Result;
@@ -63,6 +63,11 @@ impl Run<'_> {
             noise.advance((rank * bs * self.arch.dim()) as u64);
             dequantize_batch(train_set, idx, self.arch.bits, &mut noise, &mut u)?;
             debug_assert_eq!(u.len(), bs * self.arch.dim());
+            if cfg.flip {
+                let (c, h, w) = (self.arch.channels, self.arch.height, self.arch.width);
+                let step = self.state.step;
+                mirror_images(&mut u, c, h, w, |k| mirrored(cfg.seed, step, rank * bs + k));
+            }
             if let Some(k) = nan_pending.iter().position(|&s| s == self.state.step) {
                 nan_pending.swap_remove(k);
                 if rank == 0 {
