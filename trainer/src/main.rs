@@ -442,7 +442,7 @@ fn train_on(
             format!("batch {}", cfg.batch_size)
         };
         eprintln!(
-            "clayflow: {} parameters, {} training / {} validation images{}, {batch}, on {}",
+            "clayflow: {} parameters, {} training / {} validation images{}, {batch}, on {}{}",
             clayflow_trainer::config::trainable_params(&arch),
             train_set.len(),
             val_set.len(),
@@ -451,7 +451,8 @@ fn train_on(
             } else {
                 ""
             },
-            be.name()
+            be.name(),
+            if ranks > 1 { " per rank" } else { "" }
         );
         eprintln!("run folder: {}", run_dir.display());
     }

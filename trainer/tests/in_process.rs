@@ -100,7 +100,7 @@ fn two_in_process_ranks_repeat_and_train_what_one_rank_trains() {
     );
     assert!(
         out.stderr
-            .contains("batch 16 x 2 ranks = 32 (2 in-process ranks)"),
+            .contains("batch 16 x 2 ranks = 32 (2 in-process ranks), on cpu (1 thread) per rank"),
         "{}",
         out.stderr
     );

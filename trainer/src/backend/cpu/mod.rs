@@ -103,7 +103,8 @@ fn write_f64(dst: &mut [f32], src: &[f64]) {
 
 impl Backend for CpuBackend {
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        let n = rayon::current_num_threads();
+        format!("cpu ({n} thread{})", if n == 1 { "" } else { "s" })
     }
 }
 
