@@ -16,7 +16,9 @@
 # Usage: bash tools/reference/peer-10min.sh [OUT]      (OUT: a new folder; default
 #        runs/peer-10min-YYYYmmdd-HHMM)
 # Env:   VENV (default /tmp/clayflow-torch-venv, with torch and normflows), MINUTES (10),
-#        THREADS (2).
+#        THREADS (2), BATCH (default: clayflow's default batch; normflows gets the same),
+#        PEER_RUNS (which normflows runs, default "nf-like-lr1e-3 nf-like-lr2e-3
+#        nf-as-shipped"), CLAYFLOW_ARGS (extra `clayflow train` flags, e.g. "--ranks 2").
 set -euo pipefail
 OUT="${1:-}"
 case "$OUT" in
@@ -27,6 +29,9 @@ cd "$(dirname "$0")/../.."
 
 MINUTES="${MINUTES:-10}"
 THREADS="${THREADS:-2}"
+BATCH="${BATCH:-}"
+PEER_RUNS="${PEER_RUNS:-nf-like-lr1e-3 nf-like-lr2e-3 nf-as-shipped}"
+export CLAYFLOW_ARGS="${CLAYFLOW_ARGS:-}"
 VENV="${VENV:-/tmp/clayflow-torch-venv}"
 PY="$VENV/bin/python"
 OUT="${OUT:-runs/peer-10min-$(date -u +%Y%m%d-%H%M)}"
@@ -53,7 +58,13 @@ CLAYFLOW=(cargo run -q --release -p clayflow-trainer --bin clayflow -- --threads
 
 # 1. clayflow's default.
 note "clayflow train --minutes $MINUTES ($THREADS threads)"
-"${CLAYFLOW[@]}" train --minutes "$MINUTES" --quiet --out "$OUT/clayflow" 2>&1 | tee "$OUT/clayflow.log"
+# shellcheck disable=SC2086
+"${CLAYFLOW[@]}" train --minutes "$MINUTES" --quiet --out "$OUT/clayflow" ${BATCH:+--batch-size "$BATCH"} \
+    $CLAYFLOW_ARGS 2>&1 | tee "$OUT/clayflow.log"
+# normflows trains on clayflow's global batch (its own default is 64): the header's
+# "batch B x N ranks = G (...)", else "batch B,".
+BATCH=$(sed -nE 's/.*, batch [0-9]+ x [0-9]+ ranks = ([0-9]+) .*/\1/p; s/.*, batch ([0-9]+), on .*/\1/p' \
+    "$OUT/clayflow.log" | head -1)
 summary=$(grep -m1 '^trained ' "$OUT/clayflow.log")
 cf_steps=$(sed -E 's/^trained ([0-9]+) steps.*/\1/' <<<"$summary")
 cf_ips=$(sed -E 's/.*\(([0-9.]+) images\/s\).*/\1/' <<<"$summary")
@@ -69,18 +80,25 @@ nf_run() {
     local name=$1
     shift
     note "normflows $name: $*"
-    "$PY" "$NF" --minutes "$MINUTES" --threads "$THREADS" --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name.log"
+    "$PY" "$NF" --minutes "$MINUTES" --threads "$THREADS" --batch "$BATCH" --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name.log"
 }
-nf_run nf-like-lr1e-3 --like-clayflow --lr 1e-3
-nf_run nf-like-lr2e-3 --like-clayflow
-nf_run nf-as-shipped
+for run in $PEER_RUNS; do
+    case $run in
+        nf-like-lr1e-3) nf_run "$run" --like-clayflow --lr 1e-3 ;;
+        nf-like-lr2e-3) nf_run "$run" --like-clayflow --lr 2e-3 ;;
+        nf-like-lr3e-3) nf_run "$run" --like-clayflow --lr 3e-3 ;;
+        nf-as-shipped) nf_run "$run" ;;
+        *) echo "error: unknown PEER_RUNS entry $run" >&2; exit 2 ;;
+    esac
+done
 note "done"
 
 # The table, and the normflows grids as PNG (PGM -> 8-bit grey PNG with the standard library).
-"$PY" - "$OUT" "$MINUTES" "$THREADS" "$cf_steps" "$cf_ips" "$cf_bpd" "$cf_best" <<'PYEOF' | tee "$OUT/table.md"
+"$PY" - "$OUT" "$MINUTES" "$THREADS" "$cf_steps" "$cf_ips" "$cf_bpd" "$cf_best" "$BATCH" $PEER_RUNS <<'PYEOF' | tee "$OUT/table.md"
 import json, os, struct, sys, zlib
 
-out, minutes, threads, cf_steps, cf_ips, cf_bpd, cf_best = sys.argv[1:]
+out, minutes, threads, cf_steps, cf_ips, cf_bpd, cf_best, batch = sys.argv[1:9]
+peer_runs = sys.argv[9:]
 
 def pgm_to_png(src, dst):
     with open(src, "rb") as f:
@@ -106,13 +124,17 @@ cf = [f"logit {c['model']['logit_alpha']:g}" if c["model"]["logit_alpha"] > 0 el
 if c["warmup_steps"]:
     cf.append(f"warm-up {c['warmup_steps']}")
 cf.append("cosine to 5%" if c.get("cosine_decay") else "constant lr")
-cf += [f"clip {c['clip_norm']:g}", "loss in bpd", f"batch {c['batch_size']}"]
-rows = [("clayflow `mnist-glow` (default `clayflow train`)", ", ".join(cf),
+cf += [f"clip {c['clip_norm']:g}", "loss in bpd", f"batch {batch}"]
+extra = os.environ.get("CLAYFLOW_ARGS", "").strip()
+rows = [(f"clayflow `mnist-glow` (`clayflow train {extra}`)" if extra
+         else "clayflow `mnist-glow` (default `clayflow train`)", ", ".join(cf),
          cf_steps, cf_ips, cf_bpd, "samples-clayflow.png")]
-names = {"nf-like-lr1e-3": "normflows Glow, like-for-like, lr 1e-3",
+names = {"nf-like-lr3e-3": "normflows Glow, like-for-like, lr 3e-3",
+         "nf-like-lr1e-3": "normflows Glow, like-for-like, lr 1e-3",
          "nf-like-lr2e-3": "normflows Glow, like-for-like, lr 2e-3",
          "nf-as-shipped": "normflows Glow, as shipped"}
-for run, label in names.items():
+for run in peer_runs:
+    label = names[run]
     with open(os.path.join(out, run, "result.json")) as f:
         r = json.load(f)
     s = r["settings"]
@@ -132,7 +154,7 @@ for run, label in names.items():
     rows.append((f"{label} ({r['normflows']}, torch {r['torch']})", ", ".join(parts),
                  str(r["steps"]), f"{r['images_per_sec']:.0f}", f"{r['val_bpd']:.4f}", png))
 
-print(f"Held-out bits/dim (last 1,000 bundled digits) after {minutes} minutes, {threads} threads, batch 64, back to back:")
+print(f"Held-out bits/dim (last 1,000 bundled digits) after {minutes} minutes, {threads} threads, batch {batch}, back to back:")
 print()
 print("| run | settings | steps | images/s | bits/dim | samples |")
 print("|---|---|---:|---:|---:|---|")
