@@ -33,13 +33,13 @@ pub(super) fn train(a: TrainArgs, device: DeviceChoice, explicit: &[String]) -> 
     let plan = Plan {
         asked: a.ranks,
         on_host: on_host(be.as_ref())?,
-        batch: a.batch_size,
+        batch: cfg.batch_size,
         saved_world,
     };
     let ranks = plan.ranks()?;
     if !resume {
         // The saved batch (train.json) is per rank, as under MPI.
-        cfg.batch_size = a.batch_size / ranks;
+        cfg.batch_size /= ranks;
     }
     let (cfg, train_set, val_set) = training_data(cfg, resume)?;
     if ranks == 1 {

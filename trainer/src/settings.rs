@@ -167,7 +167,7 @@ pub(crate) fn settings(
         }
         model.to_arch()?;
         let mut cfg = TrainConfig::new(model, String::new());
-        cfg.batch_size = a.batch_size;
+        cfg.batch_size = a.batch_size.unwrap_or(default_batch(&cfg.model));
         cfg.lr = a.lr.unwrap_or(if cfg.model.glow { 2e-3 } else { 1e-3 });
         cfg.warmup_steps = a.warmup;
         cfg.clip_norm = a.clip;
@@ -211,11 +211,24 @@ pub(crate) fn settings(
     Ok((collective::broadcast_json(comm, &cfg)?, run_dir, resume))
 }
 
+/// The batch of a new run without `--batch-size`: 16 images per step for Glow models of grey
+/// images, 64 otherwise. On 2 CPU cores (`--ranks 2`), `mnist-glow` reached 1.2881 bits/dim
+/// in 10 minutes at 16, 1.3423 at 32 and 1.4536 at 64 (`BENCHMARKS.md` section 9): smaller
+/// batches take many more steps at about the same images/s. The colour and RealNVP presets
+/// were not measured at smaller batches.
+pub(crate) fn default_batch(model: &ModelConfig) -> usize {
+    if model.glow && model.channels == 1 {
+        16
+    } else {
+        64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Cli;
-    use clap::CommandFactory;
+    use clap::{CommandFactory, FromArgMatches};
 
     fn train_matches(args: &[&str]) -> Vec<String> {
         let m = Cli::command()
@@ -261,12 +274,32 @@ mod tests {
     }
 
     #[test]
+    fn grey_glow_models_train_on_batches_of_16_by_default_and_the_others_on_64() {
+        let batch = |p| default_batch(&ModelConfig::preset(p).unwrap());
+        assert_eq!(batch("mnist-glow"), 16);
+        assert_eq!(
+            (batch("mnist"), batch("color"), batch("color-glow")),
+            (64, 64, 64)
+        );
+        let a = TrainArgs::from_arg_matches(
+            Cli::command()
+                .try_get_matches_from(["clayflow", "train"])
+                .unwrap()
+                .subcommand_matches("train")
+                .unwrap(),
+        )
+        .unwrap();
+        let (cfg, _, resume) = settings(&a, &[], &collective::Single).unwrap();
+        assert_eq!((cfg.batch_size, resume), (16, false));
+    }
+
+    #[test]
     fn resume_names_each_explicit_setting_it_ignores_with_the_saved_value() {
         let mut cfg = TrainConfig::new(ModelConfig::preset("mnist").unwrap(), String::new());
         cfg.batch_size = 16;
         cfg.lr = 1e-3;
         let run = Path::new("runs/x");
-        // Defaults (batch 64, seed 0, ...) given by clap are not "explicit".
+        // Defaults (seed 0, ...) given by clap are not "explicit".
         let explicit = train_matches(&["--resume", "runs/x", "--steps", "5", "--quiet"]);
         assert!(
             resume_ignored(&explicit, &cfg, run).is_empty(),
