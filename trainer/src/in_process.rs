@@ -17,9 +17,11 @@ use super::{backend, settings, train_on, training_data, TrainArgs};
 
 /// Trains in this process (no MPI launcher started it).
 pub(super) fn train(a: TrainArgs, device: DeviceChoice, explicit: &[String]) -> Result<()> {
-    let (mut cfg, run_dir, resume) = settings(&a, explicit, &Single)?;
-    // The device first: a missing GPU fails before the data is loaded.
+    // The device first: a missing GPU fails before the data is loaded, and the default
+    // batch depends on it.
     let be = backend(device)?;
+    let host = on_host(be.as_ref())?;
+    let (mut cfg, run_dir, resume) = settings(&a, explicit, &Single, host)?;
     // The global pool's size: --threads, else RAYON_NUM_THREADS or the cores.
     let threads = rayon::current_num_threads();
     let saved_world = if resume {
@@ -32,7 +34,7 @@ pub(super) fn train(a: TrainArgs, device: DeviceChoice, explicit: &[String]) -> 
     };
     let plan = Plan {
         asked: a.ranks,
-        on_host: on_host(be.as_ref())?,
+        on_host: host,
         batch: cfg.batch_size,
         saved_world,
     };
@@ -64,7 +66,7 @@ pub(super) fn train(a: TrainArgs, device: DeviceChoice, explicit: &[String]) -> 
 }
 
 /// Whether `be` keeps its buffers in host memory (the CPU backend).
-fn on_host(be: &dyn Backend) -> Result<bool> {
+pub(super) fn on_host(be: &dyn Backend) -> Result<bool> {
     Ok(matches!(be.upload(&[0.0])?.storage, Storage::Host(_)))
 }
 

@@ -109,8 +109,8 @@ struct TrainArgs {
     steps: Option<u64>,
     /// Images per step of this process, split evenly among its --ranks; under `mpirun -np N`
     /// (a build with `--features mpi`) each process is one rank and the global batch is N
-    /// times this. Default: 16 for Glow models of grey images (mnist-glow after 10 minutes:
-    /// 1.2881 bits/dim at 16, 1.4536 at 64), 64 otherwise.
+    /// times this. Default: 16 for Glow models of grey images on the CPU (mnist-glow after
+    /// 10 minutes on 2 cores: 1.2881 bits/dim at 16, 1.4536 at 64), 64 otherwise.
     #[arg(long)]
     batch_size: Option<usize>,
     /// Data-parallel ranks inside this process (CPU backend only): N threads, each training
@@ -382,9 +382,10 @@ fn train_as_rank(
     explicit: &[String],
     comm: &dyn Collective,
 ) -> Result<()> {
-    let (cfg, run_dir, resume) = settings(&a, explicit, comm)?;
-    // The device first: a missing GPU fails before the data is loaded.
+    // The device first: a missing GPU fails before the data is loaded, and the default
+    // batch depends on it.
     let be = backend_of_rank(device, comm.local_rank())?;
+    let (cfg, run_dir, resume) = settings(&a, explicit, comm, in_process::on_host(be.as_ref())?)?;
     // On GPUs with NCCL, the gradients are summed on the device.
     let (on_device, why_host) = collective::for_backend(comm, be.as_ref());
     let comm: &dyn Collective = on_device.as_deref().unwrap_or(comm);

@@ -94,11 +94,13 @@ fn resume_ignored(explicit: &[String], cfg: &TrainConfig, run: &Path) -> Vec<Str
 }
 
 /// The run's settings (rank 0's, on every rank): from the run folder on --resume, else
-/// from the flags; the run folder; whether it resumes.
+/// from the flags; the run folder; whether it resumes. `on_host`: whether the backend is the
+/// CPU's (it picks the default batch).
 pub(crate) fn settings(
     a: &TrainArgs,
     explicit: &[String],
     comm: &dyn Collective,
+    on_host: bool,
 ) -> Result<(TrainConfig, PathBuf, bool)> {
     let root = comm.rank() == 0;
     let (cfg, run_dir, resume) = if let Some(run) = &a.resume {
@@ -167,7 +169,7 @@ pub(crate) fn settings(
         }
         model.to_arch()?;
         let mut cfg = TrainConfig::new(model, String::new());
-        cfg.batch_size = a.batch_size.unwrap_or(default_batch(&cfg.model));
+        cfg.batch_size = a.batch_size.unwrap_or(default_batch(&cfg.model, on_host));
         cfg.lr = a.lr.unwrap_or(if cfg.model.glow { 2e-3 } else { 1e-3 });
         cfg.warmup_steps = a.warmup;
         cfg.clip_norm = a.clip;
@@ -211,13 +213,14 @@ pub(crate) fn settings(
     Ok((collective::broadcast_json(comm, &cfg)?, run_dir, resume))
 }
 
-/// The batch of a new run without `--batch-size`: 16 images per step for Glow models of grey
-/// images, 64 otherwise. On 2 CPU cores (`--ranks 2`), `mnist-glow` reached 1.2881 bits/dim
-/// in 10 minutes at 16, 1.3423 at 32 and 1.4536 at 64 (`BENCHMARKS.md` section 9): smaller
-/// batches take many more steps at about the same images/s. The colour and RealNVP presets
-/// were not measured at smaller batches.
-pub(crate) fn default_batch(model: &ModelConfig) -> usize {
-    if model.glow && model.channels == 1 {
+/// The batch of a new run without `--batch-size`: on the CPU, 16 images per step for Glow
+/// models of grey images; 64 otherwise. On 2 CPU cores (`--ranks 2`), `mnist-glow` reached
+/// 1.2881 bits/dim in 10 minutes at 16, 1.3423 at 32 and 1.4536 at 64 (`BENCHMARKS.md`
+/// section 9): smaller batches take many more steps at about the same images/s. A GPU
+/// keeps 64, where a batch of 16 would leave it mostly idle (not measured: no GPU here), and
+/// so do the colour and RealNVP presets, which were not measured at smaller batches.
+pub(crate) fn default_batch(model: &ModelConfig, on_host: bool) -> usize {
+    if on_host && model.glow && model.channels == 1 {
         16
     } else {
         64
@@ -274,13 +277,15 @@ mod tests {
     }
 
     #[test]
-    fn grey_glow_models_train_on_batches_of_16_by_default_and_the_others_on_64() {
-        let batch = |p| default_batch(&ModelConfig::preset(p).unwrap());
-        assert_eq!(batch("mnist-glow"), 16);
+    fn grey_glow_models_train_on_batches_of_16_on_the_cpu_by_default_and_the_rest_on_64() {
+        let batch = |p, on_host| default_batch(&ModelConfig::preset(p).unwrap(), on_host);
         assert_eq!(
-            (batch("mnist"), batch("color"), batch("color-glow")),
-            (64, 64, 64)
+            (batch("mnist-glow", true), batch("mnist-glow", false)),
+            (16, 64)
         );
+        for p in ["mnist", "color", "color-glow"] {
+            assert_eq!((batch(p, true), batch(p, false)), (64, 64), "{p}");
+        }
         let a = TrainArgs::from_arg_matches(
             Cli::command()
                 .try_get_matches_from(["clayflow", "train"])
@@ -289,8 +294,10 @@ mod tests {
                 .unwrap(),
         )
         .unwrap();
-        let (cfg, _, resume) = settings(&a, &[], &collective::Single).unwrap();
+        let (cfg, _, resume) = settings(&a, &[], &collective::Single, true).unwrap();
         assert_eq!((cfg.batch_size, resume), (16, false));
+        let (cfg, _, _) = settings(&a, &[], &collective::Single, false).unwrap();
+        assert_eq!(cfg.batch_size, 64);
     }
 
     #[test]
