@@ -8,8 +8,8 @@
 //!
 //! The code is split by source: `idx` (MNIST-style IDX files), `cifar` (CIFAR-10 binary
 //! batches), `images` (folders of pictures), `auto` (format detection and the shape check),
-//! `shuffle` (the epoch order and its generator), `augment` (mirroring) and `error` ([`DataError`]); everything
-//! public is re-exported here.
+//! `shuffle` (the epoch order and its generator), `augment` (mirroring) and `error`
+//! ([`DataError`]); everything public is re-exported here.
 
 use std::fs;
 use std::path::{Path, PathBuf};
