@@ -161,6 +161,12 @@ struct TrainArgs {
     /// never mirrored).
     #[arg(long)]
     flip: bool,
+    /// Keep an exponential moving average of the weights with this decay (Polyak
+    /// averaging, e.g. 0.999): validation, the best checkpoint, the samples and the saved
+    /// model (eval, sample, export) use the average, and the trained weights are scored
+    /// beside it.
+    #[arg(long, value_name = "DECAY")]
+    ema: Option<f32>,
     /// Samples in the final grid.
     #[arg(long, default_value_t = 64)]
     samples: usize,
@@ -456,6 +462,12 @@ fn train_on(
             be.name(),
             if ranks > 1 { " per rank" } else { "" }
         );
+        if let Some(d) = cfg.ema {
+            eprintln!(
+                "weight average (decay {d}): validation, the best checkpoint, the samples \
+                 and the saved model use it"
+            );
+        }
         eprintln!("run folder: {}", run_dir.display());
     }
     let bar = if a.quiet || !root || !console_is_tty() {
@@ -500,8 +512,9 @@ fn train_on(
     } else {
         String::new()
     };
+    let trained = train::trained_note(outcome.val_trained_bpd);
     println!(
-        "trained {} steps in {:.1} min{ranks} ({:.0} images/s); validation {:.4} bits/dim on {} held-out images",
+        "trained {} steps in {:.1} min{ranks} ({:.0} images/s); validation {:.4} bits/dim on {} held-out images{trained}",
         outcome.steps,
         outcome.elapsed_secs / 60.0,
         outcome.images_per_sec,

@@ -59,6 +59,12 @@ fn resume_ignored(explicit: &[String], cfg: &TrainConfig, run: &Path) -> Vec<Str
                     "--flip",
                     if cfg.flip { "mirroring" } else { "no mirroring" }.to_string(),
                 ),
+                "ema" => (
+                    "--ema",
+                    cfg.ema.map_or("no weight average".to_string(), |d| {
+                        format!("a weight average with decay {d}")
+                    }),
+                ),
                 "constant_lr" => (
                     "--constant-lr",
                     if cfg.cosine_decay {
@@ -186,6 +192,7 @@ pub(crate) fn settings(
         cfg.eval_steps = a.eval_steps;
         cfg.early_stop = a.early_stop;
         cfg.flip = a.flip;
+        cfg.ema = a.ema;
         cfg.samples = a.samples;
         cfg.temperature = a.temperature;
         cfg.inject_nan_at = a.inject_nan_at.clone();
@@ -326,9 +333,11 @@ mod tests {
             "0",
             "--data",
             "d.gz",
+            "--ema",
+            "0.99",
         ]);
         let w = resume_ignored(&explicit, &cfg, run);
-        assert_eq!(w.len(), 4, "{w:?}");
+        assert_eq!(w.len(), 5, "{w:?}");
         let find = |flag: &str| {
             w.iter()
                 .find(|l| l.contains(&format!("{flag} is ignored on --resume")))
@@ -340,6 +349,7 @@ mod tests {
         let h = cfg.model.hidden;
         assert!(find("--hidden").contains(&format!("hidden widths {},{}", h[0], h[1])));
         assert!(find("--seed").contains("seed 0"));
+        assert!(find("--ema").contains("no weight average"));
         assert!(w.iter().all(|l| l.contains("train.json")), "{w:?}");
     }
 }

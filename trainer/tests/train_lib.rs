@@ -332,3 +332,52 @@ fn sampling_reports_the_images_whose_inverse_is_not_finite() {
         "{note}"
     );
 }
+
+#[test]
+fn a_weight_average_is_scored_saved_and_resumed_like_the_uninterrupted_run() {
+    let tmp = TempDir::new().unwrap();
+    let mut cfg = tiny_config(12);
+    cfg.ema = Some(0.9);
+    // A schedule that does not depend on the step limit, which the resume below changes.
+    cfg.cosine_decay = false;
+    let whole = tmp.path().join("whole");
+    let o = train_run(&cfg, &whole, false).unwrap();
+    let (ck, _) = checkpoint::load(&whole).unwrap();
+    assert_eq!(ck.state.ema, Some(0.9));
+    let trained = ck
+        .trained
+        .clone()
+        .expect("the trained weights beside the average");
+    assert_ne!(trained, ck.params, "the average is the trained weights");
+
+    // The outcome scores the average (the model file) and the trained weights beside it.
+    let (_, val) = digits();
+    let arch = cfg.model.to_arch().unwrap();
+    let score = |w: &[Vec<f32>]| {
+        let mut f = clayflow_trainer::model::Flow::new(backend(), arch, w).unwrap();
+        eval::evaluate(&mut f, &val, 16).unwrap()
+    };
+    assert!((score(&ck.params) - o.val_bpd).abs() < 1e-9, "{o:?}");
+    let t = o
+        .val_trained_bpd
+        .expect("the trained weights are scored too");
+    assert!((score(&trained) - t).abs() < 1e-9, "{o:?}");
+    assert_ne!(t, o.val_bpd);
+    let recs = report::read_metrics(whole.join("metrics.jsonl")).unwrap();
+    let last = recs.last().unwrap();
+    assert_eq!(
+        (last.val_bpd, last.val_trained_bpd),
+        (Some(o.val_bpd), Some(t))
+    );
+
+    // Stopped at step 6 and resumed, the run ends where the uninterrupted one did.
+    let split = tmp.path().join("split");
+    cfg.max_steps = Some(6);
+    train_run(&cfg, &split, false).unwrap();
+    cfg.max_steps = Some(12);
+    train_run(&cfg, &split, true).unwrap();
+    let (again, _) = checkpoint::load(&split).unwrap();
+    assert_eq!(again.state.step, 12);
+    assert_eq!(again.trained, ck.trained);
+    assert_eq!(again.params, ck.params);
+}

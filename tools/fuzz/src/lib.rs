@@ -419,6 +419,7 @@ pub fn tiny_checkpoint() -> Checkpoint {
         params,
         adam_m,
         adam_v,
+        trained: None,
         state: TrainState {
             step: 7,
             epoch: 1,
@@ -441,6 +442,7 @@ pub fn tiny_checkpoint() -> Checkpoint {
             restores: 0,
             val_since_best: 0,
             val_rises: 0,
+            ema: None,
         },
     }
 }

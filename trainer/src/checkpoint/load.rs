@@ -365,8 +365,12 @@ pub fn load_dir(dir: &Path) -> Result<Checkpoint, CheckpointError> {
     }
 
     let opt_path = dir.join(OPTIMIZER_FILE);
-    let mut expected = Vec::with_capacity(2 * specs.len());
-    for (prefix, allowed) in [("m.", Values::Finite), ("v.", Values::NonNegative)] {
+    let mut groups = vec![("m.", Values::Finite), ("v.", Values::NonNegative)];
+    if file.state.ema.is_some() {
+        groups.push(("w.", Values::Finite));
+    }
+    let mut expected = Vec::with_capacity(groups.len() * specs.len());
+    for (prefix, allowed) in groups {
         expected.extend(
             specs
                 .iter()
@@ -374,10 +378,12 @@ pub fn load_dir(dir: &Path) -> Result<Checkpoint, CheckpointError> {
         );
     }
     let (_, mut moments) = read_tensors(&opt_path, &expected)?;
+    let trained = (file.state.ema.is_some()).then(|| moments.split_off(2 * specs.len()));
     let adam_v = moments.split_off(specs.len());
     Ok(Checkpoint {
         model: file.model,
         params,
+        trained,
         adam_m: moments,
         adam_v,
         state: file.state,

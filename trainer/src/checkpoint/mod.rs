@@ -7,6 +7,9 @@
 //! RUN/checkpoints/BEST                            the name of the best-validation checkpoint
 //! RUN/checkpoints/step-00000500/model.safetensors parameters (f32, PyTorch-loadable)
 //! RUN/checkpoints/step-00000500/optimizer.safetensors   Adam m (`m.<name>`) and v (`v.<name>`)
+//!                                                       (and the trained weights `w.<name>`
+//!                                                       when the model file holds their
+//!                                                       average, `--ema`)
 //! RUN/checkpoints/step-00000500/state.json        {"format_version":1,"model":..,"state":..}
 //! ```
 //!
@@ -132,6 +135,10 @@ pub struct TrainState {
     /// Validations in a row, up to this state, each higher than the one before.
     #[serde(default)]
     pub val_rises: u64,
+    /// The decay of the weight average, when the run keeps one (`--ema`): then the model
+    /// file holds the average and the optimizer file the trained weights too (`w.<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f32>,
 }
 
 fn one_rank() -> usize {
@@ -143,8 +150,12 @@ fn one_rank() -> usize {
 pub struct Checkpoint {
     /// The architecture.
     pub model: ModelConfig,
-    /// One vector per [`tensor_specs`] entry, same order and lengths.
+    /// One vector per [`tensor_specs`] entry, same order and lengths: the weights to score,
+    /// sample and export (the average, when the run keeps one).
     pub params: Vec<Vec<f32>>,
+    /// The weights being trained, shaped like `params`, when `params` is their moving
+    /// average (`state.ema` is set); `None` when `params` are the trained weights.
+    pub trained: Option<Vec<Vec<f32>>>,
     /// Adam first moments, shaped like `params`.
     pub adam_m: Vec<Vec<f32>>,
     /// Adam second moments, shaped like `params`.

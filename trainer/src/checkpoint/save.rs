@@ -126,11 +126,16 @@ fn save_marked(
         ("format".to_string(), METADATA_FORMAT.to_string()),
         ("optimizer".to_string(), "adam".to_string()),
     ]);
-    let mut opt_views = Vec::with_capacity(2 * specs.len());
+    let mut opt_views = Vec::with_capacity(3 * specs.len());
     opt_views.extend(ckpt.adam_m.iter().cloned());
     opt_views.extend(ckpt.adam_v.iter().cloned());
-    let mut opt_specs = Vec::with_capacity(2 * specs.len());
-    for prefix in ["m.", "v."] {
+    let mut prefixes = vec!["m.", "v."];
+    if let Some(w) = &ckpt.trained {
+        opt_views.extend(w.iter().cloned());
+        prefixes.push("w.");
+    }
+    let mut opt_specs = Vec::with_capacity(opt_views.len());
+    for prefix in prefixes {
         opt_specs.extend(specs.iter().map(|s| TensorSpec {
             name: format!("{prefix}{}", s.name),
             shape: s.shape.clone(),
@@ -277,6 +282,40 @@ mod tests {
             back.flat_params().len(),
             clayflow_kernel::MNIST.param_count()
         );
+    }
+
+    #[test]
+    fn the_trained_weights_beside_an_average_round_trip_and_must_match_the_state() {
+        let model = ModelConfig::preset("mnist").unwrap();
+        let mut c = make(model.clone(), 42, 500);
+        c.state.ema = Some(0.999);
+        c.trained = Some(make(model, 7, 500).params);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = save(tmp.path(), &c, 3).unwrap();
+        let (back, _) = load(&dir).unwrap();
+        assert_same(&c, &back);
+        assert_eq!(back, c);
+        // The optimizer file holds them as `w.<name>`.
+        let bytes = fs::read(dir.join(OPTIMIZER_FILE)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.len(), 3 * c.params.len());
+        let first = &tensor_specs(&c.model.to_arch().unwrap())[0].name;
+        assert!(st.tensor(&format!("w.{first}")).is_ok());
+        // A state and weights that disagree are refused, and nothing is written.
+        let empty = tempfile::tempdir().unwrap();
+        let mut lacking = c.clone();
+        lacking.trained = None;
+        let mut stray = c.clone();
+        stray.state.ema = None;
+        for bad in [lacking, stray] {
+            let err = save(empty.path(), &bad, 3).unwrap_err().to_string();
+            assert!(err.contains("weight average"), "{err}");
+        }
+        assert!(!empty.path().join(CHECKPOINTS_DIR).exists());
+        let mut decay = c.clone();
+        decay.state.ema = Some(1.0);
+        let err = save(empty.path(), &decay, 3).unwrap_err().to_string();
+        assert!(err.contains("ema is 1"), "{err}");
     }
 
     #[test]

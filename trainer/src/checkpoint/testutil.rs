@@ -76,6 +76,7 @@ pub(super) fn state(step: u64) -> TrainState {
         restores: 1,
         val_since_best: 0,
         val_rises: 0,
+        ema: None,
     }
 }
 
@@ -100,6 +101,7 @@ pub(super) fn make(model: ModelConfig, seed: u64, step: u64) -> Checkpoint {
         params,
         adam_m,
         adam_v,
+        trained: None,
         state: state(step),
     }
 }
@@ -114,6 +116,10 @@ pub(super) fn assert_same(a: &Checkpoint, b: &Checkpoint) {
     assert_eq!(bits(&a.params), bits(&b.params));
     assert_eq!(bits(&a.adam_m), bits(&b.adam_m));
     assert_eq!(bits(&a.adam_v), bits(&b.adam_v));
+    assert_eq!(
+        a.trained.as_deref().map(bits),
+        b.trained.as_deref().map(bits)
+    );
 }
 
 pub(super) fn names(dir: &Path) -> Vec<String> {

@@ -33,6 +33,9 @@ pub(super) fn check_state(s: &TrainState) -> Result<(), String> {
             return Err(format!("{name} is {v}, not a finite number"));
         }
     }
+    if let Some(d) = s.ema.filter(|d| !(*d > 0.0 && *d < 1.0)) {
+        return Err(format!("ema is {d}, not a decay between 0 and 1"));
+    }
     Ok(())
 }
 
@@ -142,11 +145,30 @@ pub(super) fn validate_for_save(ckpt: &Checkpoint) -> Result<Vec<TensorSpec>, Ch
         .to_arch()
         .map_err(|e| CheckpointError::Invalid(format!("model configuration: {e}")))?;
     let specs = tensor_specs(&arch);
-    let groups = [
+    if ckpt.trained.is_some() != ckpt.state.ema.is_some() {
+        return Err(CheckpointError::Invalid(format!(
+            "the state says the run {} a weight average, but the checkpoint {} the trained \
+             weights beside it",
+            if ckpt.state.ema.is_some() {
+                "keeps"
+            } else {
+                "keeps no"
+            },
+            if ckpt.trained.is_some() {
+                "has"
+            } else {
+                "lacks"
+            }
+        )));
+    }
+    let mut groups = vec![
         ("params", "", &ckpt.params, Values::Finite),
         ("adam_m", "m.", &ckpt.adam_m, Values::Finite),
         ("adam_v", "v.", &ckpt.adam_v, Values::NonNegative),
     ];
+    if let Some(w) = &ckpt.trained {
+        groups.push(("trained", "w.", w, Values::Finite));
+    }
     for (group, prefix, tensors, allowed) in groups {
         if tensors.len() != specs.len() {
             return Err(CheckpointError::Invalid(format!(
@@ -192,6 +214,7 @@ mod tests {
             params: Vec::new(),
             adam_m: Vec::new(),
             adam_v: Vec::new(),
+            trained: None,
             state: state(1),
         };
         let path = Path::new("RUN/checkpoints/step-00000001");

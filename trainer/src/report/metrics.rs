@@ -38,6 +38,15 @@ pub struct MetricRecord {
         deserialize_with = "float_repr::de_opt"
     )]
     pub val_bpd: Option<f64>,
+    /// Validation loss of the trained weights, when `val_bpd` scores their moving average
+    /// (`--ema`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "float_repr::ser_opt",
+        deserialize_with = "float_repr::de_opt"
+    )]
+    pub val_trained_bpd: Option<f64>,
     /// Training throughput.
     #[serde(
         default,

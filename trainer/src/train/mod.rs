@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod average;
 mod clock;
 mod run;
 mod steps;
@@ -119,6 +120,11 @@ pub struct TrainConfig {
     /// photos; validation images are never mirrored).
     #[serde(default)]
     pub flip: bool,
+    /// Keep an exponential moving average of the weights with this decay (Polyak
+    /// averaging, `average.rs`): validation, the best checkpoint, the samples and the saved
+    /// model use the average; training continues from the trained weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f32>,
 }
 
 fn default_val_split() -> usize {
@@ -161,6 +167,7 @@ impl TrainConfig {
             crops_per_image: default_crops_per_image(),
             early_stop: None,
             flip: false,
+            ema: None,
         }
     }
 }
@@ -170,8 +177,11 @@ impl TrainConfig {
 pub struct Outcome {
     /// Steps taken in total (including before a resume).
     pub steps: u64,
-    /// Final validation bits/dim.
+    /// Final validation bits/dim (of the weight average, when the run keeps one).
     pub val_bpd: f64,
+    /// Final validation bits/dim of the trained weights, when `val_bpd` scores their
+    /// average (`--ema`).
+    pub val_trained_bpd: Option<f64>,
     /// Validation images scored.
     pub val_images: usize,
     /// Mean training throughput of this session, images/s over all ranks.
@@ -192,6 +202,14 @@ pub struct Outcome {
     pub early_stop: Option<String>,
     /// Samples of the final grid that came out non-finite.
     pub nonfinite_samples: usize,
+}
+
+/// What a validation line adds when it scored a weight average: the trained weights'
+/// score (`--ema`); empty without an average.
+pub fn trained_note(v_trained: Option<f64>) -> String {
+    v_trained
+        .map(|t| format!(" (weight average; the trained weights {t:.4})"))
+        .unwrap_or_default()
 }
 
 /// The run's best-validation checkpoint.
@@ -269,6 +287,7 @@ fn state_of(cfg: &TrainConfig, world_size: usize) -> TrainState {
         restores: 0,
         val_since_best: 0,
         val_rises: 0,
+        ema: cfg.ema,
     }
 }
 
@@ -367,6 +386,11 @@ fn check_inputs(
     }
     if cfg.early_stop == Some(0) {
         bail!("early stopping needs at least 1 validation without improvement (got 0)");
+    }
+    if let Some(d) = cfg.ema {
+        if !(d > 0.0 && d < 1.0) {
+            bail!("the weight average's decay must be between 0 and 1 (got {d}); 0.999 is usual");
+        }
     }
     Ok(arch)
 }

@@ -1,6 +1,7 @@
 //! A run's state on the device and on disk: start, resume, checkpoints, restores after
 //! divergence, the learning rate and the Adam update.
 
+use super::average;
 use super::clock::Clock;
 use super::MAX_RESTORES_IN_A_ROW;
 use super::{config_path, dequantize_batch, metrics_path, state_of, Progress, TrainConfig};
@@ -46,6 +47,8 @@ pub(super) struct Run<'a> {
     pub(super) metrics: Option<MetricsLog>,
     pub(super) flow: Flow,
     pub(super) adam: Adam,
+    /// The moving average of the weights (`--ema`), shaped like them.
+    pub(super) ema: Option<Vec<Buffer>>,
     pub(super) grads: Vec<Buffer>,
     /// The 1x1 convolutions' permutations and signs are fixed: the optimiser skips them.
     pub(super) trainable: Vec<bool>,
@@ -62,7 +65,8 @@ pub(super) struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    /// Everything but the parameters, the optimiser moments and the state.
+    /// A run on `params` (the trained weights), with Adam's moments (zero when `None`) and
+    /// the weight average `ema` (a copy of `params` when `None` and the run keeps one).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn with(
         backend: Arc<dyn Backend>,
@@ -72,6 +76,7 @@ impl<'a> Run<'a> {
         run_dir: &'a Path,
         params: &[Vec<f32>],
         adam_host: Option<Moments>,
+        ema: Option<&[Vec<f32>]>,
         state: TrainState,
     ) -> Result<Run<'a>> {
         let metrics_path = metrics_path(run_dir);
@@ -93,6 +98,11 @@ impl<'a> Run<'a> {
         };
         let grads = flow.zeros_like_params()?;
         let trainable = flow.trainable();
+        let ema = match (cfg.ema, ema) {
+            (None, _) => None,
+            (Some(_), Some(host)) => Some(upload_all(backend.as_ref(), host)?),
+            (Some(_), None) => Some(average::copies(backend.as_ref(), &flow.params)?),
+        };
         Ok(Run {
             backend,
             comm,
@@ -103,6 +113,7 @@ impl<'a> Run<'a> {
             metrics,
             flow,
             adam,
+            ema,
             grads,
             trainable,
             state,
@@ -130,6 +141,9 @@ impl<'a> Run<'a> {
         self.comm.broadcast(be, &mut self.flow.params)?;
         self.comm.broadcast(be, &mut self.adam.m)?;
         self.comm.broadcast(be, &mut self.adam.v)?;
+        if let Some(ema) = &mut self.ema {
+            self.comm.broadcast(be, ema)?;
+        }
         self.state = collective::broadcast_json(self.comm, &self.state)?;
         Ok(())
     }
@@ -163,7 +177,9 @@ impl<'a> Run<'a> {
         }
         let params = init_params(&arch, cfg.seed);
         let state = state_of(cfg, comm.size());
-        let mut run = Run::with(backend, comm, cfg, arch, run_dir, &params, None, state)?;
+        let mut run = Run::with(
+            backend, comm, cfg, arch, run_dir, &params, None, None, state,
+        )?;
         if arch.glow && run.is_root() {
             // ActNorm's data-dependent initialisation on the first global batch (the one
             // step 0 will see), before the step-0 checkpoint so a resume never redoes it.
@@ -178,6 +194,10 @@ impl<'a> Run<'a> {
                 "ActNorm initialised from {n} images (initial loss {:.4} bits/dim)",
                 stats.mean_bpd
             ));
+        }
+        if let Some(ema) = &mut run.ema {
+            // The average starts at the initialised weights (ActNorm's included).
+            *ema = average::copies(run.backend.as_ref(), &run.flow.params)?;
         }
         run.share_rank0()?;
         // Step 0: there is always a last good checkpoint to go back to.
@@ -205,6 +225,7 @@ impl<'a> Run<'a> {
                 arch,
                 run_dir,
                 &params,
+                None,
                 None,
                 state_of(cfg, comm.size()),
             )?;
@@ -245,8 +266,14 @@ impl<'a> Run<'a> {
         if metrics_path.exists() {
             report::truncate_after_step(&metrics_path, c.state.step)?;
         }
+        let (trained, ema) = split_average(c.params, c.trained);
         let adam = Some((c.adam_m, c.adam_v));
-        let mut run = Run::with(backend, comm, cfg, arch, run_dir, &c.params, adam, c.state)?;
+        let mut state = c.state;
+        state.ema = cfg.ema;
+        let ema = ema.as_deref();
+        let mut run = Run::with(
+            backend, comm, cfg, arch, run_dir, &trained, adam, ema, state,
+        )?;
         run.share_rank0()?;
         run.state.world_size = comm.size();
         Ok(run)
@@ -277,9 +304,15 @@ impl<'a> Run<'a> {
             return Ok(None);
         }
         let key = Self::save_key(&self.state);
+        let trained = self.flow.params_host()?;
+        let (params, trained) = match &self.ema {
+            Some(ema) => (to_host(self.backend.as_ref(), ema)?, Some(trained)),
+            None => (trained, None),
+        };
         let ck = Checkpoint {
             model: self.cfg.model.clone(),
-            params: self.flow.params_host()?,
+            params,
+            trained,
             adam_m: to_host(self.backend.as_ref(), &self.adam.m)?,
             adam_v: to_host(self.backend.as_ref(), &self.adam.v)?,
             state: self.state.clone(),
@@ -334,10 +367,18 @@ impl<'a> Run<'a> {
         let mut dir = PathBuf::new();
         if self.is_root() {
             let (c, d) = checkpoint::load(self.run_dir)?;
-            self.flow.set_params(&c.params)?;
+            let (trained, ema) = split_average(c.params, c.trained);
+            self.flow.set_params(&trained)?;
             self.adam.m = upload_all(self.backend.as_ref(), &c.adam_m)?;
             self.adam.v = upload_all(self.backend.as_ref(), &c.adam_v)?;
+            if let Some(avg) = &mut self.ema {
+                *avg = match ema {
+                    Some(host) => upload_all(self.backend.as_ref(), &host)?,
+                    None => average::copies(self.backend.as_ref(), &self.flow.params)?,
+                };
+            }
             self.state = c.state;
+            self.state.ema = self.cfg.ema;
             dir = d;
         }
         self.share_rank0()?;
@@ -398,6 +439,43 @@ impl<'a> Run<'a> {
             &mut self.adam.v,
             &self.trainable,
         )?;
+        if let (Some(ema), Some(decay)) = (&mut self.ema, self.cfg.ema) {
+            average::update(
+                self.backend.as_ref(),
+                average::decay_at(decay, self.state.step),
+                &self.flow.params,
+                ema,
+                &mut self.grads,
+                &self.trainable,
+            )?;
+        }
         Ok(())
+    }
+
+    /// Runs `f` on the model with the weights it is scored and sampled with: the average
+    /// when the run keeps one (swapped in, and back out afterwards), else the trained ones.
+    pub(super) fn with_scored_weights<T>(
+        &mut self,
+        f: impl FnOnce(&mut Flow) -> Result<T>,
+    ) -> Result<T> {
+        let Some(ema) = &mut self.ema else {
+            return f(&mut self.flow);
+        };
+        std::mem::swap(&mut self.flow.params, ema);
+        let out = f(&mut self.flow);
+        std::mem::swap(&mut self.flow.params, ema);
+        out
+    }
+}
+
+/// A checkpoint's weights as (trained, average): `trained` beside the average in `params`,
+/// or `params` alone (no average).
+fn split_average(
+    params: Vec<Vec<f32>>,
+    trained: Option<Vec<Vec<f32>>>,
+) -> (Vec<Vec<f32>>, Option<Vec<Vec<f32>>>) {
+    match trained {
+        Some(t) => (t, Some(params)),
+        None => (params, None),
     }
 }

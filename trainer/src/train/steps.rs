@@ -5,7 +5,7 @@
 use super::clock::{rank0_value, Clock};
 use super::run::Run;
 use super::validation::best_checkpoint;
-use super::{dequantize_batch, Outcome, Progress};
+use super::{dequantize_batch, trained_note, Outcome, Progress};
 use crate::data::{epoch_order, mirror_images, mirrored, Dataset};
 use crate::report::{self, MetricRecord};
 use crate::sample::{self, sample_images};
@@ -151,9 +151,10 @@ impl Run<'_> {
                     .eval_steps
                     .is_some_and(|e| self.state.step.is_multiple_of(e))
             {
-                let v = self.validate(clock, val_set, None, progress)?;
+                let (v, v_trained) = self.validate(clock, val_set, None, progress)?;
+                let trained = trained_note(v_trained);
                 progress.note(&format!(
-                    "step {} (epoch {}): validation {:.4} bits/dim on {} images",
+                    "step {} (epoch {}): validation {:.4} bits/dim on {} images{trained}",
                     self.state.step,
                     epoch + 1,
                     v,
@@ -181,7 +182,7 @@ impl Run<'_> {
         val_set: &Dataset,
         progress: &mut dyn Progress,
     ) -> Result<Outcome> {
-        let v = self.validate(clock, val_set, Some("finished"), progress)?;
+        let (v, v_trained) = self.validate(clock, val_set, Some("finished"), progress)?;
         self.state.elapsed_secs = clock.elapsed();
         // Always written: the last checkpoint holds the run's whole training time.
         self.write_checkpoint(false)?;
@@ -190,7 +191,8 @@ impl Run<'_> {
         let mut nonfinite_samples = 0;
         if self.is_root() {
             let n = cfg.samples.max(1);
-            let samples = sample_images(&mut self.flow, n, cfg.temperature, cfg.seed)?;
+            let samples =
+                self.with_scored_weights(|f| Ok(sample_images(f, n, cfg.temperature, cfg.seed)?))?;
             sample::write_grid(&samples_png, &samples.pixels, n, &arch)?;
             nonfinite_samples = samples.nonfinite.len();
             if let Some(note) = samples.nonfinite_note(n) {
@@ -211,6 +213,7 @@ impl Run<'_> {
         Ok(Outcome {
             steps: self.state.step,
             val_bpd: v,
+            val_trained_bpd: v_trained,
             val_images: val_set.len(),
             images_per_sec: session_steps as f64 * global as f64 / secs.max(1e-9),
             world_size: self.comm.size(),

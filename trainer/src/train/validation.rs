@@ -13,7 +13,8 @@ use std::path::Path;
 
 impl Run<'_> {
     /// Scores the validation set and records it in the state and the metrics (with `event`,
-    /// if any, on the same line). A score below the best so far is saved at once as the
+    /// if any, on the same line). With a weight average (`--ema`) the average is scored,
+    /// and the trained weights too (returned second, and in the metrics beside it). A score below the best so far is saved at once as the
     /// run's `BEST` checkpoint. Says when validation has risen [`RISES_WORTH_A_NOTE`] times
     /// in a row, and stops the run (through `clock`) after [`TrainConfig::early_stop`]
     /// validations in a row without a new best.
@@ -23,25 +24,30 @@ impl Run<'_> {
         val_set: &Dataset,
         event: Option<&str>,
         progress: &mut dyn Progress,
-    ) -> Result<f64> {
+    ) -> Result<(f64, Option<f64>)> {
         // Each rank scores its slice of the validation set; the sums are added, so every
         // rank sees the same score and takes the same decisions below.
         let (r, n, len) = (self.comm.rank(), self.comm.size(), val_set.len());
         let slice = r * len / n..(r + 1) * len / n;
-        let mut sum = [evaluate_sum(
-            &mut self.flow,
-            val_set,
-            slice,
-            self.cfg.batch_size,
-        )?];
+        let bs = self.cfg.batch_size;
+        let scored = self.with_scored_weights(|f| evaluate_sum(f, val_set, slice.clone(), bs))?;
+        let averaged = self.ema.is_some();
+        let trained = if averaged {
+            evaluate_sum(&mut self.flow, val_set, slice, bs)?
+        } else {
+            0.0
+        };
+        let mut sum = [scored, trained];
         self.comm.all_reduce_sum_f64(&mut sum)?;
         let v = sum[0] / len as f64;
+        let v_trained = averaged.then(|| sum[1] / len as f64);
         let repeat = self.validated_at == Some(self.state.step);
         self.validated_at = Some(self.state.step);
         let improved = record_validation(&mut self.state, v, repeat);
         let elapsed = clock.elapsed();
         let mut rec = MetricRecord::new(self.state.step, self.state.epoch, elapsed);
         rec.val_bpd = Some(v);
+        rec.val_trained_bpd = v_trained;
         rec.event = event.map(str::to_string);
         self.record(&rec)?;
         if improved {
@@ -49,7 +55,7 @@ impl Run<'_> {
             self.rise_told = false;
         }
         if repeat {
-            return Ok(v);
+            return Ok((v, v_trained));
         }
         let best = self.state.best_val_bpd.unwrap_or(v);
         if self.state.val_rises >= RISES_WORTH_A_NOTE && !self.rise_told {
@@ -78,7 +84,7 @@ impl Run<'_> {
                 clock.stop.set(Some(msg));
             }
         }
-        Ok(v)
+        Ok((v, v_trained))
     }
 }
 
