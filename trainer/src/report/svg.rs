@@ -17,6 +17,8 @@ const PLOT_BOTTOM: f64 = 56.0;
 const COLOUR_TRAIN_RAW: &str = "#a6c8e6";
 const COLOUR_TRAIN_EMA: &str = "#1f5fa8";
 const COLOUR_VAL: &str = "#d9480f";
+/// The trained weights' validation, when the run scores their average (`--ema`).
+const COLOUR_VAL_TRAINED: &str = "#f2a57a";
 const COLOUR_AXIS: &str = "#333333";
 const COLOUR_GRID: &str = "#e6e6e6";
 const COLOUR_TEXT: &str = "#222222";
@@ -239,6 +241,8 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
     };
     let train = series(|r| r.train_bpd);
     let val = series(|r| r.val_bpd);
+    let val_trained = series(|r| r.val_trained_bpd);
+    let val_all: Vec<(f64, f64)> = val.iter().chain(&val_trained).copied().collect();
 
     let pw = SVG_W - PLOT_LEFT - PLOT_RIGHT;
     let ph = SVG_H - PLOT_TOP - PLOT_BOTTOM;
@@ -273,8 +277,8 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
         return s;
     }
 
-    let (x0, x1) = x_range(&train, &val);
-    let (y0, y1) = y_range(&train, &val);
+    let (x0, x1) = x_range(&train, &val_all);
+    let (y0, y1) = y_range(&train, &val_all);
     // Clamp far-off-plot coordinates so renderers never see astronomically
     // large numbers; the clip path hides them anyway.
     let px = |x: f64| left + (x - x0) / (x1 - x0) * pw;
@@ -358,7 +362,7 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
                 smooth
             };
             polyline(&mut s, &smooth, COLOUR_TRAIN_EMA, 2.2);
-            legend.push(("train (EMA)", COLOUR_TRAIN_EMA, 2.5, false));
+            legend.push(("train (smoothed)", COLOUR_TRAIN_EMA, 2.5, false));
         } else {
             // Too few points to smooth: draw them plainly, with markers.
             polyline(&mut s, &raw, COLOUR_TRAIN_EMA, 1.8);
@@ -370,6 +374,12 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
             }
             legend.push(("train", COLOUR_TRAIN_EMA, 1.8, true));
         }
+    }
+    if !val_trained.is_empty() {
+        let pts = to_px(&val_trained);
+        let pts = if many(pts.len()) { decimate(&pts) } else { pts };
+        polyline(&mut s, &pts, COLOUR_VAL_TRAINED, 1.4);
+        legend.push(("val., trained", COLOUR_VAL_TRAINED, 1.4, false));
     }
     if !val.is_empty() {
         let pts = to_px(&val);
@@ -383,7 +393,12 @@ pub fn loss_curve_svg(records: &[MetricRecord], title: &str) -> String {
                 );
             }
         }
-        legend.push(("validation", COLOUR_VAL, 1.8, true));
+        let label = if val_trained.is_empty() {
+            "validation"
+        } else {
+            "val., average"
+        };
+        legend.push((label, COLOUR_VAL, 1.8, true));
     }
     s.push_str("</g>\n");
     s.push_str(&markers);
@@ -553,6 +568,22 @@ mod tests {
     }
 
     #[test]
+    fn svg_draws_the_trained_weights_beside_their_average() {
+        let mut recs = synthetic(1000);
+        for r in recs.iter_mut().filter(|r| r.val_bpd.is_some()) {
+            r.val_trained_bpd = r.val_bpd.map(|v| v + 0.05);
+        }
+        let svg = loss_curve_svg(&recs, "t");
+        // Raw train, smoothed train, the trained weights' validation, the average's.
+        assert_eq!(svg.matches("<polyline").count(), 4, "{svg}");
+        for needle in ["val., trained", "val., average", COLOUR_VAL_TRAINED] {
+            assert!(svg.contains(needle), "missing {needle}");
+        }
+        let plain = loss_curve_svg(&synthetic(1000), "t");
+        assert!(!plain.contains(COLOUR_VAL_TRAINED) && plain.contains(">validation<"));
+    }
+
+    #[test]
     fn svg_normal_data() {
         let recs = synthetic(1000);
         let title = "MNIST <realnvp> & \"friends\"";
@@ -560,7 +591,7 @@ mod tests {
         check_svg(&svg, "MNIST &lt;realnvp&gt; &amp; &quot;friends&quot;");
         // Raw train, EMA, validation.
         assert_eq!(svg.matches("<polyline").count(), 3, "{svg}");
-        for needle in ["step", "bits/dim", "train (EMA)", "validation", "final val"] {
+        for needle in ["step", "bits/dim", "train (smoothed)", "validation", "final val"] {
             assert!(svg.contains(needle), "missing {needle}");
         }
         // The final validation value is reported.
