@@ -591,7 +591,13 @@ mod tests {
         check_svg(&svg, "MNIST &lt;realnvp&gt; &amp; &quot;friends&quot;");
         // Raw train, EMA, validation.
         assert_eq!(svg.matches("<polyline").count(), 3, "{svg}");
-        for needle in ["step", "bits/dim", "train (smoothed)", "validation", "final val"] {
+        for needle in [
+            "step",
+            "bits/dim",
+            "train (smoothed)",
+            "validation",
+            "final val",
+        ] {
             assert!(svg.contains(needle), "missing {needle}");
         }
         // The final validation value is reported.

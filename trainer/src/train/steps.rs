@@ -192,7 +192,7 @@ impl Run<'_> {
         if self.is_root() {
             let n = cfg.samples.max(1);
             let samples =
-                self.with_scored_weights(|f| Ok(sample_images(f, n, cfg.temperature, cfg.seed)?))?;
+                self.with_scored_weights(|f| sample_images(f, n, cfg.temperature, cfg.seed))?;
             sample::write_grid(&samples_png, &samples.pixels, n, &arch)?;
             nonfinite_samples = samples.nonfinite.len();
             if let Some(note) = samples.nonfinite_note(n) {
