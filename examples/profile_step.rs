@@ -461,6 +461,19 @@ impl Optimiser for Timed {
             || self.inner.adam(hp, param, grad, m, v),
         )
     }
+    fn ema_all(
+        &self,
+        weight: f32,
+        params: &[Buffer],
+        avg: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()> {
+        self.time(
+            || "opt: weight average".into(),
+            0,
+            || self.inner.ema_all(weight, params, avg, trainable),
+        )
+    }
 }
 
 /// Command-line options.

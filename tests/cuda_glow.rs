@@ -215,13 +215,16 @@ fn settled_params(arch: &Arch, seed: u64) -> Vec<Vec<f32>> {
 }
 
 /// A model with its optimiser, stepped as `train/steps.rs` steps it (forward, backward, the
-/// gradient norm with `sum_squares_all`, `adam_all` on the trainable tensors).
+/// gradient norm with `sum_squares_all`, `adam_all` on the trainable tensors, and the weight
+/// average's `ema_all` as with `--ema`, counted with the rest; `tests/cuda_parity.rs` checks
+/// its values).
 struct Trainer {
     backend: Arc<dyn Backend>,
     flow: Flow,
     grads: Vec<Buffer>,
     m: Vec<Buffer>,
     v: Vec<Buffer>,
+    avg: Vec<Buffer>,
     trainable: Vec<bool>,
     step: u64,
 }
@@ -232,7 +235,17 @@ impl Trainer {
         if arch.glow {
             flow.data_init(init, init.len() / arch.dim()).unwrap();
         }
+        let avg = flow
+            .params
+            .iter()
+            .map(|p| {
+                let mut a = backend.zeros(p.len()).unwrap();
+                backend.copy(p, &mut a).unwrap();
+                a
+            })
+            .collect();
         Trainer {
+            avg,
             grads: flow.zeros_like_params().unwrap(),
             m: flow.zeros_like_params().unwrap(),
             v: flow.zeros_like_params().unwrap(),
@@ -273,6 +286,8 @@ impl Trainer {
             &self.trainable,
         )
         .unwrap();
+        b.ema_all(0.1, &self.flow.params, &mut self.avg, &self.trainable)
+            .unwrap();
         (stats.mean_bpd, norm)
     }
 

@@ -953,7 +953,7 @@ fn backend_gemm_convolutions_match_cpu() {
 }
 
 #[test]
-fn backend_elementwise_reductions_and_adam_match_cpu() {
+fn backend_elementwise_reductions_adam_and_the_weight_average_match_cpu() {
     let mut rng = Pcg32::new(12);
     for n in [1usize, 300, 5000] {
         let x = rand_vec(&mut rng, n, -2.0, 2.0);
@@ -1003,6 +1003,12 @@ fn backend_elementwise_reductions_and_adam_match_cpu() {
                     .unwrap();
             }
             let all = b.sum_squares_all(&gs).unwrap();
+            // The weight average on the same tensors (the second skipped), in one launch.
+            let mut avg: Vec<Buffer> = [&y0, &g, &x].iter().map(|t| up(b, t)).collect();
+            for weight in [0.3, 0.05] {
+                b.ema_all(weight, &ps, &mut avg, &[true, false, true])
+                    .unwrap();
+            }
             let mut out = vec![
                 a,
                 r,
@@ -1016,6 +1022,7 @@ fn backend_elementwise_reductions_and_adam_match_cpu() {
             for k in 0..3 {
                 out.extend([down(b, &ps[k]), down(b, &ms[k]), down(b, &vs[k])]);
             }
+            out.extend(avg.iter().map(|a| down(b, a)));
             out
         });
     }

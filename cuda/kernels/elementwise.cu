@@ -168,3 +168,17 @@ extern "C" __global__ void __launch_bounds__(256)
         param[i] -= step * mi / (sqrtf(vi / bc2) + eps);
     }
 }
+
+// The weight average (`--ema`) on several tensors in one launch: block b reads its task, 8 u64
+// at tasks[8b]: (param, avg addresses, 0, 0, length n, g, G, 0), and moves the elements
+// i = g * 256 + t + k * G * 256 of avg toward param: avg += weight * (param - avg).
+extern "C" __global__ void __launch_bounds__(256)
+    cf_ema_multi(float weight, const unsigned long long* __restrict__ tasks) {
+    const unsigned long long* task = tasks + 8 * (cf_u64)blockIdx.x;
+    const float* param = reinterpret_cast<const float*>(task[0]);
+    float* avg = reinterpret_cast<float*>(task[1]);
+    const unsigned n = (unsigned)task[4], g = (unsigned)task[5], G = (unsigned)task[6];
+    for (unsigned i = g * 256 + threadIdx.x; i < n; i += G * 256) {
+        avg[i] += weight * (param[i] - avg[i]);
+    }
+}

@@ -407,7 +407,7 @@ mod tests {
                 count += 1;
             }
         }
-        assert_eq!(count, 39, "kernels in cuda/kernels");
+        assert_eq!(count, 40, "kernels in cuda/kernels");
         assert_eq!(signature("cf_axpy").as_deref(), Some("ifpp"));
         assert_eq!(signature("nope"), None);
     }

@@ -176,6 +176,26 @@ pub(crate) fn check_adam_all(
     Ok(())
 }
 
+/// Checks that the slices of [`Optimiser::ema_all`](super::Optimiser::ema_all) have one
+/// length, and each average its tensor's.
+pub(crate) fn check_ema_all(params: &[Buffer], avg: &[Buffer], trainable: &[bool]) -> Result<()> {
+    let n = params.len();
+    for (what, len) in [("avg", avg.len()), ("trainable", trainable.len())] {
+        if len != n {
+            return Err(BackendError::Size {
+                op: "ema_all",
+                what,
+                expected: n,
+                got: len,
+            });
+        }
+    }
+    for (p, a) in params.iter().zip(avg) {
+        expect_len("ema_all", "avg", a, p.len())?;
+    }
+    Ok(())
+}
+
 /// Checks the buffers of an ActNorm op: per-channel `logs` and `bias`, a `shape` tensor `x`.
 pub(crate) fn check_actnorm(
     op: &'static str,

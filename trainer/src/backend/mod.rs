@@ -260,6 +260,16 @@ pub trait Optimiser {
         v: &mut [Buffer],
         trainable: &[bool],
     ) -> Result<()>;
+    /// The weight average's update on every tensor `i` with `trainable[i]` (all slices of one
+    /// length): `avg[i] += weight * (params[i] - avg[i])`; a device does them all in one
+    /// launch.
+    fn ema_all(
+        &self,
+        weight: f32,
+        params: &[Buffer],
+        avg: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()>;
 }
 
 /// The operations a compute device provides to the model, in four op groups ([`Memory`],

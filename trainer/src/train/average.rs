@@ -12,9 +12,9 @@
 //! trained weights (saved beside the average, `checkpoint`). Glow's own code averages the
 //! weights it evaluates in the same way (`polyak_epochs`).
 //!
-//! The update uses only [`Memory`](crate::backend::Memory)'s `copy` and `axpy`, so every
-//! backend runs it without a kernel of its own; ranks hold the same weights, so they hold
-//! the same average without communicating.
+//! The update is the backend's [`Optimiser::ema_all`](crate::backend::Optimiser::ema_all)
+//! (one launch on a GPU for every tensor, like Adam's); ranks hold the same weights, so they
+//! hold the same average without communicating.
 
 use crate::backend::{Backend, Buffer, Result};
 
@@ -24,30 +24,17 @@ pub(super) fn decay_at(decay: f32, t: u64) -> f32 {
     decay.min(ramp as f32)
 }
 
-/// One update of the average of every trainable tensor: `avg += (1 - d) (w - avg)`.
-/// `scratch` (shaped like the weights) holds `w - avg` on the way: the gradients, which the
-/// next backward pass overwrites. Fixed tensors (the 1x1 convolutions' permutations and
-/// signs) never change, so their average stays the copy it started as.
+/// One update of the average of every trainable tensor with decay `d`:
+/// `avg += (1 - d) (w - avg)`. Fixed tensors (the 1x1 convolutions' permutations and signs)
+/// never change, so their average stays the copy it started as.
 pub(super) fn update(
     backend: &dyn Backend,
     d: f32,
     weights: &[Buffer],
     avg: &mut [Buffer],
-    scratch: &mut [Buffer],
     trainable: &[bool],
 ) -> Result<()> {
-    for (((w, a), s), _) in weights
-        .iter()
-        .zip(avg.iter_mut())
-        .zip(scratch.iter_mut())
-        .zip(trainable)
-        .filter(|t| *t.1)
-    {
-        backend.copy(w, s)?;
-        backend.axpy(-1.0, a, s)?;
-        backend.axpy(1.0 - d, s, a)?;
-    }
-    Ok(())
+    backend.ema_all(1.0 - d, weights, avg, trainable)
 }
 
 /// Copies of `weights` on the backend: the average at its start.
@@ -81,15 +68,14 @@ mod tests {
         let be = CpuBackend;
         let weights = vec![be.upload(&[1.0, 3.0]).unwrap(), be.upload(&[5.0]).unwrap()];
         let mut avg = vec![be.upload(&[0.0, 1.0]).unwrap(), be.upload(&[7.0]).unwrap()];
-        let mut scratch = vec![be.zeros(2).unwrap(), be.zeros(1).unwrap()];
-        update(&be, 0.75, &weights, &mut avg, &mut scratch, &[true, false]).unwrap();
+        update(&be, 0.75, &weights, &mut avg, &[true, false]).unwrap();
         // 0 + 0.25 (1 - 0), 1 + 0.25 (3 - 1); the fixed tensor is left alone.
         assert_eq!(be.download(&avg[0]).unwrap(), vec![0.25, 1.5]);
         assert_eq!(be.download(&avg[1]).unwrap(), vec![7.0]);
         // The weights are untouched; repeated updates converge on them.
         assert_eq!(be.download(&weights[0]).unwrap(), vec![1.0, 3.0]);
         for _ in 0..200 {
-            update(&be, 0.75, &weights, &mut avg, &mut scratch, &[true, false]).unwrap();
+            update(&be, 0.75, &weights, &mut avg, &[true, false]).unwrap();
         }
         let a = be.download(&avg[0]).unwrap();
         assert!(
@@ -98,5 +84,8 @@ mod tests {
         );
         let c = copies(&be, &weights).unwrap();
         assert_eq!(be.download(&c[1]).unwrap(), vec![5.0]);
+        // Slices of different lengths are refused.
+        assert!(update(&be, 0.75, &weights, &mut avg[..1], &[true, false]).is_err());
+        assert!(update(&be, 0.75, &weights, &mut avg, &[true]).is_err());
     }
 }

@@ -445,7 +445,6 @@ impl<'a> Run<'a> {
                 average::decay_at(decay, self.state.step),
                 &self.flow.params,
                 ema,
-                &mut self.grads,
                 &self.trainable,
             )?;
         }

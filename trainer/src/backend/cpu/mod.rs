@@ -743,6 +743,34 @@ impl Optimiser for CpuBackend {
         }
         Ok(())
     }
+
+    fn ema_all(
+        &self,
+        weight: f32,
+        params: &[Buffer],
+        avg: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()> {
+        let op = "ema_all";
+        check::check_ema_all(params, avg, trainable)?;
+        for ((p, a), _) in params
+            .iter()
+            .zip(avg.iter_mut())
+            .zip(trainable)
+            .filter(|t| *t.1)
+        {
+            let p = host(op, p)?;
+            host_mut(op, a)?
+                .par_chunks_mut(CHUNK)
+                .zip(p.par_chunks(CHUNK))
+                .for_each(|(a, p)| {
+                    for (a, p) in a.iter_mut().zip(p) {
+                        *a += weight * (p - *a);
+                    }
+                });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! [`Optimiser`] on the CUDA backend: Adam, per tensor and multi-tensor.
 
 use super::{int, CudaBackend, KernelDevice, LaunchCfg, Param, BLOCK};
-use crate::backend::check::{self, check_adam_all};
+use crate::backend::check::{self, check_adam_all, check_ema_all};
 use crate::backend::{AdamStep, Buffer, Optimiser, Result};
 
 impl<D: KernelDevice> Optimiser for CudaBackend<D> {
@@ -102,5 +102,49 @@ impl<D: KernelDevice> Optimiser for CudaBackend<D> {
             shared_bytes: 0,
         };
         self.dev.launch("cf_adam_multi", cfg, &p)
+    }
+
+    fn ema_all(
+        &self,
+        weight: f32,
+        params: &[Buffer],
+        avg: &mut [Buffer],
+        trainable: &[bool],
+    ) -> Result<()> {
+        let op = "ema_all";
+        check_ema_all(params, avg, trainable)?;
+        // One launch, with cf_adam_multi's task layout: (param, avg, 0, 0, n, g, G, 0).
+        let mut words = Vec::new();
+        for ((p, a), _) in params
+            .iter()
+            .zip(avg.iter_mut())
+            .zip(trainable)
+            .filter(|t| *t.1)
+        {
+            let n = p.len();
+            if n == 0 {
+                continue;
+            }
+            int(op, "length", n)?;
+            let blocks = n.div_ceil(BLOCK as usize).min(4096) as u64;
+            let addrs = [self.dev.ptr(p)?, self.dev.ptr_mut(a)?];
+            for b in 0..blocks {
+                words.extend(addrs);
+                words.extend([0, 0, n as u64, b, blocks, 0]);
+            }
+        }
+        let total = words.len() / 8;
+        if total == 0 {
+            return Ok(());
+        }
+        int(op, "blocks", total)?;
+        let tasks = self.task_table("ema", words)?;
+        let p = [Param::F32(weight), Param::Ptr(tasks)];
+        let cfg = LaunchCfg {
+            grid: (total as u32, 1, 1),
+            block: (BLOCK, 1, 1),
+            shared_bytes: 0,
+        };
+        self.dev.launch("cf_ema_multi", cfg, &p)
     }
 }
