@@ -157,16 +157,24 @@ pub(crate) fn check_adam_all(
     v: &[Buffer],
     trainable: &[bool],
 ) -> Result<()> {
-    let n = params.len();
-    for (what, len) in [
-        ("grads", grads.len()),
-        ("m", m.len()),
-        ("v", v.len()),
-        ("trainable", trainable.len()),
-    ] {
+    same_count(
+        "adam_all",
+        params.len(),
+        &[
+            ("grads", grads.len()),
+            ("m", m.len()),
+            ("v", v.len()),
+            ("trainable", trainable.len()),
+        ],
+    )
+}
+
+/// Checks that each slice of a multi-tensor op named in `lens` has `n` entries.
+fn same_count(op: &'static str, n: usize, lens: &[(&'static str, usize)]) -> Result<()> {
+    for &(what, len) in lens {
         if len != n {
             return Err(BackendError::Size {
-                op: "adam_all",
+                op,
                 what,
                 expected: n,
                 got: len,
@@ -179,17 +187,11 @@ pub(crate) fn check_adam_all(
 /// Checks that the slices of [`Optimiser::ema_all`](super::Optimiser::ema_all) have one
 /// length, and each average its tensor's.
 pub(crate) fn check_ema_all(params: &[Buffer], avg: &[Buffer], trainable: &[bool]) -> Result<()> {
-    let n = params.len();
-    for (what, len) in [("avg", avg.len()), ("trainable", trainable.len())] {
-        if len != n {
-            return Err(BackendError::Size {
-                op: "ema_all",
-                what,
-                expected: n,
-                got: len,
-            });
-        }
-    }
+    same_count(
+        "ema_all",
+        params.len(),
+        &[("avg", avg.len()), ("trainable", trainable.len())],
+    )?;
     for (p, a) in params.iter().zip(avg) {
         expect_len("ema_all", "avg", a, p.len())?;
     }

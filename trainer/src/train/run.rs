@@ -268,11 +268,9 @@ impl<'a> Run<'a> {
         }
         let (trained, ema) = split_average(c.params, c.trained);
         let adam = Some((c.adam_m, c.adam_v));
-        let mut state = c.state;
-        state.ema = cfg.ema;
         let ema = ema.as_deref();
         let mut run = Run::with(
-            backend, comm, cfg, arch, run_dir, &trained, adam, ema, state,
+            backend, comm, cfg, arch, run_dir, &trained, adam, ema, c.state,
         )?;
         run.share_rank0()?;
         run.state.world_size = comm.size();
@@ -304,6 +302,11 @@ impl<'a> Run<'a> {
             return Ok(None);
         }
         let key = Self::save_key(&self.state);
+        // The saved state says whether the model file holds an average, so the loader knows
+        // to read the trained weights beside it: set here, where both are written (a
+        // resumed checkpoint's own flag may predate this session's settings).
+        let mut state = self.state.clone();
+        state.ema = self.cfg.ema;
         let trained = self.flow.params_host()?;
         let (params, trained) = match &self.ema {
             Some(ema) => (to_host(self.backend.as_ref(), ema)?, Some(trained)),
@@ -315,7 +318,7 @@ impl<'a> Run<'a> {
             trained,
             adam_m: to_host(self.backend.as_ref(), &self.adam.m)?,
             adam_v: to_host(self.backend.as_ref(), &self.adam.v)?,
-            state: self.state.clone(),
+            state,
         };
         let dir = if best {
             checkpoint::save_best(self.run_dir, &ck, self.cfg.keep)?
@@ -378,7 +381,6 @@ impl<'a> Run<'a> {
                 };
             }
             self.state = c.state;
-            self.state.ema = self.cfg.ema;
             dir = d;
         }
         self.share_rank0()?;

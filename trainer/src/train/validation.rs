@@ -14,8 +14,8 @@ use std::path::Path;
 impl Run<'_> {
     /// Scores the validation set and records it in the state and the metrics (with `event`,
     /// if any, on the same line). With a weight average (`--ema`) the average is scored,
-    /// and the trained weights too (returned second, and in the metrics beside it). A score below the best so far is saved at once as the
-    /// run's `BEST` checkpoint. Says when validation has risen [`RISES_WORTH_A_NOTE`] times
+    /// and the trained weights too (returned second, and in the metrics beside it). A score
+    /// below the best so far is saved at once as the run's `BEST` checkpoint. Says when validation has risen [`RISES_WORTH_A_NOTE`] times
     /// in a row, and stops the run (through `clock`) after [`TrainConfig::early_stop`]
     /// validations in a row without a new best.
     pub(super) fn validate(
