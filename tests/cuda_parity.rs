@@ -1238,6 +1238,7 @@ fn training_step_matches_cpu() {
         hidden: [3, 4],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: 0.0,
     };
     let cases = [

@@ -72,6 +72,7 @@ fn kernel_blobs() -> Vec<(String, Vec<u8>)> {
         hidden: [3, 5],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: 0.0,
     };
     let archs = [

@@ -65,6 +65,7 @@ fn small_arch() -> impl Strategy<Value = Arch> {
             hidden: [h0, h1],
             bits: 8,
             logit_alpha: 0.05,
+            prior: false,
             scale_floor: 0.0,
         })
 }
@@ -103,6 +104,7 @@ fn glow_arch() -> impl Strategy<Value = Arch> {
                     hidden: [h0, h1],
                     bits: 8,
                     logit_alpha: 0.05,
+                    prior: false,
                     scale_floor: if glow {
                         clayflow_kernel::GLOW_SCALE_FLOOR
                     } else {

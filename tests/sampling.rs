@@ -17,6 +17,7 @@ use clayflow_suite::{blob, random_params};
 fn arch(scale_floor: f32) -> Arch {
     Arch {
         hidden: [8, 8],
+        prior: false,
         scale_floor,
         ..MNIST_GLOW
     }

@@ -50,6 +50,7 @@ fn arch() -> impl Strategy<Value = Arch> {
                 hidden: [h0, h1],
                 bits: 8,
                 logit_alpha: 0.05,
+                prior: false,
                 scale_floor: 0.0,
             }
         })

@@ -133,6 +133,14 @@ pub struct Arch {
     /// inverse expands at most `1/f`-fold. `0` is Glow's unfloored sigmoid (models before
     /// 2026-12-06); [`GLOW_SCALE_FLOOR`] in the Glow presets. Always `0` without Glow steps.
     pub scale_floor: f32,
+    /// Glow's learned prior (needs [`Arch::glow`]): at the end of every level but the last,
+    /// before the split, an affine coupling on the channels that leave (the odd ones),
+    /// conditioned on those that stay (the even ones) through one 3x3 convolution with the
+    /// seed's bounded scale `s = scale * tanh(s_raw)` (Glow's split prior
+    /// `N(mu(kept), sigma(kept))` with `sigma = exp(-s)`, `mu = -t exp(-s)`); and after the
+    /// last level a per-channel affine (the learned top prior, an ActNorm). Both start as the
+    /// identity (zero convolution, zero ActNorm). `false` in models before 2026-12-07.
+    pub prior: bool,
 }
 
 /// The scale floor of the Glow presets, `1/16`: measured on a trained `mnist-glow`, fewer
@@ -190,6 +198,7 @@ pub const MNIST: Arch = Arch {
     hidden: [8, 64],
     bits: 8,
     logit_alpha: 0.05,
+    prior: false,
     scale_floor: 0.0,
 };
 
@@ -209,6 +218,7 @@ pub const COLOR: Arch = Arch {
     hidden: [24, 192],
     bits: 8,
     logit_alpha: 0.05,
+    prior: false,
     scale_floor: 0.0,
 };
 
@@ -228,6 +238,7 @@ pub const MNIST_GLOW: Arch = Arch {
     hidden: [64, 64],
     bits: 8,
     logit_alpha: 0.05,
+    prior: false,
     scale_floor: GLOW_SCALE_FLOOR,
 };
 
@@ -247,6 +258,7 @@ pub const COLOR_GLOW: Arch = Arch {
     hidden: [224, 224],
     bits: 8,
     logit_alpha: 0.05,
+    prior: false,
     scale_floor: GLOW_SCALE_FLOOR,
 };
 
@@ -554,6 +566,7 @@ impl Arch {
             hidden: self.hidden,
             bits: self.bits,
             logit_alpha: self.logit_alpha,
+            prior: self.prior,
             scale_floor: self.scale_floor,
         }
     }
@@ -807,6 +820,7 @@ mod tests {
         assert_eq!(MNIST.scale_floor.to_bits(), 0);
         for ok in [0.0f32, 1.0 / 1024.0, 0.0625, 0.5] {
             let a = Arch {
+                prior: false,
                 scale_floor: ok,
                 ..MNIST_GLOW
             };
@@ -815,6 +829,7 @@ mod tests {
         // Negative zero, NaN, infinite, above 1/2, negative, not an f16 value.
         for bad in [-0.0f32, f32::NAN, f32::INFINITY, 0.75, -0.0625, 0.1] {
             let a = Arch {
+                prior: false,
                 scale_floor: bad,
                 ..MNIST_GLOW
             };
@@ -823,6 +838,7 @@ mod tests {
         }
         // Only Glow couplings have a floor.
         let a = Arch {
+            prior: false,
             scale_floor: 0.0625,
             ..MNIST
         };
@@ -860,6 +876,7 @@ mod tests {
             hidden: [4096, 4096],
             bits: 8,
             logit_alpha: 0.05,
+            prior: false,
             scale_floor: 0.0,
         };
         assert!(a.dim() <= MAX_DIM && a.param_count() <= MAX_PARAMS);
@@ -919,6 +936,7 @@ mod tests {
                 hidden,
                 bits: 8,
                 logit_alpha: 0.05,
+                prior: false,
                 scale_floor: if glow { GLOW_SCALE_FLOOR } else { 0.0 },
             };
             let _ = (a.param_count(), scratch_len(&a), image_len(&a), a.coupling_offset(j));

@@ -413,6 +413,7 @@ mod tests {
             hidden: [4, 6],
             bits: 8,
             logit_alpha: 0.05,
+            prior: false,
             scale_floor: 0.0,
         }
     }
@@ -655,6 +656,7 @@ mod tests {
             hidden: [4, 6],
             bits: 8,
             logit_alpha: 0.05,
+            prior: false,
             scale_floor: crate::GLOW_SCALE_FLOOR,
         };
         let mut checker = Arch {
@@ -685,6 +687,7 @@ mod tests {
                 name,
                 Arch {
                     glow: false,
+                    prior: false,
                     scale_floor: 0.0,
                     ..a
                 },

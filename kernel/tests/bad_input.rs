@@ -27,6 +27,7 @@ fn arch() -> Arch {
         hidden: [3, 5],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: 0.0,
     }
 }

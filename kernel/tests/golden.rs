@@ -52,6 +52,7 @@ const MODEL_A: Arch = Arch {
     hidden: [4, 5],
     bits: 8,
     logit_alpha: 0.05,
+    prior: false,
     scale_floor: 0.0,
 };
 
@@ -68,6 +69,7 @@ const MODEL_B: Arch = Arch {
     hidden: [3, 4],
     bits: 5,
     logit_alpha: 0.1,
+    prior: false,
     scale_floor: 0.0,
 };
 

@@ -73,6 +73,10 @@ pub struct ModelConfig {
     /// written before it existed, which had none (0).
     #[serde(default)]
     pub scale_floor: f32,
+    /// Glow's learned prior (`Arch::prior`); absent in checkpoints written before it
+    /// existed, which had none.
+    #[serde(default)]
+    pub prior: bool,
 }
 
 /// An invalid configuration.
@@ -124,6 +128,7 @@ impl ModelConfig {
             hidden: a.hidden,
             bits: a.bits,
             logit_alpha: a.logit_alpha,
+            prior: a.prior,
             scale_floor: a.scale_floor,
         }
     }
@@ -151,6 +156,7 @@ impl ModelConfig {
             hidden: self.hidden,
             bits: self.bits,
             logit_alpha: self.logit_alpha,
+            prior: self.prior,
             scale_floor: self.scale_floor,
         };
         arch.validate().map_err(ConfigError::Arch)?;

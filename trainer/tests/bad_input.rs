@@ -659,6 +659,7 @@ fn tiny_blob() -> Vec<u8> {
         hidden: [4, 8],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: 0.0,
     };
     let params: Vec<f32> = (0..arch.param_count())

@@ -130,6 +130,7 @@ impl<'a> Model<'a> {
                 usize::from(read_u16(blob, 28)?),
             ],
             logit_alpha: f32::from_bits(read_u32(blob, 32)?),
+            prior: false,
             scale_floor,
         };
         arch.validate()?;
@@ -341,6 +342,7 @@ mod tests {
         // Written before the scale floor existed: no floor (and a version 3 blob of the same
         // model has zeros in bytes 30-31, as version 3 blobs of that time had).
         let arch = Arch {
+            prior: false,
             scale_floor: 0.0,
             ..glow_small()
         };
@@ -1115,6 +1117,7 @@ mod tests {
                     bits: u32::from(f.bits),
                     hidden: f.hidden.map(usize::from),
                     logit_alpha: f.alpha,
+                    prior: false,
                     scale_floor: 0.0,
                 })
             }

@@ -30,6 +30,7 @@ pub(super) fn small() -> Arch {
         hidden: [3, 5],
         bits: 5,
         logit_alpha: 0.01,
+        prior: false,
         scale_floor: 0.0,
     }
 }
@@ -49,6 +50,7 @@ pub(super) fn squeezed() -> Arch {
         hidden: [2, 4],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: 0.0,
     }
 }
@@ -76,6 +78,7 @@ pub(super) fn glow_small() -> Arch {
         hidden: [3, 5],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: crate::GLOW_SCALE_FLOOR,
     }
 }
@@ -84,6 +87,7 @@ pub(super) fn glow_small() -> Arch {
 pub(super) fn multi_small() -> Arch {
     Arch {
         glow: false,
+        prior: false,
         scale_floor: 0.0,
         ..glow_small()
     }

@@ -73,6 +73,7 @@ fn small_archs() -> Vec<(&'static str, Arch)> {
         hidden: [3, 2],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: 0.0,
     };
     let mut checker = base;

@@ -385,6 +385,7 @@ pub fn tiny_config() -> ModelConfig {
         hidden: [3, 2],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: 0.0,
     }
 }

@@ -141,6 +141,7 @@ mod tests {
         let m = open(&blob, scratch_len(&MNIST_GLOW)).unwrap();
         // Exported before the Glow scale floor existed: the preset's model without a floor.
         let unfloored = clayflow_kernel::Arch {
+            prior: false,
             scale_floor: 0.0,
             ..MNIST_GLOW
         };

@@ -109,6 +109,7 @@ fn check_archs() -> [Arch; 2] {
         hidden: [8, 8],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: 0.0,
     };
     let glow = Arch {

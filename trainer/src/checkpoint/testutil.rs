@@ -26,6 +26,7 @@ pub(super) fn tiny() -> ModelConfig {
         hidden: [3, 2],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: 0.0,
     }
 }

@@ -17,6 +17,7 @@ pub fn tiny(squeeze: bool, first: Mask, couplings: usize) -> Arch {
         hidden: [3, 4],
         bits: 8,
         logit_alpha: 0.05,
+        prior: false,
         scale_floor: 0.0,
     }
 }
@@ -309,6 +310,7 @@ fn gradients_match_finite_differences() {
 fn the_scale_floor_keeps_every_sample_finite() {
     let arch = |scale_floor| Arch {
         hidden: [8, 8],
+        prior: false,
         scale_floor,
         ..clayflow_kernel::MNIST_GLOW
     };
