@@ -212,11 +212,53 @@ pub fn tensors_per_step(arch: &Arch) -> usize {
 /// True for the tensors of `arch` that are state, not trained parameters (the 1x1
 /// convolution's permutation and signs, and a Glow coupling's `scale`, which its sigmoid
 /// bound does not use): the optimiser leaves them alone and parameter counts skip them.
+/// The learned prior's `prior.{l}.scale` is trained: its tanh bound reads it.
 pub fn is_fixed(arch: &Arch, name: &str) -> bool {
     name.ends_with(".invconv.perm")
         || name.ends_with(".invconv.sign")
-        || (arch.glow && name.ends_with(".scale"))
+        || (arch.glow && name.starts_with("coupling.") && name.ends_with(".scale"))
 }
+
+/// The learned prior's tensors ([`Arch::prior`]), after every step's, in checkpoint and blob
+/// order: for each level `l` but the last (state `C x H x W`, `h = C / 2`),
+/// `prior.{l}.scale [h]`, `prior.{l}.weight [C, h, 3, 3]` and `prior.{l}.bias [C]` (the
+/// split prior's coupling: one 3x3 convolution of the kept channels gives `(s_raw, t)` for
+/// the ones that leave); then `top.logs [C]` and `top.bias [C]` of the last level (the top
+/// prior, an ActNorm). Empty without the prior.
+pub fn prior_specs(arch: &Arch) -> Vec<TensorSpec> {
+    let mut out = Vec::new();
+    if !arch.prior {
+        return out;
+    }
+    for l in 0..arch.levels.saturating_sub(1) {
+        let c = arch.level_shape(l).0;
+        let h = c / 2;
+        for (name, shape) in [
+            ("scale", vec![h]),
+            ("weight", vec![c, h, PRIOR_KERNEL, PRIOR_KERNEL]),
+            ("bias", vec![c]),
+        ] {
+            out.push(TensorSpec {
+                name: format!("prior.{l}.{name}"),
+                shape,
+            });
+        }
+    }
+    let c = arch.level_shape(arch.levels.saturating_sub(1)).0;
+    for name in ["top.logs", "top.bias"] {
+        out.push(TensorSpec {
+            name: name.to_string(),
+            shape: vec![c],
+        });
+    }
+    out
+}
+
+/// Kernel size of the split prior's convolution (Glow's `Conv2dZeros`, 3x3).
+pub const PRIOR_KERNEL: usize = 3;
+
+/// Tensors the learned prior adds per split level (`scale`, `weight`, `bias`).
+pub const PRIOR_TENSORS_PER_SPLIT: usize = 3;
 
 /// Trained parameters of `arch` (what a model's size is quoted in): the fixed permutation
 /// and signs are not counted, and of the 1x1 convolution's `lower` and `upper` only their
@@ -240,7 +282,8 @@ pub fn trainable_params(arch: &Arch) -> usize {
 /// [`GLOW_CHECKPOINT_TENSORS`] (`step.{i}.*`), then the coupling's 7 (`coupling.{i}.*`: scale,
 /// conv0 weight, conv0 bias, conv1 weight, conv1 bias, conv2 weight, conv2 bias). For the
 /// seed's architectures this is the kernel blob's order; a Glow blob stores `W`, `W^-1` and
-/// `log|det W|` instead of the LU factors (see `export`).
+/// `log|det W|` instead of the LU factors (see `export`). With the learned prior, its
+/// tensors ([`prior_specs`]) follow every step's.
 pub fn tensor_specs(arch: &Arch) -> Vec<TensorSpec> {
     let mut out = Vec::new();
     for (i, &m) in arch.active_masks().iter().enumerate() {
@@ -277,6 +320,7 @@ pub fn tensor_specs(arch: &Arch) -> Vec<TensorSpec> {
             out.push(TensorSpec { name, shape });
         }
     }
+    out.extend(prior_specs(arch));
     out
 }
 

@@ -89,6 +89,10 @@ struct TrainArgs {
     /// Override the two hidden widths, e.g. 16,128 (or 16 128).
     #[arg(long, value_delimiter = ',', num_args = 1..=2)]
     hidden: Option<Vec<usize>>,
+    /// Glow's learned prior: a 3x3 convolution of the channels a split keeps gives the mean
+    /// and scale of those that leave, and a learned per-channel top prior (Glow models only).
+    #[arg(long)]
+    prior: bool,
     #[command(flatten)]
     data: DataArgs,
     /// Images held out (the last ones) for validation (default 1000, at most a fifth of the

@@ -36,7 +36,11 @@ fn resume_ignored(explicit: &[String], cfg: &TrainConfig, run: &Path) -> Vec<Str
         m.masks.len(),
         m.hidden[0],
         m.hidden[1],
-        if m.glow { ", Glow" } else { "" }
+        match (m.glow, m.prior) {
+            (true, true) => ", Glow, learned prior",
+            (true, false) => ", Glow",
+            _ => "",
+        }
     );
     let opt = |v: Option<u64>| v.map_or("none".to_string(), |v| v.to_string());
     explicit
@@ -49,6 +53,10 @@ fn resume_ignored(explicit: &[String], cfg: &TrainConfig, run: &Path) -> Vec<Str
                 "hidden" => (
                     "--hidden",
                     format!("hidden widths {},{}", m.hidden[0], m.hidden[1]),
+                ),
+                "prior" => (
+                    "--prior",
+                    if m.prior { "a learned prior" } else { "no learned prior" }.to_string(),
                 ),
                 "batch_size" => ("--batch-size", format!("batch size {}", cfg.batch_size)),
                 "lr" => ("--lr", format!("lr {}", cfg.lr)),
@@ -166,6 +174,15 @@ pub(crate) fn settings(
                 .take(n)
                 .map(|&m| m.into())
                 .collect();
+        }
+        if a.prior {
+            if !model.glow {
+                bail!(
+                    "--prior is Glow's learned prior and needs a Glow model: use --preset \
+                     mnist-glow or color-glow, or a configuration with \"glow\": true"
+                );
+            }
+            model.prior = true;
         }
         if let Some(h) = &a.hidden {
             let &[h0, h1] = h.as_slice() else {
@@ -308,6 +325,24 @@ mod tests {
     }
 
     #[test]
+    fn prior_turns_on_the_learned_prior_of_a_glow_model_and_refuses_the_others() {
+        let parse = |args: &[&str]| {
+            let m = Cli::command()
+                .try_get_matches_from([&["clayflow", "train"], args].concat())
+                .unwrap();
+            let a = TrainArgs::from_arg_matches(m.subcommand_matches("train").unwrap()).unwrap();
+            settings(&a, &[], &collective::Single, true).map(|(cfg, _, _)| cfg)
+        };
+        assert!(!parse(&[]).unwrap().model.prior);
+        let cfg = parse(&["--prior"]).unwrap();
+        assert!(cfg.model.prior && cfg.model.to_arch().unwrap().prior);
+        let err = parse(&["--prior", "--preset", "mnist"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs a Glow model"), "{err}");
+    }
+
+    #[test]
     fn resume_names_each_explicit_setting_it_ignores_with_the_saved_value() {
         let mut cfg = TrainConfig::new(ModelConfig::preset("mnist").unwrap(), String::new());
         cfg.batch_size = 16;
@@ -335,9 +370,10 @@ mod tests {
             "d.gz",
             "--ema",
             "0.99",
+            "--prior",
         ]);
         let w = resume_ignored(&explicit, &cfg, run);
-        assert_eq!(w.len(), 5, "{w:?}");
+        assert_eq!(w.len(), 6, "{w:?}");
         let find = |flag: &str| {
             w.iter()
                 .find(|l| l.contains(&format!("{flag} is ignored on --resume")))
@@ -350,6 +386,7 @@ mod tests {
         assert!(find("--hidden").contains(&format!("hidden widths {},{}", h[0], h[1])));
         assert!(find("--seed").contains("seed 0"));
         assert!(find("--ema").contains("no weight average"));
+        assert!(find("--prior").contains("no learned prior"));
         assert!(w.iter().all(|l| l.contains("train.json")), "{w:?}");
     }
 }

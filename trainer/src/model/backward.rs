@@ -46,9 +46,11 @@ impl Flow {
                     b.fill(&mut lw.d_latent, 0.0)?;
                     b.axpy(g, &lw.latent, &mut lw.d_latent)?;
                     merge(b.as_ref(), fs, &lw.d_kept, &lw.d_latent, &mut lw.d_state)?;
+                    self.prior_backward(l, batch, lw, g, grads)?;
                 } else {
                     b.fill(&mut lw.d_state, 0.0)?;
                     b.axpy(g, &lw.state, &mut lw.d_state)?;
+                    self.top_backward(batch, lw, g, grads)?;
                 }
             }
             for i in (l * n..(l + 1) * n).rev() {

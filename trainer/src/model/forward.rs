@@ -146,9 +146,12 @@ impl Flow {
                     &mut ws.log_det,
                 )?;
             }
+            let lw = &mut ws.levels[l];
             if l + 1 < a.levels {
-                let lw = &mut ws.levels[l];
+                self.prior_forward(l, batch, lw, &mut ws.log_det)?;
                 split(b.as_ref(), fs, &lw.state, &mut lw.kept, &mut lw.latent)?;
+            } else {
+                self.top_forward(batch, lw, &mut ws.log_det)?;
             }
         }
         b.fill(&mut ws.sq, 0.0)?;

@@ -1,6 +1,6 @@
 //! Fresh parameters for an architecture.
 
-use crate::config::{tensor_specs, tensors_per_step};
+use crate::config::{prior_specs, tensor_specs, tensors_per_step};
 use crate::invconv;
 use clayflow_kernel::arch::COUPLING_TENSORS;
 use clayflow_kernel::{Arch, Pcg32, Rng};
@@ -14,7 +14,8 @@ fn init_bound(fan_in: usize) -> f32 {
 /// initialisation for the first two convs, the last conv zero (so every coupling starts as
 /// the identity), scales 1; for Glow steps ActNorm as the identity (training replaces it by
 /// the data-dependent initialisation, [`Flow::data_init`](super::Flow::data_init)) and a
-/// random rotation as the 1x1 convolution, LU-factorised. Deterministic in `seed`.
+/// random rotation as the 1x1 convolution, LU-factorised; the learned prior as the identity.
+/// Deterministic in `seed`.
 pub fn init_params(arch: &Arch, seed: u64) -> Vec<Vec<f32>> {
     let mut rng = Pcg32::with_stream(seed, 0x1417);
     let mut uniform = |bound: f32| ((rng.next_u32() >> 8) as f32 / 8_388_608.0 - 1.0) * bound;
@@ -54,6 +55,16 @@ pub fn init_params(arch: &Arch, seed: u64) -> Vec<Vec<f32>> {
             };
             out.push(v);
         }
+    }
+    // The learned prior starts as the identity (Glow's zero-initialised convolution and top
+    // prior): a zero convolution gives s = t = 0 whatever its tanh scale (1, as the seed's).
+    for spec in prior_specs(arch) {
+        let fill = if spec.name.ends_with(".scale") {
+            1.0
+        } else {
+            0.0
+        };
+        out.push(vec![fill; spec.len()]);
     }
     out
 }

@@ -10,7 +10,8 @@ use crate::backend::Result;
 impl Flow {
     /// Maps latents `z` (host, `batch x D` in the kernel's layout, see [`latent_blocks`]) to
     /// dequantized images `u` (host, image layout): every level from the last, merging its
-    /// latent back, the steps inverted in reverse order; unsqueeze, inverse logit.
+    /// latent back (and the learned prior's inverse), the steps inverted in reverse order;
+    /// unsqueeze, inverse logit.
     pub fn inverse(&mut self, z: &[f32], batch: usize) -> Result<Vec<f32>> {
         let d = self.arch.dim();
         if z.len() != batch * d {
@@ -44,9 +45,12 @@ impl Flow {
         let n = a.steps_per_level();
         for l in (0..a.levels).rev() {
             let fs = shape4(batch, a.level_shape(l));
+            let lw = &mut ws.levels[l];
             if l + 1 < a.levels {
-                let lw = &mut ws.levels[l];
                 merge(b.as_ref(), fs, &lw.kept, &lw.latent, &mut lw.state)?;
+                self.prior_inverse(l, batch, lw)?;
+            } else {
+                self.top_inverse(batch, lw)?;
             }
             for i in (l * n..(l + 1) * n).rev() {
                 let m = a.masks[i];

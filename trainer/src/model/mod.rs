@@ -21,6 +21,7 @@ mod backward;
 mod forward;
 mod init;
 mod inverse;
+mod prior;
 mod workspace;
 
 pub use init::init_params;
@@ -326,8 +327,8 @@ impl Flow {
 
     /// The kernel blob's parameters (flat, blob order): for a Glow step ActNorm, then `W`,
     /// `W^-1` (computed here in f64, so the device never inverts a matrix) and
-    /// `log|det W|`, then the coupling's tensors; for the seed's architectures the
-    /// checkpoint's tensors as they are.
+    /// `log|det W|`, then the coupling's tensors, then the learned prior's; for the seed's
+    /// architectures the checkpoint's tensors as they are.
     pub fn blob_params(&self) -> Result<Vec<f32>> {
         let host = self.params_host()?;
         if !self.arch.glow {
@@ -350,6 +351,10 @@ impl Flow {
             for t in &host[cb + 1..cb + COUPLING_TENSORS.len()] {
                 out.extend_from_slice(t);
             }
+        }
+        // The learned prior's tensors follow, as the checkpoint holds them.
+        for t in &host[self.arch.couplings * tensors_per_step(&self.arch)..] {
+            out.extend_from_slice(t);
         }
         Ok(out)
     }

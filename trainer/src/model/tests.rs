@@ -35,8 +35,16 @@ pub fn tiny_glow(levels: usize, glow: bool) -> Arch {
     }
 }
 
+/// [`tiny_glow`] with Glow's learned prior (a split prior per split, a top prior).
+pub fn tiny_prior(levels: usize) -> Arch {
+    Arch {
+        prior: true,
+        ..tiny_glow(levels, true)
+    }
+}
+
 /// Initial parameters with the last conv made non-zero, so the couplings do something,
-/// and (Glow) ActNorm and the LU factors moved off their initial values.
+/// and (Glow) ActNorm, the LU factors and the learned prior moved off their initial values.
 pub fn busy_params(arch: &Arch, seed: u64) -> Vec<Vec<f32>> {
     let mut p = init_params(arch, seed);
     let mut rng = Pcg32::new(seed + 99);
@@ -47,6 +55,8 @@ pub fn busy_params(arch: &Arch, seed: u64) -> Vec<Vec<f32>> {
             } else if spec.name.ends_with(".actnorm.bias")
                 || spec.name.ends_with(".invconv.lower")
                 || spec.name.ends_with(".invconv.upper")
+                || spec.name.starts_with("top.")
+                || (spec.name.starts_with("prior.") && !spec.name.ends_with(".scale"))
             {
                 0.3
             } else {
@@ -161,6 +171,8 @@ fn inverse_undoes_forward() {
         clayflow_kernel::MNIST,
         clayflow_kernel::MNIST_GLOW,
         tiny_glow(2, true),
+        tiny_prior(2),
+        tiny_prior(3),
     ] {
         let mut f = if arch.glow && arch.couplings > 8 {
             settled_flow(arch, 5)
@@ -216,21 +228,45 @@ fn actnorm_data_init_normalises_the_first_batch() {
 
 #[test]
 fn fixed_tensors_get_no_gradient_and_are_not_trainable() {
-    let arch = tiny_glow(2, true);
-    let mut f = flow(arch, &busy_params(&arch, 2));
-    let u = batch_u(&arch, 2, 1);
-    f.forward(&u, 2).unwrap();
-    let mut grads = f.zeros_like_params().unwrap();
-    for g in &mut grads {
-        f.backend().fill(g, 1.0).unwrap();
-    }
-    f.backward(&mut grads).unwrap();
-    for ((spec, g), t) in tensor_specs(&arch).iter().zip(&grads).zip(f.trainable()) {
-        let g = f.backend().download(g).unwrap();
-        assert_eq!(t, !is_fixed(&arch, &spec.name));
-        if !t {
-            assert!(g.iter().all(|&v| v == 0.0), "{} has a gradient", spec.name);
+    for arch in [tiny_glow(2, true), tiny_prior(2)] {
+        let mut f = flow(arch, &busy_params(&arch, 2));
+        let u = batch_u(&arch, 2, 1);
+        f.forward(&u, 2).unwrap();
+        let mut grads = f.zeros_like_params().unwrap();
+        for g in &mut grads {
+            f.backend().fill(g, 1.0).unwrap();
         }
+        f.backward(&mut grads).unwrap();
+        for ((spec, g), t) in tensor_specs(&arch).iter().zip(&grads).zip(f.trainable()) {
+            let g = f.backend().download(g).unwrap();
+            assert_eq!(t, !is_fixed(&arch, &spec.name));
+            if !t {
+                assert!(g.iter().all(|&v| v == 0.0), "{} has a gradient", spec.name);
+            } else if spec.name.starts_with("prior.") || spec.name.starts_with("top.") {
+                assert!(g.iter().any(|&v| v != 0.0), "{} has no gradient", spec.name);
+            }
+        }
+    }
+}
+
+/// At its initialisation the learned prior is the identity: the same steps with and
+/// without it give bit-identical log-densities and latents, and sampling inverts it.
+#[test]
+fn the_learned_prior_starts_as_the_identity() {
+    for levels in [1, 2, 3] {
+        let plain = tiny_glow(levels, true);
+        let prior = tiny_prior(levels);
+        let p = busy_params(&plain, 4);
+        let mut q = p.clone();
+        q.extend(init_params(&prior, 4).split_off(p.len()));
+        assert_eq!(q.len(), tensor_specs(&prior).len());
+        let u = batch_u(&plain, 3, 9);
+        let (mut a, mut b) = (flow(plain, &p), flow(prior, &q));
+        let (sa, sb) = (a.forward(&u, 3).unwrap(), b.forward(&u, 3).unwrap());
+        assert_eq!(sa.log_prob, sb.log_prob, "{levels} levels");
+        let (za, zb) = (a.latents().unwrap(), b.latents().unwrap());
+        assert_eq!(za, zb);
+        assert_eq!(a.inverse(&za, 3).unwrap(), b.inverse(&zb, 3).unwrap());
     }
 }
 
@@ -247,6 +283,8 @@ fn gradients_match_finite_differences() {
         tiny(false, Mask::CheckerEven, 2),
         tiny_glow(2, true),
         tiny_glow(2, false),
+        tiny_prior(2),
+        tiny_prior(1),
     ] {
         let params = busy_params(&arch, 11);
         let batch = 2;

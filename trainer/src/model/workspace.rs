@@ -52,6 +52,24 @@ pub(super) struct LevelWs {
     pub(super) zero_bias: Buffer,
     pub(super) d_bias_sink: Buffer,
     pub(super) d_w: Buffer,
+    /// The split prior's activations (a level before a split, with [`Arch::prior`]).
+    ///
+    /// [`Arch::prior`]: clayflow_kernel::Arch::prior
+    pub(super) prior: Option<PriorCache>,
+    /// The top prior's input (the last level, with the prior).
+    pub(super) top_in: Option<Buffer>,
+}
+
+/// What the split prior's coupling keeps for the backward pass, and its gradient
+/// temporaries: the level state it changes, the kept channels (its convolution's input),
+/// the convolution's `(s_raw, t)`.
+#[derive(Debug)]
+pub(super) struct PriorCache {
+    pub(super) x_in: Buffer,
+    pub(super) cnn_in: Buffer,
+    pub(super) st: Buffer,
+    pub(super) d_st: Buffer,
+    pub(super) d_cnn_in: Buffer,
 }
 
 /// Buffers for one batch size: the activation cache and the gradient temporaries.
@@ -106,6 +124,22 @@ impl Flow {
                 zero_bias: b.zeros(cc)?,
                 d_bias_sink: b.zeros(cc)?,
                 d_w: b.zeros(cc * cc)?,
+                prior: if a.prior && half > 0 {
+                    Some(PriorCache {
+                        x_in: b.zeros(n)?,
+                        cnn_in: b.zeros(half)?,
+                        st: b.zeros(n)?,
+                        d_st: b.zeros(n)?,
+                        d_cnn_in: b.zeros(half)?,
+                    })
+                } else {
+                    None
+                },
+                top_in: if a.prior && l + 1 == a.levels {
+                    Some(b.zeros(n)?)
+                } else {
+                    None
+                },
             });
         }
         let mut steps = Vec::new();
