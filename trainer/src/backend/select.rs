@@ -93,8 +93,9 @@ pub fn open_cuda(n: usize) -> Result<CudaBackend<CudaDevice>, String> {
 }
 
 /// The self-check's models: a two-level Glow (ActNorm, LU 1x1 convolutions, sigmoid-scaled
-/// channel couplings, a split) and a RealNVP with tanh-scaled checkerboard couplings, both
-/// tiny, so that every kind of op runs in well under a second on a GPU.
+/// channel couplings, a split, the learned prior) and a RealNVP with tanh-scaled
+/// checkerboard couplings, both tiny, so that every kind of op runs in well under a second
+/// on a GPU.
 fn check_archs() -> [Arch; 2] {
     let realnvp = Arch {
         channels: 2,
@@ -121,6 +122,7 @@ fn check_archs() -> [Arch; 2] {
         glow: true,
         couplings: 4,
         masks: alternating_masks(Mask::ChannelEven),
+        prior: true,
         ..realnvp
     };
     [glow, realnvp]
@@ -175,9 +177,13 @@ pub fn verify(gpu: Arc<dyn Backend>) -> Result<(), String> {
     for (k, arch) in check_archs().into_iter().enumerate() {
         let mut params = init_params(&arch, 11 + k as u64);
         let mut rng = Pcg32::new(5 + k as u64);
-        // The last convs are zero at initialisation, which would leave most gradients zero.
+        // The last convs (and the prior) are zero at initialisation, which would leave most
+        // gradients zero.
         for (spec, t) in tensor_specs(&arch).iter().zip(params.iter_mut()) {
-            if spec.name.contains(".conv2.") {
+            if spec.name.contains(".conv2.")
+                || spec.name.starts_with("top.")
+                || (spec.name.starts_with("prior.") && !spec.name.ends_with(".scale"))
+            {
                 for v in t.iter_mut() {
                     *v = ((rng.next_u32() >> 8) as f32 / 8_388_608.0 - 1.0) * 0.1;
                 }
