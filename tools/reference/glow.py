@@ -23,14 +23,25 @@ trainer/src/{model,invconv}.rs, restated:
     2026-12-06), computed as a = (1 - f) sigmoid(-x), s = log1p(-a) (f = 0:
     s = log sigmoid(x)), y_b = x_b exp(s) + t, log-det += sum(s). The coupling's `scale`
     tensor exists in checkpoints but is never read.
+* with `config["prior"]` (Glow's learned prior, `Arch::prior`; default False), at the end of
+  each level l < L-1, after its steps and before the split, the split prior: an affine
+  coupling keeping the even channels 0, 2, ... (h = C/2 of them) and changing the odd ones
+  (changed j is channel 2j + 1), whose (s_raw, t) come from ONE 3x3 convolution of the
+  kept channels (padding 1, bias, no activation; h -> C channels, [0:h] s_raw, [h:] t):
+  s = scale[j] tanh(s_raw), y_odd = x_odd exp(s) + t, log-det += sum(s); and after the last
+  level's steps the top prior, an ActNorm on its state (y = x exp(logs) + bias, log-det +=
+  plane * sum(logs)). The inverse undoes the top prior first, and each split prior after
+  its level's merge (trainer/src/model/prior.rs).
 * z = [latent_0 | ... | latent_{L-2} | last level's state], each block flattened in its
   level's (c, h, w) order (trainer/src/model/mod.rs `latent_blocks`).
 * log p(u) = -0.5 |z|^2 - D/2 ln(2 pi) + log-det; bits/dim = -log p / (D ln 2) + bits.
 
 Parameter names are the checkpoint's (trainer/src/config.rs `tensor_specs`):
 `step.{i}.actnorm.{logs,bias}`, `step.{i}.invconv.{perm,sign,lower,upper,log_s}`,
-`coupling.{i}.scale`, `coupling.{i}.conv{j}.{weight,bias}`. `perm` and `sign` (fixed) and
-`scale` (unused) get zero gradients.
+`coupling.{i}.scale`, `coupling.{i}.conv{j}.{weight,bias}`; with the prior, after every
+step's, `prior.{l}.{scale,weight,bias}` for l < L-1 and `top.{logs,bias}`
+(`prior_specs`). `perm` and `sign` (fixed) and the coupling's `scale` (unused) get zero
+gradients; the prior's `scale` is trained.
 """
 
 from __future__ import annotations
@@ -64,6 +75,8 @@ GLOW_TENSORS = ["actnorm.logs", "actnorm.bias", "invconv.perm", "invconv.sign",
                 "invconv.lower", "invconv.upper", "invconv.log_s"]
 COUPLING_TENSORS = ["scale", "conv0.weight", "conv0.bias", "conv1.weight", "conv1.bias",
                     "conv2.weight", "conv2.bias"]
+PRIOR_TENSORS = ["scale", "weight", "bias"]
+TOP_TENSORS = ["logs", "bias"]
 
 
 class GlowCoupling(Coupling):
@@ -90,6 +103,34 @@ class ActNorm(nn.Module):
         super().__init__()
         self.logs = nn.Parameter(torch.zeros(c))
         self.bias = nn.Parameter(torch.zeros(c))
+
+
+class SplitPrior(nn.Module):
+    """The learned prior's coupling before a split (module docstring): the even channels
+    stay, the odd ones change, (s_raw, t) from one 3x3 convolution of the even ones."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.h = c // 2
+        self.scale = nn.Parameter(torch.ones(self.h))
+        self.weight = nn.Parameter(torch.zeros(c, self.h, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(c))
+
+    def _st(self, kept: torch.Tensor):
+        st = F.conv2d(kept, self.weight, self.bias, padding=1)
+        s = self.scale.view(1, -1, 1, 1) * torch.tanh(st[:, : self.h])
+        return s, st[:, self.h :]
+
+    def forward(self, x: torch.Tensor):
+        kept, changed = x[:, 0::2], x[:, 1::2]
+        s, t = self._st(kept)
+        y = torch.stack([kept, changed * torch.exp(s) + t], dim=2).flatten(1, 2)
+        return y, s.flatten(1).sum(1)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        kept, changed = y[:, 0::2], y[:, 1::2]
+        s, t = self._st(kept)
+        return torch.stack([kept, (changed - t) * torch.exp(-s)], dim=2).flatten(1, 2)
 
 
 class InvConv(nn.Module):
@@ -152,6 +193,12 @@ class Glow(nn.Module):
         )
         for cp in self.coupling:
             nn.init.ones_(cp.scale)
+        # Glow's learned prior: registered only with the option, so a model without it has
+        # exactly the parameters (and state_dict) it had before.
+        self.has_prior = bool(cfg.get("prior", False))
+        if self.has_prior:
+            self.prior = nn.ModuleList(SplitPrior(s[0]) for s in self.level_shapes[:-1])
+            self.top = ActNorm(self.level_shapes[-1][0])
 
     def spec_names(self) -> list[str]:
         """Checkpoint tensor names in trainer order (`tensor_specs`)."""
@@ -159,6 +206,10 @@ class Glow(nn.Module):
         for i in range(len(self.coupling)):
             out += [f"step.{i}.{t}" for t in GLOW_TENSORS]
             out += [f"coupling.{i}.{t}" for t in COUPLING_TENSORS]
+        if self.has_prior:  # `prior_specs`: after every step's tensors
+            for l in range(self.levels - 1):
+                out += [f"prior.{l}.{t}" for t in PRIOR_TENSORS]
+            out += [f"top.{t}" for t in TOP_TENSORS]
         return out
 
     # ------------------------------------------------------------------ the flow
@@ -191,6 +242,13 @@ class Glow(nn.Module):
             for i in range(l * self.per_level, (l + 1) * self.per_level):
                 x, ld = self._step(i, x)
                 log_det = log_det + ld
+            if self.has_prior and l + 1 < self.levels:
+                x, ld = self.prior[l](x)
+                log_det = log_det + ld
+            if self.has_prior and l + 1 == self.levels:
+                top = self.top
+                x = x * torch.exp(top.logs).view(1, -1, 1, 1) + top.bias.view(1, -1, 1, 1)
+                log_det = log_det + x.shape[2] * x.shape[3] * top.logs.sum()
             if l + 1 < self.levels:
                 latents.append(x[:, 1::2].flatten(1))
                 x = x[:, 0::2]
@@ -223,9 +281,14 @@ class Glow(nn.Module):
             c, h, w = self.level_shapes[l]
             if l + 1 == self.levels:
                 x = blocks[l].reshape(b, c, h, w)
+                if self.has_prior:
+                    top = self.top
+                    x = (x - top.bias.view(1, -1, 1, 1)) * torch.exp(-top.logs).view(1, -1, 1, 1)
             else:
                 lat = blocks[l].reshape(b, c // 2, h, w)
                 x = torch.stack([x, lat], dim=2).flatten(1, 2)  # 2k <- kept, 2k+1 <- latent
+                if self.has_prior:
+                    x = self.prior[l].inverse(x)
             for i in reversed(range(l * self.per_level, (l + 1) * self.per_level)):
                 x = self.coupling[i].inverse(x)
                 st = self.step[i]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Writes the Glow golden fixtures `tests/fixtures/pytorch_glow{,_f16}.safetensors`.
+"""Writes the Glow golden fixtures `tests/fixtures/pytorch_glow{,_prior,_f16}.safetensors`.
 
-Called by `make_fixtures.py` (which writes all five fixtures); `python3 glow_fixtures.py`
-writes only these two. `tests/pytorch_golden_glow.rs` checks the kernel and the trainer
+Called by `make_fixtures.py` (which writes all six fixtures); `python3 glow_fixtures.py`
+writes only these three. `tests/pytorch_golden_glow.rs` checks the kernel and the trainer
 against them. As for the RealNVP fixtures, everything is float64 (`glow.py`, autograd for
 the gradients) from inputs that are exact float32 values.
 
@@ -24,6 +24,16 @@ Models
   each computed in float64 and rounded once to float32. (Larger ActNorm or triangle values
   compound over 32 steps: off-diagonals of 0.5 q gave max|z| ~ 4500 and a round trip
   u -> z -> u losing 6e-4 even in float64; these give max|z| ~ 10, ~9 bits/dim.)
+* glow_prior: the same preset with Glow's learned prior (`"prior": true`, `Arch::prior`;
+  glow.py's docstring has the math) and the same formula. The steps' tensors come first in
+  checkpoint order, so they are the glow fixture's weights; the prior's five tensors
+  (`prior_specs`: prior.0.{scale [2], weight [4, 2, 3, 3], bias [4]}, top.{logs, bias} [8];
+  t = 448 .. 452) take, all non-zero so that each one matters (`prior_param`):
+    prior.{l}.scale   0.75 + 0.5 r (the tanh bound, around 1)
+    prior.{l}.weight  0.1 q          prior.{l}.bias  0.1 q
+    top.logs          0.2 q          top.bias        0.2 q
+  rounded once to float32. They raise log p by 95 to 146 nats (8.88 bits/dim against
+  9.11); max|z| ~ 9.9.
 * glow_f16: the committed trained blob `tools/firmware/model-glow-f16.cfw` (version 3,
   floor 0: written before the floor existed), read through kernel/FORMAT.md: W as stored,
   ln|det W| recomputed from it in float64 (the blob's f32 value agrees to ~1e-7), the
@@ -32,20 +42,24 @@ Models
 Inputs: digits 0, 1, 7000, 7999 of data/mnist8k-train-images-idx3-ubyte.gz (as the MNIST
 fixture) with fixed noise from PCG64 (seed 10), the same u in both fixtures. z_in: for
 glow_f16 (trained) f32(0.8 N(0, 1)) from PCG64 (seed 11), a temperature-0.8 sample; for
-glow (untrained) f32(z of digits 0 and 3 + 0.1 N(0, 1)) (seed 12), because an untrained
+glow and glow_prior (untrained) f32(z of digits 0 and 3, each under its own model,
++ 0.1 N(0, 1)) (seed 12), because an untrained
 Glow's inverse of N(0, 0.8^2) saturates 97% of the pixels and is ill-conditioned (PyTorch's
 own float32 inverse is 2e-3 off its float64 one); near the data it is not (~1e-5).
 
 Outputs: z (the kernel's latent layout), log_det, log_prob, bpd, loss, sample_u (inverse of
-z_in) in float64; for glow also `grad.<name>` of the loss for every checkpoint tensor
-(float32; 304,864 values, 1.2 MB; zero for the fixed `perm`, `sign` and the unused `scale`),
+z_in) in float64; for glow and glow_prior also `grad.<name>` of the loss for every
+checkpoint tensor (float32; 304,864 values, 1.2 MB, and 94 more with the prior; zero for
+the fixed `perm`, `sign` and the coupling's unused `scale`),
 `torch_f32_grad_err` per tensor (PyTorch's own float32 gradient error, checkpoint order),
 and `param_norm` / `param_proj` (norm and signed projection with make_fixtures.py
 `hash_signs(t)`) of every weight tensor, so the Rust test can prove its copy of the
-formula.
+formula. glow_prior's metadata also has `prior` = True.
 
-A rerun reproduces every stored value exactly (checked 2026-12-06, all five fixtures); the
-files' bytes differ in the order of the JSON header, so commit them only on purpose.
+A rerun reproduces every stored value exactly (checked 2026-12-06, all five fixtures, and
+again for glow and glow_f16 when glow_prior was added: every tensor and the metadata
+equal); the files' bytes differ in the order of the JSON header, so commit them only on
+purpose.
 """
 
 from __future__ import annotations
@@ -80,6 +94,10 @@ def glow_params(model: Glow) -> dict:
         n = int(np.prod(shape))
         r = mf.hash_uniform(t, n)
         q = 2.0 * r - 1.0
+        if name.startswith(("prior.", "top.")):
+            v = prior_param(name, r, q)
+            out[name] = v.astype(np.float32).astype(np.float64).reshape(shape)
+            continue
         kind = name.split(".", 2)[2]
         if name.endswith(".weight"):
             w_shape = shape
@@ -105,6 +123,16 @@ def glow_params(model: Glow) -> dict:
             v = q * (gain / np.sqrt(fan_in(w_shape)))
         out[name] = v.astype(np.float32).astype(np.float64).reshape(shape)
     return out
+
+
+def prior_param(name: str, r: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The learned prior's closed-form values (module docstring), before the f32 rounding."""
+    kind = name.rsplit(".", 1)[1]
+    if name.startswith("top."):
+        return 0.2 * q  # top.logs, top.bias
+    if kind == "scale":
+        return 0.75 + 0.5 * r
+    return 0.1 * q  # prior.{l}.weight, prior.{l}.bias
 
 
 def read_glow_blob(path: str):
@@ -194,16 +222,10 @@ def evaluate(model: Glow, u32: np.ndarray, z_in32: np.ndarray, grads: bool) -> d
     return out
 
 
-def main(common: dict | None = None) -> None:
-    torch.set_num_threads(1)
-    common = common or dict(generator="tools/reference/make_fixtures.py",
-                            torch=torch.__version__, dtype="float64")
-    px = mf.mnist_pixels()
-    u = mf.dequantize(px, 10).reshape(len(px), -1)
-    z_in = mf.latents((2, 784), 11)
-
-    # --- mnist-glow, closed-form weights, floor 1/16, checkpoint (LU) layout.
-    model = Glow(MNIST_GLOW_CONFIG).double()
+def closed_form(name: str, config: dict, px: np.ndarray, u: np.ndarray, common: dict) -> None:
+    """A closed-form fixture (`glow`, `glow_prior`): `glow_params` weights in the checkpoint
+    (LU) layout, all gradients, latents near the data (see `main`)."""
+    model = Glow(config).double()
     params = glow_params(model)
     load(model, params)
     # An untrained Glow's inverse of N(0, 0.8^2) latents is useless as a check: 97% of the
@@ -215,19 +237,36 @@ def main(common: dict | None = None) -> None:
     noise = np.random.default_rng(12).standard_normal((2, 784))
     z_near = (zd[[0, 3]] + 0.1 * noise).astype(np.float32)
     r = evaluate(model, u, z_near, grads=True)
-    mf.report("glow", r)
+    mf.report(name, r)
     t = dict(pixels=px, indices=np.array(mf.MNIST_IDX, dtype=np.int64), u=u, z_in=z_near,
              **{k: v for k, v in r.items() if k not in ("grads",)})
     pn, pp = [], []
-    for ti, name in enumerate(model.spec_names()):
-        g = r["grads"][name].reshape(-1)
-        t[f"grad.{name}"] = g.astype(np.float32)
-        p = params[name].reshape(-1)
+    for ti, tname in enumerate(model.spec_names()):
+        g = r["grads"][tname].reshape(-1)
+        t[f"grad.{tname}"] = g.astype(np.float32)
+        p = params[tname].reshape(-1)
         pn.append(np.sqrt((p * p).sum()))
         pp.append((p * mf.hash_signs(ti, p.size)).sum())
     t.update(param_norm=np.array(pn), param_proj=np.array(pp))
-    mf.save("glow", t, dict(common, weights="closed-form hash formula (glow_fixtures.py)",
-                            scale_floor=MNIST_GLOW_CONFIG["scale_floor"]))
+    meta = dict(common, weights="closed-form hash formula (glow_fixtures.py)",
+                scale_floor=config["scale_floor"])
+    if config.get("prior"):
+        meta["prior"] = True
+    mf.save(name, t, meta)
+
+
+def main(common: dict | None = None) -> None:
+    torch.set_num_threads(1)
+    common = common or dict(generator="tools/reference/make_fixtures.py",
+                            torch=torch.__version__, dtype="float64")
+    px = mf.mnist_pixels()
+    u = mf.dequantize(px, 10).reshape(len(px), -1)
+    z_in = mf.latents((2, 784), 11)
+
+    # --- mnist-glow, closed-form weights, floor 1/16, checkpoint (LU) layout; and the same
+    # with the learned prior (the same step weights, closed-form prior tensors).
+    closed_form("glow", MNIST_GLOW_CONFIG, px, u, common)
+    closed_form("glow_prior", dict(MNIST_GLOW_CONFIG, prior=True), px, u, common)
 
     # --- the committed trained f16 blob (floor 0): kernel checks only.
     cfg, tensors, crc = read_glow_blob(os.path.join(mf.ROOT, GLOW_BLOB))

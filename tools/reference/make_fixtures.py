@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the PyTorch golden fixtures `tests/fixtures/pytorch_{mnist,mnist_f16,color}.safetensors`,
 then (through `glow_fixtures.py`, whose docstring describes them) the Glow fixtures
-`tests/fixtures/pytorch_glow{,_f16}.safetensors`.
+`tests/fixtures/pytorch_glow{,_prior,_f16}.safetensors`.
 
 `tests/pytorch_golden.rs` checks the kernel and the trainer against them. Everything here is
 computed in float64 by `flow.py` (PyTorch autograd for the gradients) from inputs that are
