@@ -2,7 +2,8 @@
 //! optionally measured alternately with PyTorch's step (`tools/reference/bench_step.py`).
 //!
 //! ```text
-//! cargo run --release --example profile_step -- [--arch mnist|color] [--threads 1,2]
+//! cargo run --release --example profile_step -- [--arch mnist|color|mnist-glow]
+//!     [--couplings N] [--hidden H] [--prior] [--threads 1,2]
 //!     [--batch 64] [--steps 20] [--warmup 3] [--rounds 1]
 //!     [--pytorch /work/torch-venv/bin/python] [--torch-steps 20] [--cpu-clock]
 //! ```
@@ -21,7 +22,7 @@
 //! (`bench_step.py --threads T`), for every thread count, so both sides see the same machine
 //! load (A B A B ...); the last table gives both medians and the ratio per round.
 
-use clayflow_kernel::{Arch, Mask, Pcg32, COLOR, MNIST};
+use clayflow_kernel::{alternating_masks, Arch, Mask, Pcg32, COLOR, MNIST, MNIST_GLOW};
 use clayflow_trainer::backend::prelude::*;
 use clayflow_trainer::backend::{
     cpu::CpuBackend, AdamStep, Buffer, ConvShape, CouplingScale, LuFactors, Result, Shape4,
@@ -490,7 +491,8 @@ struct Opts {
     cpu_clock: bool,
 }
 
-const USAGE: &str = "usage: profile_step [--arch mnist|color] [--threads 1,2] [--batch 64] \
+const USAGE: &str = "usage: profile_step [--arch mnist|color|mnist-glow] [--couplings N] \
+[--hidden H] [--prior] [--threads 1,2] [--batch 64] \
 [--steps 20] [--warmup 3] [--rounds 1] [--pytorch PYTHON] [--torch-steps 20] [--cpu-clock]";
 
 fn parse_args() -> std::result::Result<Opts, String> {
@@ -525,9 +527,25 @@ fn parse_args() -> std::result::Result<Opts, String> {
                 o.arch = match val()?.as_str() {
                     "mnist" => ("mnist", MNIST),
                     "color" | "colour" => ("color", COLOR),
-                    v => return Err(format!("--arch: expected mnist or color, got {v:?}")),
+                    "mnist-glow" => ("mnist-glow", MNIST_GLOW),
+                    v => {
+                        return Err(format!(
+                            "--arch: expected mnist, color or mnist-glow, got {v:?}"
+                        ))
+                    }
                 }
             }
+            // Shape overrides, as `clayflow train --couplings N --hidden H,H`.
+            "--couplings" => {
+                let a = &mut o.arch.1;
+                a.couplings = num(val()?)?;
+                a.masks = alternating_masks(a.masks[0]);
+            }
+            "--hidden" => {
+                let h = num(val()?)?;
+                o.arch.1.hidden = [h, h];
+            }
+            "--prior" => o.arch.1.prior = true,
             "--threads" => {
                 o.threads = val()?
                     .split(',')
@@ -547,6 +565,7 @@ fn parse_args() -> std::result::Result<Opts, String> {
     if o.cpu_clock && (o.threads != [1] || o.pytorch.is_some()) {
         return Err("--cpu-clock: only with --threads 1 and without --pytorch".into());
     }
+    o.arch.1.validate().map_err(|e| format!("invalid shape: {e}"))?;
     if o.pytorch.is_some() && o.arch.0 != "mnist" {
         return Err("--pytorch: tools/reference/bench_step.py only has the MNIST preset".into());
     }
@@ -555,7 +574,7 @@ fn parse_args() -> std::result::Result<Opts, String> {
 
 /// Images to train on: the bundled MNIST digits, or fixed pseudo-random colour pixels.
 fn dataset(name: &str, arch: &Arch) -> std::result::Result<Dataset, String> {
-    if name == "mnist" {
+    if name.starts_with("mnist") {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/data/mnist8k-train-images-idx3-ubyte.gz"

@@ -167,6 +167,14 @@ pub(crate) fn settings(
             })?,
         };
         if let Some(n) = a.couplings {
+            // `alternating_masks` has MAX_COUPLINGS entries: taking more would silently
+            // give MAX_COUPLINGS couplings (as `--couplings 48` did until 2026-12-07).
+            if !(1..=clayflow_kernel::MAX_COUPLINGS).contains(&n) {
+                bail!(
+                    "--couplings {n}: a model has 1 to {} couplings (the kernel's limit)",
+                    clayflow_kernel::MAX_COUPLINGS
+                );
+            }
             let first = *model.masks.first().context("model has no couplings")?;
             let arch_first: clayflow_kernel::Mask = first.into();
             model.masks = clayflow_kernel::alternating_masks(arch_first)
@@ -324,15 +332,17 @@ mod tests {
         assert_eq!(cfg.batch_size, 64);
     }
 
+    /// The settings of `clayflow train ARGS` on the host.
+    fn parse(args: &[&str]) -> anyhow::Result<TrainConfig> {
+        let m = Cli::command()
+            .try_get_matches_from([&["clayflow", "train"], args].concat())
+            .unwrap();
+        let a = TrainArgs::from_arg_matches(m.subcommand_matches("train").unwrap()).unwrap();
+        settings(&a, &[], &collective::Single, true).map(|(cfg, _, _)| cfg)
+    }
+
     #[test]
     fn prior_turns_on_the_learned_prior_of_a_glow_model_and_refuses_the_others() {
-        let parse = |args: &[&str]| {
-            let m = Cli::command()
-                .try_get_matches_from([&["clayflow", "train"], args].concat())
-                .unwrap();
-            let a = TrainArgs::from_arg_matches(m.subcommand_matches("train").unwrap()).unwrap();
-            settings(&a, &[], &collective::Single, true).map(|(cfg, _, _)| cfg)
-        };
         assert!(!parse(&[]).unwrap().model.prior);
         let cfg = parse(&["--prior"]).unwrap();
         assert!(cfg.model.prior && cfg.model.to_arch().unwrap().prior);
@@ -340,6 +350,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("needs a Glow model"), "{err}");
+    }
+
+    #[test]
+    fn couplings_past_the_kernels_limit_are_refused_not_truncated() {
+        assert_eq!(parse(&["--couplings", "24"]).unwrap().model.masks.len(), 24);
+        for n in ["48", "0"] {
+            let err = parse(&["--couplings", n]).unwrap_err().to_string();
+            assert!(err.contains("1 to 32 couplings"), "{err}");
+        }
     }
 
     #[test]
