@@ -166,6 +166,7 @@ impl PartialEq for Arch {
             && self.bits == o.bits
             && self.logit_alpha.to_bits() == o.logit_alpha.to_bits()
             && self.scale_floor.to_bits() == o.scale_floor.to_bits()
+            && self.prior == o.prior
     }
 }
 
@@ -294,6 +295,18 @@ pub enum TensorKind {
     InvConvInverse,
     /// `log|det W|` `[1]`, computed at export; the step's log-det adds it once per pixel.
     InvConvLogDet,
+    /// Split prior (level `l < levels - 1`, [`Arch::prior`]): the scale of `tanh(s_raw)`,
+    /// `[C/2]` (`C` the level's channels).
+    PriorScale,
+    /// Split prior: the 3x3 convolution's weight `[C][C/2][3][3]` (input: the even channels;
+    /// output planes `0..C/2` are `s_raw`, `C/2..C` are `t`).
+    PriorWeight,
+    /// Split prior: the convolution's bias `[C]`.
+    PriorBias,
+    /// Top prior (after the last level): the ActNorm log-scale `[C_last]`.
+    TopLogs,
+    /// Top prior: the ActNorm bias `[C_last]`.
+    TopBias,
 }
 
 impl core::fmt::Display for TensorKind {
@@ -307,6 +320,11 @@ impl core::fmt::Display for TensorKind {
             TensorKind::InvConvWeight => f.write_str("1x1 conv weight"),
             TensorKind::InvConvInverse => f.write_str("1x1 conv inverse"),
             TensorKind::InvConvLogDet => f.write_str("1x1 conv log-det"),
+            TensorKind::PriorScale => f.write_str("prior scale"),
+            TensorKind::PriorWeight => f.write_str("prior conv weight"),
+            TensorKind::PriorBias => f.write_str("prior conv bias"),
+            TensorKind::TopLogs => f.write_str("top prior log-scale"),
+            TensorKind::TopBias => f.write_str("top prior bias"),
         }
     }
 }
@@ -347,6 +365,19 @@ pub const STEP_TENSORS: [TensorKind; 12] = [
     TensorKind::ConvBias(2),
 ];
 
+/// The tensors of one split prior ([`Arch::prior`], every level but the last), in blob order.
+pub const PRIOR_TENSORS: [TensorKind; 3] = [
+    TensorKind::PriorScale,
+    TensorKind::PriorWeight,
+    TensorKind::PriorBias,
+];
+
+/// The tensors of the top prior ([`Arch::prior`], after the last level), in blob order.
+pub const TOP_TENSORS: [TensorKind; 2] = [TensorKind::TopLogs, TensorKind::TopBias];
+
+/// Kernel size of the split prior's one convolution.
+pub const PRIOR_KERNEL: usize = 3;
+
 /// The tensors of one flow step in blob order: [`STEP_TENSORS`] for a Glow architecture,
 /// [`COUPLING_TENSORS`] otherwise.
 pub const fn step_tensors(glow: bool) -> &'static [TensorKind] {
@@ -369,6 +400,25 @@ impl TensorKind {
                 | TensorKind::InvConvInverse
                 | TensorKind::InvConvLogDet
         )
+    }
+
+    /// True for the learned prior's tensors ([`PRIOR_TENSORS`], [`TOP_TENSORS`]).
+    pub const fn is_prior(self) -> bool {
+        matches!(
+            self,
+            TensorKind::PriorScale
+                | TensorKind::PriorWeight
+                | TensorKind::PriorBias
+                | TensorKind::TopLogs
+                | TensorKind::TopBias
+        )
+    }
+
+    /// True for the tensors every blob stores as f32 whatever its dtype: the Glow tensors
+    /// ([`TensorKind::is_glow`]) and the prior's ([`TensorKind::is_prior`]). The others (the
+    /// coupling tensors) are stored in the blob's dtype.
+    pub const fn is_f32(self) -> bool {
+        self.is_glow() || self.is_prior()
     }
 }
 
@@ -444,6 +494,13 @@ impl Arch {
                 cout.saturating_mul(cin).saturating_mul(k).saturating_mul(k)
             }
             TensorKind::ConvBias(j) => self.conv_shape(mask, j).1,
+            // The prior's tensors (at a level view's shape; `mask` is not used): the split
+            // prior's conv maps the C/2 even channels to C planes (s_raw, t).
+            TensorKind::PriorScale => c / 2,
+            TensorKind::PriorWeight => c
+                .saturating_mul(c / 2)
+                .saturating_mul(PRIOR_KERNEL * PRIOR_KERNEL),
+            TensorKind::PriorBias | TensorKind::TopLogs | TensorKind::TopBias => c,
         }
     }
 
@@ -466,9 +523,54 @@ impl Arch {
         n
     }
 
-    /// Total parameter count (the length of the flat parameter vector, in blob order).
+    /// Total parameter count (the length of the flat parameter vector, in blob order): every
+    /// flow step's, then the learned prior's ([`Arch::prior_offset`]).
     pub const fn param_count(&self) -> usize {
-        self.coupling_offset(self.couplings)
+        self.prior_offset(self.levels)
+    }
+
+    /// The learned prior's tensors at level `l` in blob order: [`PRIOR_TENSORS`] for a level
+    /// that splits (`l < levels - 1`), [`TOP_TENSORS`] for the last level, none without
+    /// [`Arch::prior`] (or past the last level).
+    pub const fn prior_tensors(&self, l: usize) -> &'static [TensorKind] {
+        if !self.prior {
+            &[]
+        } else if l.saturating_add(1) < self.levels {
+            &PRIOR_TENSORS
+        } else if l.saturating_add(1) == self.levels {
+            &TOP_TENSORS
+        } else {
+            &[]
+        }
+    }
+
+    /// Parameters of the learned prior at level `l` ([`Arch::prior_tensors`], each at the
+    /// level's shape): `C/2 + C * C/2 * 9 + C` for a split level, `2 C` for the last one.
+    pub const fn prior_params(&self, l: usize) -> usize {
+        let view = self.level(l);
+        let mut n = 0usize;
+        let mut rest = self.prior_tensors(l);
+        while let [kind, tail @ ..] = rest {
+            n = n.saturating_add(view.tensor_len(Mask::ChannelEven, *kind));
+            rest = tail;
+        }
+        n
+    }
+
+    /// Offset of level `l`'s prior tensors in the flat parameter vector: after every flow
+    /// step's tensors and the earlier levels' prior tensors (`l = levels`: the parameter
+    /// count).
+    pub const fn prior_offset(&self, l: usize) -> usize {
+        let mut n = self.coupling_offset(self.couplings);
+        if !self.prior {
+            return n;
+        }
+        let mut k = 0usize;
+        while k < l && k < MAX_LEVELS {
+            n = n.saturating_add(self.prior_params(k));
+            k = k.saturating_add(1);
+        }
+        n
     }
 
     /// Offset of step `i`'s first parameter in the flat parameter vector.
@@ -644,6 +746,10 @@ impl Arch {
         if !floor_ok {
             return bad(ArchField::ScaleFloor);
         }
+        // The learned prior is Glow's: it needs Glow steps.
+        if self.prior && !self.glow {
+            return bad(ArchField::Prior);
+        }
         if self.dim() > MAX_DIM {
             return bad(ArchField::TooLarge);
         }
@@ -719,6 +825,25 @@ impl ScratchLayout {
             let b = arch.hidden[1].saturating_mul(plane);
             if b > h1 {
                 h1 = b;
+            }
+        }
+        // The learned prior's split couplings: CNN input the C/2 even channels, output the C
+        // planes (s_raw, t), at every level but the last (a checkerboard-only model's
+        // couplings need neither size).
+        if arch.prior {
+            let mut l = 0usize;
+            while l.saturating_add(1) < arch.levels && l < MAX_LEVELS {
+                let (c, h, w) = arch.level_shape(l);
+                let plane = h.saturating_mul(w);
+                let a = (c / 2).saturating_mul(plane);
+                if a > cnn_in {
+                    cnn_in = a;
+                }
+                let b = c.saturating_mul(plane);
+                if b > st {
+                    st = b;
+                }
+                l = l.saturating_add(1);
             }
         }
         ScratchLayout {
@@ -846,6 +971,45 @@ mod tests {
     }
 
     #[test]
+    fn validate_rejects_a_prior_without_glow() {
+        let a = Arch {
+            prior: true,
+            ..MNIST
+        };
+        assert_eq!(a.validate(), Err(Error::InvalidArch(ArchField::Prior)));
+        assert_eq!(
+            Error::InvalidArch(ArchField::Prior).to_string(),
+            "invalid architecture: the learned prior needs Glow steps"
+        );
+        let g = Arch {
+            prior: true,
+            ..MNIST_GLOW
+        };
+        assert_eq!(g.validate(), Ok(()));
+        // One level: only the top prior.
+        let one = Arch { levels: 1, ..g };
+        assert_eq!(one.validate(), Ok(()));
+        assert_eq!(one.prior_tensors(0), &TOP_TENSORS);
+        assert_eq!(one.param_count(), one.prior_offset(0) + 2 * 4);
+        // MNIST_GLOW's prior: a split prior on 4x14x14 (2 + 4*2*9 + 4 = 78), the top prior
+        // on 8x7x7 (16); the presets keep `prior: false`.
+        assert_eq!(g.param_count(), MNIST_GLOW.param_count() + 78 + 16);
+        assert_eq!(g.prior_offset(0), MNIST_GLOW.param_count());
+        assert_eq!(g.prior_offset(1), MNIST_GLOW.param_count() + 78);
+        assert_eq!(g.prior_tensors(0), &PRIOR_TENSORS);
+        assert_eq!(g.prior_tensors(2), &[]);
+        assert_eq!(MNIST_GLOW.prior_tensors(0), &[]);
+        assert_ne!(g, MNIST_GLOW);
+        assert!(PRIOR_TENSORS
+            .iter()
+            .chain(&TOP_TENSORS)
+            .all(|k| k.is_prior() && k.is_f32() && !k.is_glow()));
+        assert!(STEP_TENSORS.iter().all(|k| !k.is_prior()));
+        assert_eq!(TensorKind::PriorWeight.to_string(), "prior conv weight");
+        assert_eq!(TensorKind::TopLogs.to_string(), "top prior log-scale");
+    }
+
+    #[test]
     fn odd_channel_counts_split_into_ceil_and_floor() {
         let mut a = MNIST;
         a.channels = 3;
@@ -917,6 +1081,7 @@ mod tests {
             squeeze in proptest::prelude::any::<bool>(),
             levels in proptest::prelude::any::<usize>(),
             glow in proptest::prelude::any::<bool>(),
+            prior in proptest::prelude::any::<bool>(),
             couplings in proptest::prelude::any::<usize>(),
             first in mask(),
             kernels in proptest::prelude::any::<[usize; 3]>(),
@@ -936,10 +1101,11 @@ mod tests {
                 hidden,
                 bits: 8,
                 logit_alpha: 0.05,
-                prior: false,
+                prior,
                 scale_floor: if glow { GLOW_SCALE_FLOOR } else { 0.0 },
             };
             let _ = (a.param_count(), scratch_len(&a), image_len(&a), a.coupling_offset(j));
+            let _ = (a.prior_offset(j), a.prior_params(j));
             let _ = crate::weights::blob_len(&a, crate::weights::DType::F16);
             let _ = (first.split_channels(channels), first.changed_channel(j));
             let _ = first.changes_pixel(height, width);
@@ -961,6 +1127,11 @@ mod tests {
             };
             proptest::prop_assert_eq!(scratch_len(&a), usize::MAX);
             proptest::prop_assert_eq!(a.param_count(), usize::MAX);
+            let p = Arch { prior: true, glow: true, levels: big, ..a };
+            proptest::prop_assert_eq!(scratch_len(&p), usize::MAX);
+            proptest::prop_assert_eq!(p.param_count(), usize::MAX);
+            let _ = crate::weights::blob_len(&p, crate::weights::DType::F16);
+            proptest::prop_assert!(p.validate().is_err());
             let _ = (first.split_channels(big), first.changed_channel(big));
             proptest::prop_assert!(a.validate().is_err());
         }

@@ -20,7 +20,7 @@
 use crate::arch::{Arch, Mask};
 use crate::conv::{Conv, INTERNAL};
 use crate::error::{Buffer, Error};
-use crate::weights::CouplingWeights;
+use crate::weights::{CouplingWeights, Tensor};
 
 /// The scratch a coupling's CNN works in (see [`crate::ScratchLayout`]).
 #[derive(Debug)]
@@ -33,27 +33,22 @@ pub struct Work<'s> {
     pub region_b: &'s mut [f32],
 }
 
-/// Runs the coupling's CNN on the kept half of `x` (flow shape) and returns `(s_raw, t)`
-/// planes, `2 * changed` of them, in `work.region_a`.
-fn cnn<'w>(
-    arch: &Arch,
-    cw: &CouplingWeights<'_>,
-    x: &[f32],
-    work: &'w mut Work<'_>,
-) -> Result<&'w [f32], Error> {
-    let (_, h, w) = arch.flow_shape();
+/// The first `needed` elements of a scratch region, or a scratch size error.
+pub(crate) fn scratch(buf: &mut [f32], needed: usize) -> Result<&mut [f32], Error> {
+    let got = buf.len();
+    buf.get_mut(..needed).ok_or(Error::BufferSize {
+        buffer: Buffer::Scratch,
+        needed,
+        got,
+    })
+}
+
+/// Writes the CNN input of `mask` for the state `x` (flow shape of `arch`) to `input`
+/// (`cnn_in * plane` long): for a channel mask the kept channels `p, p + 2, ...` in order,
+/// for a checkerboard every channel with the changed pixels zeroed.
+pub(crate) fn gather(arch: &Arch, mask: Mask, x: &[f32], input: &mut [f32]) -> Result<(), Error> {
+    let (_, _, w) = arch.flow_shape();
     let plane = plane_len(arch)?;
-    let mask = cw.mask;
-    let cin = arch.cnn_in(mask);
-    let have = work.cnn_in.len();
-    let input = work
-        .cnn_in
-        .get_mut(..cin.saturating_mul(plane))
-        .ok_or(Error::BufferSize {
-            buffer: Buffer::Scratch,
-            needed: cin.saturating_mul(plane),
-            got: have,
-        })?;
     if mask.is_channel() {
         // Gather the kept channels p, p + 2, ... in order.
         for (dst, src) in input
@@ -74,6 +69,23 @@ fn cnn<'w>(
             }
         }
     }
+    Ok(())
+}
+
+/// Runs the coupling's CNN on the kept half of `x` (flow shape) and returns `(s_raw, t)`
+/// planes, `2 * changed` of them, in `work.region_a`.
+fn cnn<'w>(
+    arch: &Arch,
+    cw: &CouplingWeights<'_>,
+    x: &[f32],
+    work: &'w mut Work<'_>,
+) -> Result<&'w [f32], Error> {
+    let (_, h, w) = arch.flow_shape();
+    let plane = plane_len(arch)?;
+    let mask = cw.mask;
+    let cin = arch.cnn_in(mask);
+    let input = scratch(work.cnn_in, cin.saturating_mul(plane))?;
+    gather(arch, mask, x, input)?;
     let run = |j: usize, input: &[f32], out: &mut [f32], relu: bool| -> Result<(), Error> {
         let (cin, cout, k) = arch.conv_shape(mask, j);
         let conv = Conv {
@@ -83,13 +95,7 @@ fn cnn<'w>(
             width: w,
             kernel: k,
         };
-        let have = out.len();
-        let needed = cout.saturating_mul(plane);
-        let out = out.get_mut(..needed).ok_or(Error::BufferSize {
-            buffer: Buffer::Scratch,
-            needed,
-            got: have,
-        })?;
+        let out = scratch(out, cout.saturating_mul(plane))?;
         let (wt, b) = match j {
             0 => (cw.conv_w[0], cw.conv_b[0]),
             1 => (cw.conv_w[1], cw.conv_b[1]),
@@ -109,39 +115,68 @@ fn cnn<'w>(
         .ok_or(INTERNAL)
 }
 
-/// Applies the affine map to the changed half of `x` in place; returns the log-det.
-fn apply(
+/// How a coupling bounds its log-scale `s` from the CNN's `s_raw`.
+#[derive(Clone, Copy, Debug)]
+pub enum ScaleFn<'a> {
+    /// The seed's RealNVP: `s = scale[j] * tanh(s_raw)` for changed channel `j`, `scale` the
+    /// per-changed-channel tensor (a RealNVP coupling's, or the learned prior's).
+    Tanh(Tensor<'a>),
+    /// Glow's floored sigmoid, [`glow_scale`] with this floor ([`Arch::scale_floor`]).
+    Glow {
+        /// The floor `f` of `exp(s)`.
+        floor: f32,
+    },
+}
+
+impl<'a> ScaleFn<'a> {
+    /// The scale function of a coupling of `arch` with the weights `cw`: Glow's for a Glow
+    /// architecture (its couplings have no scale tensor), else `tanh` with `cw.scale`.
+    pub fn of(arch: &Arch, cw: &CouplingWeights<'a>) -> ScaleFn<'a> {
+        if arch.glow {
+            ScaleFn::Glow {
+                floor: arch.scale_floor,
+            }
+        } else {
+            ScaleFn::Tanh(cw.scale)
+        }
+    }
+}
+
+/// Applies the affine map of a coupling with `mask` to the changed half of `x` (flow shape of
+/// `arch`) in place, with `(s_raw, t)` planes `st` (`2 * changed` planes) and the log-scale
+/// bound `scale`; returns the log-det (0 for the inverse).
+pub(crate) fn apply(
     arch: &Arch,
-    cw: &CouplingWeights<'_>,
+    mask: Mask,
+    scale: ScaleFn<'_>,
     st: &[f32],
     x: &mut [f32],
     inverse: bool,
 ) -> Result<f32, Error> {
     let (_, _, w) = arch.flow_shape();
     let plane = plane_len(arch)?;
-    let mask = cw.mask;
     let changed = arch.changed(mask);
     let (s_all, t_all) = st
         .split_at_checked(changed.saturating_mul(plane))
         .ok_or(INTERNAL)?;
     let mut log_det = 0.0f32;
-    // A Glow coupling has no scale tensor (its bound is the sigmoid): 1s stand in for it.
-    let mut scales = cw.scale.iter();
+    // Glow's scale has no tensor: 1s stand in for it.
+    let (mut scales, glow, floor) = match scale {
+        ScaleFn::Tanh(t) => (Some(t.iter()), false, 0.0),
+        ScaleFn::Glow { floor } => (None, true, floor),
+    };
     for (j, (s_plane, t_plane)) in s_all
         .chunks_exact(plane)
         .zip(t_all.chunks_exact(plane))
         .enumerate()
     {
-        let scale = if arch.glow {
-            1.0
-        } else {
-            scales.next().ok_or(INTERNAL)?
+        let scale = match scales.as_mut() {
+            Some(it) => it.next().ok_or(INTERNAL)?,
+            None => 1.0,
         };
         let ch = mask.changed_channel(j);
         let xp = x.chunks_exact_mut(plane).nth(ch).ok_or(INTERNAL)?;
-        // One changed element: bounded log-scale, |s| <= |scale| (RealNVP) or s < 0 (Glow).
-        let glow = arch.glow;
-        let floor = arch.scale_floor;
+        // One changed element: bounded log-scale, |s| <= |scale| (tanh) or s < 0 (Glow).
         let mut affine = |xv: &mut f32, sr: f32, t: f32| {
             let (s, e) = if glow {
                 glow_scale(sr, floor)
@@ -271,7 +306,7 @@ pub fn forward(
 ) -> Result<f32, Error> {
     check_x(arch, x)?;
     let st = cnn(arch, cw, x, work)?;
-    apply(arch, cw, st, x, false)
+    apply(arch, cw.mask, ScaleFn::of(arch, cw), st, x, false)
 }
 
 /// Inverse coupling (latent -> image) on `y` (flow shape) in place.
@@ -283,7 +318,7 @@ pub fn inverse(
 ) -> Result<(), Error> {
     check_x(arch, y)?;
     let st = cnn(arch, cw, y, work)?;
-    apply(arch, cw, st, y, true).map(|_| ())
+    apply(arch, cw.mask, ScaleFn::of(arch, cw), st, y, true).map(|_| ())
 }
 
 #[cfg(test)]

@@ -46,6 +46,8 @@ pub enum ArchField {
     LogitAlpha,
     /// Glow scale floor (0, or with Glow steps a positive f16 value up to 1/2).
     ScaleFloor,
+    /// The learned prior ([`crate::Arch::prior`]) needs Glow steps.
+    Prior,
     /// The image or the parameter count is too large for this kernel.
     TooLarge,
 }
@@ -114,6 +116,17 @@ pub enum Error {
         /// Index of the parameter in the flat parameter vector (blob order).
         index: usize,
     },
+    /// A weight of the learned prior ([`crate::Arch::prior`]) is NaN or infinite. The tensor
+    /// is named by level and kind: a split prior's ([`crate::arch::PRIOR_TENSORS`]) at a
+    /// level `l < levels - 1`, the top prior's ([`crate::arch::TOP_TENSORS`]) at the last.
+    NonFinitePriorWeight {
+        /// The level (0 is nearest the image).
+        level: usize,
+        /// Which of the level's prior tensors.
+        kind: TensorKind,
+        /// Index of the parameter in the flat parameter vector (blob order).
+        index: usize,
+    },
     /// An input value is NaN or infinite, or a pixel exceeds the bit depth.
     InvalidInput {
         /// Index of the offending element.
@@ -154,6 +167,7 @@ impl fmt::Display for ArchField {
             ArchField::ScaleFloor => {
                 "the scale floor must be 0, or with Glow steps a value in (0, 1/2] that f16 holds exactly"
             }
+            ArchField::Prior => "the learned prior needs Glow steps",
             ArchField::TooLarge => "image or parameter count too large",
         })
     }
@@ -201,6 +215,11 @@ impl fmt::Display for Error {
                 f,
                 "weight {index} is not finite (NaN, infinite, or beyond f16 range): \
                  step {step} {kind}"
+            ),
+            Error::NonFinitePriorWeight { level, kind, index } => write!(
+                f,
+                "weight {index} is not finite (NaN, infinite, or beyond f16 range): \
+                 level {level} {kind}"
             ),
             Error::InvalidInput { index } => {
                 write!(f, "input element {index} is not finite or out of range")

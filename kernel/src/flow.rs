@@ -28,6 +28,14 @@
 //! coupling inverses, `W^-1` (stored in the blob, so no matrix is inverted on the device),
 //! ActNorm inverse `x = (y - bias) exp(-logs)`, unsqueeze. With one level and no Glow steps
 //! this is exactly the seed's RealNVP, bit for bit.
+//!
+//! ## The learned prior
+//!
+//! With [`Arch::prior`], every level `l < L-1` ends (after its steps, before the split) with
+//! the split prior, an affine coupling of the odd channels on the even ones through one 3x3
+//! convolution ([`crate::prior`]), and the last level ends with the top prior, a per-channel
+//! ActNorm. The inverse runs them first in their level: the top ActNorm's inverse before the
+//! last level's steps; merge, then the split prior's inverse, before a split level's.
 
 use crate::arch::{image_len, Arch, ScratchLayout};
 use crate::base::{log_normal, Normal, Pcg32, Rng};
@@ -35,8 +43,9 @@ use crate::conv::{Conv, INTERNAL};
 use crate::coupling::{self, Work};
 use crate::error::{Buffer, Error};
 use crate::preprocess::{dequantize, logit_forward, logit_inverse, quantize};
+use crate::prior;
 use crate::squeeze::{squeeze, unsqueeze};
-use crate::weights::{GlowWeights, Model, Tensor};
+use crate::weights::{Model, Tensor};
 
 /// The scratch split into its regions.
 struct Regions<'s> {
@@ -97,14 +106,15 @@ fn level_plane(view: &Arch) -> Result<usize, Error> {
 
 /// ActNorm forward on `x` (`C` planes of `plane`): `y[c] = x[c] exp(logs[c]) + bias[c]`.
 /// Its Jacobian is diagonal with `exp(logs[c])` repeated `plane` times per channel, so the
-/// log-det is `plane * sum(logs)`.
-fn actnorm_forward(g: &GlowWeights<'_>, x: &mut [f32], plane: usize) -> Result<f32, Error> {
+/// log-det is `plane * sum(logs)`. A Glow step's ActNorm, and the learned prior's top one.
+fn actnorm_forward(
+    logs: Tensor<'_>,
+    bias: Tensor<'_>,
+    x: &mut [f32],
+    plane: usize,
+) -> Result<f32, Error> {
     let mut sum = 0.0f32;
-    for ((xp, logs), bias) in x
-        .chunks_exact_mut(plane)
-        .zip(g.logs.iter())
-        .zip(g.bias.iter())
-    {
+    for ((xp, logs), bias) in x.chunks_exact_mut(plane).zip(logs.iter()).zip(bias.iter()) {
         let scale = libm::expf(logs);
         for v in xp {
             *v = *v * scale + bias;
@@ -115,12 +125,8 @@ fn actnorm_forward(g: &GlowWeights<'_>, x: &mut [f32], plane: usize) -> Result<f
 }
 
 /// ActNorm inverse on `y`: `x[c] = (y[c] - bias[c]) exp(-logs[c])`.
-fn actnorm_inverse(g: &GlowWeights<'_>, y: &mut [f32], plane: usize) {
-    for ((yp, logs), bias) in y
-        .chunks_exact_mut(plane)
-        .zip(g.logs.iter())
-        .zip(g.bias.iter())
-    {
+fn actnorm_inverse(logs: Tensor<'_>, bias: Tensor<'_>, y: &mut [f32], plane: usize) {
+    for ((yp, logs), bias) in y.chunks_exact_mut(plane).zip(logs.iter()).zip(bias.iter()) {
         let scale = libm::expf(-logs);
         for v in yp {
             *v = (*v - bias) * scale;
@@ -228,7 +234,7 @@ fn run_forward(
         for i in first..first.saturating_add(per_level) {
             if arch.glow {
                 let g = model.glow_step(i)?;
-                log_det += actnorm_forward(&g, state, plane)?;
+                log_det += actnorm_forward(g.logs, g.bias, state, plane)?;
                 mix(g.w, state, temp, plane)?;
                 let ld = g.logdet.iter().next().ok_or(INTERNAL)?;
                 log_det += plane as f32 * ld;
@@ -237,8 +243,14 @@ fn run_forward(
             log_det += coupling::forward(&view, &cw, state, work)?;
         }
         if l.saturating_add(1) < arch.levels {
+            if arch.prior {
+                log_det += prior::forward(&view, &model.prior(l)?, state, work)?;
+            }
             split_off(state, temp, plane)?;
             offset = offset.saturating_add(view.dim() / 2);
+        } else if arch.prior {
+            let top = model.top()?;
+            log_det += actnorm_forward(top.logs, top.bias, state, plane)?;
         }
     }
     Ok(log_det)
@@ -264,6 +276,12 @@ fn run_inverse(
             .ok_or(INTERNAL)?;
         if l.saturating_add(1) < arch.levels {
             merge(state, temp, plane)?;
+            if arch.prior {
+                prior::inverse(&view, &model.prior(l)?, state, work)?;
+            }
+        } else if arch.prior {
+            let top = model.top()?;
+            actnorm_inverse(top.logs, top.bias, state, plane);
         }
         let first = l.checked_mul(per_level).ok_or(INTERNAL)?;
         for i in (first..first.saturating_add(per_level)).rev() {
@@ -272,7 +290,7 @@ fn run_inverse(
             if arch.glow {
                 let g = model.glow_step(i)?;
                 mix(g.w_inv, state, temp, plane)?;
-                actnorm_inverse(&g, state, plane);
+                actnorm_inverse(g.logs, g.bias, state, plane);
             }
         }
         if l > 0 {
@@ -758,9 +776,12 @@ mod tests {
     /// layout [latent_0 | latent_1 | ... | last state] and log-det agree with it.
     #[test]
     fn multi_level_forward_matches_a_naive_reference() {
+        // Under Miri: the first multi-level model and the first prior model.
+        let n = if cfg!(miri) { 1 } else { 6 };
         let models = multi_level()
             .into_iter()
-            .take(if cfg!(miri) { 1 } else { 6 });
+            .take(n)
+            .chain(prior_models().into_iter().take(n));
         for (seed, (name, arch)) in models.enumerate() {
             let params = random_params(&arch, seed as u64 + 40, 1.0);
             let b = blob(&arch, DType::F32, &params);
@@ -823,6 +844,58 @@ mod tests {
                     };
                     ld += coupling::forward(&view, &model.coupling(i).unwrap(), &mut x, &mut work)
                         .unwrap();
+                }
+                if arch.prior && lev + 1 < arch.levels {
+                    // Split prior: one 3x3 conv (same padding, bias) of the even channels to
+                    // C planes, s_raw then t; odd channel 2j+1 gets x exp(s) + t with
+                    // s = scale[j] tanh(s_raw).
+                    let pw = model.prior(lev).unwrap();
+                    let scale: Vec<f32> = pw.scale.iter().collect();
+                    let wt: Vec<f32> = pw.w.iter().collect();
+                    let bias: Vec<f32> = pw.b.iter().collect();
+                    let half = c / 2;
+                    let mut out = std::vec![0f32; c * p];
+                    for o in 0..c {
+                        for r in 0..h {
+                            for q in 0..w {
+                                let mut acc = bias[o];
+                                for i in 0..half {
+                                    for dy in 0..3 {
+                                        for dx in 0..3 {
+                                            let (y, xx) = (r + dy, q + dx);
+                                            if y < 1 || xx < 1 || y > h || xx > w {
+                                                continue;
+                                            }
+                                            let v = x[2 * i * p + (y - 1) * w + (xx - 1)];
+                                            acc += wt[((o * half + i) * 3 + dy) * 3 + dx] * v;
+                                        }
+                                    }
+                                }
+                                out[o * p + r * w + q] = acc;
+                            }
+                        }
+                    }
+                    for j in 0..half {
+                        for q in 0..p {
+                            let s = scale[j] * out[j * p + q].tanh();
+                            let t = out[(half + j) * p + q];
+                            let e = &mut x[(2 * j + 1) * p + q];
+                            *e = *e * s.exp() + t;
+                            ld += s;
+                        }
+                    }
+                }
+                if arch.prior && lev + 1 == arch.levels {
+                    // Top prior: ActNorm.
+                    let top = model.top().unwrap();
+                    let logs: Vec<f32> = top.logs.iter().collect();
+                    let bias: Vec<f32> = top.bias.iter().collect();
+                    for ch in 0..c {
+                        for q in 0..p {
+                            x[ch * p + q] = x[ch * p + q] * logs[ch].exp() + bias[ch];
+                        }
+                    }
+                    ld += p as f32 * logs.iter().sum::<f32>();
                 }
                 if lev + 1 < arch.levels {
                     // Odd channels leave, even channels continue.
@@ -924,6 +997,184 @@ mod tests {
                 arch.couplings
             );
             assert!(err < 1e-4, "{err}");
+        }
+    }
+
+    /// Glow models with the learned prior: 2 and 3 levels squeezed, a 2-level model whose
+    /// couplings are all checkerboards (the prior's channel CNN then sizes the scratch), and
+    /// one level (only the top prior).
+    fn prior_models() -> Vec<(&'static str, Arch)> {
+        let with_prior = |a: Arch| Arch { prior: true, ..a };
+        let mut v: Vec<(&'static str, Arch)> = multi_level()
+            .into_iter()
+            .filter(|(_, a)| a.glow)
+            .map(|(name, a)| (name, with_prior(a)))
+            .collect();
+        let mut checker = Arch {
+            channels: 2,
+            height: 4,
+            width: 4,
+            squeeze: false,
+            ..v[0].1
+        };
+        checker.masks = alternating_masks(Mask::CheckerEven);
+        v.push(("glow checker only", checker));
+        for (name, a) in &v {
+            assert!(a.prior, "{name}");
+            a.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        // The checkerboard-only model's couplings need neither the prior's CNN input (the
+        // even channels) nor its output (C planes) at its own size: the layout covers them.
+        let l = ScratchLayout::of(&checker);
+        let (c, h, w) = checker.level_shape(0);
+        assert!(l.cnn_in >= c / 2 * h * w && l.region_a >= c * h * w);
+        v
+    }
+
+    /// The log-det of prior models (random non-zero split and top priors) equals log|det J|
+    /// of the brute-force (central-difference) Jacobian of u -> z.
+    #[test]
+    #[cfg_attr(miri, ignore = "2n+1 forward passes per model: too slow under Miri")]
+    fn prior_log_det_equals_brute_force_jacobian() {
+        for (seed, (name, arch)) in prior_models().into_iter().enumerate() {
+            let params = random_params(&arch, seed as u64 + 80, 1.5);
+            let b = blob(&arch, DType::F32, &params);
+            let model = Model::from_blob(&b).unwrap();
+            let n = arch.dim();
+            let mut scratch = std::vec![0f32; scratch_len(&arch)];
+            let u = test_u(n);
+            let mut z = u.clone();
+            let log_det = forward(&model, &mut z, &mut scratch).unwrap();
+            let eps = 2e-3f32;
+            let mut jac = std::vec![0f64; n * n];
+            for j in 0..n {
+                let mut plus = u.clone();
+                let mut minus = u.clone();
+                plus[j] += eps;
+                minus[j] -= eps;
+                forward(&model, &mut plus, &mut scratch).unwrap();
+                forward(&model, &mut minus, &mut scratch).unwrap();
+                for i in 0..n {
+                    jac[i * n + j] = (plus[i] as f64 - minus[i] as f64) / (2.0 * eps as f64);
+                }
+            }
+            let brute = log_abs_det(jac, n);
+            assert!(
+                (brute - log_det as f64).abs() < 2e-2,
+                "{name}: brute {brute} vs flow {log_det}"
+            );
+            // The prior's terms are really in there: without it the log-det differs.
+            let bare = Arch {
+                prior: false,
+                ..arch
+            };
+            let b0 = blob(&bare, DType::F32, &params[..bare.param_count()]);
+            let m0 = Model::from_blob(&b0).unwrap();
+            let mut z0 = u.clone();
+            let ld0 = forward(&m0, &mut z0, &mut scratch).unwrap();
+            assert!((ld0 - log_det).abs() > 1e-2, "{name}: {ld0} vs {log_det}");
+            std::println!("{name}: log-det {log_det}, brute force {brute}, no prior {ld0}");
+        }
+    }
+
+    /// u -> z -> u and z -> u -> z on prior models with 1, 2 and 3 levels, f32 and f16 blobs
+    /// (the prior's tensors stay f32 in both), and sampling is deterministic.
+    #[test]
+    fn prior_models_round_trip() {
+        let models = prior_models()
+            .into_iter()
+            .take(if cfg!(miri) { 1 } else { 8 });
+        for (seed, (name, arch)) in models.enumerate() {
+            let params = random_params(&arch, seed as u64 + 90, 1.0);
+            for dtype in [DType::F32, DType::F16] {
+                let b = blob(&arch, dtype, &params);
+                let model = Model::from_blob(&b).unwrap();
+                let mut scratch = std::vec![0f32; scratch_len(&arch)];
+                let u = test_u(arch.dim());
+                let mut x = u.clone();
+                let ld = forward(&model, &mut x, &mut scratch).unwrap();
+                assert!(ld.is_finite(), "{name} {dtype:?}: {ld}");
+                let z = x.clone();
+                inverse(&model, &mut x, &mut scratch).unwrap();
+                for (a, e) in x.iter().zip(&u) {
+                    assert!((a - e).abs() < 1e-5, "{name} {dtype:?} u: {a} vs {e}");
+                }
+                let mut y = z.clone();
+                inverse(&model, &mut y, &mut scratch).unwrap();
+                forward(&model, &mut y, &mut scratch).unwrap();
+                for (a, e) in y.iter().zip(&z) {
+                    assert!(
+                        (a - e).abs() < 1e-3 * (1.0 + e.abs()),
+                        "{name} {dtype:?} z: {a} vs {e}"
+                    );
+                }
+                let n = arch.dim();
+                let (mut p1, mut v1) = (std::vec![0u8; n], std::vec![0f32; n]);
+                let (mut p2, mut v2) = (std::vec![0u8; n], std::vec![0f32; n]);
+                sample(&model, 7, 0.9, &mut scratch, &mut p1, &mut v1).unwrap();
+                sample(&model, 7, 0.9, &mut scratch, &mut p2, &mut v2).unwrap();
+                assert!(v1.iter().zip(&v2).all(|(a, b)| a.to_bits() == b.to_bits()));
+                let lp = log_prob(&model, &p1, &mut scratch).unwrap();
+                assert!(lp.is_finite(), "{name}: {lp}");
+            }
+        }
+    }
+
+    /// With zero prior convolutions and biases and a zero top ActNorm (the prior's start), a
+    /// prior model computes bit for bit what the same model without the prior does: z, the
+    /// log-det, and the inverse. (The split prior's scale tensor is random: tanh(0) = 0.)
+    #[test]
+    fn a_zero_prior_is_the_identity() {
+        let models = prior_models()
+            .into_iter()
+            .take(if cfg!(miri) { 1 } else { 8 });
+        for (seed, (name, arch)) in models.enumerate() {
+            let mut params = random_params(&arch, seed as u64 + 100, 1.0);
+            let bare = Arch {
+                prior: false,
+                ..arch
+            };
+            let start = bare.param_count();
+            assert_eq!(start, arch.prior_offset(0));
+            // Zero everything but the split priors' scales.
+            let mut at = start;
+            for l in 0..arch.levels {
+                let view = arch.level(l);
+                for &kind in arch.prior_tensors(l) {
+                    let n = view.tensor_len(Mask::ChannelEven, kind);
+                    if kind != crate::arch::TensorKind::PriorScale {
+                        params[at..at + n].fill(0.0);
+                    } else {
+                        assert!(params[at..at + n].iter().all(|&v| v != 0.0));
+                    }
+                    at += n;
+                }
+            }
+            assert_eq!(at, arch.param_count());
+            for dtype in [DType::F32, DType::F16] {
+                let b = blob(&arch, dtype, &params);
+                let b0 = blob(&bare, dtype, &params[..start]);
+                let (m, m0) = (
+                    Model::from_blob(&b).unwrap(),
+                    Model::from_blob(&b0).unwrap(),
+                );
+                let mut scratch = std::vec![0f32; scratch_len(&arch)];
+                let u = test_u(arch.dim());
+                let (mut z, mut z0) = (u.clone(), u.clone());
+                let ld = forward(&m, &mut z, &mut scratch).unwrap();
+                let ld0 = forward(&m0, &mut z0, &mut scratch).unwrap();
+                assert_eq!(ld.to_bits(), ld0.to_bits(), "{name} {dtype:?}");
+                assert!(
+                    z.iter().zip(&z0).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name} {dtype:?}"
+                );
+                inverse(&m, &mut z, &mut scratch).unwrap();
+                inverse(&m0, &mut z0, &mut scratch).unwrap();
+                assert!(
+                    z.iter().zip(&z0).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name} {dtype:?}"
+                );
+            }
         }
     }
 }

@@ -47,6 +47,7 @@ pub mod coupling;
 pub mod error;
 pub mod flow;
 pub mod preprocess;
+pub mod prior;
 // The compile-time SIMD convolution paths; present only when the target flags enable one
 // (`cfg(clayflow_simd)`, set by build.rs, the one place that predicate is written).
 // Like conv/, its index arithmetic runs on sizes `Conv::check` has already bounded.
@@ -61,12 +62,14 @@ mod testutil;
 
 pub use arch::{
     alternating_masks, image_len, scratch_len, Arch, Mask, ScratchLayout, COLOR, COLOR_GLOW,
-    GLOW_SCALE_FLOOR, GLOW_TENSORS, MAX_COUPLINGS, MAX_LEVELS, MNIST, MNIST_GLOW,
+    GLOW_SCALE_FLOOR, GLOW_TENSORS, MAX_COUPLINGS, MAX_LEVELS, MNIST, MNIST_GLOW, PRIOR_KERNEL,
+    PRIOR_TENSORS, TOP_TENSORS,
 };
 pub use base::{Normal, Pcg32, Rng};
 pub use buffers::Buffers;
 pub use error::Error;
 pub use flow::{bits_per_dim, forward, inverse, log_prob, log_prob_u, sample, sample_with};
 pub use weights::{
-    blob_len, blob_version, round_to_f16_for, write_blob, DType, GlowWeights, Model,
+    blob_len, blob_version, round_to_f16_for, write_blob, DType, GlowWeights, Model, PriorWeights,
+    TopWeights,
 };

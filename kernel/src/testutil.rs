@@ -1,6 +1,6 @@
 //! Helpers for the kernel's own tests: random models written through the real blob writer.
 
-use crate::arch::{Arch, TensorKind, COUPLING_TENSORS, MNIST};
+use crate::arch::{Arch, Mask, TensorKind, COUPLING_TENSORS, MNIST, PRIOR_KERNEL};
 use crate::base::{Pcg32, Rng};
 use crate::weights::{blob_len, write_blob, DType};
 use std::vec::Vec;
@@ -28,6 +28,7 @@ pub fn uniform(rng: &mut Pcg32) -> f32 {
 /// [0.5, 1.5] (so |s| <= 1.5); each at the shape of its step's level. Glow steps get ActNorm
 /// log-scales and biases in +-0.1 and a well-conditioned 1x1 conv ([`random_inv_conv`]).
 /// Without Glow steps the draws are those of the seed's generator (same values per seed).
+/// The learned prior's tensors ([`Arch::prior`]) come last, random too (scales around 1).
 pub fn random_params(arch: &Arch, seed: u64, gain: f32) -> Vec<f32> {
     let mut rng = Pcg32::new(seed);
     let mut p = Vec::with_capacity(arch.param_count());
@@ -60,6 +61,25 @@ pub fn random_params(arch: &Arch, seed: u64, gain: f32) -> Vec<f32> {
                     1.0 + 0.5 * v
                 } else {
                     bound * v
+                });
+            }
+        }
+    }
+    // The learned prior's tensors, after every step's (so the draws above are unchanged):
+    // scales in [0.5, 1.5], conv weights +-gain/sqrt(fan_in), biases and the top ActNorm
+    // in +-0.1.
+    for l in 0..arch.levels {
+        let view = arch.level(l);
+        for &kind in arch.prior_tensors(l) {
+            let c = view.flow_shape().0;
+            for _ in 0..view.tensor_len(Mask::ChannelEven, kind) {
+                let v = uniform(&mut rng);
+                p.push(match kind {
+                    TensorKind::PriorScale => 1.0 + 0.5 * v,
+                    TensorKind::PriorWeight => {
+                        gain / ((c / 2 * PRIOR_KERNEL * PRIOR_KERNEL) as f32).sqrt() * v
+                    }
+                    _ => 0.1 * v,
                 });
             }
         }

@@ -39,6 +39,12 @@ fn params(arch: &Arch) -> Vec<f32> {
                         f32::from(u8::from(e / c == e % c))
                     }
                     TensorKind::InvConvLogDet => 0.0,
+                    // Not step tensors (the learned prior's): never reached here.
+                    TensorKind::PriorScale
+                    | TensorKind::PriorWeight
+                    | TensorKind::PriorBias
+                    | TensorKind::TopLogs
+                    | TensorKind::TopBias => 0.0,
                 });
             }
         }

@@ -1,7 +1,7 @@
 //! The blob's format constants, its storage types and the size arithmetic of its header and
 //! tensors (saturating `const fn`s of the architecture).
 
-use crate::arch::{step_tensors, Arch, Mask, TensorKind};
+use crate::arch::{step_tensors, Arch, Mask, TensorKind, MAX_LEVELS};
 use crate::error::Error;
 
 /// The eight bytes every blob starts with.
@@ -19,6 +19,9 @@ pub const VERSION_3: u16 = 3;
 /// Flag bit of header byte 19 (version 2): every coupling is preceded by ActNorm and an
 /// invertible 1x1 convolution.
 pub const FLAG_GLOW: u8 = 1;
+/// Flag bit of header byte 19 (version 3 only): Glow's learned prior ([`Arch::prior`]), whose
+/// tensors follow every flow step's. Needs [`FLAG_GLOW`].
+pub const FLAG_PRIOR: u8 = 2;
 /// Bytes of the fixed header before the mask codes.
 pub(super) const FIXED_HEADER: usize = 40;
 
@@ -83,9 +86,10 @@ pub const fn header_len(arch: &Arch) -> usize {
 }
 
 /// The storage type of a tensor of `kind` in a blob of `dtype`: f32 for the Glow tensors
-/// (always, so that `W` and `W^-1` stay exact inverses), `dtype` for the coupling tensors.
+/// (always, so that `W` and `W^-1` stay exact inverses) and the prior's
+/// ([`TensorKind::is_f32`]), `dtype` for the coupling tensors.
 pub const fn stored_dtype(kind: TensorKind, dtype: DType) -> DType {
-    if kind.is_glow() {
+    if kind.is_f32() {
         DType::F32
     } else {
         dtype
@@ -130,9 +134,35 @@ pub(super) const fn steps_bytes(arch: &Arch, dtype: DType, count: usize, legacy:
     n
 }
 
-/// Bytes of the tensor section.
+/// Bytes of the learned prior's tensors of the first `count` levels (f32 whatever the
+/// dtype): their offset after the flow steps' tensors.
+pub(super) const fn priors_bytes(arch: &Arch, dtype: DType, count: usize) -> usize {
+    let mut n = 0usize;
+    if !arch.prior {
+        return n;
+    }
+    let mut l = 0usize;
+    // MAX_LEVELS bounds the loop for unvalidated architectures (levels up to usize::MAX).
+    while l < count && l < arch.levels && l < MAX_LEVELS {
+        let view = arch.level(l);
+        let mut kinds = arch.prior_tensors(l);
+        while let [kind, rest @ ..] = kinds {
+            kinds = rest;
+            let len = view.tensor_len(Mask::ChannelEven, *kind);
+            n = n.saturating_add(tensor_bytes(len, stored_dtype(*kind, dtype)));
+        }
+        l = l.saturating_add(1);
+    }
+    n
+}
+
+/// Bytes of the tensor section: the flow steps', then the prior's.
 const fn tensors_len(arch: &Arch, dtype: DType, legacy: bool) -> usize {
-    steps_bytes(arch, dtype, arch.couplings, legacy)
+    steps_bytes(arch, dtype, arch.couplings, legacy).saturating_add(priors_bytes(
+        arch,
+        dtype,
+        arch.levels,
+    ))
 }
 
 /// Elements of the unused `scale` tensors a version 2 Glow blob stores (`changed` per step),

@@ -10,7 +10,9 @@
 //! its unused `scale` tensors. Glow tensors (ActNorm, the
 //! invertible 1x1 convolution, its inverse and log-det) are always stored as f32, even in
 //! f16 blobs: `W` and `W^-1` must stay each other's inverse to f32 precision for the flow to
-//! invert exactly.
+//! invert exactly. So are the learned prior's tensors (flag bit 1, [`FLAG_PRIOR`], version 3
+//! only), which follow every flow step's: per split level its scale, 3x3 conv weight and bias,
+//! then the top prior's ActNorm log-scale and bias.
 //!
 //! Parsing is zero-copy: a [`Model`] borrows the blob and decodes weights as it reads them.
 //!
@@ -34,9 +36,9 @@ mod write;
 
 pub use crc::crc32;
 pub use format::{
-    blob_len, blob_version, header_len, stored_dtype, DType, FLAG_GLOW, MAGIC, VERSION, VERSION_2,
-    VERSION_3,
+    blob_len, blob_version, header_len, stored_dtype, DType, FLAG_GLOW, FLAG_PRIOR, MAGIC, VERSION,
+    VERSION_2, VERSION_3,
 };
 pub use read::Model;
-pub use tensor::{CouplingWeights, GlowWeights, Tensor, TensorIter};
+pub use tensor::{CouplingWeights, GlowWeights, PriorWeights, Tensor, TensorIter, TopWeights};
 pub use write::{round_to_f16, round_to_f16_for, write_blob};

@@ -1,16 +1,20 @@
 //! Reading a blob: [`Model::from_blob`] parses and checks it, and the model hands out
 //! zero-copy views of its tensors.
 
-use crate::arch::{step_tensors, Arch, Mask, TensorKind, GLOW_TENSORS, MAX_COUPLINGS};
+use crate::arch::{
+    step_tensors, Arch, Mask, TensorKind, GLOW_TENSORS, MAX_COUPLINGS, PRIOR_TENSORS, TOP_TENSORS,
+};
 use crate::error::Error;
 
 use super::format::{
-    align4, legacy_scale_params, non_finite, steps_bytes, stored_len, tensor_bytes, FIXED_HEADER,
+    align4, legacy_scale_params, non_finite, priors_bytes, steps_bytes, stored_len, tensor_bytes,
+    FIXED_HEADER,
 };
 use super::{
-    blob_version, crc32, header_len, stored_dtype, CouplingWeights, DType, GlowWeights, Tensor,
+    blob_version, crc32, header_len, stored_dtype, CouplingWeights, DType, GlowWeights,
+    PriorWeights, Tensor, TopWeights,
 };
-use super::{FLAG_GLOW, MAGIC, VERSION, VERSION_2, VERSION_3};
+use super::{FLAG_GLOW, FLAG_PRIOR, MAGIC, VERSION, VERSION_2, VERSION_3};
 
 /// A parsed, checked model: the architecture plus a borrowed view of the weights.
 #[derive(Clone, Copy, Debug)]
@@ -93,22 +97,32 @@ impl<'a> Model<'a> {
         } else {
             0.0
         };
-        let (levels, glow) = if version == VERSION {
+        let (levels, glow, prior) = if version == VERSION {
             if read_u16(blob, 18)? != 0 || read_u16(blob, 30)? != 0 {
                 return Err(Error::BadHeader("reserved bytes 18-19 or 30-31 are not 0"));
             }
-            (1, false)
+            (1, false, false)
         } else {
             if version == VERSION_2 && read_u16(blob, 30)? != 0 {
                 return Err(Error::BadHeader("reserved bytes 30-31 are not 0"));
             }
             let flags = read_u8(blob, 19)?;
-            if flags & !FLAG_GLOW != 0 {
+            // Version 2 knows only the Glow flag; version 3 also the learned prior's.
+            if version == VERSION_2 && flags & !FLAG_GLOW != 0 {
                 return Err(Error::BadHeader(
-                    "unknown flag bits in byte 19 (versions 2 and 3 define only bit 0, Glow)",
+                    "unknown flag bits in byte 19 (version 2 defines only bit 0, Glow)",
                 ));
             }
-            (usize::from(read_u8(blob, 18)?), flags & FLAG_GLOW != 0)
+            if flags & !(FLAG_GLOW | FLAG_PRIOR) != 0 {
+                return Err(Error::BadHeader(
+                    "unknown flag bits in byte 19 (version 3 defines only bits 0, Glow, and 1, prior)",
+                ));
+            }
+            (
+                usize::from(read_u8(blob, 18)?),
+                flags & FLAG_GLOW != 0,
+                flags & FLAG_PRIOR != 0,
+            )
         };
         let arch = Arch {
             channels: usize::from(read_u16(blob, 16)?),
@@ -130,7 +144,7 @@ impl<'a> Model<'a> {
                 usize::from(read_u16(blob, 28)?),
             ],
             logit_alpha: f32::from_bits(read_u32(blob, 32)?),
-            prior: false,
+            prior,
             scale_floor,
         };
         arch.validate()?;
@@ -210,6 +224,23 @@ impl<'a> Model<'a> {
                 tensor = tensor.saturating_add(1);
             }
         }
+        // The learned prior's tensors follow every step's, level by level (none without it).
+        let mut offset = model.prior_start();
+        for l in 0..arch.levels {
+            let view = arch.level(l);
+            for &kind in arch.prior_tensors(l) {
+                let t = model.take(&view, Mask::ChannelEven, kind, &mut offset)?;
+                if let Some(k) = t.first_non_finite() {
+                    let index = first.saturating_add(k);
+                    return Err(Error::NonFinitePriorWeight {
+                        level: l,
+                        kind,
+                        index,
+                    });
+                }
+                first = first.saturating_add(t.len());
+            }
+        }
         Ok(model)
     }
 
@@ -286,6 +317,60 @@ impl<'a> Model<'a> {
         })
     }
 
+    /// Byte offset of the learned prior's first tensor in the tensor section (after every
+    /// flow step's tensors).
+    fn prior_start(&self) -> usize {
+        steps_bytes(&self.arch, self.dtype, self.arch.couplings, self.legacy)
+    }
+
+    /// The learned prior's split coupling at level `l` ([`Arch::prior`]; `l < levels - 1`,
+    /// the levels that split), at the level's shape. An error when the architecture has no
+    /// prior or `l` is not a splitting level.
+    pub fn prior(&self, l: usize) -> Result<PriorWeights<'a>, Error> {
+        if !self.arch.prior {
+            return Err(Error::InvalidArgument(
+                "the architecture has no learned prior",
+            ));
+        }
+        if l.saturating_add(1) >= self.arch.levels {
+            return Err(Error::InvalidArgument(
+                "prior level out of range (levels but the last have a split prior)",
+            ));
+        }
+        let mut offset = self
+            .prior_start()
+            .saturating_add(priors_bytes(&self.arch, self.dtype, l));
+        let view = self.arch.level(l);
+        let [scale, w, b] = PRIOR_TENSORS;
+        let mut take = |kind| self.take(&view, Mask::ChannelEven, kind, &mut offset);
+        Ok(PriorWeights {
+            scale: take(scale)?,
+            w: take(w)?,
+            b: take(b)?,
+        })
+    }
+
+    /// The learned prior's top ActNorm after the last level ([`Arch::prior`]), at the last
+    /// level's shape. An error when the architecture has no prior.
+    pub fn top(&self) -> Result<TopWeights<'a>, Error> {
+        if !self.arch.prior {
+            return Err(Error::InvalidArgument(
+                "the architecture has no learned prior",
+            ));
+        }
+        let last = self.arch.levels.saturating_sub(1);
+        let mut offset = self
+            .prior_start()
+            .saturating_add(priors_bytes(&self.arch, self.dtype, last));
+        let view = self.arch.level(last);
+        let [logs, bias] = TOP_TENSORS;
+        let mut take = |kind| self.take(&view, Mask::ChannelEven, kind, &mut offset);
+        Ok(TopWeights {
+            logs: take(logs)?,
+            bias: take(bias)?,
+        })
+    }
+
     /// The coupling weights of step `i` (0 is nearest the image), at the shape of step `i`'s
     /// level (run it with [`Arch::step_arch`]`(i)`). In a Glow architecture these follow the
     /// step's Glow tensors ([`Model::glow_step`]).
@@ -327,6 +412,8 @@ mod tests {
     use super::*;
     use crate::arch::COUPLING_TENSORS;
     use crate::error::ArchField;
+
+    const GLOW_AND_PRIOR: u8 = FLAG_GLOW | FLAG_PRIOR;
     use crate::flow::sample;
     use crate::scratch_len;
     use crate::testutil::{blob, random_params};
@@ -423,17 +510,21 @@ mod tests {
         let mut m = b.clone();
         m[18] = 4;
         assert_eq!(err(&m), Error::InvalidArch(ArchField::Size));
-        for flags in [2u8, 3, 0x80, 0xFF] {
+        for flags in [4u8, 5, 0x80, 0xFF] {
             let mut m = b.clone();
             m[19] = flags;
             assert_eq!(
                 err(&m),
                 Error::BadHeader(
-                    "unknown flag bits in byte 19 (versions 2 and 3 define only bit 0, Glow)"
+                    "unknown flag bits in byte 19 (version 3 defines only bits 0, Glow, and 1, prior)"
                 ),
                 "flags {flags:#x}"
             );
         }
+        // The prior flag on a model without its tensors: the parameter count is wrong.
+        let mut m = b.clone();
+        m[19] = 3;
+        assert!(matches!(err(&m), Error::BadHeader(s) if s.contains("parameter count")));
         // Bytes 30-31 of version 3: the scale floor (f16), 0 or in (0, 1/2].
         for bits in [0x8000u16, 0x7e00, 0x7c00, 0x3a00, 0xbc00] {
             let mut m = b.clone();
@@ -557,6 +648,155 @@ mod tests {
             write_blob(&arch, DType::F16, &p, &mut out),
             Err(Error::NonFiniteGlowWeight { step: 1, index, .. }) if index == k
         ));
+    }
+
+    /// A prior model's blob: the spec's bytes, flag bit 1, the prior's tensors f32 after every
+    /// step's (in an f16 blob too), read back exactly; its length formula.
+    #[test]
+    fn prior_blobs_round_trip() {
+        let arch = prior_small();
+        let bare = glow_small();
+        // Level 0 (2x4x4): scale 1, weight 2*1*9, bias 2; level 1 (4x2x2): logs 4, bias 4.
+        let extra = 1 + 18 + 2 + 4 + 4;
+        assert_eq!(arch.param_count(), bare.param_count() + extra);
+        assert_eq!(arch.prior_offset(0), bare.param_count());
+        assert_eq!(arch.prior_params(0), 21);
+        assert_eq!(arch.prior_params(1), 8);
+        let params = random_params(&arch, 5, 1.0);
+        for dtype in [DType::F32, DType::F16] {
+            assert_eq!(blob_len(&arch, dtype), blob_len(&bare, dtype) + 4 * extra);
+            let b = blob(&arch, dtype, &params);
+            assert_eq!(b.len(), blob_len(&arch, dtype));
+            assert!(b == spec_blob(&arch, dtype, &params), "{dtype:?}");
+            assert_eq!((b[8], b[18], b[19]), (3, 2, GLOW_AND_PRIOR));
+            let model = Model::from_blob(&b).unwrap();
+            assert_eq!(model.version(), VERSION_3);
+            assert_same_arch(model.arch(), &arch);
+            assert!(model.arch().prior);
+            let mut want = params.clone();
+            if dtype == DType::F16 {
+                super::super::round_to_f16_for(&arch, &mut want).unwrap();
+                // The prior's tensors are not rounded.
+                let start = arch.prior_offset(0);
+                assert!(want[start..]
+                    .iter()
+                    .zip(&params[start..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert!(want[..start] != params[..start]);
+            }
+            let got = all_weights(&model);
+            assert_eq!(got.len(), arch.param_count());
+            assert!(got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            let p = model.prior(0).unwrap();
+            assert_eq!((p.scale.len(), p.w.len(), p.b.len()), (1, 18, 2));
+            assert_eq!(p.w.iter().next(), Some(params[arch.prior_offset(0) + 1]));
+            let t = model.top().unwrap();
+            assert_eq!((t.logs.len(), t.bias.len()), (4, 4));
+            assert_eq!(t.bias.iter().last(), params.last().copied());
+            assert!(model.prior(1).is_err() && model.prior(7).is_err());
+            // Models without the prior have neither.
+            let g = valid_glow(dtype);
+            let m0 = Model::from_blob(&g).unwrap();
+            assert!(m0.prior(0).is_err() && m0.top().is_err());
+            assert_eq!(m0.arch().prior, false);
+        }
+        // One level: only the top prior.
+        let one = Arch {
+            levels: 1,
+            couplings: 2,
+            ..arch
+        };
+        let p1 = random_params(&one, 6, 1.0);
+        let b1 = blob(&one, DType::F16, &p1);
+        assert!(b1 == spec_blob(&one, DType::F16, &p1));
+        let m1 = Model::from_blob(&b1).unwrap();
+        assert_eq!(m1.top().unwrap().logs.len(), 2);
+        assert!(m1.prior(0).is_err());
+    }
+
+    /// The prior flag needs the Glow flag and version 3; a non-finite prior weight is an
+    /// error naming its level and tensor, when reading and when writing.
+    #[test]
+    fn prior_blob_corruptions_are_rejected() {
+        let arch = prior_small();
+        let params = random_params(&arch, 5, 1.0);
+        let b = blob(&arch, DType::F32, &params);
+        // Prior without Glow: with Glow's floor still in bytes 30-31 the floor is wrong first,
+        // without it the prior.
+        let mut m = b.clone();
+        m[19] = FLAG_PRIOR;
+        assert_eq!(err(&m), Error::InvalidArch(ArchField::ScaleFloor));
+        set_u16(&mut m, 30, 0);
+        assert_eq!(err(&m), Error::InvalidArch(ArchField::Prior));
+        // Version 2 defines only the Glow flag.
+        let mut m = blob(
+            &multi_small(),
+            DType::F32,
+            &random_params(&multi_small(), 8, 1.0),
+        );
+        for flags in [2u8, 3] {
+            m[19] = flags;
+            assert_eq!(
+                err(&m),
+                Error::BadHeader(
+                    "unknown flag bits in byte 19 (version 2 defines only bit 0, Glow)"
+                )
+            );
+        }
+        // The prior flag cleared: the parameter count (which includes the prior) is wrong.
+        let mut m = b.clone();
+        m[19] = FLAG_GLOW;
+        assert!(matches!(err(&m), Error::BadHeader(s) if s.contains("parameter count")));
+        // A non-finite weight in each prior tensor, f32 and f16 blobs (all f32 in both: the
+        // prior's tensors end the tensor section, so flat index i is 4 bytes per element
+        // before the CRC).
+        let o0 = arch.prior_offset(0);
+        let o1 = arch.prior_offset(1);
+        let targets = [
+            (o0, 0, TensorKind::PriorScale),
+            (o0 + 1 + 17, 0, TensorKind::PriorWeight),
+            (o0 + 1 + 18 + 1, 0, TensorKind::PriorBias),
+            (o1 + 2, 1, TensorKind::TopLogs),
+            (o1 + 4 + 3, 1, TensorKind::TopBias),
+        ];
+        for dtype in [DType::F32, DType::F16] {
+            let b = blob(&arch, dtype, &params);
+            for &(index, level, kind) in &targets {
+                let at = b.len() - 4 - 4 * (arch.param_count() - index);
+                for bad in [f32::NAN, f32::INFINITY] {
+                    let mut m = b.clone();
+                    m[at..at + 4].copy_from_slice(&bad.to_le_bytes());
+                    fix_crc(&mut m);
+                    let want = Error::NonFinitePriorWeight { level, kind, index };
+                    assert_eq!(err(&m), want, "{dtype:?} {kind}");
+                    assert!(err(&m)
+                        .to_string()
+                        .ends_with(&std::format!("level {level} {kind}")));
+                    let mut p = params.clone();
+                    p[index] = bad;
+                    let mut out = std::vec![0u8; blob_len(&arch, dtype)];
+                    assert_eq!(write_blob(&arch, dtype, &p, &mut out), Err(want));
+                }
+            }
+            // Beyond f16's range is fine for a prior weight, even in an f16 blob.
+            let mut p = params.clone();
+            p[o0 + 3] = 1e6;
+            let b = blob(&arch, dtype, &p);
+            let model = Model::from_blob(&b).unwrap();
+            assert_eq!(model.prior(0).unwrap().w.iter().nth(2), Some(1e6));
+        }
+        assert_eq!(
+            Error::NonFinitePriorWeight {
+                level: 0,
+                kind: TensorKind::PriorScale,
+                index: 3
+            }
+            .to_string(),
+            "weight 3 is not finite (NaN, infinite, or beyond f16 range): level 0 prior scale"
+        );
     }
 
     #[test]

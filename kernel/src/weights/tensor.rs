@@ -160,3 +160,42 @@ impl<'a> GlowWeights<'a> {
         [self.logs, self.bias, self.w, self.w_inv, self.logdet]
     }
 }
+
+/// The learned prior's split coupling at a level `l < levels - 1` ([`crate::Arch::prior`]),
+/// all stored as f32. With `C` the level's channels and `h = C/2`: the conv maps the even
+/// channels (`h` planes) to `C` planes, `s_raw` then `t`; changed channel `j` (state channel
+/// `2j + 1`) gets `x * exp(s) + t` with `s = scale[j] * tanh(s_raw)`.
+#[derive(Clone, Copy, Debug)]
+pub struct PriorWeights<'a> {
+    /// Per-changed-channel scale of `tanh(s_raw)`, `[h]`.
+    pub scale: Tensor<'a>,
+    /// The 3x3 conv weight `[C][h][3][3]`.
+    pub w: Tensor<'a>,
+    /// The conv bias `[C]`.
+    pub b: Tensor<'a>,
+}
+
+impl<'a> PriorWeights<'a> {
+    /// The three tensors in blob order (the order of
+    /// [`PRIOR_TENSORS`](crate::arch::PRIOR_TENSORS)).
+    pub fn in_blob_order(&self) -> [Tensor<'a>; 3] {
+        [self.scale, self.w, self.b]
+    }
+}
+
+/// The learned prior's top ActNorm after the last level ([`crate::Arch::prior`]), stored as
+/// f32: `y[c, p] = x[c, p] * exp(logs[c]) + bias[c]`, log-det `plane * sum(logs)`.
+#[derive(Clone, Copy, Debug)]
+pub struct TopWeights<'a> {
+    /// Log-scale, `[C_last]`.
+    pub logs: Tensor<'a>,
+    /// Bias, `[C_last]`.
+    pub bias: Tensor<'a>,
+}
+
+impl<'a> TopWeights<'a> {
+    /// The two tensors in blob order (the order of [`TOP_TENSORS`](crate::arch::TOP_TENSORS)).
+    pub fn in_blob_order(&self) -> [Tensor<'a>; 2] {
+        [self.logs, self.bias]
+    }
+}

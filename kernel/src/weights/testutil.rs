@@ -234,7 +234,11 @@ pub(super) fn spec_blob_as(arch: &Arch, dtype: DType, params: &[f32], legacy: bo
         b.extend_from_slice(&(v as u16).to_le_bytes());
     }
     if v2 {
-        b.extend_from_slice(&[arch.levels as u8, u8::from(arch.glow)]);
+        // Flags: bit 0 Glow, bit 1 the learned prior.
+        b.extend_from_slice(&[
+            arch.levels as u8,
+            u8::from(arch.glow) | (u8::from(arch.prior) << 1),
+        ]);
     } else {
         b.extend_from_slice(&[0, 0]);
     }
@@ -299,6 +303,25 @@ pub(super) fn spec_blob_as(arch: &Arch, dtype: DType, params: &[f32], legacy: bo
             pad(&mut b);
         }
     }
+    // The learned prior, all f32: per split level scale [C/2], weight [C][C/2][3][3], bias
+    // [C]; then the top ActNorm's logs [C_last] and bias [C_last].
+    if arch.prior {
+        for l in 0..arch.levels {
+            let c = arch.level_shape(l).0;
+            let lens = if l + 1 < arch.levels {
+                std::vec![c / 2, c * (c / 2) * 9, c]
+            } else {
+                std::vec![c, c]
+            };
+            for n in lens {
+                let (t, tail) = rest.split_at(n);
+                rest = tail;
+                for &v in t {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
     assert!(rest.is_empty());
     let crc = crc32(&b);
     b.extend_from_slice(&crc.to_le_bytes());
@@ -318,5 +341,24 @@ pub(super) fn all_weights(model: &Model<'_>) -> Vec<f32> {
             out.extend(t.iter());
         }
     }
+    if model.arch().prior {
+        for l in 0..model.arch().levels - 1 {
+            for t in model.prior(l).unwrap().in_blob_order() {
+                out.extend(t.iter());
+            }
+        }
+        for t in model.top().unwrap().in_blob_order() {
+            out.extend(t.iter());
+        }
+    }
     out
+}
+
+/// [`glow_small`] with the learned prior (2 levels: a split prior on 2x4x4, the top prior on
+/// 4x2x2).
+pub(super) fn prior_small() -> Arch {
+    Arch {
+        prior: true,
+        ..glow_small()
+    }
 }

@@ -1,11 +1,11 @@
 //! Writing a blob ([`write_blob`]) and rounding parameters to the values an f16 blob holds.
 
-use crate::arch::{step_tensors, Arch};
+use crate::arch::{step_tensors, Arch, Mask, TensorKind};
 use crate::error::{Buffer, Error};
 
 use super::format::{non_finite, tensor_bytes, FIXED_HEADER};
 use super::{blob_len, blob_version, crc32, header_len, stored_dtype, DType};
-use super::{FLAG_GLOW, MAGIC, VERSION, VERSION_3};
+use super::{FLAG_GLOW, FLAG_PRIOR, MAGIC, VERSION, VERSION_3};
 
 /// The `len` bytes of `out` at `at`, or a `BufferSize` error for the blob buffer.
 fn region(out: &mut [u8], at: usize, len: usize) -> Result<&mut [u8], Error> {
@@ -70,7 +70,9 @@ pub fn write_blob(
     put(out, 14, &narrow(arch.width)?.to_le_bytes())?;
     put(out, 16, &narrow(arch.channels)?.to_le_bytes())?;
     if version != VERSION {
-        let flags = if arch.glow { FLAG_GLOW } else { 0 };
+        let glow = if arch.glow { FLAG_GLOW } else { 0 };
+        let prior = if arch.prior { FLAG_PRIOR } else { 0 };
+        let flags = glow | prior;
         put(out, 18, &[byte(arch.levels)?, flags])?;
     }
     put(out, 20, &[u8::from(arch.squeeze), byte(arch.couplings)?])?;
@@ -103,44 +105,61 @@ pub fn write_blob(
     let mut first = 0usize;
     let mut tensor = 0usize;
     let mut rest = params;
-    for (i, &m) in arch.active_masks().iter().enumerate() {
+    // Every flow step's tensors, then the learned prior's, level by level.
+    let steps = arch.active_masks().iter().enumerate().flat_map(|(i, &m)| {
         let view = arch.step_arch(i);
-        for &kind in step_tensors(arch.glow) {
-            let len = view.tensor_len(m, kind);
-            let dtype = stored_dtype(kind, dtype);
-            let (values, tail) = rest.split_at_checked(len).ok_or(Error::BufferSize {
-                buffer: Buffer::Weights,
-                needed: arch.param_count(),
-                got: params.len(),
-            })?;
-            rest = tail;
-            let dst = region(out, at, len.saturating_mul(dtype.size()))?;
-            let bad = |k: usize| non_finite(arch.glow, tensor, i, kind, first.saturating_add(k));
-            match dtype {
-                DType::F32 => {
-                    let (dst, _) = dst.as_chunks_mut::<4>();
-                    for (k, (d, &v)) in dst.iter_mut().zip(values).enumerate() {
-                        if !v.is_finite() {
-                            return Err(bad(k));
-                        }
-                        *d = v.to_le_bytes();
+        step_tensors(arch.glow).iter().map(move |&kind| {
+            let bad = Bad::Step {
+                glow: arch.glow,
+                step: i,
+            };
+            (view.tensor_len(m, kind), kind, bad)
+        })
+    });
+    let priors = (0..arch.levels).flat_map(|l| {
+        let view = arch.level(l);
+        arch.prior_tensors(l).iter().map(move |&kind| {
+            (
+                view.tensor_len(Mask::ChannelEven, kind),
+                kind,
+                Bad::Prior { level: l },
+            )
+        })
+    });
+    for (len, kind, who) in steps.chain(priors) {
+        let dtype = stored_dtype(kind, dtype);
+        let (values, tail) = rest.split_at_checked(len).ok_or(Error::BufferSize {
+            buffer: Buffer::Weights,
+            needed: arch.param_count(),
+            got: params.len(),
+        })?;
+        rest = tail;
+        let dst = region(out, at, len.saturating_mul(dtype.size()))?;
+        let bad = |k: usize| who.error(tensor, kind, first.saturating_add(k));
+        match dtype {
+            DType::F32 => {
+                let (dst, _) = dst.as_chunks_mut::<4>();
+                for (k, (d, &v)) in dst.iter_mut().zip(values).enumerate() {
+                    if !v.is_finite() {
+                        return Err(bad(k));
                     }
-                }
-                DType::F16 => {
-                    let (dst, _) = dst.as_chunks_mut::<2>();
-                    for (k, (d, &v)) in dst.iter_mut().zip(values).enumerate() {
-                        let h = half::f16::from_f32(v);
-                        if !v.is_finite() || !h.is_finite() {
-                            return Err(bad(k));
-                        }
-                        *d = h.to_le_bytes();
-                    }
+                    *d = v.to_le_bytes();
                 }
             }
-            first = first.saturating_add(len);
-            tensor = tensor.saturating_add(1);
-            at = at.saturating_add(tensor_bytes(len, dtype));
+            DType::F16 => {
+                let (dst, _) = dst.as_chunks_mut::<2>();
+                for (k, (d, &v)) in dst.iter_mut().zip(values).enumerate() {
+                    let h = half::f16::from_f32(v);
+                    if !v.is_finite() || !h.is_finite() {
+                        return Err(bad(k));
+                    }
+                    *d = h.to_le_bytes();
+                }
+            }
         }
+        first = first.saturating_add(len);
+        tensor = tensor.saturating_add(1);
+        at = at.saturating_add(tensor_bytes(len, dtype));
     }
     let (body, crc) = out.split_last_chunk_mut::<4>().ok_or(Error::BufferSize {
         buffer: Buffer::Blob,
@@ -149,6 +168,24 @@ pub fn write_blob(
     })?;
     *crc = crc32(body).to_le_bytes();
     Ok(total)
+}
+
+/// Whose tensor a non-finite weight is in, for its error.
+#[derive(Clone, Copy)]
+enum Bad {
+    /// A flow step's (Glow and coupling tensors).
+    Step { glow: bool, step: usize },
+    /// The learned prior's at a level.
+    Prior { level: usize },
+}
+
+impl Bad {
+    fn error(self, tensor: usize, kind: TensorKind, index: usize) -> Error {
+        match self {
+            Bad::Step { glow, step } => non_finite(glow, tensor, step, kind, index),
+            Bad::Prior { level } => Error::NonFinitePriorWeight { level, kind, index },
+        }
+    }
 }
 
 /// Rounds every parameter through f16 and back, so a caller can see exactly the values an
@@ -161,7 +198,8 @@ pub fn round_to_f16(params: &mut [f32]) {
 }
 
 /// Rounds through f16 and back exactly the parameters an f16 blob of `arch` stores as f16
-/// (the coupling tensors), leaving the Glow tensors (stored as f32) untouched; so an f16
+/// (the coupling tensors), leaving the Glow and prior tensors (stored as f32,
+/// [`TensorKind::is_f32`]) untouched; so an f16
 /// round trip of `params` returns `round_to_f16_for(arch, params)` bit for bit. For an
 /// architecture without Glow steps it equals [`round_to_f16`]. Errors on an invalid `arch`
 /// or when `params.len()` is not [`Arch::param_count`] (then `params` is unchanged).
@@ -185,11 +223,12 @@ pub fn round_to_f16_for(arch: &Arch, params: &mut [f32]) -> Result<(), Error> {
                 got: 0,
             })?;
             rest = tail;
-            if !kind.is_glow() {
+            if !kind.is_f32() {
                 round_to_f16(values);
             }
         }
     }
+    // What is left are the learned prior's tensors, all stored as f32: untouched.
     Ok(())
 }
 
