@@ -565,7 +565,10 @@ fn parse_args() -> std::result::Result<Opts, String> {
     if o.cpu_clock && (o.threads != [1] || o.pytorch.is_some()) {
         return Err("--cpu-clock: only with --threads 1 and without --pytorch".into());
     }
-    o.arch.1.validate().map_err(|e| format!("invalid shape: {e}"))?;
+    o.arch
+        .1
+        .validate()
+        .map_err(|e| format!("invalid shape: {e}"))?;
     if o.pytorch.is_some() && o.arch.0 != "mnist" {
         return Err("--pytorch: tools/reference/bench_step.py only has the MNIST preset".into());
     }

@@ -119,6 +119,9 @@ fn forward_and_inverse_match_the_kernel() {
         tiny_glow(2, true),
         tiny_glow(2, false),
         tiny_glow(1, true),
+        tiny_prior(2),
+        tiny_prior(3),
+        tiny_prior(1),
         clayflow_kernel::MNIST,
         clayflow_kernel::MNIST_GLOW,
     ] {
