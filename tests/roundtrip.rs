@@ -71,7 +71,8 @@ fn small_arch() -> impl Strategy<Value = Arch> {
 }
 
 /// A small random multi-level and/or Glow architecture: 1-3 levels of 1-2 steps, with or
-/// without the initial squeeze and Glow steps, sides a multiple of every halving, any mask
+/// without the initial squeeze and Glow steps (and, with them, with or without the learned
+/// prior), sides a multiple of every halving, any mask
 /// kinds (filtered to what `validate` accepts: a split needs an even channel count, a
 /// checkerboard 2 pixels per plane at its level).
 fn glow_arch() -> impl Strategy<Value = Arch> {
@@ -87,9 +88,10 @@ fn glow_arch() -> impl Strategy<Value = Arch> {
         prop::array::uniform3(0usize..2),
         1usize..5,
         1usize..5,
+        any::<bool>(),
     )
         .prop_map(
-            |(c, kh, kw, squeeze, levels, per, glow, first, ks, h0, h1)| {
+            |(c, kh, kw, squeeze, levels, per, glow, first, ks, h0, h1, prior)| {
                 let halvings = levels - 1 + usize::from(squeeze);
                 Arch {
                     channels: c,
@@ -104,7 +106,7 @@ fn glow_arch() -> impl Strategy<Value = Arch> {
                     hidden: [h0, h1],
                     bits: 8,
                     logit_alpha: 0.05,
-                    prior: false,
+                    prior: glow && prior,
                     scale_floor: if glow {
                         clayflow_kernel::GLOW_SCALE_FLOOR
                     } else {

@@ -5,7 +5,7 @@
 pub mod peak;
 
 use clayflow_kernel::arch::{TensorKind, COUPLING_TENSORS};
-use clayflow_kernel::{blob_len, write_blob, Arch, DType, Pcg32, Rng};
+use clayflow_kernel::{blob_len, write_blob, Arch, DType, Mask, Pcg32, Rng};
 
 /// Uniform in [-1, 1).
 pub fn uniform(rng: &mut Pcg32) -> f32 {
@@ -16,8 +16,8 @@ pub fn uniform(rng: &mut Pcg32) -> f32 {
 /// their scale through the ReLU layers), biases +-0.1, per-channel scales in
 /// [1 - scale_spread, 1 + scale_spread] (so |s| <= 1 + scale_spread), each at the shape of
 /// its step's level. Glow steps first get ActNorm log-scales and biases in +-0.1 and a
-/// well-conditioned 1x1 conv with its exact inverse and log-det ([`random_inv_conv`]).
-/// Without Glow steps the draws are the same as before Glow existed (same values per seed).
+/// well-conditioned 1x1 conv with its exact inverse and log-det ([`random_inv_conv`]); the
+/// learned prior's tensors come last. Without Glow steps the draws are the same as before Glow existed (same values per seed).
 pub fn random_params(arch: &Arch, seed: u64, gain: f32, scale_spread: f32) -> Vec<f32> {
     let mut rng = Pcg32::new(seed);
     let mut p = Vec::with_capacity(arch.param_count());
@@ -46,6 +46,22 @@ pub fn random_params(arch: &Arch, seed: u64, gain: f32, scale_spread: f32) -> Ve
                     TensorKind::ConvBias(_) => 0.1 * v,
                     // COUPLING_TENSORS holds none of the Glow kinds.
                     _ => unreachable!("{kind} is not a coupling tensor"),
+                });
+            }
+        }
+    }
+    // The learned prior: split prior scales like the couplings', its 3x3 convolution like a
+    // coupling's last one at `gain`, the top prior like an ActNorm.
+    for l in 0..arch.levels {
+        let view = arch.level(l);
+        for &kind in arch.prior_tensors(l) {
+            let c = view.flow_shape().0;
+            for _ in 0..view.tensor_len(Mask::ChannelEven, kind) {
+                let v = uniform(&mut rng);
+                p.push(match kind {
+                    TensorKind::PriorScale => 1.0 + scale_spread * v,
+                    TensorKind::PriorWeight => gain * v / ((c / 2 * 9) as f32).sqrt(),
+                    _ => 0.1 * v,
                 });
             }
         }
