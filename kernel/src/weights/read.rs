@@ -701,7 +701,7 @@ mod tests {
             let g = valid_glow(dtype);
             let m0 = Model::from_blob(&g).unwrap();
             assert!(m0.prior(0).is_err() && m0.top().is_err());
-            assert_eq!(m0.arch().prior, false);
+            assert!(!m0.arch().prior);
         }
         // One level: only the top prior.
         let one = Arch {
