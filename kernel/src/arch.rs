@@ -390,7 +390,8 @@ pub const fn step_tensors(glow: bool) -> &'static [TensorKind] {
 
 impl TensorKind {
     /// True for the Glow tensors (ActNorm and the invertible 1x1 convolution), which a blob
-    /// always stores as f32; false for the coupling tensors, stored in the blob's dtype.
+    /// always stores as f32; false for the coupling tensors, stored in the blob's dtype, and
+    /// for the prior's (f32 too: [`TensorKind::is_f32`] is the storage rule).
     pub const fn is_glow(self) -> bool {
         matches!(
             self,

@@ -701,7 +701,7 @@ mod tests {
             let g = valid_glow(dtype);
             let m0 = Model::from_blob(&g).unwrap();
             assert!(m0.prior(0).is_err() && m0.top().is_err());
-            assert_eq!(m0.arch().prior, false);
+            assert!(!m0.arch().prior);
         }
         // One level: only the top prior.
         let one = Arch {
@@ -766,13 +766,20 @@ mod tests {
             let b = blob(&arch, dtype, &params);
             for &(index, level, kind) in &targets {
                 let at = b.len() - 4 - 4 * (arch.param_count() - index);
-                for bad in [f32::NAN, f32::INFINITY] {
+                // Under Miri (a parse with its CRC is slow there): NaN only.
+                let bads: &[f32] = if cfg!(miri) {
+                    &[f32::NAN]
+                } else {
+                    &[f32::NAN, f32::INFINITY]
+                };
+                for &bad in bads {
                     let mut m = b.clone();
                     m[at..at + 4].copy_from_slice(&bad.to_le_bytes());
                     fix_crc(&mut m);
                     let want = Error::NonFinitePriorWeight { level, kind, index };
-                    assert_eq!(err(&m), want, "{dtype:?} {kind}");
-                    assert!(err(&m)
+                    let got = err(&m);
+                    assert_eq!(got, want, "{dtype:?} {kind}");
+                    assert!(got
                         .to_string()
                         .ends_with(&std::format!("level {level} {kind}")));
                     let mut p = params.clone();
