@@ -105,6 +105,9 @@ fn small_archs() -> Vec<(&'static str, Arch)> {
     glow.levels = 2;
     glow.glow = true;
     glow.couplings = 4;
+    // Version 3 with the learned prior (flag bit 1): a split prior, a top prior.
+    let mut prior = glow;
+    prior.prior = true;
     let mut multi = checker;
     multi.height = 4;
     multi.width = 4;
@@ -117,6 +120,7 @@ fn small_archs() -> Vec<(&'static str, Arch)> {
         ("chk2x3x5", checker),
         ("rgb3x2x6", color),
         ("glow-sq1x4x4-l2", glow),
+        ("glow-prior-sq1x4x4-l2", prior),
         ("multi-chk2x4x4-l3", multi),
     ]
 }

@@ -130,6 +130,27 @@ fn check_model(model: &Model<'_>, blob: &[u8], mode: u8) {
             params.extend(t.iter());
         }
     }
+    // The learned prior's tensors follow every step's: each split level's, then the top's.
+    for l in 0..arch.levels.saturating_sub(1) {
+        match model.prior(l) {
+            Ok(p) => {
+                assert!(arch.prior, "prior tensors in a model without the prior");
+                for t in p.in_blob_order() {
+                    params.extend(t.iter());
+                }
+            }
+            Err(e) => assert!(!arch.prior, "split prior {l} of an accepted blob: {e}"),
+        }
+    }
+    match model.top() {
+        Ok(t) => {
+            assert!(arch.prior, "a top prior in a model without the prior");
+            for t in t.in_blob_order() {
+                params.extend(t.iter());
+            }
+        }
+        Err(e) => assert!(!arch.prior, "top prior of an accepted blob: {e}"),
+    }
     assert_eq!(params.len(), arch.param_count());
     assert!(
         params.iter().all(|v| v.is_finite()),
