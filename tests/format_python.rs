@@ -31,7 +31,8 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Every weight of `blob`'s model, as bits, Glow tensors first in each step.
+/// Every weight of `blob`'s model, as bits, Glow tensors first in each step, the learned
+/// prior's last.
 fn weights(blob: &[u8]) -> Vec<u32> {
     let model = Model::from_blob(blob).unwrap();
     let mut out = Vec::new();
@@ -45,12 +46,22 @@ fn weights(blob: &[u8]) -> Vec<u32> {
             out.extend(t.iter().map(f32::to_bits));
         }
     }
+    if model.arch().prior {
+        for l in 0..model.arch().levels - 1 {
+            for t in model.prior(l).unwrap().in_blob_order() {
+                out.extend(t.iter().map(f32::to_bits));
+            }
+        }
+        for t in model.top().unwrap().in_blob_order() {
+            out.extend(t.iter().map(f32::to_bits));
+        }
+    }
     out
 }
 
 /// Small architectures of every kind the format has: one level (version 1), several levels
-/// (version 2), Glow with one and with two levels (version 3), with checkerboard masks and
-/// odd widths (f16 padding).
+/// (version 2), Glow with one and with two levels (version 3), with and without the learned
+/// prior, with checkerboard masks and odd widths (f16 padding).
 fn kernel_blobs() -> Vec<(String, Vec<u8>)> {
     let mut masks = [Mask::ChannelEven; MAX_COUPLINGS];
     masks[..4].copy_from_slice(&[
@@ -88,6 +99,23 @@ fn kernel_blobs() -> Vec<(String, Vec<u8>)> {
             },
         ),
         ("v3-mnist-glow", MNIST_GLOW),
+        (
+            "v3-prior-1level",
+            Arch {
+                glow: true,
+                prior: true,
+                ..base
+            },
+        ),
+        (
+            "v3-prior-2levels",
+            Arch {
+                glow: true,
+                levels: 2,
+                prior: true,
+                ..base
+            },
+        ),
     ];
     let mut out = Vec::new();
     for (name, arch) in archs {
