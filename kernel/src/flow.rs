@@ -458,6 +458,27 @@ mod tests {
         sum
     }
 
+    /// log|det J| of the flow's u -> z at `u` from its central-difference Jacobian (f64).
+    /// eps 2e-3: truncation error ~eps^2 * |f'''| ~ 1e-5, rounding ~ 1e-7 / eps ~ 5e-5,
+    /// relative to entries of order 1..10.
+    fn brute_log_det(model: &Model<'_>, u: &[f32], scratch: &mut [f32]) -> f64 {
+        let n = u.len();
+        let eps = 2e-3f32;
+        let mut jac = std::vec![0f64; n * n];
+        for j in 0..n {
+            let mut plus = u.to_vec();
+            let mut minus = u.to_vec();
+            plus[j] += eps;
+            minus[j] -= eps;
+            forward(model, &mut plus, scratch).unwrap();
+            forward(model, &mut minus, scratch).unwrap();
+            for i in 0..n {
+                jac[i * n + j] = (plus[i] as f64 - minus[i] as f64) / (2.0 * eps as f64);
+            }
+        }
+        log_abs_det(jac, n)
+    }
+
     /// The flow's log-det equals log|det J| of the brute-force (central-difference) Jacobian
     /// of u -> z. Covers logit, squeeze and channel and checkerboard couplings together.
     #[test]
@@ -482,22 +503,7 @@ mod tests {
                 .collect();
             let mut z = u.clone();
             let log_det = forward(&model, &mut z, &mut scratch).unwrap();
-            // eps 2e-3: truncation error ~eps^2 * |f'''| ~ 1e-5, rounding ~ 1e-7 / eps ~ 5e-5,
-            // relative to entries of order 1..10.
-            let eps = 2e-3f32;
-            let mut jac = std::vec![0f64; n * n];
-            for j in 0..n {
-                let mut plus = u.clone();
-                let mut minus = u.clone();
-                plus[j] += eps;
-                minus[j] -= eps;
-                forward(&model, &mut plus, &mut scratch).unwrap();
-                forward(&model, &mut minus, &mut scratch).unwrap();
-                for i in 0..n {
-                    jac[i * n + j] = (plus[i] as f64 - minus[i] as f64) / (2.0 * eps as f64);
-                }
-            }
-            let brute = log_abs_det(jac, n);
+            let brute = brute_log_det(&model, &u, &mut scratch);
             // Per-entry relative error ~1e-4 over n = 16..32 dims: a few 1e-3 in the sum.
             assert!(
                 (brute - log_det as f64).abs() < 1e-2,
@@ -747,20 +753,7 @@ mod tests {
             let u = test_u(n);
             let mut z = u.clone();
             let log_det = forward(&model, &mut z, &mut scratch).unwrap();
-            let eps = 2e-3f32;
-            let mut jac = std::vec![0f64; n * n];
-            for j in 0..n {
-                let mut plus = u.clone();
-                let mut minus = u.clone();
-                plus[j] += eps;
-                minus[j] -= eps;
-                forward(&model, &mut plus, &mut scratch).unwrap();
-                forward(&model, &mut minus, &mut scratch).unwrap();
-                for i in 0..n {
-                    jac[i * n + j] = (plus[i] as f64 - minus[i] as f64) / (2.0 * eps as f64);
-                }
-            }
-            let brute = log_abs_det(jac, n);
+            let brute = brute_log_det(&model, &u, &mut scratch);
             // n = 32..64 dims with per-entry relative error ~1e-4: a few 1e-3 in the sum.
             assert!(
                 (brute - log_det as f64).abs() < 2e-2,
@@ -1045,20 +1038,7 @@ mod tests {
             let u = test_u(n);
             let mut z = u.clone();
             let log_det = forward(&model, &mut z, &mut scratch).unwrap();
-            let eps = 2e-3f32;
-            let mut jac = std::vec![0f64; n * n];
-            for j in 0..n {
-                let mut plus = u.clone();
-                let mut minus = u.clone();
-                plus[j] += eps;
-                minus[j] -= eps;
-                forward(&model, &mut plus, &mut scratch).unwrap();
-                forward(&model, &mut minus, &mut scratch).unwrap();
-                for i in 0..n {
-                    jac[i * n + j] = (plus[i] as f64 - minus[i] as f64) / (2.0 * eps as f64);
-                }
-            }
-            let brute = log_abs_det(jac, n);
+            let brute = brute_log_det(&model, &u, &mut scratch);
             assert!(
                 (brute - log_det as f64).abs() < 2e-2,
                 "{name}: brute {brute} vs flow {log_det}"
