@@ -125,6 +125,10 @@ fn arch_field(f: ArchField) -> &'static str {
         ArchField::Hidden => "hidden widths must be 1..=4096",
         ArchField::Bits => "pixel bits must be 1..=8",
         ArchField::LogitAlpha => "logit alpha must be finite with 0 < alpha < 0.5",
+        ArchField::ScaleFloor => {
+            "the scale floor must be 0, or with Glow steps a value in (0, 1/2] that f16 holds exactly"
+        }
+        ArchField::Prior => "the learned prior needs Glow steps",
         ArchField::TooLarge => "image or parameter count too large",
         _ => "a field this page has no text for",
     }
@@ -145,6 +149,11 @@ fn tensor_kind(t: &mut Text, k: TensorKind) {
         TensorKind::InvConvWeight => t.push("1x1 conv weight"),
         TensorKind::InvConvInverse => t.push("1x1 conv inverse"),
         TensorKind::InvConvLogDet => t.push("1x1 conv log-det"),
+        TensorKind::PriorScale => t.push("prior scale"),
+        TensorKind::PriorWeight => t.push("prior conv weight"),
+        TensorKind::PriorBias => t.push("prior conv bias"),
+        TensorKind::TopLogs => t.push("top prior log-scale"),
+        TensorKind::TopBias => t.push("top prior bias"),
     }
 }
 
@@ -224,6 +233,15 @@ pub fn kernel_error(t: &mut Text, e: &Error) {
             t.push(" ");
             tensor_kind(t, kind);
         }
+        Error::NonFinitePriorWeight { level, kind, index } => {
+            t.push("weight ");
+            t.dec(wide(index));
+            t.push(NOT_FINITE);
+            t.push("level ");
+            t.dec(wide(level));
+            t.push(" ");
+            tensor_kind(t, kind);
+        }
         Error::InvalidInput { index } => {
             t.push("input element ");
             t.dec(wide(index));
@@ -274,6 +292,8 @@ mod tests {
             ArchField::Hidden,
             ArchField::Bits,
             ArchField::LogitAlpha,
+            ArchField::ScaleFloor,
+            ArchField::Prior,
             ArchField::TooLarge,
         ] {
             errors.push(Error::InvalidArch(field));
@@ -321,6 +341,16 @@ mod tests {
             kind: TensorKind::ConvWeight(12),
             index: 0,
         });
+        for kind in clayflow_kernel::arch::PRIOR_TENSORS
+            .into_iter()
+            .chain(clayflow_kernel::arch::TOP_TENSORS)
+        {
+            errors.push(Error::NonFinitePriorWeight {
+                level: 2,
+                kind,
+                index: 303_000,
+            });
+        }
         for e in &errors {
             assert_eq!(render(e), e.to_string(), "{e:?}");
         }
