@@ -159,6 +159,17 @@ fn tensor_kind(t: &mut Text, k: TensorKind) {
 
 const NOT_FINITE: &str = " is not finite (NaN, infinite, or beyond f16 range): ";
 
+/// "weight {index} is not finite ...: {place}{n} {kind}", the Glow and prior weights' message.
+fn non_finite(t: &mut Text, index: usize, place: &str, n: usize, kind: TensorKind) {
+    t.push("weight ");
+    t.dec(wide(index));
+    t.push(NOT_FINITE);
+    t.push(place);
+    t.dec(wide(n));
+    t.push(" ");
+    tensor_kind(t, kind);
+}
+
 /// Appends the kernel's message for `e`: the text of its `Display` implementation.
 pub fn kernel_error(t: &mut Text, e: &Error) {
     match *e {
@@ -225,22 +236,10 @@ pub fn kernel_error(t: &mut Text, e: &Error) {
             }
         }
         Error::NonFiniteGlowWeight { step, kind, index } => {
-            t.push("weight ");
-            t.dec(wide(index));
-            t.push(NOT_FINITE);
-            t.push("step ");
-            t.dec(wide(step));
-            t.push(" ");
-            tensor_kind(t, kind);
+            non_finite(t, index, "step ", step, kind);
         }
         Error::NonFinitePriorWeight { level, kind, index } => {
-            t.push("weight ");
-            t.dec(wide(index));
-            t.push(NOT_FINITE);
-            t.push("level ");
-            t.dec(wide(level));
-            t.push(" ");
-            tensor_kind(t, kind);
+            non_finite(t, index, "level ", level, kind);
         }
         Error::InvalidInput { index } => {
             t.push("input element ");
