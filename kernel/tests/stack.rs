@@ -16,7 +16,8 @@ use clayflow_kernel::{
 const STACK: usize = 128 * 1024;
 
 /// Deterministic weights at each step's level shape; Glow steps get the identity (ActNorm
-/// logs 0 and bias 0, `W = W^-1 = I`, log-det 0), which runs the same code as any other.
+/// logs 0 and bias 0, `W = W^-1 = I`, log-det 0), which runs the same code as any other;
+/// so does the learned prior of `COLOR_GLOW`.
 fn params(arch: &Arch) -> Vec<f32> {
     let mut p = Vec::with_capacity(arch.param_count());
     let mut i = 0u32;
@@ -49,6 +50,9 @@ fn params(arch: &Arch) -> Vec<f32> {
             }
         }
     }
+    // The learned prior's tensors (after every step's): zero is its identity, which runs
+    // the same code as any other weights.
+    p.resize(arch.param_count(), 0.0);
     p
 }
 

@@ -90,9 +90,13 @@ struct TrainArgs {
     #[arg(long, value_delimiter = ',', num_args = 1..=2)]
     hidden: Option<Vec<usize>>,
     /// Glow's learned prior: a 3x3 convolution of the channels a split keeps gives the mean
-    /// and scale of those that leave, and a learned per-channel top prior (Glow models only).
-    #[arg(long)]
+    /// and scale of those that leave, and a learned per-channel top prior (Glow models only;
+    /// `color-glow` has it already).
+    #[arg(long, conflicts_with = "no_prior")]
     prior: bool,
+    /// Without the learned prior (for a preset that has it: `color-glow`).
+    #[arg(long)]
+    no_prior: bool,
     #[command(flatten)]
     data: DataArgs,
     /// Images held out (the last ones) for validation (default 1000, at most a fifth of the

@@ -54,8 +54,8 @@ fn resume_ignored(explicit: &[String], cfg: &TrainConfig, run: &Path) -> Vec<Str
                     "--hidden",
                     format!("hidden widths {},{}", m.hidden[0], m.hidden[1]),
                 ),
-                "prior" => (
-                    "--prior",
+                "prior" | "no_prior" => (
+                    if id == "prior" { "--prior" } else { "--no-prior" },
                     if m.prior { "a learned prior" } else { "no learned prior" }.to_string(),
                 ),
                 "batch_size" => ("--batch-size", format!("batch size {}", cfg.batch_size)),
@@ -191,6 +191,9 @@ pub(crate) fn settings(
                 );
             }
             model.prior = true;
+        }
+        if a.no_prior {
+            model.prior = false;
         }
         if let Some(h) = &a.hidden {
             let &[h0, h1] = h.as_slice() else {
@@ -350,6 +353,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("needs a Glow model"), "{err}");
+        // color-glow has it, and --no-prior takes it away.
+        assert!(parse(&["--preset", "color-glow"]).unwrap().model.prior);
+        let cfg = parse(&["--preset", "color-glow", "--no-prior"]).unwrap();
+        assert!(!cfg.model.prior && !cfg.model.to_arch().unwrap().prior);
     }
 
     #[test]
