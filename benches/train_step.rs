@@ -54,7 +54,7 @@ fn train_step(c: &mut Criterion) {
         // The colour step is ~9x the MNIST one (a few seconds here): the 10 samples alone
         // take most of a minute, so no longer target time is asked for.
         g.measurement_time(Duration::from_secs(if name == "mnist" { 5 } else { 20 }));
-        let backend: Arc<dyn Backend> = Arc::new(CpuBackend);
+        let backend: Arc<dyn Backend> = Arc::new(CpuBackend::default());
         let mut flow = Flow::new(backend.clone(), arch, &busy_params(&arch)).unwrap();
         let mut grads = flow.zeros_like_params().unwrap();
         let mut m = flow.zeros_like_params().unwrap();

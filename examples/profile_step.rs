@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example profile_step -- [--arch mnist|color|mnist-glow]
-//!     [--couplings N] [--hidden H] [--prior] [--threads 1,2]
+//!     [--couplings N] [--hidden H] [--prior] [--bf16] [--threads 1,2]
 //!     [--batch 64] [--steps 20] [--warmup 3] [--rounds 1]
 //!     [--pytorch /work/torch-venv/bin/python] [--torch-steps 20] [--cpu-clock]
 //! ```
@@ -201,6 +201,48 @@ impl Convolution for Timed {
             || format!("conv bwd-dx {}", conv_name(s)),
             s.flops(),
             || self.inner.conv_backward_data(s, dy, w, dx),
+        )
+    }
+    fn net_conv_forward(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        w: &Buffer,
+        b: &Buffer,
+        relu: bool,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        self.time(
+            || format!("conv fwd    {}", conv_name(s)),
+            s.flops(),
+            || self.inner.net_conv_forward(s, x, w, b, relu, y),
+        )
+    }
+    fn net_conv_backward_data(
+        &self,
+        s: &ConvShape,
+        dy: &Buffer,
+        w: &Buffer,
+        dx: &mut Buffer,
+    ) -> Result<()> {
+        self.time(
+            || format!("conv bwd-dx {}", conv_name(s)),
+            s.flops(),
+            || self.inner.net_conv_backward_data(s, dy, w, dx),
+        )
+    }
+    fn net_conv_backward_weight(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        dy: &Buffer,
+        dw: &mut Buffer,
+        db: &mut Buffer,
+    ) -> Result<()> {
+        self.time(
+            || format!("conv bwd-dw {}", conv_name(s)),
+            s.flops(),
+            || self.inner.net_conv_backward_weight(s, x, dy, dw, db),
         )
     }
     fn conv_backward_weight(
@@ -489,10 +531,12 @@ struct Opts {
     pytorch: Option<String>,
     torch_steps: usize,
     cpu_clock: bool,
+    /// The backend every call goes to (`--bf16`: bf16 coupling networks).
+    inner: CpuBackend,
 }
 
 const USAGE: &str = "usage: profile_step [--arch mnist|color|mnist-glow] [--couplings N] \
-[--hidden H] [--prior] [--threads 1,2] [--batch 64] \
+[--hidden H] [--prior] [--bf16] [--threads 1,2] [--batch 64] \
 [--steps 20] [--warmup 3] [--rounds 1] [--pytorch PYTHON] [--torch-steps 20] [--cpu-clock]";
 
 fn parse_args() -> std::result::Result<Opts, String> {
@@ -506,6 +550,7 @@ fn parse_args() -> std::result::Result<Opts, String> {
         pytorch: None,
         torch_steps: 20,
         cpu_clock: false,
+        inner: CpuBackend::default(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -546,6 +591,10 @@ fn parse_args() -> std::result::Result<Opts, String> {
                 o.arch.1.hidden = [h, h];
             }
             "--prior" => o.arch.1.prior = true,
+            "--bf16" => {
+                o.inner = CpuBackend::with_bf16_networks()
+                    .ok_or("--bf16: this CPU has no AVX-512 BF16")?
+            }
             "--threads" => {
                 o.threads = val()?
                     .split(',')
@@ -621,6 +670,7 @@ fn median(v: &[f64]) -> f64 {
 fn profile(o: &Opts, ds: &Dataset) -> std::result::Result<Profile, String> {
     let arch = o.arch.1;
     let timed = Arc::new(Timed {
+        inner: o.inner,
         cpu_clock: o.cpu_clock,
         ..Timed::default()
     });

@@ -62,7 +62,7 @@ fn rel_norm(a: &[f32], b: &[f32]) -> f64 {
 fn both(what: &str, tol: f32, f: impl Fn(&dyn Backend) -> Vec<Vec<f32>>) {
     let sim = CudaBackend::new(SimDevice::new());
     let got = f(&sim);
-    let want = f(&CpuBackend);
+    let want = f(&CpuBackend::default());
     assert_eq!(got.len(), want.len());
     for (k, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_close(&format!("{what} (output {k})"), g, w, tol);
@@ -310,7 +310,7 @@ fn preset_on_the_device(preset: &str, batch: usize) -> (Counts, f64) {
     let batches: Vec<Vec<f32>> = (0..3).map(|_| rand_vec(&mut rng, n, 0.0, 1.0)).collect();
     let sim = Arc::new(CudaBackend::new(SimDevice::new()));
     let mut on_sim = Trainer::new(sim.clone(), arch, &params, &batches[0]);
-    let mut on_cpu = Trainer::new(Arc::new(CpuBackend), arch, &params, &batches[0]);
+    let mut on_cpu = Trainer::new(Arc::new(CpuBackend::default()), arch, &params, &batches[0]);
 
     let (loss_sim, norm_sim) = on_sim.step(&batches[1], batch);
     let (loss_cpu, norm_cpu) = on_cpu.step(&batches[1], batch);

@@ -68,11 +68,11 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 }
 
 fn cpu_buf(v: &[f32]) -> Buffer {
-    CpuBackend.upload(v).unwrap()
+    CpuBackend::default().upload(v).unwrap()
 }
 
 fn host(b: &Buffer) -> Vec<f32> {
-    CpuBackend.download(b).unwrap()
+    CpuBackend::default().download(b).unwrap()
 }
 
 /// Launches kernels with the configurations of cuda/KERNELS.md.
@@ -333,7 +333,7 @@ fn conv_forward_matches_cpu() {
         for relu in [false, true] {
             let got = l.conv_forward(&s, &x, &w, &b, relu);
             let mut want = cpu_buf(&vec![0.0; s.output_len()]);
-            CpuBackend
+            CpuBackend::default()
                 .conv_forward(
                     &s,
                     &cpu_buf(&x),
@@ -362,7 +362,7 @@ fn conv_backward_data_matches_cpu() {
         let w = rand_vec(&mut rng, s.weight_len(), -0.3, 0.3);
         let got = l.conv_backward_data(&s, &dy, &w);
         let mut want = cpu_buf(&vec![0.0; s.input_len()]);
-        CpuBackend
+        CpuBackend::default()
             .conv_backward_data(&s, &cpu_buf(&dy), &cpu_buf(&w), &mut want)
             .unwrap();
         assert_close(
@@ -394,7 +394,7 @@ fn conv_backward_weight_matches_cpu() {
         let (dw, db) = l.conv_backward_weight(&s, &x, &dy);
         let mut want_w = cpu_buf(&vec![0.0; s.weight_len()]);
         let mut want_b = cpu_buf(&vec![0.0; s.cout]);
-        CpuBackend
+        CpuBackend::default()
             .conv_backward_weight(&s, &cpu_buf(&x), &cpu_buf(&dy), &mut want_w, &mut want_b)
             .unwrap();
         assert_close(&format!("conv dw {s:?}"), &dw, &host(&want_w), 2e-5);
@@ -477,17 +477,17 @@ fn elementwise_ops_match_cpu() {
             &[i(n), Param::F32(-0.7), l.p(&xb), l.pm(&mut y)],
         );
         let mut want = cpu_buf(&y0);
-        CpuBackend.axpy(-0.7, &xb, &mut want).unwrap();
+        CpuBackend::default().axpy(-0.7, &xb, &mut want).unwrap();
         assert_close(&format!("axpy n={n}"), &host(&y), &host(&want), 2e-6);
 
         let mut dy = cpu_buf(&y0);
         l.go("cf_relu_backward", ew(n), &[i(n), l.p(&xb), l.pm(&mut dy)]);
         let mut want = cpu_buf(&y0);
-        CpuBackend.relu_backward(&xb, &mut want).unwrap();
+        CpuBackend::default().relu_backward(&xb, &mut want).unwrap();
         assert_eq!(host(&dy), host(&want), "relu_backward n={n}");
 
         let got = l.sum_squares(&x);
-        let want = CpuBackend.sum_squares(&xb).unwrap();
+        let want = CpuBackend::default().sum_squares(&xb).unwrap();
         assert!(
             (got - want).abs() <= 1e-9 * want,
             "sum_squares n={n}: {got} vs {want}"
@@ -514,7 +514,7 @@ fn adam_matches_cpu() {
             grad_scale: 0.8,
         };
         let (mut pc, mut mc, mut vc) = (cpu_buf(&p0), cpu_buf(&m0), cpu_buf(&v0));
-        CpuBackend
+        CpuBackend::default()
             .adam(&hp, &mut pc, &cpu_buf(&g), &mut mc, &mut vc)
             .unwrap();
         // Host-side constants exactly as KERNELS.md prescribes (f32, like the CPU backend).
@@ -564,7 +564,7 @@ fn logit_squeeze_and_per_image_sums_match_cpu() {
         );
         let mut xc = cpu_buf(&u);
         let mut ldc = cpu_buf(&vec![7.0; shape.batch]);
-        CpuBackend
+        CpuBackend::default()
             .logit_forward(shape, 0.05, &mut xc, &mut ldc)
             .unwrap();
         assert_close("logit_forward x", &host(&x), &host(&xc), 2e-6);
@@ -578,7 +578,7 @@ fn logit_squeeze_and_per_image_sums_match_cpu() {
             &[i(n), Param::F32(0.05), l.pm(&mut x)],
         );
         let mut xc = cpu_buf(&z);
-        CpuBackend.logit_inverse(0.05, &mut xc).unwrap();
+        CpuBackend::default().logit_inverse(0.05, &mut xc).unwrap();
         assert_close("logit_inverse", &host(&x), &host(&xc), 2e-6);
         // per-image sum of squares
         let got = l.per_image_sum_squares(shape, &z);
@@ -587,7 +587,7 @@ fn logit_squeeze_and_per_image_sums_match_cpu() {
                 .map(|k| if k % 2 == 0 { 0.5 } else { 0.0 })
                 .collect::<Vec<f32>>(),
         );
-        CpuBackend
+        CpuBackend::default()
             .per_image_sum_squares(shape, &cpu_buf(&z), &mut acc)
             .unwrap();
         let want = hi_lo(&host(&acc));
@@ -613,7 +613,7 @@ fn logit_squeeze_and_per_image_sums_match_cpu() {
                 ];
                 l.go("cf_squeeze", ew(n), &params);
                 let mut yc = cpu_buf(&vec![0.0; n]);
-                CpuBackend.squeeze(shape, inverse, &xb, &mut yc).unwrap();
+                CpuBackend::default().squeeze(shape, inverse, &xb, &mut yc).unwrap();
                 assert_eq!(host(&y), host(&yc), "squeeze {shape:?} inverse {inverse}");
             }
         }
@@ -643,7 +643,7 @@ fn mask_gather_and_scatter_match_cpu() {
                 l.go("cf_mask_gather", ew(m), &params);
             }
             let mut want = cpu_buf(&vec![0.0; m]);
-            CpuBackend.mask_gather(shape, mask, &x, &mut want).unwrap();
+            CpuBackend::default().mask_gather(shape, mask, &x, &mut want).unwrap();
             assert_eq!(host(&got), host(&want), "mask_gather {shape:?} {mask:?}");
 
             let d = cpu_buf(&rand_vec(&mut rng, m, -1.0, 1.0));
@@ -655,7 +655,7 @@ fn mask_gather_and_scatter_match_cpu() {
                 l.go("cf_mask_scatter_add", ew(m), &params);
             }
             let mut want = cpu_buf(&dx0);
-            CpuBackend
+            CpuBackend::default()
                 .mask_scatter_add(shape, mask, &d, &mut want)
                 .unwrap();
             assert_eq!(
@@ -712,7 +712,7 @@ fn coupling_forward_inverse_backward_match_cpu() {
                 params.extend([l.p(&st), scale_p, l.pm(&mut x), l.pm(&mut ld)]);
                 l.go("cf_coupling_forward", per_image(shape.batch), &params);
                 let (mut xc, mut ldc) = (cpu_buf(&x0), cpu_buf(&ld0));
-                CpuBackend
+                CpuBackend::default()
                     .coupling_forward(shape, mask, f, &st, &mut xc, &mut ldc)
                     .unwrap();
                 assert_close(
@@ -735,7 +735,7 @@ fn coupling_forward_inverse_backward_match_cpu() {
                 params.extend([l.p(&st), scale_p, l.pm(&mut y)]);
                 l.go("cf_coupling_inverse", ew(shape.batch * cc * p), &params);
                 let mut yc = cpu_buf(&host(&xc));
-                CpuBackend
+                CpuBackend::default()
                     .coupling_inverse(shape, mask, f, &st, &mut yc)
                     .unwrap();
                 assert_close(
@@ -794,7 +794,7 @@ fn coupling_forward_inverse_backward_match_cpu() {
                     cpu_buf(&vec![0.0; shape.batch * 2 * cc * p]),
                     cpu_buf(&ds0),
                 );
-                CpuBackend
+                CpuBackend::default()
                     .coupling_backward(
                         shape, mask, f, &x0b, &st, -0.3, &mut dyc, &mut dstc, &mut dsc,
                     )
@@ -846,7 +846,7 @@ fn sim_backend() -> CudaBackend<SimDevice> {
 fn both(what: &str, tol: f32, f: impl Fn(&dyn Backend) -> Vec<Vec<f32>>) {
     let sim = sim_backend();
     let got = f(&sim);
-    let want = f(&CpuBackend);
+    let want = f(&CpuBackend::default());
     assert_eq!(got.len(), want.len());
     for (k, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_close(&format!("{what} (output {k})"), g, w, tol);
@@ -1271,7 +1271,7 @@ fn training_step_matches_cpu() {
     for (what, arch, batch) in cases {
         let params = busy_params(&arch, 5);
         let sim = train_step(Arc::new(sim_backend()), arch, &params, batch);
-        let cpu = train_step(Arc::new(CpuBackend), arch, &params, batch);
+        let cpu = train_step(Arc::new(CpuBackend::default()), arch, &params, batch);
         assert!(
             (sim.loss - cpu.loss).abs() <= 1e-6 * cpu.loss.abs(),
             "{what}: loss {} vs CPU {}",

@@ -33,7 +33,7 @@ const MNIST: &str = concat!(
 );
 
 fn cpu() -> Arc<dyn Backend> {
-    Arc::new(CpuBackend)
+    Arc::new(CpuBackend::default())
 }
 
 fn sim() -> Arc<dyn Backend> {
@@ -166,8 +166,8 @@ fn sum_squares_all_equals_the_per_buffer_sums() {
     let mut cpu = 0.0;
     for b in &bufs {
         want += be.sum_squares(b).unwrap();
-        cpu += CpuBackend
-            .sum_squares(&CpuBackend.upload(&be.download(b).unwrap()).unwrap())
+        cpu += CpuBackend::default()
+            .sum_squares(&CpuBackend::default().upload(&be.download(b).unwrap()).unwrap())
             .unwrap();
     }
     assert_eq!(be.sum_squares_all(&bufs).unwrap(), want);

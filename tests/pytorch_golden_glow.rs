@@ -237,7 +237,7 @@ fn closed_form_fixture(name: &'static str, arch: &Arch) -> (Fixture, Vec<Vec<f32
 /// (`Flow::blob_params`: W, W^-1, ln|det W| from the LU factors in f64; the prior's tensors
 /// appended as they are) and `write_blob`.
 fn exported_blob(arch: &Arch, params: &[Vec<f32>]) -> Vec<u8> {
-    let flat = Flow::new(Arc::new(CpuBackend), *arch, params)
+    let flat = Flow::new(Arc::new(CpuBackend::default()), *arch, params)
         .unwrap()
         .blob_params()
         .unwrap();

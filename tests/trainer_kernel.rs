@@ -83,7 +83,7 @@ proptest! {
         }
         let b = blob(&arch, dtype, &flat);
         let model = Model::from_blob(&b).unwrap();
-        let mut flow = Flow::new(Arc::new(CpuBackend), arch, &tensors(&arch, &flat)).unwrap();
+        let mut flow = Flow::new(Arc::new(CpuBackend::default()), arch, &tensors(&arch, &flat)).unwrap();
         let d = arch.dim();
         let u: Vec<f32> = us.iter().cycle().take(batch * d).copied().collect();
         let stats = flow.forward(&u, batch).unwrap();

@@ -251,7 +251,7 @@ pub fn check_trainer(f: &Fixture, arch: Arch, params: &[Vec<f32>], checks: &mut 
     let d = arch.dim();
     let u = f.f32s("u");
     let batch = u.len() / d;
-    let mut flow = Flow::new(Arc::new(CpuBackend), arch, params).unwrap();
+    let mut flow = Flow::new(Arc::new(CpuBackend::default()), arch, params).unwrap();
     let stats = flow.forward(&u, batch).unwrap();
     let lp_ref = f.f64s("log_prob");
     for (i, (lp, r)) in stats.log_prob.iter().zip(&lp_ref).enumerate() {

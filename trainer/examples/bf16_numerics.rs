@@ -365,7 +365,7 @@ fn main() -> anyhow::Result<()> {
     cfg.seed = seed;
     cfg.ema = ema;
     let be = Arc::new(Bf16Convs {
-        inner: CpuBackend,
+        inner: CpuBackend::default(),
         on,
     });
     eprintln!(

@@ -80,7 +80,7 @@ fn bench(
         anyhow::bail!("the global batch {global} does not split over {n} ranks");
     }
     let batch = global / n;
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend);
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::default());
     if rank == 0 {
         println!("preset\tranks\tthreads\tglobal_batch\tstep_ms\tallreduce_ms\tallreduce_share\tallreduce_bytes\timages_per_s");
     }

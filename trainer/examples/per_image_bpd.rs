@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
     let arch = ck.model.to_arch()?;
     let ds = load_idx_images(Path::new("data/mnist8k-train-images-idx3-ubyte.gz"))?;
     let (_, val) = ds.split_last(1000)?;
-    let mut flow = Flow::new(Arc::new(CpuBackend), arch, &ck.params)?;
+    let mut flow = Flow::new(Arc::new(CpuBackend::default()), arch, &ck.params)?;
     let d = arch.dim();
     let batch = 100;
     let mut scores = Vec::new();

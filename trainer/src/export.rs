@@ -43,7 +43,7 @@ pub const MAX_SAMPLE_DIFF: f32 = 1e-3;
 pub fn encode(ckpt: &Checkpoint, dtype: DType) -> Result<(Arch, Vec<u8>)> {
     let arch = ckpt.model.to_arch()?;
     let params = if arch.glow {
-        Flow::new(Arc::new(CpuBackend), arch, &ckpt.params)?.blob_params()?
+        Flow::new(Arc::new(CpuBackend::default()), arch, &ckpt.params)?.blob_params()?
     } else {
         ckpt.flat_params()
     };

@@ -104,7 +104,7 @@ fn masks() -> [Mask; 4] {
 fn gpu_elementwise_and_reductions_match_cpu() {
     let p = Pair {
         g: gpu(),
-        c: CpuBackend,
+        c: CpuBackend::default(),
     };
     let mut r = Gen::new(1);
     for n in [1usize, 255, 256, 257, 4097, 1 << 20] {
@@ -159,7 +159,7 @@ fn gpu_elementwise_and_reductions_match_cpu() {
 fn gpu_flow_ops_match_cpu() {
     let p = Pair {
         g: gpu(),
-        c: CpuBackend,
+        c: CpuBackend::default(),
     };
     let mut r = Gen::new(2);
     for (batch, c, h, w) in [(1, 1, 2, 2), (3, 4, 6, 10), (2, 12, 16, 16), (5, 3, 14, 14)] {
@@ -261,7 +261,7 @@ fn gpu_flow_ops_match_cpu() {
 fn gpu_convolutions_match_cpu() {
     let p = Pair {
         g: gpu(),
-        c: CpuBackend,
+        c: CpuBackend::default(),
     };
     let mut r = Gen::new(3);
     // Odd sizes that cut 16x16 tiles, channel counts around every TCO variant (4, 8, 16),
@@ -350,7 +350,7 @@ fn step_parity(preset: &str, batch: usize) {
         (stats, host, x)
     };
     let (sg, gg, xg) = run(gpu());
-    let (sc, gc, xc) = run(Arc::new(CpuBackend));
+    let (sc, gc, xc) = run(Arc::new(CpuBackend::default()));
     let loss_rel = ((sg.mean_bpd - sc.mean_bpd) / sc.mean_bpd).abs();
     println!(
         "{preset} batch {batch}: loss GPU {:.9} CPU {:.9} (rel {loss_rel:.2e})",

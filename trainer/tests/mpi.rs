@@ -71,7 +71,7 @@ fn collective_conformance_on_two_ranks() {
     if is_child("collective_conformance_on_two_ranks") {
         let comm = Mpi::init().expect("MPI");
         assert_eq!(comm.size(), 2);
-        conformance::check(&comm, &CpuBackend).unwrap();
+        conformance::check(&comm, &CpuBackend::default()).unwrap();
         return;
     }
     in_two_ranks("collective_conformance_on_two_ranks");
@@ -95,7 +95,7 @@ fn a_rank_with_other_data_stops_every_rank_before_training() {
         cfg.batch_size = 8;
         let dir = TempDir::new().unwrap();
         let err = train::train(
-            Arc::new(CpuBackend),
+            Arc::new(CpuBackend::default()),
             &comm,
             &cfg,
             &tr,

@@ -23,7 +23,7 @@ const MNIST: &str = concat!(
 );
 
 fn backend() -> Arc<dyn Backend> {
-    Arc::new(CpuBackend)
+    Arc::new(CpuBackend::default())
 }
 
 /// 256 training and 64 validation digits (the last 64 of the bundled 8,000).

@@ -78,6 +78,45 @@ pub trait Convolution {
         w: &Buffer,
         dx: &mut Buffer,
     ) -> Result<()>;
+    /// [`Self::conv_forward`] in a coupling network or the learned prior. A backend may
+    /// run these at lower precision when it was set up to (the CPU's
+    /// [`cpu::CpuBackend::with_bf16_networks`]): forward and inverse run the same network
+    /// on the same input, so exact invertibility does not depend on it. The LU 1x1
+    /// convolutions, which carry the log-det, call [`Self::conv_forward`].
+    fn net_conv_forward(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        w: &Buffer,
+        b: &Buffer,
+        relu: bool,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        self.conv_forward(s, x, w, b, relu, y)
+    }
+    /// [`Self::conv_backward_data`] in a coupling network or the learned prior (see
+    /// [`Self::net_conv_forward`]).
+    fn net_conv_backward_data(
+        &self,
+        s: &ConvShape,
+        dy: &Buffer,
+        w: &Buffer,
+        dx: &mut Buffer,
+    ) -> Result<()> {
+        self.conv_backward_data(s, dy, w, dx)
+    }
+    /// [`Self::conv_backward_weight`] in a coupling network or the learned prior (see
+    /// [`Self::net_conv_forward`]).
+    fn net_conv_backward_weight(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        dy: &Buffer,
+        dw: &mut Buffer,
+        db: &mut Buffer,
+    ) -> Result<()> {
+        self.conv_backward_weight(s, x, dy, dw, db)
+    }
     /// `dw = sum_batch dy * x`, `db = sum dy` (overwritten).
     fn conv_backward_weight(
         &self,

@@ -195,7 +195,7 @@ pub fn verify(gpu: Arc<dyn Backend>) -> Result<(), String> {
         let what = if arch.glow { "Glow" } else { "RealNVP" };
         let (loss_g, grads_g) = tiny_step(gpu.clone(), arch, &params, &u, batch)
             .map_err(|e| format!("the {what} check step failed on the GPU: {e}"))?;
-        let (loss_c, grads_c) = tiny_step(Arc::new(CpuBackend), arch, &params, &u, batch)
+        let (loss_c, grads_c) = tiny_step(Arc::new(CpuBackend::default()), arch, &params, &u, batch)
             .map_err(|e| format!("the {what} check step failed on the CPU: {e}"))?;
         let r = ((loss_g - loss_c) / loss_c).abs();
         if r.is_nan() || r > CHECK_TOL {
@@ -245,7 +245,7 @@ pub fn open(choice: DeviceChoice) -> Result<Opened, NoGpu> {
 pub fn open_local(choice: DeviceChoice, local_rank: usize) -> Result<Opened, NoGpu> {
     match choice {
         DeviceChoice::Cpu => Ok(Opened {
-            backend: Arc::new(CpuBackend),
+            backend: Arc::new(CpuBackend::default()),
             notice: None,
         }),
         DeviceChoice::Cuda(n) => match open_checked(n) {
@@ -267,7 +267,7 @@ pub fn open_local(choice: DeviceChoice, local_rank: usize) -> Result<Opened, NoG
                 notice: None,
             }),
             Err(failure) => Ok(Opened {
-                backend: Arc::new(CpuBackend),
+                backend: Arc::new(CpuBackend::default()),
                 notice: Some(match failure {
                     GpuFailure::Unavailable(reason) => {
                         format!("no CUDA device ({}); running on the CPU", short(&reason))

@@ -242,7 +242,7 @@ mod tests {
 
     #[test]
     fn single_passes_the_conformance_checks() {
-        conformance::check(&Single, &CpuBackend).unwrap();
+        conformance::check(&Single, &CpuBackend::default()).unwrap();
     }
 
     #[test]
@@ -252,7 +252,7 @@ mod tests {
 
     #[test]
     fn pack_and_unpack_round_trip_with_padding() {
-        let be = CpuBackend;
+        let be = CpuBackend::default();
         let mut bufs = vec![be.upload(&[1.0, 2.0]).unwrap(), be.upload(&[3.0]).unwrap()];
         let mut flat = vec![9.0; 7];
         pack_into(&be, &bufs, 5, &mut flat).unwrap();

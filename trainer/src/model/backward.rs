@@ -84,14 +84,14 @@ impl Flow {
                         Self::conv(&view, batch, m, 2),
                     );
                     let ([gw0, gw1, gw2], [gb0, gb1, gb2]) = (gr.w, gr.bias);
-                    b.conv_backward_weight(&s2, &cache.h2, d_st, gw2, gb2)?;
-                    b.conv_backward_data(&s2, d_st, p.w[2], &mut lw.d_h2)?;
+                    b.net_conv_backward_weight(&s2, &cache.h2, d_st, gw2, gb2)?;
+                    b.net_conv_backward_data(&s2, d_st, p.w[2], &mut lw.d_h2)?;
                     b.relu_backward(&cache.h2, &mut lw.d_h2)?;
-                    b.conv_backward_weight(&s1, &cache.h1, &lw.d_h2, gw1, gb1)?;
-                    b.conv_backward_data(&s1, &lw.d_h2, p.w[1], &mut lw.d_h1)?;
+                    b.net_conv_backward_weight(&s1, &cache.h1, &lw.d_h2, gw1, gb1)?;
+                    b.net_conv_backward_data(&s1, &lw.d_h2, p.w[1], &mut lw.d_h1)?;
                     b.relu_backward(&cache.h1, &mut lw.d_h1)?;
-                    b.conv_backward_weight(&s0, &cache.cnn_in, &lw.d_h1, gw0, gb0)?;
-                    b.conv_backward_data(&s0, &lw.d_h1, p.w[0], &mut step.d_cnn_in)?;
+                    b.net_conv_backward_weight(&s0, &cache.cnn_in, &lw.d_h1, gw0, gb0)?;
+                    b.net_conv_backward_data(&s0, &lw.d_h1, p.w[0], &mut step.d_cnn_in)?;
                     b.mask_scatter_add(fs, m, &step.d_cnn_in, &mut lw.d_state)?;
                 }
                 if let Some(gc) = step.glow.as_ref() {

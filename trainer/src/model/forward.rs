@@ -22,7 +22,7 @@ impl Flow {
         let p = self.coupling(i)?;
         let view = self.arch.step_arch(i);
         let b = &self.backend;
-        b.conv_forward(
+        b.net_conv_forward(
             &Self::conv(&view, batch, mask, 0),
             &cache.cnn_in,
             p.w[0],
@@ -30,7 +30,7 @@ impl Flow {
             true,
             &mut cache.h1,
         )?;
-        b.conv_forward(
+        b.net_conv_forward(
             &Self::conv(&view, batch, mask, 1),
             &cache.h1,
             p.w[1],
@@ -38,7 +38,7 @@ impl Flow {
             true,
             &mut cache.h2,
         )?;
-        b.conv_forward(
+        b.net_conv_forward(
             &Self::conv(&view, batch, mask, 2),
             &cache.h2,
             p.w[2],

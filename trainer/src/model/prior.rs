@@ -69,7 +69,7 @@ impl Flow {
         let b = &self.backend;
         let k = self.prior_at(l);
         b.mask_gather(self.level_shape4(l, batch), KEEP, &lw.state, &mut pc.cnn_in)?;
-        b.conv_forward(
+        b.net_conv_forward(
             &self.prior_conv(l, batch),
             &pc.cnn_in,
             &self.params[k + 1],
@@ -136,8 +136,8 @@ impl Flow {
             g_scale,
         )?;
         let s = self.prior_conv(l, batch);
-        b.conv_backward_weight(&s, &pc.cnn_in, &pc.d_st, g_w, g_b)?;
-        b.conv_backward_data(&s, &pc.d_st, &self.params[k + 1], &mut pc.d_cnn_in)?;
+        b.net_conv_backward_weight(&s, &pc.cnn_in, &pc.d_st, g_w, g_b)?;
+        b.net_conv_backward_data(&s, &pc.d_st, &self.params[k + 1], &mut pc.d_cnn_in)?;
         b.mask_scatter_add(fs, KEEP, &pc.d_cnn_in, &mut lw.d_state)
     }
 

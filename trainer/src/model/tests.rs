@@ -108,7 +108,7 @@ pub fn batch_u(arch: &Arch, batch: usize, seed: u64) -> Vec<f32> {
 }
 
 fn flow(arch: Arch, params: &[Vec<f32>]) -> Flow {
-    Flow::new(Arc::new(CpuBackend), arch, params).unwrap()
+    Flow::new(Arc::new(CpuBackend::default()), arch, params).unwrap()
 }
 
 #[test]

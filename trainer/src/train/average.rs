@@ -65,7 +65,7 @@ mod tests {
 
     #[test]
     fn the_average_moves_toward_the_weights_and_skips_fixed_tensors() {
-        let be = CpuBackend;
+        let be = CpuBackend::default();
         let weights = vec![be.upload(&[1.0, 3.0]).unwrap(), be.upload(&[5.0]).unwrap()];
         let mut avg = vec![be.upload(&[0.0, 1.0]).unwrap(), be.upload(&[7.0]).unwrap()];
         update(&be, 0.75, &weights, &mut avg, &[true, false]).unwrap();

@@ -17,9 +17,31 @@ use rayon::prelude::*;
 /// Elements per rayon task in elementwise ops.
 const CHUNK: usize = 1 << 14;
 
-/// The CPU implementation of [`Backend`].
+/// The CPU implementation of [`Backend`]: f32 throughout (`CpuBackend::default()`), or
+/// with the coupling networks' convolutions in bf16 ([`CpuBackend::with_bf16_networks`]).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// The networks' convolutions take bf16 operands ([`Convolution::net_conv_forward`]
+    /// and its backward ops).
+    bf16_nets: bool,
+}
+
+impl CpuBackend {
+    /// A backend whose coupling networks (and learned prior) convolve with bf16 operands
+    /// and f32 accumulation: 1x1 convolutions on AMX-BF16 (forward, backward-data and
+    /// weight gradient) where the CPU has it, the others' forward and backward-data with
+    /// AVX-512 BF16 on images at most 16 pixels wide (`conv::conv2d_forward_bf16`).
+    /// Everything else, the LU 1x1 convolutions that carry the log-det included, stays
+    /// f32. `None` when this CPU has no AVX-512 BF16.
+    pub fn with_bf16_networks() -> Option<CpuBackend> {
+        conv::bf16_available().then_some(CpuBackend { bf16_nets: true })
+    }
+
+    /// Whether the networks' convolutions take bf16 operands.
+    pub fn bf16_networks(&self) -> bool {
+        self.bf16_nets
+    }
+}
 
 fn host<'a>(op: &'static str, b: &'a Buffer) -> Result<&'a [f32]> {
     match &b.storage {
@@ -104,7 +126,12 @@ fn write_f64(dst: &mut [f32], src: &[f64]) {
 impl Backend for CpuBackend {
     fn name(&self) -> String {
         let n = rayon::current_num_threads();
-        format!("cpu ({n} thread{})", if n == 1 { "" } else { "s" })
+        let bf16 = if self.bf16_nets {
+            ", bf16 networks"
+        } else {
+            ""
+        };
+        format!("cpu ({n} thread{}{bf16})", if n == 1 { "" } else { "s" })
     }
 }
 
@@ -214,6 +241,70 @@ impl Convolution for CpuBackend {
         let op = "conv_backward_data";
         check::conv_backward_data(s, dy, w, dx)?;
         conv::conv2d_backward_data(s, host(op, dy)?, host(op, w)?, host_mut(op, dx)?);
+        Ok(())
+    }
+
+    fn net_conv_forward(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        w: &Buffer,
+        b: &Buffer,
+        relu: bool,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        if !self.bf16_nets {
+            return self.conv_forward(s, x, w, b, relu, y);
+        }
+        let op = "net_conv_forward";
+        check::conv_forward(s, x, w, b, y)?;
+        conv::conv2d_forward_bf16(
+            s,
+            host(op, x)?,
+            host(op, w)?,
+            host(op, b)?,
+            relu,
+            host_mut(op, y)?,
+        );
+        Ok(())
+    }
+
+    fn net_conv_backward_data(
+        &self,
+        s: &ConvShape,
+        dy: &Buffer,
+        w: &Buffer,
+        dx: &mut Buffer,
+    ) -> Result<()> {
+        if !self.bf16_nets {
+            return self.conv_backward_data(s, dy, w, dx);
+        }
+        let op = "net_conv_backward_data";
+        check::conv_backward_data(s, dy, w, dx)?;
+        conv::conv2d_backward_data_bf16(s, host(op, dy)?, host(op, w)?, host_mut(op, dx)?);
+        Ok(())
+    }
+
+    fn net_conv_backward_weight(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        dy: &Buffer,
+        dw: &mut Buffer,
+        db: &mut Buffer,
+    ) -> Result<()> {
+        if !self.bf16_nets {
+            return self.conv_backward_weight(s, x, dy, dw, db);
+        }
+        let op = "net_conv_backward_weight";
+        check::conv_backward_weight(s, x, dy, dw, db)?;
+        conv::conv2d_backward_weight_bf16(
+            s,
+            host(op, x)?,
+            host(op, dy)?,
+            host_mut(op, dw)?,
+            host_mut(op, db)?,
+        );
         Ok(())
     }
 
@@ -778,11 +869,11 @@ mod tests {
     use super::*;
 
     fn buf(v: &[f32]) -> Buffer {
-        CpuBackend.upload(v).unwrap()
+        CpuBackend::default().upload(v).unwrap()
     }
 
     fn get(b: &Buffer) -> Vec<f32> {
-        CpuBackend.download(b).unwrap()
+        CpuBackend::default().download(b).unwrap()
     }
 
     /// Glow's scale: the inverse undoes the forward and every `exp(s)` lies in (f, 1), so the
@@ -804,11 +895,11 @@ mod tests {
         for floor in [0.0, 0.0625] {
             let f = CouplingScale::Sigmoid { floor };
             let (st, mut x, mut ld) = (buf(&st), buf(&x0), buf(&[0.0, 0.0]));
-            CpuBackend
+            CpuBackend::default()
                 .coupling_forward(shape, mask, f, &st, &mut x, &mut ld)
                 .unwrap();
             assert!(get(&ld).iter().all(|&l| l < 0.0 && l.is_finite()));
-            CpuBackend
+            CpuBackend::default()
                 .coupling_inverse(shape, mask, f, &st, &mut x)
                 .unwrap();
             for (a, b) in get(&x).iter().zip(&x0) {
@@ -825,7 +916,7 @@ mod tests {
         for (floor, want) in [(0.0625f32, 16.0f32), (0.0, f32::INFINITY)] {
             let mut y = buf(&y0);
             let f = CouplingScale::Sigmoid { floor };
-            CpuBackend
+            CpuBackend::default()
                 .coupling_inverse(shape, mask, f, &buf(&wild), &mut y)
                 .unwrap();
             let top = get(&y).iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -861,7 +952,7 @@ mod tests {
         ] {
             let loss = |x: &[f32], st: &[f32]| {
                 let (mut y, mut ld) = (buf(x), buf(&[0.0]));
-                CpuBackend
+                CpuBackend::default()
                     .coupling_forward(shape, mask, f, &buf(st), &mut y, &mut ld)
                     .unwrap();
                 let y = get(&y);
@@ -869,7 +960,7 @@ mod tests {
                     + f64::from(g_ld * get(&ld)[0])
             };
             let (mut dy, mut d_st, mut d_scale) = (buf(&w), buf(&[0.0; 8]), buf(&[0.0]));
-            CpuBackend
+            CpuBackend::default()
                 .coupling_backward(
                     shape,
                     mask,
@@ -905,7 +996,7 @@ mod tests {
                     let at = |s: f32| {
                         let sc = buf(&[s]);
                         let (mut y, mut ld) = (buf(&x), buf(&[0.0]));
-                        CpuBackend
+                        CpuBackend::default()
                             .coupling_forward(
                                 shape,
                                 mask,

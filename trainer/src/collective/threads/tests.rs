@@ -24,7 +24,7 @@ where
 fn one_two_and_three_ranks_pass_the_conformance_checks() {
     for size in 1..=3 {
         let ranks = run_within(size, |comm| {
-            conformance::check(comm, &CpuBackend)?;
+            conformance::check(comm, &CpuBackend::default())?;
             Ok((comm.rank(), comm.size(), comm.local_rank()))
         })
         .unwrap_or_else(|e| panic!("{size} ranks: {e}"));
@@ -47,7 +47,7 @@ fn each_rank_runs_in_its_own_pool_of_the_threads_asked_for() {
 fn back_to_back_operations_keep_their_values_apart() {
     let sums = run_within(3, |comm| {
         let r = comm.rank() as f64;
-        let be = CpuBackend;
+        let be = CpuBackend::default();
         let mut out = Vec::new();
         for i in 0..300usize {
             let len = 1 + (i * 7) % 50;

@@ -44,10 +44,11 @@ pub(super) fn backward_weight_with(
     let kc = cin * k * k;
     let in_img = cin * hw;
     let out_img = cout * hw;
-    let algo = if kc == 0 {
-        Algo::Gemm
-    } else {
-        usable(algo, cout, w, k)
+    let algo = match algo {
+        _ if kc == 0 => Algo::Gemm,
+        // The weight gradient has no bf16 kernel: it stays f32.
+        Algo::Bf16 => usable(Algo::Direct512, cout, w, k),
+        a => usable(a, cout, w, k),
     };
 
     let chunk = s.batch.div_ceil(MAX_WEIGHT_CHUNKS.min(s.batch));
@@ -167,7 +168,7 @@ pub(super) fn backward_weight_with(
                             }
                         });
                     }
-                    Algo::Direct512 => {
+                    Algo::Direct512 | Algo::Bf16 => {
                         // All images of the chunk padded (and dy rows widened to 16 lanes,
                         // zero beyond the width) first, so the kernel keeps its
                         // accumulators in registers across the whole chunk.
@@ -264,9 +265,11 @@ pub(super) fn backward_weight_with(
         let (pdw, pdb) = first.split_at(dw.len());
         db.copy_from_slice(pdb);
         match algo {
-            Algo::Direct | Algo::Direct512 | Algo::Direct512Co | Algo::Direct512Ci => {
-                dw.copy_from_slice(pdw)
-            }
+            Algo::Direct
+            | Algo::Direct512
+            | Algo::Direct512Co
+            | Algo::Direct512Ci
+            | Algo::Bf16 => dw.copy_from_slice(pdw),
             Algo::Gemm if kc > 0 => {
                 // [cout][ki][kj][ci] -> [cout][ci][ki][kj]
                 let kk = k * k;
@@ -287,12 +290,12 @@ pub(super) fn backward_weight_with(
 
 /// Most chunks the batch is split into by `conv2d_backward_weight` (fixed, so that the
 /// summation order, hence the result, does not depend on the thread count).
-const MAX_WEIGHT_CHUNKS: usize = 16;
+pub(super) const MAX_WEIGHT_CHUNKS: usize = 16;
 
 avx2_multiversion! {
     /// Sum of a slice with 16 independent accumulators (vectorises; fixed order, so
     /// deterministic).
-    fn sum_f32(v: &[f32]) -> f32 {
+    pub(super) fn sum_f32(v: &[f32]) -> f32 {
         let mut acc = [0.0f32; 16];
         let mut chunks = v.chunks_exact(16);
         for c in &mut chunks {

@@ -108,11 +108,17 @@ mod select;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-// Stubs of `avx2` and `avx512` for targets without the x86-64 kernels.
+#[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
+mod amx_conv;
+#[cfg(target_arch = "x86_64")]
+mod bf16;
+// Stubs of `avx2`, `avx512`, `bf16` and `amx_conv` for targets without the x86-64 kernels.
 #[cfg(not(target_arch = "x86_64"))]
 mod fallback;
 #[cfg(not(target_arch = "x86_64"))]
-use fallback::{avx2, avx512};
+use fallback::{amx_conv, avx2, avx512, bf16};
 
 #[cfg(test)]
 mod tests;
@@ -129,7 +135,7 @@ use im2col::col2im;
 use layout::flip_transpose_weights;
 use same_conv::SameConv;
 use scratch::{with_scratch, with_worker_scratch, FLIP_SCRATCH};
-use select::{pick_algo_for, pick_data_plan, pick_wgrad_algo, Algo, DataPlan};
+use select::{pick_algo_for, pick_data_plan, pick_wgrad_algo, usable, Algo, DataPlan};
 
 // ---------------------------------------------------------------------------
 // Public ops
@@ -156,6 +162,106 @@ pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], b: &[f32], relu: bool
     );
 }
 
+/// Whether this CPU has the bf16 kernels of [`conv2d_forward_bf16`] and
+/// [`conv2d_backward_data_bf16`] (AVX-512 BF16; without it they run in f32).
+pub fn bf16_available() -> bool {
+    bf16::available()
+}
+
+/// `x` rounded to bf16 (to nearest even; subnormals to zero), as the bf16 kernels round
+/// their operands.
+pub fn round_bf16(x: f32) -> f32 {
+    bf16::round(x)
+}
+
+/// [`conv2d_forward`] with `x` and `w` rounded to bf16 and the products summed in f32,
+/// where the CPU has AVX-512 BF16 ([`bf16_available`]): 1x1 kernels as matrix products on
+/// AMX-BF16 (`tdpbf16ps`) where the CPU has it, other kernels on images at most 16 pixels
+/// wide with the AVX-512 row kernel (`vdpbf16ps`). Otherwise exactly [`conv2d_forward`].
+/// The choice is the same in every build (unlike the choice between the f32 kernels, it
+/// changes the result). The bias, the sum and the output stay f32.
+///
+/// # Panics
+///
+/// As [`conv2d_forward`].
+pub fn conv2d_forward_bf16(
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    relu: bool,
+    y: &mut [f32],
+) {
+    if amx_conv::takes(s) {
+        check_forward_lengths(s, x, w, b, y);
+        return amx_conv::forward(s, x, w, b, relu, y);
+    }
+    let algo = match usable(Algo::Bf16, s.cout, s.width, s.kernel) {
+        Algo::Bf16 => Algo::Bf16,
+        _ => pick_algo_for(s.cout, s.width, s.kernel, false),
+    };
+    forward_with(s, x, w, b, relu, y, algo);
+}
+
+/// [`conv2d_backward_data`] with `dy` and `w` rounded to bf16 and the products summed in
+/// f32, where [`conv2d_forward_bf16`] would use bf16 (the flipped-kernel convolution);
+/// otherwise exactly [`conv2d_backward_data`].
+///
+/// # Panics
+///
+/// As [`conv2d_backward_data`].
+pub fn conv2d_backward_data_bf16(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    if amx_conv::takes(s) {
+        check_data_lengths(s, dy, w, dx);
+        return amx_conv::backward_data(s, dy, w, dx);
+    }
+    let plan = match usable(Algo::Bf16, s.cin, s.width, s.kernel) {
+        Algo::Bf16 => DataPlan::Flipped(Algo::Bf16),
+        _ => pick_data_plan(s),
+    };
+    backward_data_with(s, dy, w, dx, plan);
+}
+
+/// [`conv2d_backward_weight`] with `x` and `dy` rounded to bf16 and the products summed in
+/// f32, for 1x1 kernels on a CPU with AMX-BF16 (`tdpbf16ps`); otherwise exactly
+/// [`conv2d_backward_weight`]. The bias gradient is summed in f32.
+///
+/// # Panics
+///
+/// As [`conv2d_backward_weight`].
+pub fn conv2d_backward_weight_bf16(
+    s: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    if amx_conv::takes(s) {
+        s.check_kernel("conv2d_backward_weight");
+        assert_eq!(x.len(), s.input_len(), "conv2d_backward_weight: x length");
+        assert_eq!(dy.len(), s.output_len(), "conv2d_backward_weight: dy length");
+        assert_eq!(dw.len(), s.weight_len(), "conv2d_backward_weight: dw length");
+        assert_eq!(db.len(), s.cout, "conv2d_backward_weight: db length");
+        return amx_conv::backward_weight(s, x, dy, dw, db);
+    }
+    conv2d_backward_weight(s, x, dy, dw, db);
+}
+
+fn check_forward_lengths(s: &ConvShape, x: &[f32], w: &[f32], b: &[f32], y: &[f32]) {
+    s.check_kernel("conv2d_forward");
+    assert_eq!(x.len(), s.input_len(), "conv2d_forward: x length");
+    assert_eq!(w.len(), s.weight_len(), "conv2d_forward: w length");
+    assert_eq!(b.len(), s.cout, "conv2d_forward: b length");
+    assert_eq!(y.len(), s.output_len(), "conv2d_forward: y length");
+}
+
+fn check_data_lengths(s: &ConvShape, dy: &[f32], w: &[f32], dx: &[f32]) {
+    s.check_kernel("conv2d_backward_data");
+    assert_eq!(dy.len(), s.output_len(), "conv2d_backward_data: dy length");
+    assert_eq!(w.len(), s.weight_len(), "conv2d_backward_data: w length");
+    assert_eq!(dx.len(), s.input_len(), "conv2d_backward_data: dx length");
+}
+
 fn forward_with(
     s: &ConvShape,
     x: &[f32],
@@ -165,11 +271,7 @@ fn forward_with(
     y: &mut [f32],
     algo: Algo,
 ) {
-    s.check_kernel("conv2d_forward");
-    assert_eq!(x.len(), s.input_len(), "conv2d_forward: x length");
-    assert_eq!(w.len(), s.weight_len(), "conv2d_forward: w length");
-    assert_eq!(b.len(), s.cout, "conv2d_forward: b length");
-    assert_eq!(y.len(), s.output_len(), "conv2d_forward: y length");
+    check_forward_lengths(s, x, w, b, y);
     SameConv::new(s.batch, s.cin, s.cout, s.height, s.width, s.kernel).run(
         x,
         w,
@@ -191,10 +293,7 @@ pub fn conv2d_backward_data(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]
 }
 
 fn backward_data_with(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32], plan: DataPlan) {
-    s.check_kernel("conv2d_backward_data");
-    assert_eq!(dy.len(), s.output_len(), "conv2d_backward_data: dy length");
-    assert_eq!(w.len(), s.weight_len(), "conv2d_backward_data: w length");
-    assert_eq!(dx.len(), s.input_len(), "conv2d_backward_data: dx length");
+    check_data_lengths(s, dy, w, dx);
     let (cin, cout, k) = (s.cin, s.cout, s.kernel);
     let hw = s.hw();
     if dx.is_empty() {

@@ -143,6 +143,67 @@ fn check_backward_weight(s: &ConvShape, rng: &mut Rng) {
     }
 }
 
+/// The bf16 entry points against the f64 reference on bf16-rounded operands, with the f32
+/// kernels' bound (the products of bf16 values are exact in f32, so only the additions
+/// round). Where the CPU has no AVX-512 BF16 the entry points run in f32, and are checked
+/// against the unrounded operands. A kernel that skipped the rounding would miss by about
+/// 2^-9 of the magnitude, far above the bound.
+fn check_bf16(s: &ConvShape, rng: &mut Rng, relu: bool) {
+    let x = rng.vec(s.input_len());
+    let w = rng.vec(s.weight_len());
+    let b = rng.vec(s.cout);
+    let dy = rng.vec(s.output_len());
+    let rounds = bf16_available() && s.width <= avx512::L && s.kernel <= avx512::MAX_K;
+    let r = |v: &[f32]| -> Vec<f32> {
+        if rounds {
+            v.iter().map(|&x| round_bf16(x)).collect()
+        } else {
+            v.to_vec()
+        }
+    };
+    let (xr, wr, dyr) = (r(&x), r(&w), r(&dy));
+    let want = reference::conv2d_forward_ref(&dims(s), &xr, &wr, &b, relu);
+    let mag = reference::conv2d_forward_ref(&dims(s), &abs(&xr), &abs(&wr), &abs(&b), false);
+    let mut y = vec![f32::NAN; s.output_len()];
+    conv2d_forward_bf16(s, &x, &w, &b, relu, &mut y);
+    let terms = s.cin * s.kernel * s.kernel + 1;
+    assert_close(&format!("bf16 forward y {s:?}"), &y, &want, &mag, terms);
+    let want = reference::conv2d_backward_data_ref(&dims(s), &dyr, &wr);
+    let mag = reference::conv2d_backward_data_ref(&dims(s), &abs(&dyr), &abs(&wr));
+    let mut dx = vec![f32::NAN; s.input_len()];
+    conv2d_backward_data_bf16(s, &dy, &w, &mut dx);
+    let terms = s.cout * s.kernel * s.kernel;
+    assert_close(&format!("bf16 backward dx {s:?}"), &dx, &want, &mag, terms);
+    // The weight gradient rounds only on AMX, and only for 1x1 kernels.
+    let (xw, dyw) = if s.kernel == 1 && amx_available() {
+        (xr, dyr)
+    } else {
+        (x.clone(), dy.clone())
+    };
+    let (want_w, _) = reference::conv2d_backward_weight_ref(&dims(s), &xw, &dyw);
+    let (mag_w, _) = reference::conv2d_backward_weight_ref(&dims(s), &abs(&xw), &abs(&dyw));
+    let (_, want_b) = reference::conv2d_backward_weight_ref(&dims(s), &x, &dy);
+    let (_, mag_b) = reference::conv2d_backward_weight_ref(&dims(s), &abs(&x), &abs(&dy));
+    let mut dw = vec![f32::NAN; s.weight_len()];
+    let mut db = vec![f32::NAN; s.cout];
+    conv2d_backward_weight_bf16(s, &x, &dy, &mut dw, &mut db);
+    let terms = s.batch * s.height * (s.width + 2 * s.pad()) + 8;
+    assert_close(&format!("bf16 dw {s:?}"), &dw, &want_w, &mag_w, terms);
+    assert_close(&format!("bf16 db (f32) {s:?}"), &db, &want_b, &mag_b, terms);
+}
+
+/// Whether the AMX kernels run here (x86-64 only).
+fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn shape_strategy() -> impl Strategy<Value = ConvShape> {
     (
         1usize..=3,
@@ -179,6 +240,11 @@ proptest! {
     fn backward_weight_matches_reference(s in shape_strategy(), seed: u64) {
         check_backward_weight(&s, &mut Rng::new(seed));
     }
+
+    #[test]
+    fn bf16_matches_reference_on_rounded_operands(s in shape_strategy(), seed: u64, relu: bool) {
+        check_bf16(&s, &mut Rng::new(seed), relu);
+    }
 }
 
 /// The model's conv shapes (MNIST 14x14 and colour 16x16 presets), at batch 2.
@@ -208,6 +274,7 @@ fn preset_shapes_match_reference() {
         check_forward(&s, &mut rng, true);
         check_backward_data(&s, &mut rng);
         check_backward_weight(&s, &mut rng);
+        check_bf16(&s, &mut rng, true);
     }
 }
 
