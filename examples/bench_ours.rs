@@ -156,7 +156,11 @@ fn train(a: &Args, ds: &Dataset) -> Res<Vec<f64>> {
 
 fn eval(a: &Args, ds: &Dataset) -> Res<Vec<f64>> {
     let arch = MNIST;
-    let mut flow = Flow::new(Arc::new(CpuBackend::default()), arch, &init_params(&arch, 0))?;
+    let mut flow = Flow::new(
+        Arc::new(CpuBackend::default()),
+        arch,
+        &init_params(&arch, 0),
+    )?;
     let d = arch.dim();
     let first = ds.len().saturating_sub(a.eval_batch);
     let mut u = vec![0f32; a.eval_batch * d];
@@ -229,7 +233,11 @@ fn run() -> Res<()> {
             (t, 1, "kernel sample, f32 weights, 1 thread")
         }
         "sample64" => {
-            let mut flow = Flow::new(Arc::new(CpuBackend::default()), MNIST, &init_params(&MNIST, 0))?;
+            let mut flow = Flow::new(
+                Arc::new(CpuBackend::default()),
+                MNIST,
+                &init_params(&MNIST, 0),
+            )?;
             let mut seed = 0;
             let t = time(a.warmup, a.iters, || {
                 seed += 1;

@@ -613,7 +613,9 @@ fn logit_squeeze_and_per_image_sums_match_cpu() {
                 ];
                 l.go("cf_squeeze", ew(n), &params);
                 let mut yc = cpu_buf(&vec![0.0; n]);
-                CpuBackend::default().squeeze(shape, inverse, &xb, &mut yc).unwrap();
+                CpuBackend::default()
+                    .squeeze(shape, inverse, &xb, &mut yc)
+                    .unwrap();
                 assert_eq!(host(&y), host(&yc), "squeeze {shape:?} inverse {inverse}");
             }
         }
@@ -643,7 +645,9 @@ fn mask_gather_and_scatter_match_cpu() {
                 l.go("cf_mask_gather", ew(m), &params);
             }
             let mut want = cpu_buf(&vec![0.0; m]);
-            CpuBackend::default().mask_gather(shape, mask, &x, &mut want).unwrap();
+            CpuBackend::default()
+                .mask_gather(shape, mask, &x, &mut want)
+                .unwrap();
             assert_eq!(host(&got), host(&want), "mask_gather {shape:?} {mask:?}");
 
             let d = cpu_buf(&rand_vec(&mut rng, m, -1.0, 1.0));

@@ -167,7 +167,11 @@ fn sum_squares_all_equals_the_per_buffer_sums() {
     for b in &bufs {
         want += be.sum_squares(b).unwrap();
         cpu += CpuBackend::default()
-            .sum_squares(&CpuBackend::default().upload(&be.download(b).unwrap()).unwrap())
+            .sum_squares(
+                &CpuBackend::default()
+                    .upload(&be.download(b).unwrap())
+                    .unwrap(),
+            )
             .unwrap();
     }
     assert_eq!(be.sum_squares_all(&bufs).unwrap(), want);

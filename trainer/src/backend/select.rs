@@ -195,8 +195,9 @@ pub fn verify(gpu: Arc<dyn Backend>) -> Result<(), String> {
         let what = if arch.glow { "Glow" } else { "RealNVP" };
         let (loss_g, grads_g) = tiny_step(gpu.clone(), arch, &params, &u, batch)
             .map_err(|e| format!("the {what} check step failed on the GPU: {e}"))?;
-        let (loss_c, grads_c) = tiny_step(Arc::new(CpuBackend::default()), arch, &params, &u, batch)
-            .map_err(|e| format!("the {what} check step failed on the CPU: {e}"))?;
+        let (loss_c, grads_c) =
+            tiny_step(Arc::new(CpuBackend::default()), arch, &params, &u, batch)
+                .map_err(|e| format!("the {what} check step failed on the CPU: {e}"))?;
         let r = ((loss_g - loss_c) / loss_c).abs();
         if r.is_nan() || r > CHECK_TOL {
             return Err(format!(

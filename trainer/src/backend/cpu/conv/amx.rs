@@ -47,7 +47,13 @@ fn request_tile_data() -> bool {
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM, 18) only asks the kernel to enable the AMX
     // tile state for this process; it reads and writes no memory of ours.
-    let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
     r == 0
 }
 
@@ -98,7 +104,11 @@ pub(super) fn pack_a(m: usize, k: usize, get: impl Fn(usize, usize) -> f32, out:
     for i in 0..m {
         for j in 0..k.div_ceil(2) {
             let lo = get(i, 2 * j);
-            let hi = if 2 * j + 1 < k { get(i, 2 * j + 1) } else { 0.0 };
+            let hi = if 2 * j + 1 < k {
+                get(i, 2 * j + 1)
+            } else {
+                0.0
+            };
             let (r, q) = (i / T, j / T);
             let v = u32::from(round_bits(lo)) | u32::from(round_bits(hi)) << 16;
             out[(r * p.kt + q) * TILE + (i % T) * T + j % T] = f32::from_bits(v);
@@ -183,10 +193,19 @@ pub(super) fn gemm(
     c: &mut [f32],
     ldc: usize,
 ) {
-    assert!(available(), "AMX kernel needs AMX-BF16 and the kernel's permission");
+    assert!(
+        available(),
+        "AMX kernel needs AMX-BF16 and the kernel's permission"
+    );
     assert_eq!(pa.kt, pb.kt, "amx::gemm: K tiles");
-    assert!(pa.tiles * T >= m && pb.tiles * T >= n, "amx::gemm: packing too small");
-    assert!(a.len() >= pa.len() && b.len() >= pb.len(), "amx::gemm: packed too short");
+    assert!(
+        pa.tiles * T >= m && pb.tiles * T >= n,
+        "amx::gemm: packing too small"
+    );
+    assert!(
+        a.len() >= pa.len() && b.len() >= pb.len(),
+        "amx::gemm: packed too short"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -376,7 +395,14 @@ mod tests {
             s ^= s << 5;
             (s >> 8) as f32 / 8_388_608.0 - 1.0
         };
-        for (m, k, n) in [(1, 1, 1), (16, 32, 16), (17, 33, 15), (64, 64, 196), (4, 70, 49), (40, 7, 100)] {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (16, 32, 16),
+            (17, 33, 15),
+            (64, 64, 196),
+            (4, 70, 49),
+            (40, 7, 100),
+        ] {
             let a: Vec<f32> = (0..m * k).map(|_| f()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| f()).collect();
             let (want, mag) = reference(m, k, n, &a, &b);
@@ -386,7 +412,11 @@ mod tests {
             pack_a(m, k, |i, j| a[i * k + j], &mut ap);
             let mut ap2 = vec![0.0; pa.len()];
             pack_a_rows(m, k, &a, k, &mut ap2);
-            assert_eq!(ap.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), ap2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{m}x{k}x{n}: the two packings of A");
+            assert_eq!(
+                ap.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                ap2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{m}x{k}x{n}: the two packings of A"
+            );
             // B packed both ways: from its rows, and as the transpose of Bᵀ.
             let pb = Packed::new(n, k);
             let mut bp = vec![0.0; pb.len()];
@@ -394,16 +424,28 @@ mod tests {
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let mut btp = vec![0.0; pb.len()];
             pack_b_transposed(k, n, &bt, k, &mut btp);
-            assert_eq!(bp.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), btp.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{m}x{k}x{n}: the two packings of B");
+            assert_eq!(
+                bp.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                btp.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{m}x{k}x{n}: the two packings of B"
+            );
             let mut c = vec![f32::NAN; m * n];
             gemm(m, n, &ap, pa, &bp, pb, 0.0, &mut c, n);
             for i in 0..m * n {
-                assert!((f64::from(c[i]) - want[i]).abs() <= tol(i), "{m}x{k}x{n} [{i}]: {} vs {}", c[i], want[i]);
+                assert!(
+                    (f64::from(c[i]) - want[i]).abs() <= tol(i),
+                    "{m}x{k}x{n} [{i}]: {} vs {}",
+                    c[i],
+                    want[i]
+                );
             }
             // beta = 1 adds to what is there.
             gemm(m, n, &ap, pa, &bp, pb, 1.0, &mut c, n);
             for i in 0..m * n {
-                assert!((f64::from(c[i]) - 2.0 * want[i]).abs() <= 2.0 * tol(i) + 1e-6 * mag[i], "beta 1, [{i}]");
+                assert!(
+                    (f64::from(c[i]) - 2.0 * want[i]).abs() <= 2.0 * tol(i) + 1e-6 * mag[i],
+                    "beta 1, [{i}]"
+                );
             }
         }
     }

@@ -69,7 +69,13 @@ pub(super) fn backward_data(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]
 }
 
 /// Backward-weight: `dw = Σ_i dy_i·x_iᵀ` (overwritten) and `db = Σ dy` (f32).
-pub(super) fn backward_weight(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32], db: &mut [f32]) {
+pub(super) fn backward_weight(
+    s: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
     let (cin, cout, hw) = (s.cin, s.cout, s.hw());
     dw.fill(0.0);
     db.fill(0.0);

@@ -33,14 +33,10 @@ fn needed(g: &Taps, h: usize) -> usize {
 /// `act` is ReLU if `relu`, else the identity (the sum is formed first, then the bias
 /// added, then the ReLU: the same roundings as a separate bias pass).
 ///
-/// With `bf16`, `xp` and `wb` hold channel pairs (`bf16::pad_pairs`,
-/// `bf16::pack_weights`), `g.cin` counts the pairs, and each tap's product is the dot
-/// product of a pair (`vdpbf16ps`).
-///
 /// # Panics
 ///
-/// If AVX-512F (with `bf16`, AVX-512 BF16) is unavailable, `mb` is not in
-/// `1..=FWD_ROWS`, `w` not in `1..=16`, or a slice is too short.
+/// If AVX-512F is unavailable, `mb` is not in `1..=FWD_ROWS`, `w` not in `1..=16`, or a
+/// slice is too short.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fwd_rows(
     mb: usize,
@@ -52,13 +48,8 @@ pub(super) fn fwd_rows(
     bias: &[f32],
     relu: bool,
     y: &mut [f32],
-    bf16: bool,
 ) {
     assert!(available(), "direct conv kernel needs AVX-512F");
-    assert!(
-        !bf16 || super::bf16::available(),
-        "bf16 conv kernel needs AVX-512 BF16"
-    );
     let kc = g.cin * g.k * g.k;
     assert!(kc > 0 && h > 0, "fwd_rows: empty");
     assert!((1..=L).contains(&w), "fwd_rows: bad width");
@@ -79,21 +70,15 @@ pub(super) fn fwd_rows(
         ($mb:literal, $nr:literal, [$($t:literal),*]) => {{
             let mut oy = 0;
             while oy + $nr <= h {
-                // SAFETY: AVX-512F (and with `bf16`, AVX-512 BF16) is available
-                // (asserted); loads are at `xp + ci·plane + (oy+r+ki)·wp + kj + l` with
-                // `oy + r < h`, at most `needed - 1 < xp.len()`; weight reads `< kc·mb`,
-                // bias reads `< mb`; masked stores write lanes `l < w` at
-                // `(m·h + oy + r)·w + l < mb·h·w <= y.len()`.
+                // SAFETY: AVX-512F is available (asserted); loads are at
+                // `xp + ci·plane + (oy+r+ki)·wp + kj + l` with `oy + r < h`, at most
+                // `needed - 1 < xp.len()`; weight reads `< kc·mb`, bias reads `< mb`;
+                // masked stores write lanes `l < w` at `(m·h + oy + r)·w + l < mb·h·w
+                // <= y.len()`.
                 unsafe {
-                    if bf16 {
-                        fwd_bf16_impl::<$mb, $nr>(
-                            xp.as_ptr(), g, oy, wb.as_ptr(), bias.as_ptr(), o, y.as_mut_ptr(),
-                        )
-                    } else {
-                        fwd_impl::<$mb, $nr>(
-                            xp.as_ptr(), g, oy, wb.as_ptr(), bias.as_ptr(), o, y.as_mut_ptr(),
-                        )
-                    }
+                    fwd_impl::<$mb, $nr>(
+                        xp.as_ptr(), g, oy, wb.as_ptr(), bias.as_ptr(), o, y.as_mut_ptr(),
+                    )
                 };
                 oy += $nr;
             }
@@ -101,15 +86,9 @@ pub(super) fn fwd_rows(
                 $(
                     // SAFETY: as above, with the last `$t` rows (`oy + $t == h`).
                     $t => unsafe {
-                        if bf16 {
-                            fwd_bf16_impl::<$mb, $t>(
-                                xp.as_ptr(), g, oy, wb.as_ptr(), bias.as_ptr(), o, y.as_mut_ptr(),
-                            )
-                        } else {
-                            fwd_impl::<$mb, $t>(
-                                xp.as_ptr(), g, oy, wb.as_ptr(), bias.as_ptr(), o, y.as_mut_ptr(),
-                            )
-                        }
+                        fwd_impl::<$mb, $t>(
+                            xp.as_ptr(), g, oy, wb.as_ptr(), bias.as_ptr(), o, y.as_mut_ptr(),
+                        )
                     },
                 )*
                 _ => {}
@@ -127,26 +106,6 @@ pub(super) fn fwd_rows(
         8 => go!(8, 3, [1, 2]),
         _ => panic!("fwd_rows: bad row count {mb}"),
     }
-}
-
-/// The forward kernels' epilogue: bias, then ReLU if `o.relu`, and the masked stores of
-/// rows `oy0..` of the output channels. A macro, not a function: a non-inlined call would
-/// take the accumulators' address and keep them in memory through the whole loop.
-macro_rules! store_rows {
-    ($acc:expr, $oy0:expr, $bias:expr, $o:expr, $y:expr) => {
-        for (m, a) in $acc.iter().enumerate() {
-            let b = _mm512_set1_ps(*$bias.add(m));
-            for (r, v) in a.iter().enumerate() {
-                let mut v = _mm512_add_ps(*v, b);
-                if $o.relu {
-                    // As `f32::max(v, 0.0)`: max_ps returns its second operand (0)
-                    // when v is NaN.
-                    v = _mm512_max_ps(v, _mm512_setzero_ps());
-                }
-                _mm512_mask_storeu_ps($y.add((m * $o.h + $oy0 + r) * $o.w), $o.mask, v);
-            }
-        }
-    };
 }
 
 /// Output geometry of [`fwd_impl`].
@@ -194,52 +153,20 @@ unsafe fn fwd_impl<const MB: usize, const NR: usize>(
                 }
             }
         }
-        store_rows!(acc, oy0, bias, o, y);
-    }
-}
-
-/// [`fwd_impl`] with bf16 pairs: `g.cin` channel pairs, each tap one `vdpbf16ps`.
-///
-/// # Safety
-///
-/// See [`fwd_rows`]: AVX-512F and AVX-512 BF16 available, `oy0 + NR <= h`, and all
-/// accesses in bounds.
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn fwd_bf16_impl<const MB: usize, const NR: usize>(
-    xp: *const f32,
-    g: Taps,
-    oy0: usize,
-    wb: *const f32,
-    bias: *const f32,
-    o: Out,
-    y: *mut f32,
-) {
-    // SAFETY: the caller guarantees the CPU features and the bounds.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); NR]; MB];
-        let mut wt = wb;
-        for ci in 0..g.cin {
-            for ki in 0..g.k {
-                let row = xp.add(ci * g.plane + (oy0 + ki) * g.wp);
-                for kj in 0..g.k {
-                    let mut xv = [_mm512_setzero_ps(); NR];
-                    for (r, v) in xv.iter_mut().enumerate() {
-                        *v = _mm512_loadu_ps(row.add(r * g.wp + kj));
-                    }
-                    for (m, a) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(*wt.add(m));
-                        for (r, v) in a.iter_mut().enumerate() {
-                            *v = super::bf16::dot_pairs(*v, wv, xv[r]);
-                        }
-                    }
-                    wt = wt.add(MB);
+        for (m, a) in acc.iter().enumerate() {
+            let b = _mm512_set1_ps(*bias.add(m));
+            for (r, v) in a.iter().enumerate() {
+                let mut v = _mm512_add_ps(*v, b);
+                if o.relu {
+                    // As `f32::max(v, 0.0)`: max_ps returns its second operand (0)
+                    // when v is NaN.
+                    v = _mm512_max_ps(v, _mm512_setzero_ps());
                 }
+                _mm512_mask_storeu_ps(y.add((m * o.h + oy0 + r) * o.w), o.mask, v);
             }
         }
-        store_rows!(acc, oy0, bias, o, y);
     }
 }
-
 
 /// Weight gradient of `imgs` images: for `m < mb` and every tap `t = (ci·k + ki)·k + kj`,
 /// `dw[m·kc + t] = Σ_{n < imgs, oy < h, l < 16} dyr[n·ds + (m·h + oy)·16 + l] ·

@@ -44,11 +44,10 @@ pub(super) fn backward_weight_with(
     let kc = cin * k * k;
     let in_img = cin * hw;
     let out_img = cout * hw;
-    let algo = match algo {
-        _ if kc == 0 => Algo::Gemm,
-        // The weight gradient has no bf16 kernel: it stays f32.
-        Algo::Bf16 => usable(Algo::Direct512, cout, w, k),
-        a => usable(a, cout, w, k),
+    let algo = if kc == 0 {
+        Algo::Gemm
+    } else {
+        usable(algo, cout, w, k)
     };
 
     let chunk = s.batch.div_ceil(MAX_WEIGHT_CHUNKS.min(s.batch));
@@ -168,7 +167,7 @@ pub(super) fn backward_weight_with(
                             }
                         });
                     }
-                    Algo::Direct512 | Algo::Bf16 => {
+                    Algo::Direct512 => {
                         // All images of the chunk padded (and dy rows widened to 16 lanes,
                         // zero beyond the width) first, so the kernel keeps its
                         // accumulators in registers across the whole chunk.
@@ -265,11 +264,9 @@ pub(super) fn backward_weight_with(
         let (pdw, pdb) = first.split_at(dw.len());
         db.copy_from_slice(pdb);
         match algo {
-            Algo::Direct
-            | Algo::Direct512
-            | Algo::Direct512Co
-            | Algo::Direct512Ci
-            | Algo::Bf16 => dw.copy_from_slice(pdw),
+            Algo::Direct | Algo::Direct512 | Algo::Direct512Co | Algo::Direct512Ci => {
+                dw.copy_from_slice(pdw)
+            }
             Algo::Gemm if kc > 0 => {
                 // [cout][ki][kj][ci] -> [cout][ci][ki][kj]
                 let kk = k * k;

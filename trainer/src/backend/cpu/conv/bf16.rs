@@ -1,23 +1,15 @@
-//! bf16 operands with f32 accumulation (AVX-512 BF16, `vdpbf16ps`) for the AVX-512 row
-//! kernel's forward convolution, which also runs backward-data (the flipped-kernel
-//! convolution). Used for the coupling networks' convolutions when a run asks for it
-//! (`clayflow train --bf16`); the kernel's f32/f16 inference never uses it.
+//! f32 to bf16 conversions for the AMX kernels (`amx`): round to nearest even, subnormals
+//! to zero, as `vcvtneps2bf16` does, so [`round`] (scalar) and the vector conversions agree
+//! bit for bit. Two bf16 values travel as one 32-bit *pair* (the first in the low half),
+//! the unit `tdpbf16ps` multiplies; buffers of pairs stay `f32` slices holding the bits.
 //!
-//! Input channels go in pairs: one 32-bit lane holds one pixel of channels `2p` (low half)
-//! and `2p + 1` (high half; zero when `cin` is odd), and one broadcast holds the two
-//! channels' weights of a tap in the same order, so one `vdpbf16ps` does the multiply-adds
-//! of both channels. The products of two bf16 values are exact in f32, so the result is
-//! the f32 convolution of the rounded operands up to the order of the f32 additions
-//! (`tests` checks it against an f64 reference on the rounded operands with the same
-//! bound as the f32 kernels). Rounding is to nearest even, and subnormal inputs become
-//! zero, as `vcvtneps2bf16` does, so [`round`] and the vector conversion agree bit for bit.
-//! The buffers stay `f32` slices: a pair is stored as the `f32` with its bits.
+//! The AVX-512 BF16 dot product `vdpbf16ps` was tried for the 3x3 convolutions and lost to
+//! the f32 kernels on this project's Xeon (BENCHMARKS section 14): only the conversions are
+//! used.
 
-use super::layout::PadGeo;
-use super::avx512::SLACK;
 use std::arch::x86_64::*;
 
-/// Whether this CPU runs the bf16 kernel (AVX-512F and AVX-512 BF16).
+/// Whether this CPU has the vector conversions (AVX-512F and AVX-512 BF16).
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
 }
@@ -40,75 +32,6 @@ pub(crate) fn round(x: f32) -> f32 {
     f32::from_bits(u32::from(round_bits(x)) << 16)
 }
 
-/// Two channels' values as one lane: `lo` in the low half, `hi` in the high half.
-fn pair(lo: f32, hi: f32) -> f32 {
-    f32::from_bits(u32::from(round_bits(lo)) | u32::from(round_bits(hi)) << 16)
-}
-
-/// Number of channel pairs of `c` channels.
-pub(super) fn pairs(c: usize) -> usize {
-    c.div_ceil(2)
-}
-
-/// Packs weights `w` (`[cout][cin][k][k]`) for the output channels `co0..co0 + mb` as
-/// `wq[((p·k + ki)·k + kj)·mb + m]` = the pair of channels `2p`, `2p + 1` at tap
-/// `(ki, kj)` of output channel `co0 + m` (the layout `avx512::fwd_rows` reads).
-pub(super) fn pack_weights(
-    w: &[f32],
-    cin: usize,
-    k: usize,
-    co0: usize,
-    mb: usize,
-    wq: &mut [f32],
-) {
-    let (kk, kc) = (k * k, cin * k * k);
-    for p in 0..pairs(cin) {
-        for t in 0..kk {
-            for m in 0..mb {
-                let row = &w[(co0 + m) * kc..][..kc];
-                let lo = row[2 * p * kk + t];
-                let hi = if 2 * p + 1 < cin {
-                    row[(2 * p + 1) * kk + t]
-                } else {
-                    0.0
-                };
-                wq[(p * kk + t) * mb + m] = pair(lo, hi);
-            }
-        }
-    }
-}
-
-/// Length of the padded pair buffer of `c` channels, slack included.
-pub(super) fn padded_len(c: usize, g: &PadGeo) -> usize {
-    pairs(c) * g.plane + SLACK
-}
-
-/// Copies `x` (`[c][h][w]`, `w <= 16`) into `xq` (`[pairs(c)][hp][wp]` pairs plus
-/// [`SLACK`]), rounded to bf16, with a zero border and slack.
-///
-/// # Panics
-///
-/// If [`available`] is false, `g.w > 16`, or a slice is too short.
-pub(super) fn pad_pairs(x: &[f32], c: usize, g: &PadGeo, xq: &mut [f32]) {
-    assert!(available(), "pad_pairs needs AVX-512 BF16");
-    assert!(g.w <= 16, "pad_pairs: image wider than 16");
-    assert!(x.len() >= c * g.h * g.w, "pad_pairs: x too short");
-    assert!(xq.len() >= padded_len(c, g), "pad_pairs: xq too short");
-    xq.fill(0.0);
-    if g.h == 0 || g.w == 0 {
-        return;
-    }
-    let hw = g.h * g.w;
-    for p in 0..pairs(c) {
-        let lo = &x[2 * p * hw..][..hw];
-        let hi = (2 * p + 1 < c).then(|| &x[(2 * p + 1) * hw..][..hw]);
-        for iy in 0..g.h {
-            let dst = &mut xq[p * g.plane + (iy + g.pad) * g.wp + g.pad..][..g.w];
-            pair_rows(&lo[iy * g.w..][..g.w], hi.map(|h| &h[iy * g.w..][..g.w]), dst);
-        }
-    }
-}
-
 /// `dst[j] = pair(src[2j], src[2j + 1])` for `j < dst.len()`: consecutive values as pairs
 /// (a value past the end of `src` is zero), with the vector conversion.
 ///
@@ -120,7 +43,10 @@ pub(super) fn consecutive_pairs(src: &[f32], dst: &mut [f32]) {
     assert!(available(), "consecutive_pairs needs AVX-512 BF16");
     let n = dst.len();
     assert!(n <= 16, "consecutive_pairs: more than 16 pairs");
-    assert!(src.len() <= 2 * n && src.len() + 1 >= 2 * n, "consecutive_pairs: bad length");
+    assert!(
+        src.len() <= 2 * n && src.len() + 1 >= 2 * n,
+        "consecutive_pairs: bad length"
+    );
     let len = src.len();
     let m0: __mmask16 = if len >= 16 { !0 } else { (1u16 << len) - 1 };
     let m1: __mmask16 = if len >= 32 {
@@ -170,7 +96,10 @@ pub(super) fn pair_rows(lo: &[f32], hi: Option<&[f32]>, dst: &mut [f32]) {
     assert!(available(), "pair_rows needs AVX-512 BF16");
     let n = dst.len();
     assert!(n <= 16, "pair_rows: more than 16 lanes");
-    assert!(lo.len() >= n && hi.is_none_or(|h| h.len() >= n), "pair_rows: short input");
+    assert!(
+        lo.len() >= n && hi.is_none_or(|h| h.len() >= n),
+        "pair_rows: short input"
+    );
     let mask: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
     // SAFETY: AVX-512F and AVX-512 BF16 are available (asserted); the masked loads read
     // lanes `< n` of `lo` and `hi`, and the masked store writes lanes `< n` of `dst`, all
@@ -200,26 +129,6 @@ unsafe fn pair_row(lo: *const f32, hi: Option<*const f32>, mask: __mmask16, dst:
             None => _mm512_setzero_si512(),
         };
         _mm512_mask_storeu_epi32(dst.cast(), mask, _mm512_or_si512(a, b));
-    }
-}
-
-/// One `vdpbf16ps`: `acc + lo(w)·lo(x) + hi(w)·hi(x)` in each lane, `w` and `x` holding
-/// pairs (as the bits of f32 vectors).
-///
-/// # Safety
-///
-/// AVX-512F and AVX-512 BF16 available.
-#[target_feature(enable = "avx512f,avx512bf16")]
-#[inline]
-pub(super) unsafe fn dot_pairs(acc: __m512, w: __m512, x: __m512) -> __m512 {
-    // SAFETY: `__m512` and `__m512bh` are both 64 bytes of plain data; the caller
-    // guarantees the CPU features.
-    unsafe {
-        _mm512_dpbf16_ps(
-            acc,
-            std::mem::transmute::<__m512, __m512bh>(w),
-            std::mem::transmute::<__m512, __m512bh>(x),
-        )
     }
 }
 
@@ -271,17 +180,27 @@ mod tests {
         if !available() {
             return;
         }
-        let n = vals.len() / 2;
-        let g = PadGeo::new(1, n.min(16), 1, 1);
-        for chunk in vals.chunks_exact(2 * g.w) {
-            let (lo, hi) = chunk.split_at(g.w);
-            let mut xq = vec![f32::NAN; padded_len(2, &g)];
-            let x: Vec<f32> = lo.iter().chain(hi).copied().collect();
-            pad_pairs(&x, 2, &g, &mut xq);
-            for l in 0..g.w {
-                assert_eq!(xq[l].to_bits(), pair(lo[l], hi[l]).to_bits(), "{:e}", lo[l]);
+        let pair = |lo: f32, hi: f32| u32::from(round_bits(lo)) | u32::from(round_bits(hi)) << 16;
+        for chunk in vals.chunks(32) {
+            // Consecutive values as pairs, and two rows as pairs, every length up to 16.
+            let n = chunk.len().div_ceil(2);
+            let mut got = vec![f32::NAN; n];
+            consecutive_pairs(chunk, &mut got);
+            for (j, g) in got.iter().enumerate() {
+                let hi = chunk.get(2 * j + 1).copied().unwrap_or(0.0);
+                assert_eq!(g.to_bits(), pair(chunk[2 * j], hi), "{:e}", chunk[2 * j]);
             }
-            assert!(xq[g.w..].iter().all(|v| v.to_bits() == 0), "slack zeroed");
+            let (lo, hi) = chunk.split_at(chunk.len() / 2);
+            let n = lo.len();
+            let mut got = vec![f32::NAN; n];
+            pair_rows(lo, Some(&hi[..n]), &mut got);
+            for l in 0..n {
+                assert_eq!(got[l].to_bits(), pair(lo[l], hi[l]), "{:e}", lo[l]);
+            }
+            pair_rows(lo, None, &mut got);
+            for l in 0..n {
+                assert_eq!(got[l].to_bits(), pair(lo[l], 0.0));
+            }
         }
     }
 }

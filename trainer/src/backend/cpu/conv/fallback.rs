@@ -94,7 +94,6 @@ pub(super) mod avx512 {
         _: &[f32],
         _: bool,
         _: &mut [f32],
-        _: bool,
     ) {
         unreachable!("AVX-512 conv kernel is only built for x86-64")
     }
@@ -127,14 +126,8 @@ pub(super) mod avx512 {
     }
 }
 
-/// Stub for targets without the x86-64 kernels: the bf16 path is never selected.
+/// Stub for targets without the x86-64 kernels: no bf16 conversions.
 pub(super) mod bf16 {
-    use super::super::layout::PadGeo;
-
-    pub(in super::super) fn available() -> bool {
-        false
-    }
-
     /// As the x86-64 module's: round to nearest even, subnormals to zero.
     pub(crate) fn round(x: f32) -> f32 {
         if x.is_subnormal() {
@@ -142,21 +135,12 @@ pub(super) mod bf16 {
         }
         half::bf16::from_f32(x).to_f32()
     }
+}
 
-    pub(in super::super) fn pairs(c: usize) -> usize {
-        c.div_ceil(2)
-    }
-
-    pub(in super::super) fn pack_weights(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
-        unreachable!("bf16 conv kernel is only built for x86-64")
-    }
-
-    pub(in super::super) fn padded_len(_: usize, _: &PadGeo) -> usize {
-        unreachable!("bf16 conv kernel is only built for x86-64")
-    }
-
-    pub(in super::super) fn pad_pairs(_: &[f32], _: usize, _: &PadGeo, _: &mut [f32]) {
-        unreachable!("bf16 conv kernel is only built for x86-64")
+/// Stub for targets without the x86-64 kernels: no AMX.
+pub(super) mod amx {
+    pub(in super::super) fn available() -> bool {
+        false
     }
 }
 
@@ -168,7 +152,14 @@ pub(super) mod amx_conv {
         false
     }
 
-    pub(in super::super) fn forward(_: &ConvShape, _: &[f32], _: &[f32], _: &[f32], _: bool, _: &mut [f32]) {
+    pub(in super::super) fn forward(
+        _: &ConvShape,
+        _: &[f32],
+        _: &[f32],
+        _: &[f32],
+        _: bool,
+        _: &mut [f32],
+    ) {
         unreachable!("AMX conv kernel is only built for x86-64")
     }
 
@@ -176,6 +167,7 @@ pub(super) mod amx_conv {
         unreachable!("AMX conv kernel is only built for x86-64")
     }
 
+    #[rustfmt::skip]
     pub(in super::super) fn backward_weight(_: &ConvShape, _: &[f32], _: &[f32], _: &mut [f32], _: &mut [f32]) {
         unreachable!("AMX conv kernel is only built for x86-64")
     }

@@ -105,20 +105,20 @@ mod scratch;
 mod select;
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
-#[cfg(target_arch = "x86_64")]
-mod avx512;
-#[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod amx_conv;
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
 mod bf16;
-// Stubs of `avx2`, `avx512`, `bf16` and `amx_conv` for targets without the x86-64 kernels.
+// Stubs of `avx2`, `avx512`, `bf16`, `amx` and `amx_conv` for targets without the x86-64 kernels.
 #[cfg(not(target_arch = "x86_64"))]
 mod fallback;
 #[cfg(not(target_arch = "x86_64"))]
-use fallback::{amx_conv, avx2, avx512, bf16};
+use fallback::{amx, amx_conv, avx2, avx512, bf16};
 
 #[cfg(test)]
 mod tests;
@@ -135,7 +135,7 @@ use im2col::col2im;
 use layout::flip_transpose_weights;
 use same_conv::SameConv;
 use scratch::{with_scratch, with_worker_scratch, FLIP_SCRATCH};
-use select::{pick_algo_for, pick_data_plan, pick_wgrad_algo, usable, Algo, DataPlan};
+use select::{pick_algo_for, pick_data_plan, pick_wgrad_algo, Algo, DataPlan};
 
 // ---------------------------------------------------------------------------
 // Public ops
@@ -162,10 +162,11 @@ pub fn conv2d_forward(s: &ConvShape, x: &[f32], w: &[f32], b: &[f32], relu: bool
     );
 }
 
-/// Whether this CPU has the bf16 kernels of [`conv2d_forward_bf16`] and
-/// [`conv2d_backward_data_bf16`] (AVX-512 BF16; without it they run in f32).
+/// Whether this CPU runs the bf16 convolutions of [`conv2d_forward_bf16`] and its
+/// backward ops: AMX-BF16 with the kernel's permission for the tile state (without it they
+/// are the f32 ops).
 pub fn bf16_available() -> bool {
-    bf16::available()
+    amx::available()
 }
 
 /// `x` rounded to bf16 (to nearest even; subnormals to zero), as the bf16 kernels round
@@ -174,12 +175,12 @@ pub fn round_bf16(x: f32) -> f32 {
     bf16::round(x)
 }
 
-/// [`conv2d_forward`] with `x` and `w` rounded to bf16 and the products summed in f32,
-/// where the CPU has AVX-512 BF16 ([`bf16_available`]): 1x1 kernels as matrix products on
-/// AMX-BF16 (`tdpbf16ps`) where the CPU has it, other kernels on images at most 16 pixels
-/// wide with the AVX-512 row kernel (`vdpbf16ps`). Otherwise exactly [`conv2d_forward`].
-/// The choice is the same in every build (unlike the choice between the f32 kernels, it
-/// changes the result). The bias, the sum and the output stay f32.
+/// [`conv2d_forward`] with `x` and `w` rounded to bf16 and the products summed in f32, for
+/// 1x1 kernels on a CPU with AMX-BF16 ([`bf16_available`]): a matrix product per image on
+/// the tiles (`tdpbf16ps`). Otherwise, and for larger kernels (where neither AMX nor AVX-512
+/// BF16 beat the f32 kernels on small images, BENCHMARKS section 14), exactly
+/// [`conv2d_forward`]. The choice is the same in every build: unlike the choice between
+/// the f32 kernels, it changes the result. The bias, the sums and the output stay f32.
 ///
 /// # Panics
 ///
@@ -196,16 +197,11 @@ pub fn conv2d_forward_bf16(
         check_forward_lengths(s, x, w, b, y);
         return amx_conv::forward(s, x, w, b, relu, y);
     }
-    let algo = match usable(Algo::Bf16, s.cout, s.width, s.kernel) {
-        Algo::Bf16 => Algo::Bf16,
-        _ => pick_algo_for(s.cout, s.width, s.kernel, false),
-    };
-    forward_with(s, x, w, b, relu, y, algo);
+    conv2d_forward(s, x, w, b, relu, y);
 }
 
 /// [`conv2d_backward_data`] with `dy` and `w` rounded to bf16 and the products summed in
-/// f32, where [`conv2d_forward_bf16`] would use bf16 (the flipped-kernel convolution);
-/// otherwise exactly [`conv2d_backward_data`].
+/// f32, where [`conv2d_forward_bf16`] rounds; otherwise exactly [`conv2d_backward_data`].
 ///
 /// # Panics
 ///
@@ -215,16 +211,12 @@ pub fn conv2d_backward_data_bf16(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut 
         check_data_lengths(s, dy, w, dx);
         return amx_conv::backward_data(s, dy, w, dx);
     }
-    let plan = match usable(Algo::Bf16, s.cin, s.width, s.kernel) {
-        Algo::Bf16 => DataPlan::Flipped(Algo::Bf16),
-        _ => pick_data_plan(s),
-    };
-    backward_data_with(s, dy, w, dx, plan);
+    conv2d_backward_data(s, dy, w, dx);
 }
 
 /// [`conv2d_backward_weight`] with `x` and `dy` rounded to bf16 and the products summed in
-/// f32, for 1x1 kernels on a CPU with AMX-BF16 (`tdpbf16ps`); otherwise exactly
-/// [`conv2d_backward_weight`]. The bias gradient is summed in f32.
+/// f32, where [`conv2d_forward_bf16`] rounds; otherwise exactly [`conv2d_backward_weight`].
+/// The bias gradient is summed in f32 from the unrounded `dy`.
 ///
 /// # Panics
 ///
@@ -239,8 +231,16 @@ pub fn conv2d_backward_weight_bf16(
     if amx_conv::takes(s) {
         s.check_kernel("conv2d_backward_weight");
         assert_eq!(x.len(), s.input_len(), "conv2d_backward_weight: x length");
-        assert_eq!(dy.len(), s.output_len(), "conv2d_backward_weight: dy length");
-        assert_eq!(dw.len(), s.weight_len(), "conv2d_backward_weight: dw length");
+        assert_eq!(
+            dy.len(),
+            s.output_len(),
+            "conv2d_backward_weight: dy length"
+        );
+        assert_eq!(
+            dw.len(),
+            s.weight_len(),
+            "conv2d_backward_weight: dw length"
+        );
         assert_eq!(db.len(), s.cout, "conv2d_backward_weight: db length");
         return amx_conv::backward_weight(s, x, dy, dw, db);
     }

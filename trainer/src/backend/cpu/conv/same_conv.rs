@@ -9,7 +9,7 @@ use super::im2col::im2col;
 use super::layout::{pad_image, PadGeo};
 use super::scratch::{with_call_scratch, with_worker_scratch};
 use super::select::{usable, Algo};
-use super::{avx2, avx512, bf16};
+use super::{avx2, avx512};
 
 /// A stride-1 "same" convolution problem (also used for backward-data with the
 /// flipped kernel).
@@ -84,7 +84,6 @@ impl SameConv {
             Algo::Direct512 | Algo::Direct512Co | Algo::Direct512Ci => {
                 self.run_direct512(x, wt, bias, relu, y)
             }
-            Algo::Bf16 => self.run_bf16(x, wt, bias, relu, y),
         }
     }
 
@@ -188,48 +187,6 @@ impl SameConv {
                                 &bv,
                                 relu,
                                 &mut yi[co0 * hw..(co0 + mb) * hw],
-                                false,
-                            );
-                        }
-                    });
-                });
-        });
-    }
-
-    /// [`Self::run_direct512`] with bf16 operands: channel pairs rounded to bf16
-    /// (`bf16::pad_pairs`, `bf16::pack_weights`), f32 accumulation.
-    fn run_bf16(&self, x: &[f32], wt: &[f32], bias: Option<&[f32]>, relu: bool, y: &mut [f32]) {
-        let (cin, cout, k, h, w) = (self.cin, self.cout, self.k, self.h, self.w);
-        let hw = h * w;
-        let kq = bf16::pairs(cin) * k * k;
-        let geo = PadGeo::new(h, w, k, 1);
-        let xq_len = bf16::padded_len(cin, &geo);
-        with_call_scratch(cout * kq, |wpack| {
-            for (co0, mb) in blocks(cout, avx512::FWD_ROWS) {
-                bf16::pack_weights(wt, cin, k, co0, mb, &mut wpack[co0 * kq..(co0 + mb) * kq]);
-            }
-            let wpack = &*wpack;
-            y.par_chunks_mut(cout * hw)
-                .zip(x.par_chunks(cin * hw))
-                .for_each(|(yi, xi)| {
-                    with_worker_scratch(xq_len, |xq| {
-                        bf16::pad_pairs(xi, cin, &geo, xq);
-                        for (co0, mb) in blocks(cout, avx512::FWD_ROWS) {
-                            let mut bv = [0.0f32; avx512::FWD_ROWS];
-                            if let Some(b) = bias {
-                                bv[..mb].copy_from_slice(&b[co0..co0 + mb]);
-                            }
-                            avx512::fwd_rows(
-                                mb,
-                                xq,
-                                geo.taps(bf16::pairs(cin)),
-                                h,
-                                w,
-                                &wpack[co0 * kq..(co0 + mb) * kq],
-                                &bv,
-                                relu,
-                                &mut yi[co0 * hw..(co0 + mb) * hw],
-                                true,
                             );
                         }
                     });

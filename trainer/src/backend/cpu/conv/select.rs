@@ -1,7 +1,7 @@
 //! Which algorithm each op uses: the direct kernels where the CPU has them and the shape
 //! fits, im2col + sgemm otherwise.
 
-use super::{avx2, avx512, bf16, ConvShape};
+use super::{avx2, avx512, ConvShape};
 
 /// Ops whose GEMM M dimension (output channels of the op) is at most this use the direct
 /// kernel when the CPU supports it.
@@ -24,9 +24,6 @@ pub(super) enum Algo {
     /// of the image (for 1x1 and 3x3 kernels with many input and few output channels);
     /// the other ops run `Direct512`.
     Direct512Ci,
-    /// As `Direct512` for forward and backward-data, with bf16 operands and f32
-    /// accumulation (needs `bf16::available()`); only when a caller asks for bf16.
-    Bf16,
 }
 
 /// Whether the AVX-512 row kernels handle images `w` wide with kernel size `k`.
@@ -41,13 +38,6 @@ fn fits512ci(k: usize) -> bool {
 
 /// `algo`, or the best supported substitute when the AVX-512 kernels cannot take the shape.
 pub(super) fn usable(algo: Algo, m: usize, w: usize, k: usize) -> Algo {
-    if algo == Algo::Bf16 {
-        return if fits512(w, k) && bf16::available() {
-            algo
-        } else {
-            usable(Algo::Direct512, m, w, k)
-        };
-    }
     if algo == Algo::Direct512Ci {
         return if fits512ci(k) && avx512::available() {
             algo
