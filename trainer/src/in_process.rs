@@ -13,13 +13,13 @@ use clayflow_trainer::backend::{Backend, Storage};
 use clayflow_trainer::checkpoint;
 use clayflow_trainer::collective::{self, Single};
 
-use super::{backend, settings, train_on, training_data, TrainArgs};
+use super::{settings, train_backend, train_on, training_data, TrainArgs};
 
 /// Trains in this process (no MPI launcher started it).
 pub(super) fn train(a: TrainArgs, device: DeviceChoice, explicit: &[String]) -> Result<()> {
     // The device first: a missing GPU fails before the data is loaded, and the default
     // batch depends on it.
-    let be = backend(device)?;
+    let be = train_backend(&a, device, 0)?;
     let host = on_host(be.as_ref())?;
     let (mut cfg, run_dir, resume) = settings(&a, explicit, &Single, host)?;
     // The global pool's size: --threads, else RAYON_NUM_THREADS or the cores.

@@ -200,6 +200,56 @@ fn inverse_undoes_forward() {
     }
 }
 
+/// bf16 networks (AMX 1x1 convolutions) on `mnist-glow`: the inverse still undoes the
+/// forward pass (both run the same rounded networks), and the log-likelihood and the
+/// gradients stay within bf16's rounding of the f32 backend's. Without AMX the backend
+/// cannot be built, and the test checks that instead.
+#[test]
+fn bf16_networks_invert_exactly_and_track_f32() {
+    let Some(bf16) = CpuBackend::with_bf16_networks() else {
+        assert!(!crate::backend::cpu::conv::bf16_available());
+        eprintln!("no AMX-BF16 here: the bf16 networks are not run");
+        return;
+    };
+    assert!(bf16.bf16_networks() && bf16.name().contains("bf16"));
+    let arch = clayflow_kernel::MNIST_GLOW;
+    let settled = settled_flow(arch, 5);
+    let params = settled.params_host().unwrap();
+    let batch = 4;
+    let u = batch_u(&arch, batch, 2);
+    let run = |f: &mut Flow| {
+        let stats = f.forward(&u, batch).unwrap();
+        let mut grads = f.zeros_like_params().unwrap();
+        f.backward(&mut grads).unwrap();
+        let g: Vec<f32> = grads
+            .iter()
+            .flat_map(|g| f.backend().download(g).unwrap())
+            .collect();
+        (stats.mean_bpd, g)
+    };
+    let mut f32_flow = flow(arch, &params);
+    let mut bf16_flow = Flow::new(Arc::new(bf16), arch, &params).unwrap();
+    let (bpd_f, g_f) = run(&mut f32_flow);
+    let (bpd_b, g_b) = run(&mut bf16_flow);
+    assert!(
+        bpd_f != bpd_b,
+        "bf16 networks computed exactly what f32 did: not rounding"
+    );
+    assert!((bpd_f - bpd_b).abs() < 1e-4 * bpd_f, "{bpd_b} vs {bpd_f}");
+    let dot: f64 = g_f.iter().zip(&g_b).map(|(a, b)| f64::from(a * b)).sum();
+    let norm = |g: &[f32]| g.iter().map(|v| f64::from(v * v)).sum::<f64>().sqrt();
+    let cos = dot / (norm(&g_f) * norm(&g_b));
+    assert!(cos > 0.9999, "gradient direction: cosine {cos}");
+    let z = bf16_flow.latents().unwrap();
+    let back = bf16_flow.inverse(&z, batch).unwrap();
+    let diff = back
+        .iter()
+        .zip(&u)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "bf16 inverse misses the forward by {diff}");
+}
+
 /// The data-dependent initialisation leaves every ActNorm's output with zero mean and
 /// unit variance per channel on the batch it saw; the untrained flow then maps that
 /// batch to latents of about unit variance.
