@@ -1,30 +1,30 @@
-//! What bf16 convolutions would cost in bits/dim (issue 19's bf16 lever), measured on a
-//! CPU without AVX-512 BF16 by emulating their numerics.
+//! What bf16 convolutions cost in bits/dim (issue 19's bf16 lever), by emulating their
+//! numerics on any CPU, for every coupling convolution (`clayflow train --bf16` rounds only
+//! the 1x1 ones, on AMX: BENCHMARKS section 14).
 //!
-//! `vdpbf16ps` multiplies pairs of bf16 values and accumulates in f32. The product of two
-//! bf16 values (8-bit significands) is exact in f32, so rounding each operand to bf16
-//! (round to nearest even) and running the f32 kernels gives the same arithmetic up to the
-//! order of the f32 additions (and the instruction's flushing of bf16 denormals, which these
-//! activations do not reach). This example wraps the CPU backend in [`Bf16Convs`], which does
-//! exactly that for the coupling networks' convolutions (the learned prior's included):
+//! `vdpbf16ps` and AMX's `tdpbf16ps` multiply pairs of bf16 values and accumulate in f32.
+//! The product of two bf16 values (8-bit significands) is exact in f32, so rounding each
+//! operand to bf16 (round to nearest even) and running the f32 kernels gives the same
+//! arithmetic up to the order of the f32 additions (and the instructions' flushing of bf16
+//! denormals, which the rounding here copies). This example wraps the CPU backend in
+//! [`Bf16Convs`], which does exactly that for the coupling networks' convolutions (the
+//! learned prior's included: the backend's `net_conv_*` calls):
 //!
 //! - forward: the input activations and the weights (the bias stays f32);
 //! - backward-data: the output gradient and the weights;
 //! - backward-weight: the input activations and the output gradient.
 //!
-//! The invertible 1x1 convolutions of Glow stay f32: their weights come from the LU factors
-//! whose `log_s` is the log-det, so rounding them would make the likelihood inexact. They
-//! are told apart by shape: 1x1, as many input as output channels, fewer than 16 (the
-//! coupling networks' 1x1 layer is hidden -> hidden, 48 or 64 wide in `mnist-glow`).
-//! Forward and inverse run the same network on the same input, so exact invertibility
-//! holds either way; the question is only what the rounding does to training.
+//! The invertible 1x1 convolutions of Glow stay f32 (the model calls them through the plain
+//! `conv_*` ops): their weights come from the LU factors whose `log_s` is the log-det, so
+//! rounding them would make the likelihood inexact. Forward and inverse run the same
+//! network on the same input, so exact invertibility holds either way; the question is only
+//! what the rounding does to training.
 //!
 //! It trains `mnist-glow` as `clayflow train` does on the CPU (batch 16, lr 2e-3, 100
 //! warm-up steps, cosine decay, clip 100, first 7,000 bundled digits), for a fixed number
 //! of steps so that two runs are step-matched, and writes an ordinary run folder (score it
 //! with `clayflow eval --model DIR`, sample it with `clayflow sample`). The emulation is
-//! slower than f32 (the rounding copies): this measures bits/dim, not speed. Speed needs a
-//! CPU with AVX-512 BF16 (`grep avx512_bf16 /proc/cpuinfo`), which this machine lacks.
+//! slower than f32 (the rounding copies): this measures bits/dim, not speed.
 //!
 //! ```text
 //! cargo build --release -p clayflow-trainer --example bf16_numerics
@@ -32,6 +32,7 @@
 //! ```
 
 use clayflow_kernel::Mask;
+use clayflow_trainer::backend::cpu::conv::round_bf16;
 use clayflow_trainer::backend::cpu::CpuBackend;
 use clayflow_trainer::backend::{
     AdamStep, Backend, Buffer, ConvShape, Convolution, CouplingScale, FlowLayers, LuFactors,
@@ -44,11 +45,6 @@ use clayflow_trainer::train::{self, Progress, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// `x` rounded to the nearest bf16 (ties to even, as `vcvtne2ps2bf16`), back in f32.
-fn round_bf16(x: f32) -> f32 {
-    half::bf16::from_f32(x).to_f32()
-}
-
 /// The CPU backend with the coupling networks' convolutions on bf16 operands (see the module
 /// docs); every other op is the CPU backend's.
 #[derive(Debug)]
@@ -58,11 +54,6 @@ struct Bf16Convs {
 }
 
 impl Bf16Convs {
-    /// Whether `s` is a coupling network's convolution (not an invertible 1x1 conv).
-    fn rounds(&self, s: &ConvShape) -> bool {
-        self.on && !(s.kernel == 1 && s.cin == s.cout && s.cin < 16)
-    }
-
     /// A copy of `b` with every value rounded to bf16.
     fn rounded(&self, b: &Buffer) -> Result<Buffer> {
         let mut v = self.inner.download(b)?;
@@ -81,11 +72,7 @@ impl Convolution for Bf16Convs {
         relu: bool,
         y: &mut Buffer,
     ) -> Result<()> {
-        if !self.rounds(s) {
-            return self.inner.conv_forward(s, x, w, b, relu, y);
-        }
-        let (x, w) = (self.rounded(x)?, self.rounded(w)?);
-        self.inner.conv_forward(s, &x, &w, b, relu, y)
+        self.inner.conv_forward(s, x, w, b, relu, y)
     }
     fn conv_backward_data(
         &self,
@@ -94,11 +81,7 @@ impl Convolution for Bf16Convs {
         w: &Buffer,
         dx: &mut Buffer,
     ) -> Result<()> {
-        if !self.rounds(s) {
-            return self.inner.conv_backward_data(s, dy, w, dx);
-        }
-        let (dy, w) = (self.rounded(dy)?, self.rounded(w)?);
-        self.inner.conv_backward_data(s, &dy, &w, dx)
+        self.inner.conv_backward_data(s, dy, w, dx)
     }
     fn conv_backward_weight(
         &self,
@@ -108,7 +91,45 @@ impl Convolution for Bf16Convs {
         dw: &mut Buffer,
         db: &mut Buffer,
     ) -> Result<()> {
-        if !self.rounds(s) {
+        self.inner.conv_backward_weight(s, x, dy, dw, db)
+    }
+    fn net_conv_forward(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        w: &Buffer,
+        b: &Buffer,
+        relu: bool,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        if !self.on {
+            return self.inner.conv_forward(s, x, w, b, relu, y);
+        }
+        let (x, w) = (self.rounded(x)?, self.rounded(w)?);
+        self.inner.conv_forward(s, &x, &w, b, relu, y)
+    }
+    fn net_conv_backward_data(
+        &self,
+        s: &ConvShape,
+        dy: &Buffer,
+        w: &Buffer,
+        dx: &mut Buffer,
+    ) -> Result<()> {
+        if !self.on {
+            return self.inner.conv_backward_data(s, dy, w, dx);
+        }
+        let (dy, w) = (self.rounded(dy)?, self.rounded(w)?);
+        self.inner.conv_backward_data(s, &dy, &w, dx)
+    }
+    fn net_conv_backward_weight(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        dy: &Buffer,
+        dw: &mut Buffer,
+        db: &mut Buffer,
+    ) -> Result<()> {
+        if !self.on {
             return self.inner.conv_backward_weight(s, x, dy, dw, db);
         }
         // The bias gradient sums the f32 output gradient: only the products are bf16.

@@ -187,7 +187,7 @@ struct TrainArgs {
     constant_lr: bool,
     /// Train the coupling networks' 1x1 convolutions with bf16 operands and f32 sums on AMX
     /// (CPU backend; Intel Xeon 4th generation, Sapphire Rapids, or later, Linux 5.16+):
-    /// mnist-glow's step 1.17x faster on one core (BENCHMARKS section 14). Validation during
+    /// mnist-glow's step 1.18x faster on one core (BENCHMARKS section 14). Validation during
     /// the run uses the same networks; `clayflow eval` scores in f32, and the saved model,
     /// sampling and export are f32 as always. Not a saved setting: give it on --resume too.
     #[arg(long)]

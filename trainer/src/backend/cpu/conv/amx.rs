@@ -382,6 +382,103 @@ mod tests {
         (want, mag)
     }
 
+    /// One core's multiply-add throughput of the three instructions BENCHMARKS section 14
+    /// compares: AVX-512 FMA, AVX-512 BF16's `vdpbf16ps` (24 independent accumulators
+    /// each), and AMX's `tdpbf16ps`, with its operands in tiles and with the 2 x 2 block of
+    /// [`gemm`] (4 tile loads per 4 products, from L1).
+    /// `cargo test --release -p clayflow-trainer -- --ignored --nocapture bf16_peaks`
+    #[test]
+    #[ignore]
+    fn bf16_peaks() {
+        use std::arch::x86_64::*;
+        use std::time::Instant;
+        if !available() {
+            println!("no AMX-BF16 here");
+            return;
+        }
+        #[target_feature(enable = "avx512f")]
+        fn fma(n: usize) -> f32 {
+            let x = _mm512_set1_ps(std::hint::black_box(1e-3));
+            let mut a = [_mm512_setzero_ps(); 24];
+            for _ in 0..std::hint::black_box(n) {
+                for v in a.iter_mut() {
+                    *v = _mm512_fmadd_ps(x, x, *v);
+                }
+            }
+            let s = a
+                .iter()
+                .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
+            _mm512_reduce_add_ps(s)
+        }
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        fn dot(n: usize) -> f32 {
+            let v = _mm512_set1_ps(std::hint::black_box(1e-3));
+            let x = _mm512_cvtne2ps_pbh(v, v);
+            let mut a = [_mm512_setzero_ps(); 24];
+            for _ in 0..std::hint::black_box(n) {
+                for v in a.iter_mut() {
+                    *v = _mm512_dpbf16_ps(*v, x, x);
+                }
+            }
+            let s = a
+                .iter()
+                .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
+            _mm512_reduce_add_ps(s)
+        }
+        let rate = |macs: f64, f: &mut dyn FnMut()| {
+            f();
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = Instant::now();
+                f();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            macs / best / 1e9
+        };
+        let n = 2_000_000;
+        let g_fma = rate((n * 24 * 16) as f64, &mut || {
+            // SAFETY: AVX-512F is available (`available` checked it).
+            std::hint::black_box(unsafe { fma(n) });
+        });
+        let g_dot = rate((n * 24 * 32) as f64, &mut || {
+            // SAFETY: AVX-512F and AVX-512 BF16 are available (`available` checked them).
+            std::hint::black_box(unsafe { dot(n) });
+        });
+        let kt = 64;
+        let a = vec![0.5f32; 2 * kt * TILE];
+        let b = vec![0.5f32; 2 * kt * TILE];
+        let mut out = vec![0.0f32; 4 * TILE];
+        let tiles = Tiles::configure();
+        let reps = 2_000;
+        let g_amx = rate((reps * kt * 4 * T * T * 2 * T) as f64, &mut || {
+            for _ in 0..reps {
+                // SAFETY: configured tiles; `kt` tiles of A and B in each half of `a`, `b`.
+                unsafe {
+                    block(
+                        &tiles,
+                        a.as_ptr(),
+                        a[kt * TILE..].as_ptr(),
+                        b.as_ptr(),
+                        b[kt * TILE..].as_ptr(),
+                        kt,
+                        out.as_mut_ptr(),
+                    )
+                };
+            }
+        });
+        drop(tiles);
+        println!("one core, multiply-adds per second:");
+        println!("  AVX-512 FMA (vfmadd231ps)        {g_fma:7.1} G  1.00x");
+        println!(
+            "  AVX-512 BF16 (vdpbf16ps)         {g_dot:7.1} G  {:.2}x",
+            g_dot / g_fma
+        );
+        println!(
+            "  AMX tdpbf16ps, 2x2 block, loads  {g_amx:7.1} G  {:.2}x",
+            g_amx / g_fma
+        );
+    }
+
     #[test]
     fn products_match_reference_on_rounded_operands() {
         if !available() {

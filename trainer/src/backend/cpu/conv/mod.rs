@@ -40,6 +40,12 @@
 //!   the shifted pixel, 4 output channels x 3 taps x 2 vectors (24 accumulators). The
 //!   AVX-512 paths are used for every op they can take.
 //!
+//! * **bf16 on AMX** (x86-64 with AMX-BF16, Linux; only through the `_bf16` entry points,
+//!   which the CPU backend calls for the coupling networks when a run asks for bf16): 1x1
+//!   convolutions as a matrix product per image on the tiles (`tdpbf16ps`), operands
+//!   rounded to bf16, sums in f32. Larger kernels stay f32: on small images neither AMX
+//!   nor AVX-512 BF16's `vdpbf16ps` beat the f32 kernels (BENCHMARKS section 14).
+//!
 //! Work is split across images with rayon; each worker keeps its scratch in thread-local
 //! buffers that are reused between calls, so the steady state allocates nothing but
 //! matrixmultiply's packing buffers.
@@ -55,8 +61,9 @@
 //! flipped-kernel backward-data, `backward_weight` the weight gradient; `im2col` (and
 //! col2im), `layout` (padded images, transposes, small copies), `gemm` (the sgemm
 //! wrapper) and `scratch` (thread-local buffers) serve them; `avx2` and `avx512` hold
-//! the x86-64 kernels (`fallback` stubs them elsewhere). Tests only: `tests`, against the plain f64
-//! references of `clayflow-testkit`.
+//! the x86-64 kernels, `amx` the AMX products and their packing, `amx_conv` the 1x1
+//! convolutions on them, `bf16` the conversions (`fallback` stubs them elsewhere). Tests
+//! only: `tests`, against the plain f64 references of `clayflow-testkit`.
 //!
 //! # Threading and matrixmultiply
 //!
