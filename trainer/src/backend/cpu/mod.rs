@@ -208,9 +208,13 @@ impl Memory for CpuBackend {
     }
 }
 
-impl Convolution for CpuBackend {
-    fn conv_forward(
-        &self,
+/// The convolution ops on host buffers, in f32 or (`bf16`) with the networks' bf16
+/// kernels: the one place the CPU backend calls `conv`.
+impl CpuBackend {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        op: &'static str,
+        bf16: bool,
         s: &ConvShape,
         x: &Buffer,
         w: &Buffer,
@@ -218,9 +222,13 @@ impl Convolution for CpuBackend {
         relu: bool,
         y: &mut Buffer,
     ) -> Result<()> {
-        let op = "conv_forward";
         check::conv_forward(s, x, w, b, y)?;
-        conv::conv2d_forward(
+        let f = if bf16 {
+            conv::conv2d_forward_bf16
+        } else {
+            conv::conv2d_forward
+        };
+        f(
             s,
             host(op, x)?,
             host(op, w)?,
@@ -231,6 +239,63 @@ impl Convolution for CpuBackend {
         Ok(())
     }
 
+    fn backward_data(
+        op: &'static str,
+        bf16: bool,
+        s: &ConvShape,
+        dy: &Buffer,
+        w: &Buffer,
+        dx: &mut Buffer,
+    ) -> Result<()> {
+        check::conv_backward_data(s, dy, w, dx)?;
+        let f = if bf16 {
+            conv::conv2d_backward_data_bf16
+        } else {
+            conv::conv2d_backward_data
+        };
+        f(s, host(op, dy)?, host(op, w)?, host_mut(op, dx)?);
+        Ok(())
+    }
+
+    fn backward_weight(
+        op: &'static str,
+        bf16: bool,
+        s: &ConvShape,
+        x: &Buffer,
+        dy: &Buffer,
+        dw: &mut Buffer,
+        db: &mut Buffer,
+    ) -> Result<()> {
+        check::conv_backward_weight(s, x, dy, dw, db)?;
+        let f = if bf16 {
+            conv::conv2d_backward_weight_bf16
+        } else {
+            conv::conv2d_backward_weight
+        };
+        f(
+            s,
+            host(op, x)?,
+            host(op, dy)?,
+            host_mut(op, dw)?,
+            host_mut(op, db)?,
+        );
+        Ok(())
+    }
+}
+
+impl Convolution for CpuBackend {
+    fn conv_forward(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        w: &Buffer,
+        b: &Buffer,
+        relu: bool,
+        y: &mut Buffer,
+    ) -> Result<()> {
+        Self::forward("conv_forward", false, s, x, w, b, relu, y)
+    }
+
     fn conv_backward_data(
         &self,
         s: &ConvShape,
@@ -238,10 +303,18 @@ impl Convolution for CpuBackend {
         w: &Buffer,
         dx: &mut Buffer,
     ) -> Result<()> {
-        let op = "conv_backward_data";
-        check::conv_backward_data(s, dy, w, dx)?;
-        conv::conv2d_backward_data(s, host(op, dy)?, host(op, w)?, host_mut(op, dx)?);
-        Ok(())
+        Self::backward_data("conv_backward_data", false, s, dy, w, dx)
+    }
+
+    fn conv_backward_weight(
+        &self,
+        s: &ConvShape,
+        x: &Buffer,
+        dy: &Buffer,
+        dw: &mut Buffer,
+        db: &mut Buffer,
+    ) -> Result<()> {
+        Self::backward_weight("conv_backward_weight", false, s, x, dy, dw, db)
     }
 
     fn net_conv_forward(
@@ -253,20 +326,7 @@ impl Convolution for CpuBackend {
         relu: bool,
         y: &mut Buffer,
     ) -> Result<()> {
-        if !self.bf16_nets {
-            return self.conv_forward(s, x, w, b, relu, y);
-        }
-        let op = "net_conv_forward";
-        check::conv_forward(s, x, w, b, y)?;
-        conv::conv2d_forward_bf16(
-            s,
-            host(op, x)?,
-            host(op, w)?,
-            host(op, b)?,
-            relu,
-            host_mut(op, y)?,
-        );
-        Ok(())
+        Self::forward("net_conv_forward", self.bf16_nets, s, x, w, b, relu, y)
     }
 
     fn net_conv_backward_data(
@@ -276,13 +336,7 @@ impl Convolution for CpuBackend {
         w: &Buffer,
         dx: &mut Buffer,
     ) -> Result<()> {
-        if !self.bf16_nets {
-            return self.conv_backward_data(s, dy, w, dx);
-        }
-        let op = "net_conv_backward_data";
-        check::conv_backward_data(s, dy, w, dx)?;
-        conv::conv2d_backward_data_bf16(s, host(op, dy)?, host(op, w)?, host_mut(op, dx)?);
-        Ok(())
+        Self::backward_data("net_conv_backward_data", self.bf16_nets, s, dy, w, dx)
     }
 
     fn net_conv_backward_weight(
@@ -293,39 +347,8 @@ impl Convolution for CpuBackend {
         dw: &mut Buffer,
         db: &mut Buffer,
     ) -> Result<()> {
-        if !self.bf16_nets {
-            return self.conv_backward_weight(s, x, dy, dw, db);
-        }
         let op = "net_conv_backward_weight";
-        check::conv_backward_weight(s, x, dy, dw, db)?;
-        conv::conv2d_backward_weight_bf16(
-            s,
-            host(op, x)?,
-            host(op, dy)?,
-            host_mut(op, dw)?,
-            host_mut(op, db)?,
-        );
-        Ok(())
-    }
-
-    fn conv_backward_weight(
-        &self,
-        s: &ConvShape,
-        x: &Buffer,
-        dy: &Buffer,
-        dw: &mut Buffer,
-        db: &mut Buffer,
-    ) -> Result<()> {
-        let op = "conv_backward_weight";
-        check::conv_backward_weight(s, x, dy, dw, db)?;
-        conv::conv2d_backward_weight(
-            s,
-            host(op, x)?,
-            host(op, dy)?,
-            host_mut(op, dw)?,
-            host_mut(op, db)?,
-        );
-        Ok(())
+        Self::backward_weight(op, self.bf16_nets, s, x, dy, dw, db)
     }
 
     fn relu_backward(&self, y: &Buffer, dy: &mut Buffer) -> Result<()> {
