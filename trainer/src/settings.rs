@@ -291,6 +291,8 @@ mod tests {
             "quiet",
             "resume",
             "ranks",
+            // A choice of kernels, made on every run (not saved).
+            "bf16",
             // Global.
             "threads",
             "device",
