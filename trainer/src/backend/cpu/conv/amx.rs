@@ -3,13 +3,14 @@
 //! rounded to bf16 and the products summed in f32.
 //!
 //! One `tdpbf16ps` multiplies a 16 x 32 tile of A by a 32 x 16 tile of B into a 16 x 16
-//! f32 tile of C; on the Xeon this was written on it does about 15x the multiply-adds per
-//! second of AVX-512 FMA (BENCHMARKS section 14). Operands are packed into tiles of 16
-//! rows of 16 lanes, each lane a *pair* of bf16 values along K (`pair`, the layout
-//! `tdpbf16ps` reads): an A tile row holds `A[m][2j], A[m][2j+1]` in lane `j`, a B tile
-//! row `j` holds `B[2j][n], B[2j+1][n]` in lane `n`. M, N and K are padded with zeros to
-//! whole tiles (and M and N to pairs of tiles, the kernel's 2 x 2 block). Pairs are stored
-//! as the bits of f32 slots, so the scratch buffers stay `f32`.
+//! f32 tile of C; on the Xeon this was written on, the 2 x 2 block below, loads included,
+//! does 3.6x the multiply-adds per second of AVX-512 FMA, and 15x with its operands held in
+//! tiles (BENCHMARKS section 14). Operands are packed into tiles of 16 rows of 16 lanes,
+//! each lane a *pair* of bf16 values along K (the layout `tdpbf16ps` reads; see `bf16`):
+//! an A tile row holds `A[m][2j], A[m][2j+1]` in lane `j`, a B tile row `j` holds
+//! `B[2j][n], B[2j+1][n]` in lane `n`. M, N and K are padded with zeros to whole tiles (and
+//! M and N to pairs of tiles, the kernel's 2 x 2 block). Pairs are stored as the bits of
+//! f32 slots, so the scratch buffers stay `f32`.
 //!
 //! Linux gives a process the AMX tile state only on request (`arch_prctl`,
 //! `ARCH_REQ_XCOMP_PERM`); [`available`] asks once and reports whether it was granted.
