@@ -248,15 +248,16 @@ pub(crate) fn settings(
     Ok((collective::broadcast_json(comm, &cfg)?, run_dir, resume))
 }
 
-/// The batch of a new run without `--batch-size`: on the CPU, 16 images per step for Glow
+/// The batch of a new run without `--batch-size`: on the CPU, 8 images per step for Glow
 /// models of grey images; 64 otherwise. On 2 CPU cores (`--ranks 2`), `mnist-glow` reached
-/// 1.2881 bits/dim in 10 minutes at 16, 1.3423 at 32 and 1.4536 at 64 (`BENCHMARKS.md`
-/// section 9): smaller batches take many more steps at about the same images/s. A GPU
-/// keeps 64, where a batch of 16 would leave it mostly idle (not measured: no GPU here), and
-/// so do the colour and RealNVP presets, which were not measured at smaller batches.
+/// 1.2881 bits/dim in 10 minutes at 16, 1.3423 at 32 and 1.4536 at 64; on 2 threads, batch 8
+/// beat 16 by 0.030 on two seeds (`BENCHMARKS.md` section 9): smaller batches take many more
+/// steps at about the same images/s. A GPU keeps 64, where a batch of 8 would leave it mostly
+/// idle (not measured: no GPU here), and so do the colour and RealNVP presets, which were not
+/// measured at smaller batches.
 pub(crate) fn default_batch(model: &ModelConfig, on_host: bool) -> usize {
     if on_host && model.glow && model.channels == 1 {
-        16
+        8
     } else {
         64
     }
@@ -314,11 +315,11 @@ mod tests {
     }
 
     #[test]
-    fn grey_glow_models_train_on_batches_of_16_on_the_cpu_by_default_and_the_rest_on_64() {
+    fn grey_glow_models_train_on_batches_of_8_on_the_cpu_by_default_and_the_rest_on_64() {
         let batch = |p, on_host| default_batch(&ModelConfig::preset(p).unwrap(), on_host);
         assert_eq!(
             (batch("mnist-glow", true), batch("mnist-glow", false)),
-            (16, 64)
+            (8, 64)
         );
         for p in ["mnist", "color", "color-glow"] {
             assert_eq!((batch(p, true), batch(p, false)), (64, 64), "{p}");
@@ -332,7 +333,7 @@ mod tests {
         )
         .unwrap();
         let (cfg, _, resume) = settings(&a, &[], &collective::Single, true).unwrap();
-        assert_eq!((cfg.batch_size, resume), (16, false));
+        assert_eq!((cfg.batch_size, resume), (8, false));
         let (cfg, _, _) = settings(&a, &[], &collective::Single, false).unwrap();
         assert_eq!(cfg.batch_size, 64);
     }

@@ -3,9 +3,9 @@
 //!
 //! * forward: `Y_i[cout][hw] = W[cout][cin] · X_i[cin][hw]`, then bias and ReLU;
 //! * backward-data: `dX_i[cin][hw] = Wᵀ · dY_i[cout][hw]`;
-//! * backward-weight: `dW[cout][cin] = Σ_i dY_i[cout][hw] · X_iᵀ`, with the batch in fixed
-//!   chunks summed in chunk order (as `backward_weight`), so the result does not depend on
-//!   the thread count; the bias gradient is summed in f32 from the unrounded `dy`.
+//! * backward-weight: `dW[cout][cin] = Σ_i dY_i[cout][hw] · X_iᵀ`, reduced over the batch
+//!   by `backward_weight`'s `chunked_sum` (fixed chunks in chunk order, so the result does
+//!   not depend on the thread count; the bias gradient in f32 from the unrounded `dy`).
 //!
 //! The weights are packed once per call, the images' operands per image in thread-local
 //! scratch.
@@ -13,8 +13,7 @@
 use rayon::prelude::*;
 
 use super::amx::{self, Packed};
-use super::backward_weight::{sum_f32, MAX_WEIGHT_CHUNKS};
-use super::layout::add_assign;
+use super::backward_weight::chunked_sum;
 use super::scratch::{with_call_scratch, with_worker_scratch};
 use super::ConvShape;
 
@@ -82,42 +81,30 @@ pub(super) fn backward_weight(
     if s.batch == 0 || hw == 0 || cout == 0 {
         return;
     }
-    let chunk = s.batch.div_ceil(MAX_WEIGHT_CHUNKS.min(s.batch));
-    let nchunks = s.batch.div_ceil(chunk);
-    let part_len = cout * cin + cout;
     let pa = Packed::new(cout, hw);
     let pb = Packed::new(cin, hw);
-    with_call_scratch(nchunks * part_len, |parts| {
-        parts
-            .par_chunks_mut(part_len)
-            .enumerate()
-            .for_each(|(c, part)| {
-                part.fill(0.0);
-                let (pdw, pdb) = part.split_at_mut(cout * cin);
-                with_worker_scratch(pa.len() + pb.len(), |buf| {
-                    let (ap, bp) = buf.split_at_mut(pa.len());
-                    for i in c * chunk..((c + 1) * chunk).min(s.batch) {
-                        let dyi = &dy[i * cout * hw..][..cout * hw];
-                        let xi = &x[i * cin * hw..][..cin * hw];
-                        for (d, row) in pdb.iter_mut().zip(dyi.chunks_exact(hw)) {
-                            *d += sum_f32(row);
-                        }
-                        if cin == 0 {
-                            continue;
-                        }
-                        amx::pack_a_rows(cout, hw, dyi, hw, ap);
-                        amx::pack_b_transposed(hw, cin, xi, hw, bp);
-                        amx::gemm(cout, cin, ap, pa, bp, pb, 1.0, pdw, cin);
-                    }
-                });
+    chunked_sum(
+        s,
+        dy,
+        dw,
+        db,
+        |imgs, pdw| {
+            if cin == 0 {
+                return;
+            }
+            with_worker_scratch(pa.len() + pb.len(), |buf| {
+                let (ap, bp) = buf.split_at_mut(pa.len());
+                for i in imgs {
+                    let dyi = &dy[i * cout * hw..][..cout * hw];
+                    let xi = &x[i * cin * hw..][..cin * hw];
+                    amx::pack_a_rows(cout, hw, dyi, hw, ap);
+                    amx::pack_b_transposed(hw, cin, xi, hw, bp);
+                    amx::gemm(cout, cin, ap, pa, bp, pb, 1.0, pdw, cin);
+                }
             });
-        let (first, rest) = parts.split_at_mut(part_len);
-        for part in rest.chunks_exact(part_len) {
-            add_assign(first, part);
-        }
-        dw.copy_from_slice(&first[..cout * cin]);
-        db.copy_from_slice(&first[cout * cin..]);
-    });
+        },
+        |total, dw| dw.copy_from_slice(total),
+    );
 }
 
 avx2_multiversion! {

@@ -236,19 +236,7 @@ pub fn conv2d_backward_weight_bf16(
     db: &mut [f32],
 ) {
     if amx_conv::takes(s) {
-        s.check_kernel("conv2d_backward_weight");
-        assert_eq!(x.len(), s.input_len(), "conv2d_backward_weight: x length");
-        assert_eq!(
-            dy.len(),
-            s.output_len(),
-            "conv2d_backward_weight: dy length"
-        );
-        assert_eq!(
-            dw.len(),
-            s.weight_len(),
-            "conv2d_backward_weight: dw length"
-        );
-        assert_eq!(db.len(), s.cout, "conv2d_backward_weight: db length");
+        check_weight_lengths(s, x, dy, dw, db);
         return amx_conv::backward_weight(s, x, dy, dw, db);
     }
     conv2d_backward_weight(s, x, dy, dw, db);
@@ -267,6 +255,22 @@ fn check_data_lengths(s: &ConvShape, dy: &[f32], w: &[f32], dx: &[f32]) {
     assert_eq!(dy.len(), s.output_len(), "conv2d_backward_data: dy length");
     assert_eq!(w.len(), s.weight_len(), "conv2d_backward_data: w length");
     assert_eq!(dx.len(), s.input_len(), "conv2d_backward_data: dx length");
+}
+
+fn check_weight_lengths(s: &ConvShape, x: &[f32], dy: &[f32], dw: &[f32], db: &[f32]) {
+    s.check_kernel("conv2d_backward_weight");
+    assert_eq!(x.len(), s.input_len(), "conv2d_backward_weight: x length");
+    assert_eq!(
+        dy.len(),
+        s.output_len(),
+        "conv2d_backward_weight: dy length"
+    );
+    assert_eq!(
+        dw.len(),
+        s.weight_len(),
+        "conv2d_backward_weight: dw length"
+    );
+    assert_eq!(db.len(), s.cout, "conv2d_backward_weight: db length");
 }
 
 fn forward_with(
