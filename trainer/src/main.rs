@@ -118,16 +118,19 @@ struct TrainArgs {
     steps: Option<u64>,
     /// Images per step of this process, split evenly among its --ranks; under `mpirun -np N`
     /// (a build with `--features mpi`) each process is one rank and the global batch is N
-    /// times this. Default: 16 for Glow models of grey images on the CPU (mnist-glow after
-    /// 10 minutes on 2 cores: 1.2881 bits/dim at 16, 1.4536 at 64), 64 otherwise.
+    /// times this. Default: 8 for Glow models of grey images on the CPU (mnist-glow after
+    /// 10 minutes on 2 cores: 1.2788 bits/dim at 8, 1.3131 at 16, 1.4536 at 64 on 2
+    /// ranks), 64 otherwise.
     #[arg(long)]
     batch_size: Option<usize>,
     /// Data-parallel ranks inside this process (CPU backend only): N threads, each training
     /// on batch-size/N images with its share of --threads, the gradients summed in rank
-    /// order (bit-identical to `mpirun -np N` with batch-size/N per process). Default: 1
-    /// (rayon inside each op), except on --resume: the run's own rank count (the saved batch
-    /// is per rank, so another count changes the global batch, with a warning). Refused on a
-    /// GPU and under mpirun.
+    /// order (bit-identical to `mpirun -np N` with batch-size/N per process). Default on the
+    /// CPU: as many ranks as --threads allows with at least 4 images each (2 ranks of 4 on 2
+    /// cores at batch 8: 1.8x the images/s of one rank); 1 gives rayon inside each op, and
+    /// results that do not depend on --threads. On --resume: the run's own rank count (the
+    /// saved batch is per rank, so another count changes the global batch, with a warning).
+    /// Refused on a GPU and under mpirun.
     #[arg(long, value_name = "N")]
     ranks: Option<usize>,
     /// Peak learning rate (Adam); default 2e-3 for the Glow presets (measured: 1.4457 against
@@ -381,14 +384,17 @@ fn train_backend(
     }
     if !in_process::on_host(be.as_ref())? {
         bail!(
-            "--bf16: bf16 networks are built for the CPU backend only (AMX), and this run is on              {}; leave out --bf16 (the GPU trains in f32), or add --device cpu",
+            "--bf16: bf16 networks are built for the CPU backend only (AMX), and this run is on \
+             {}; leave out --bf16 (the GPU trains in f32), or add --device cpu",
             be.name()
         );
     }
     match CpuBackend::with_bf16_networks() {
         Some(cpu) => Ok(Arc::new(cpu)),
         None => bail!(
-            "--bf16 needs AMX-BF16 (Intel Xeon 4th generation, Sapphire Rapids, or later) and a              Linux kernel that grants its tile state (5.16 or later); this machine has no such              CPU or kernel: leave out --bf16"
+            "--bf16 needs AMX-BF16 (Intel Xeon 4th generation, Sapphire Rapids, or later) and a \
+             Linux kernel that grants its tile state (5.16 or later); this machine has no such \
+             CPU or kernel: leave out --bf16"
         ),
     }
 }
@@ -412,7 +418,12 @@ fn cmd_train(a: TrainArgs, device: DeviceChoice, explicit: &[String]) -> Result<
             // The other ranks would wait for this one forever: end the whole job. The line
             // goes out in one write: `eprintln!` writes each formatted piece separately,
             // and mpirun's own abort notice then lands in the middle of it.
-            let line = format!("Error on rank {} of {}: {e:#}\n", comm.rank(), comm.size());
+            let line = format!(
+                "Error on rank {} of {}: {}\n",
+                comm.rank(),
+                comm.size(),
+                describe(e)
+            );
             let mut err = std::io::stderr().lock();
             let _ = err.write_all(line.as_bytes()).and_then(|()| err.flush());
             drop(err);

@@ -58,7 +58,10 @@ fn resume_ignored(explicit: &[String], cfg: &TrainConfig, run: &Path) -> Vec<Str
                     if id == "prior" { "--prior" } else { "--no-prior" },
                     if m.prior { "a learned prior" } else { "no learned prior" }.to_string(),
                 ),
-                "batch_size" => ("--batch-size", format!("batch size {}", cfg.batch_size)),
+                "batch_size" => (
+                    "--batch-size",
+                    format!("batch size {} per rank", cfg.batch_size),
+                ),
                 "lr" => ("--lr", format!("lr {}", cfg.lr)),
                 "warmup" => ("--warmup", format!("warm-up {} steps", cfg.warmup_steps)),
                 "clip" => ("--clip", format!("clip {}", cfg.clip_norm)),

@@ -558,6 +558,9 @@ fn nan_in_a_batch_is_named_and_training_recovers() {
         "run",
         "10",
         &[
+            // One rank: the message of a run of several names the ranks that failed.
+            "--ranks",
+            "1",
             "--inject-nan-at",
             "2,5,6,7",
             "--checkpoint-steps",

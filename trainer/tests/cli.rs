@@ -37,9 +37,11 @@ const TINY: &[&str] = &[
     "mnist",
 ];
 
-/// `clayflow train` with the tiny model plus `extra`, into `out`.
+/// `clayflow train` with the tiny model plus `extra`, into `out`, as one rank: the batches
+/// and messages these tests expect are one rank's, and a run without `--ranks` takes a rank
+/// per thread (`a_cpu_run_without_ranks_takes_one_rank_per_thread`).
 fn train(cwd: &Path, out: &str, extra: &[&str]) -> Out {
-    let mut args = vec!["train", "--out", out];
+    let mut args = vec!["train", "--out", out, "--ranks", "1"];
     args.extend_from_slice(TINY);
     args.extend_from_slice(extra);
     run(cwd, &args)
@@ -384,18 +386,44 @@ fn same_seed_same_weights_and_resume_continues_exactly() {
 }
 
 #[test]
-fn results_do_not_depend_on_the_thread_count() {
+fn results_do_not_depend_on_the_thread_count_at_a_given_rank_count() {
+    // Without --ranks the rank count follows the threads (2 ranks of 8 on 2 threads), so
+    // the runs name it; `tests/in_process.rs` compares rank counts.
     let tmp = TempDir::new().unwrap();
     let t = tmp.path();
-    train(t, "two", &["--steps", "6", "--samples", "1"]).ok();
-    let mut args = vec!["--threads", "1", "train", "--out", "one"];
-    args.extend_from_slice(TINY);
-    args.extend_from_slice(&["--steps", "6", "--samples", "1"]);
-    run(t, &args).ok();
+    for (threads, out) in [("1", "one"), ("2", "two")] {
+        let mut args = vec!["--threads", threads, "train", "--ranks", "1", "--out", out];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(&["--steps", "6", "--samples", "1"]);
+        run(t, &args).ok();
+    }
     assert_eq!(
         tensors(&final_model(&t.join("one"))),
         tensors(&final_model(&t.join("two")))
     );
+}
+
+#[test]
+fn a_cpu_run_without_ranks_takes_one_rank_per_thread() {
+    let tmp = TempDir::new().unwrap();
+    let t = tmp.path();
+    for (threads, want) in [
+        ("1", "batch 16, on cpu (1 thread)"),
+        (
+            "2",
+            "batch 8 x 2 ranks = 16 (2 in-process ranks), on cpu (1 thread) per rank",
+        ),
+    ] {
+        let mut args = vec!["--threads", threads, "train", "--out", threads];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(&["--steps", "2", "--samples", "1"]);
+        let out = run(t, &args).ok();
+        assert!(
+            out.stderr.contains(want),
+            "{threads} threads: {}",
+            out.stderr
+        );
+    }
 }
 
 #[test]
@@ -863,7 +891,8 @@ fn device_auto_trains_on_the_cpu_and_says_so_once() {
         "{}",
         notices[0]
     );
-    assert!(out.stderr.contains("batch 16, on cpu ("), "{}", out.stderr);
+    // One rank per thread, so the batch line depends on the machine's cores.
+    assert!(out.stderr.contains("on cpu ("), "{}", out.stderr);
     // auto is the default, and --device cpu says nothing about GPUs.
     let out = run_env(
         tmp.path(),

@@ -113,8 +113,10 @@ fn two_in_process_ranks_repeat_and_train_what_one_rank_trains() {
         clayflow(&job(&b, 32, steps, &["--ranks", "2"])),
         "two ranks",
     );
-    // The default: one rank.
-    let out = ok(clayflow(&job(&one, 32, steps, &[])), "one rank");
+    let out = ok(
+        clayflow(&job(&one, 32, steps, &["--ranks", "1"])),
+        "one rank",
+    );
     assert!(out.stderr.contains("batch 32, on cpu"), "{}", out.stderr);
 
     let (wa, sa) = weights(&a);
@@ -186,7 +188,10 @@ fn mirroring_follows_the_global_batch_and_is_saved_with_the_run() {
         dir.path().join("plain"),
     );
     let steps = 12;
-    let out = ok(clayflow(&job(&one, 32, steps, &["--flip"])), "one rank");
+    let out = ok(
+        clayflow(&job(&one, 32, steps, &["--flip", "--ranks", "1"])),
+        "one rank",
+    );
     assert!(
         out.stderr
             .contains("validation images (mirrored at random)"),
@@ -197,7 +202,10 @@ fn mirroring_follows_the_global_batch_and_is_saved_with_the_run() {
         clayflow(&job(&two, 32, steps, &["--flip", "--ranks", "2"])),
         "two ranks",
     );
-    ok(clayflow(&job(&plain, 32, steps, &[])), "no mirroring");
+    ok(
+        clayflow(&job(&plain, 32, steps, &["--ranks", "1"])),
+        "no mirroring",
+    );
     assert!(clayflow_trainer::train::read_config(&one).unwrap().flip);
     assert!(!clayflow_trainer::train::read_config(&plain).unwrap().flip);
 
