@@ -18,7 +18,7 @@
 # Env:   VENV (default /tmp/clayflow-torch-venv, with torch and normflows), MINUTES (10),
 #        THREADS (2), BATCH (default: clayflow's default batch; normflows gets the same),
 #        PEER_RUNS (which normflows runs, default "nf-like-lr1e-3 nf-like-lr2e-3
-#        nf-as-shipped"), CLAYFLOW_ARGS (extra `clayflow train` flags, e.g. "--ranks 2").
+#        nf-as-shipped"), CLAYFLOW_ARGS (extra `clayflow train` flags, e.g. "--ranks 1").
 set -euo pipefail
 OUT="${1:-}"
 case "$OUT" in
